@@ -1,0 +1,75 @@
+//! Images in and out: any file the `image` crate decodes becomes RGB8, then a `[1, 3, H, W]` tensor in
+//! [-1, 1] (SPEC §1); tensors go back to PNG with clamping.
+
+use std::path::Path;
+
+use burn::tensor::{Device, Tensor, TensorData};
+use image::imageops::FilterType;
+use image::{DynamicImage, RgbImage};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("{path}: cannot read image: {reason}")]
+    Read { path: String, reason: String },
+    #[error("{path}: cannot write image: {reason}")]
+    Write { path: String, reason: String },
+    #[error("{path}: image is {width}x{height}; at least {min}x{min} pixels are needed")]
+    TooSmall { path: String, width: u32, height: u32, min: u32 },
+}
+
+/// Decodes any supported file (grayscale, alpha, 16-bit, palette...) to RGB8.
+pub fn load_rgb(path: &Path) -> Result<RgbImage, ImageError> {
+    let img = image::open(path).map_err(|e| ImageError::Read { path: path.display().to_string(), reason: e.to_string() })?;
+    Ok(DynamicImage::into_rgb8(img))
+}
+
+/// Resizes the shorter side to `res` (Lanczos, antialiased) and center-crops to `res` x `res`.
+pub fn resize_center_crop(img: &RgbImage, res: u32) -> RgbImage {
+    let (w, h) = img.dimensions();
+    let scale = res as f64 / w.min(h) as f64;
+    let (nw, nh) = (((w as f64 * scale).round() as u32).max(res), ((h as f64 * scale).round() as u32).max(res));
+    let resized = image::imageops::resize(img, nw, nh, FilterType::Lanczos3);
+    image::imageops::crop_imm(&resized, (nw - res) / 2, (nh - res) / 2, res, res).to_image()
+}
+
+/// Center-crops to the largest size whose sides are multiples of `multiple`.
+pub fn crop_to_multiple(img: &RgbImage, multiple: u32) -> RgbImage {
+    let (w, h) = img.dimensions();
+    let (cw, ch) = (w / multiple * multiple, h / multiple * multiple);
+    image::imageops::crop_imm(img, (w - cw) / 2, (h - ch) / 2, cw, ch).to_image()
+}
+
+/// RGB8 -> `[1, 3, H, W]` in [-1, 1].
+pub fn to_tensor(img: &RgbImage, device: &Device) -> Tensor<4> {
+    let (w, h) = img.dimensions();
+    let (w, h) = (w as usize, h as usize);
+    let mut data = vec![0f32; 3 * h * w];
+    for (i, p) in img.pixels().enumerate() {
+        for c in 0..3 {
+            data[c * h * w + i] = p.0[c] as f32 / 127.5 - 1.0;
+        }
+    }
+    Tensor::from_data(TensorData::new(data, [1, 3, h, w]), device)
+}
+
+/// `[3, H, W]` values in [-1, 1] (row-major, as `into_data` gives) -> RGB8, clamped and rounded.
+pub fn from_chw(values: &[f32], h: usize, w: usize) -> RgbImage {
+    RgbImage::from_fn(w as u32, h as u32, |x, y| {
+        let at = |c: usize| {
+            let v = values[c * h * w + y as usize * w + x as usize];
+            ((v.clamp(-1.0, 1.0) + 1.0) * 127.5).round() as u8
+        };
+        image::Rgb([at(0), at(1), at(2)])
+    })
+}
+
+/// The first image of a `[B, 3, H, W]` tensor -> RGB8.
+pub fn tensor_to_rgb(t: &Tensor<4>) -> RgbImage {
+    let [_, _, h, w] = t.dims();
+    let values = t.clone().narrow(0, 0, 1).into_data().convert::<f32>().try_to_vec::<f32>().expect("f32 data");
+    from_chw(&values, h, w)
+}
+
+pub fn save_png(img: &RgbImage, path: &Path) -> Result<(), ImageError> {
+    img.save(path).map_err(|e| ImageError::Write { path: path.display().to_string(), reason: e.to_string() })
+}

@@ -1,0 +1,104 @@
+//! Multi-head self-attention, the reference (unfused) path shared by all four transformers.
+//!
+//! Parameter names follow timm/OpenCLIP: `qkv` (one fused projection) and `proj`.
+
+use burn::module::Module;
+use burn::nn::{Initializer, Linear, LinearConfig};
+use burn::tensor::activation::softmax;
+use burn::tensor::{Bool, Device, Int, Tensor};
+
+/// Which keys a query may attend to. The masks are built once per forward and shared by every block.
+#[derive(Debug, Clone)]
+pub enum AttentionMask {
+    /// Every token sees every token (ViT encoder and decoder).
+    None,
+    /// `[B, N]`, true where the key is padding (text encoder).
+    KeyPadding(Tensor<2, Bool>),
+    /// Token i sees tokens 0..=i.
+    Causal,
+    /// The first `n` tokens (the image prefix) see each other only; later tokens see the whole prefix and
+    /// earlier non-prefix tokens causally (OpenVision's caption decoder, "concat" fusion).
+    Prefix(usize),
+}
+
+impl AttentionMask {
+    /// The boolean mask broadcastable to `[B, H, N, N]`, true where attention is forbidden.
+    pub fn to_bool(&self, n: usize, device: &Device) -> Option<Tensor<4, Bool>> {
+        match self {
+            AttentionMask::None => None,
+            AttentionMask::KeyPadding(pad) => {
+                let [b, n_keys] = pad.dims();
+                Some(pad.clone().reshape([b, 1, 1, n_keys]).expand([b, 1, n, n_keys]))
+            }
+            AttentionMask::Causal => Some(causal(n, device).reshape([1, 1, n, n])),
+            AttentionMask::Prefix(p) => {
+                // Causal, except that prefix queries also see later prefix keys.
+                let (rows, cols) = index_grid(n, device);
+                let both_in_prefix = rows.lower_elem(*p as i64).bool_and(cols.lower_elem(*p as i64));
+                Some(causal(n, device).bool_and(both_in_prefix.bool_not()).reshape([1, 1, n, n]))
+            }
+        }
+    }
+}
+
+
+/// `[n, n]` row and column indices.
+fn index_grid(n: usize, device: &Device) -> (Tensor<2, Int>, Tensor<2, Int>) {
+    let idx = Tensor::<1, Int>::arange(0..n as i64, device);
+    (idx.clone().reshape([n, 1]).expand([n, n]), idx.reshape([1, n]).expand([n, n]))
+}
+
+/// `[n, n]`, true where key j comes after query i.
+fn causal(n: usize, device: &Device) -> Tensor<2, Bool> {
+    let (rows, cols) = index_grid(n, device);
+    cols.greater(rows)
+}
+
+/// softmax(Q K^T * scale + mask) V for `q`, `k`, `v` of shape `[B, H, N, Dh]`.
+///
+/// Masked logits are set to a large negative finite value rather than -inf, so a row is never NaN.
+pub fn scaled_dot_product_attention(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    mask: Option<Tensor<4, Bool>>,
+) -> Tensor<4> {
+    let head_dim = q.dims()[3];
+    let scale = (head_dim as f64).powf(-0.5);
+    let mut logits = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale);
+    if let Some(mask) = mask {
+        let [b, h, n, m] = logits.dims();
+        logits = logits.mask_fill(mask.expand([b, h, n, m]), -1.0e9);
+    }
+    softmax(logits, 3).matmul(v)
+}
+
+#[derive(Module, Debug)]
+pub struct Attention {
+    pub qkv: Linear,
+    pub proj: Linear,
+    #[module(skip)]
+    pub heads: usize,
+}
+
+impl Attention {
+    pub fn new(width: usize, heads: usize, device: &Device) -> Self {
+        let init = Initializer::XavierUniform { gain: 1.0 };
+        Self {
+            qkv: LinearConfig::new(width, 3 * width).with_initializer(init.clone()).init(device),
+            proj: LinearConfig::new(width, width).with_initializer(init).init(device),
+            heads,
+        }
+    }
+
+    /// `x`: `[B, N, D]` -> `[B, N, D]`.
+    pub fn forward(&self, x: Tensor<3>, mask: Option<Tensor<4, Bool>>) -> Tensor<3> {
+        let [b, n, d] = x.dims();
+        let dh = d / self.heads;
+        // [B, N, 3, H, Dh] -> [3, B, H, N, Dh]
+        let qkv = self.qkv.forward(x).reshape([b, n, 3, self.heads, dh]).permute([2, 0, 3, 1, 4]);
+        let part = |i: usize| qkv.clone().narrow(0, i, 1).reshape([b, self.heads, n, dh]);
+        let out = scaled_dot_product_attention(part(0), part(1), part(2), mask);
+        self.proj.forward(out.swap_dims(1, 2).reshape([b, n, d]))
+    }
+}

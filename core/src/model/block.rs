@@ -1,0 +1,69 @@
+//! The pre-LayerNorm transformer block (ViT / CLIP): x + attn(norm1(x)), then x + mlp(norm2(x)).
+
+use burn::module::Module;
+use burn::nn::{Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::tensor::activation::gelu;
+use burn::tensor::{Bool, Device, Tensor};
+
+use super::attention::Attention;
+
+/// MLP with ratio 4 and exact (erf) GELU, no dropout.
+#[derive(Module, Debug)]
+pub struct Mlp {
+    pub fc1: Linear,
+    pub fc2: Linear,
+}
+
+impl Mlp {
+    pub fn new(width: usize, device: &Device) -> Self {
+        let init = Initializer::XavierUniform { gain: 1.0 };
+        Self {
+            fc1: LinearConfig::new(width, 4 * width).with_initializer(init.clone()).init(device),
+            fc2: LinearConfig::new(4 * width, width).with_initializer(init).init(device),
+        }
+    }
+
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        self.fc2.forward(gelu(self.fc1.forward(x)))
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct Block {
+    pub norm1: LayerNorm,
+    pub attn: Attention,
+    pub norm2: LayerNorm,
+    pub mlp: Mlp,
+}
+
+impl Block {
+    pub fn new(width: usize, heads: usize, eps: f64, device: &Device) -> Self {
+        Self {
+            norm1: layer_norm(width, eps, device),
+            attn: Attention::new(width, heads, device),
+            norm2: layer_norm(width, eps, device),
+            mlp: Mlp::new(width, device),
+        }
+    }
+
+    pub fn forward(&self, x: Tensor<3>, mask: Option<Tensor<4, Bool>>) -> Tensor<3> {
+        let x = x.clone() + self.attn.forward(self.norm1.forward(x), mask);
+        x.clone() + self.mlp.forward(self.norm2.forward(x))
+    }
+}
+
+/// A stack of blocks sharing one mask.
+pub fn run_blocks(blocks: &[Block], mut x: Tensor<3>, mask: Option<Tensor<4, Bool>>) -> Tensor<3> {
+    for block in blocks {
+        x = block.forward(x, mask.clone());
+    }
+    x
+}
+
+pub fn blocks(width: usize, depth: usize, heads: usize, eps: f64, device: &Device) -> Vec<Block> {
+    (0..depth).map(|_| Block::new(width, heads, eps, device)).collect()
+}
+
+pub fn layer_norm(width: usize, eps: f64, device: &Device) -> LayerNorm {
+    LayerNormConfig::new(width).with_epsilon(eps).init(device)
+}

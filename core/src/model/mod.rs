@@ -1,0 +1,190 @@
+//! OpenVision 3, top to bottom: latents -> ViT encoder -> unified tokens z_u, read by a reconstruction
+//! branch (noise, ViT decoder, frozen VAE decoder) and an understanding branch (contrastive + captioning).
+
+pub mod attention;
+pub mod block;
+pub mod posemb;
+pub mod text;
+pub mod vit;
+
+use burn::module::{Module, Param};
+use burn::nn::LayerNorm;
+use burn::tensor::{Device, Distribution, Int, Tensor};
+
+use crate::autoencoder::LatentDecoder;
+use crate::config::{InputSpace, ModelConfig, Objective};
+use crate::losses::{self, Perceptual, RecTerms};
+use block::layer_norm;
+use text::{TextDecoder, TextEncoder, projection};
+use vit::{VitDecoder, VitEncoder};
+
+/// Image embedding for the contrastive loss: mean of z_u over tokens -> LayerNorm -> Linear (no bias).
+#[derive(Module, Debug)]
+pub struct ImageHead {
+    pub norm: LayerNorm,
+    pub proj: burn::nn::Linear,
+}
+
+#[derive(Module, Debug)]
+pub struct Ov3 {
+    pub encoder: VitEncoder,
+    pub decoder: VitDecoder,
+    pub image_head: ImageHead,
+    pub text_encoder: TextEncoder,
+    pub text_decoder: TextDecoder,
+    /// ln of the contrastive temperature's inverse, initialised to ln(1/0.07).
+    pub logit_scale: Param<Tensor<1>>,
+    #[module(skip)]
+    pub input_space: InputSpace,
+    #[module(skip)]
+    pub pad_id: usize,
+}
+
+/// One training batch. `inputs` are what the encoder reads: VAE latents (scaled, SPEC §1) or, in the
+/// no-VAE ablation, the images themselves.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    /// `[B, 3, H, W]` in [-1, 1].
+    pub images: Tensor<4>,
+    /// `[B, C, H/8, W/8]` latents, or the images in the no-VAE ablation.
+    pub inputs: Tensor<4>,
+    /// `[B, T]` caption token ids (BOS ... EOS PAD*).
+    pub tokens: Tensor<2, Int>,
+}
+
+/// Loss weights of eqs. 4-6 and which objectives are on.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LossWeights {
+    pub objective: Objective,
+    pub w_rec: f64,
+    pub w_und: f64,
+    pub beta: f64,
+    pub alpha: f64,
+    pub lambda: f64,
+}
+
+impl Default for LossWeights {
+    fn default() -> Self {
+        Self { objective: Objective::Full, w_rec: 0.5, w_und: 1.0, beta: 0.4, alpha: 1.0, lambda: 0.0 }
+    }
+}
+
+/// Every loss term of one forward pass; `None` where the objective or the setup switches a term off.
+#[derive(Debug, Clone)]
+pub struct LossOutput {
+    pub total: Tensor<1>,
+    pub rec: Option<Tensor<1>>,
+    pub rec_terms: RecTerms,
+    pub und: Option<Tensor<1>>,
+    pub caption: Option<Tensor<1>>,
+    pub contrastive: Option<Tensor<1>>,
+}
+
+/// The frozen parts the reconstruction branch needs beyond the model itself.
+#[derive(Clone, Copy, Default)]
+pub struct Frozen<'a> {
+    /// Latents -> pixels, for the pixel L1 and LPIPS terms. Without it only the latent term is computed.
+    pub vae_decoder: Option<&'a dyn LatentDecoder>,
+    pub perceptual: Option<&'a dyn Perceptual>,
+}
+
+impl Ov3 {
+    pub fn new(cfg: &ModelConfig, device: &Device) -> Self {
+        let d = cfg.encoder.width;
+        Self {
+            encoder: VitEncoder::new(cfg, device),
+            decoder: VitDecoder::new(cfg, device),
+            image_head: ImageHead { norm: layer_norm(d, cfg.norm_eps, device), proj: projection(d, cfg.embed_dim, device) },
+            text_encoder: TextEncoder::new(cfg, device),
+            text_decoder: TextDecoder::new(cfg, device),
+            logit_scale: Param::from_tensor(Tensor::from_floats([(1.0f32 / 0.07).ln()], device)),
+            input_space: cfg.input_space,
+            pad_id: cfg.pad_id,
+        }
+    }
+
+    /// Unified tokens z_u `[B, N, D]` from encoder inputs `[B, C, H', W']`.
+    pub fn encode(&self, inputs: Tensor<4>) -> Tensor<3> {
+        self.encoder.forward(inputs)
+    }
+
+    /// Reconstruct encoder inputs from (possibly noised) tokens on a `grid` of `(H/16, W/16)`.
+    pub fn decode(&self, tokens: Tensor<3>, grid: (usize, usize)) -> Tensor<4> {
+        self.decoder.forward(tokens, grid)
+    }
+
+    pub fn image_embedding(&self, z_u: Tensor<3>) -> Tensor<2> {
+        let [b, _, d] = z_u.dims();
+        let pooled = z_u.mean_dim(1).reshape([b, d]);
+        self.image_head.proj.forward(self.image_head.norm.forward(pooled))
+    }
+
+    pub fn text_embedding(&self, tokens: Tensor<2, Int>) -> Tensor<2> {
+        self.text_encoder.forward(tokens)
+    }
+
+    pub fn caption_logits(&self, z_u: Tensor<3>, tokens: Tensor<2, Int>) -> Tensor<3> {
+        self.text_decoder.forward(z_u, tokens)
+    }
+
+    /// All loss terms for a batch. `tau` is the noise bound of eq. 3 (0 at evaluation).
+    pub fn losses(&self, batch: &Batch, weights: &LossWeights, tau: f64, frozen: Frozen) -> LossOutput {
+        let [_, _, h, w] = batch.inputs.dims();
+        let patch = self.decoder.patch;
+        let grid = (h / patch, w / patch);
+        let z_u = self.encode(batch.inputs.clone());
+
+        let (rec, rec_terms) = if weights.objective == Objective::UndOnly {
+            (None, RecTerms { pixel_l1: None, latent_l1: None, lpips: None })
+        } else {
+            let z_hat = self.decode(add_noise(z_u.clone(), tau), grid);
+            let terms = self.reconstruction_terms(batch, z_hat, weights.lambda, frozen);
+            (Some(losses::reconstruction_loss(&terms, weights.beta, weights.lambda)), terms)
+        };
+
+        let (und, caption, contrastive) = if weights.objective == Objective::RecOnly {
+            (None, None, None)
+        } else {
+            let image = self.image_embedding(z_u.clone());
+            let text = self.text_embedding(batch.tokens.clone());
+            let contrastive = losses::contrastive_loss(image, text, self.logit_scale.val());
+            let logits = self.caption_logits(z_u, batch.tokens.clone());
+            let caption = losses::caption_loss(logits, batch.tokens.clone(), self.pad_id);
+            let und = losses::understanding_loss(caption.clone(), contrastive.clone(), weights.alpha);
+            (Some(und), Some(caption), Some(contrastive))
+        };
+
+        let total = losses::total_loss(rec.clone(), und.clone(), weights.w_rec, weights.w_und);
+        LossOutput { total, rec, rec_terms, und, caption, contrastive }
+    }
+
+    /// The three terms of eq. 4 for a prediction `z_hat` of the encoder inputs.
+    fn reconstruction_terms(&self, batch: &Batch, z_hat: Tensor<4>, lambda: f64, frozen: Frozen) -> RecTerms {
+        let (x_hat, latent_l1) = match self.input_space {
+            // No VAE: the decoder predicts pixels, so the "latent" term would repeat the pixel term.
+            InputSpace::Pixels => (Some(z_hat), None),
+            InputSpace::VaeLatents => {
+                let latent_l1 = losses::l1(batch.inputs.clone(), z_hat.clone());
+                (frozen.vae_decoder.map(|vae| vae.decode(z_hat)), Some(latent_l1))
+            }
+        };
+        let pixel_l1 = x_hat.as_ref().map(|x_hat| losses::l1(batch.images.clone(), x_hat.clone()));
+        let lpips = match (x_hat, frozen.perceptual) {
+            (Some(x_hat), Some(p)) if lambda > 0.0 => Some(p.distance(batch.images.clone(), x_hat)),
+            _ => None,
+        };
+        RecTerms { pixel_l1, latent_l1, lpips }
+    }
+}
+
+/// eq. 3: `z~ = z_u + sigma * eps`, `eps ~ N(0, I)`, with `sigma ~ U[0, tau]` drawn once per sample.
+pub fn add_noise(z_u: Tensor<3>, tau: f64) -> Tensor<3> {
+    if tau <= 0.0 {
+        return z_u;
+    }
+    let [b, n, d] = z_u.dims();
+    let device = z_u.device();
+    let sigma = Tensor::<3>::random([b, 1, 1], Distribution::Uniform(0.0, tau), &device);
+    let eps = Tensor::<3>::random([b, n, d], Distribution::Normal(0.0, 1.0), &device);
+    z_u + eps * sigma
+}

@@ -1,0 +1,123 @@
+//! The text towers: the text encoder (caption feature for the contrastive loss) and the text decoder
+//! (captioning from z_u with prefix fusion). Names follow OpenCLIP (`token_embedding`,
+//! `positional_embedding`, `ln_final`, `text_projection`).
+
+use burn::module::{Module, Param};
+use burn::nn::{Embedding, EmbeddingConfig, Initializer, LayerNorm, Linear, LinearConfig};
+use burn::tensor::{Device, Int, Tensor};
+
+use super::attention::AttentionMask;
+use super::block::{Block, blocks, layer_norm, run_blocks};
+use crate::config::{ModelConfig, TowerConfig};
+
+/// Token + learned position embedding for `[B, T]` token ids -> `[B, T, W]`.
+#[derive(Module, Debug)]
+pub struct TokenInput {
+    pub token_embedding: Embedding,
+    pub positional_embedding: Param<Tensor<2>>,
+}
+
+impl TokenInput {
+    fn new(t: &TowerConfig, cfg: &ModelConfig, device: &Device) -> Self {
+        let token_embedding = EmbeddingConfig::new(cfg.vocab_size, t.width)
+            .with_initializer(Initializer::Normal { mean: 0.0, std: 0.02 })
+            .init(device);
+        let positional_embedding =
+            Initializer::Normal { mean: 0.0, std: 0.01 }.init([cfg.context_length, t.width], device);
+        Self { token_embedding, positional_embedding }
+    }
+
+    fn forward(&self, tokens: Tensor<2, Int>) -> Tensor<3> {
+        let [_, t] = tokens.dims();
+        let [max_t, _] = self.positional_embedding.dims();
+        assert!(t <= max_t, "caption of {t} tokens exceeds the context length {max_t}");
+        let pos = self.positional_embedding.val().narrow(0, 0, t).unsqueeze::<3>();
+        self.token_embedding.forward(tokens) + pos
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct TextEncoder {
+    pub input: TokenInput,
+    pub blocks: Vec<Block>,
+    pub ln_final: LayerNorm,
+    pub text_projection: Linear,
+    #[module(skip)]
+    pub eos_id: usize,
+    #[module(skip)]
+    pub pad_id: usize,
+}
+
+impl TextEncoder {
+    pub fn new(cfg: &ModelConfig, device: &Device) -> Self {
+        let t = &cfg.text_encoder;
+        Self {
+            input: TokenInput::new(t, cfg, device),
+            blocks: blocks(t.width, t.depth, t.heads, cfg.norm_eps, device),
+            ln_final: layer_norm(t.width, cfg.norm_eps, device),
+            text_projection: projection(t.width, cfg.embed_dim, device),
+            eos_id: cfg.eos_id,
+            pad_id: cfg.pad_id,
+        }
+    }
+
+    /// `[B, T]` -> caption feature `[B, E]`: LayerNorm of the (first) EOS token's output, projected.
+    /// Attention is bidirectional over the non-padding tokens.
+    pub fn forward(&self, tokens: Tensor<2, Int>) -> Tensor<2> {
+        let [b, _] = tokens.dims();
+        let device = tokens.device();
+        let mask = AttentionMask::KeyPadding(tokens.clone().equal_elem(self.pad_id as i64));
+        let x = self.input.forward(tokens.clone());
+        let [_, t, w] = x.dims();
+        let x = run_blocks(&self.blocks, x, mask.to_bool(t, &device));
+        // argmax returns the first maximum: the first EOS of each caption.
+        let eos = tokens.equal_elem(self.eos_id as i64).int().argmax(1); // [B, 1]
+        let pooled = x.gather(1, eos.reshape([b, 1, 1]).expand([b, 1, w])).reshape([b, w]);
+        self.text_projection.forward(self.ln_final.forward(pooled))
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct TextDecoder {
+    /// Linear(D_enc -> W): the image tokens as the decoder's prefix.
+    pub visual_proj: Linear,
+    pub input: TokenInput,
+    pub blocks: Vec<Block>,
+    pub ln_final: LayerNorm,
+    pub lm_head: Linear,
+}
+
+impl TextDecoder {
+    pub fn new(cfg: &ModelConfig, device: &Device) -> Self {
+        let t = &cfg.text_decoder;
+        Self {
+            visual_proj: LinearConfig::new(cfg.encoder.width, t.width)
+                .with_initializer(Initializer::XavierUniform { gain: 1.0 })
+                .init(device),
+            input: TokenInput::new(t, cfg, device),
+            blocks: blocks(t.width, t.depth, t.heads, cfg.norm_eps, device),
+            ln_final: layer_norm(t.width, cfg.norm_eps, device),
+            lm_head: projection(t.width, cfg.vocab_size, device),
+        }
+    }
+
+    /// Prefix fusion: sequence = [visual_proj(z_u) ; embed(tokens)]. Returns next-token logits for each
+    /// caption position, `[B, T, V]`: position i predicts token i + 1.
+    pub fn forward(&self, z_u: Tensor<3>, tokens: Tensor<2, Int>) -> Tensor<3> {
+        let [_, n_img, _] = z_u.dims();
+        let x = Tensor::cat(vec![self.visual_proj.forward(z_u), self.input.forward(tokens)], 1);
+        let [b, n, w] = x.dims();
+        let mask = AttentionMask::Prefix(n_img).to_bool(n, &x.device());
+        let x = run_blocks(&self.blocks, x, mask).narrow(1, n_img, n - n_img);
+        self.lm_head.forward(self.ln_final.forward(x.reshape([b, n - n_img, w])))
+    }
+}
+
+/// Linear without bias, normal(0, 0.02): small logits at initialisation, so the losses start near
+/// their uniform values (ln V for captioning).
+pub fn projection(d_in: usize, d_out: usize, device: &Device) -> Linear {
+    LinearConfig::new(d_in, d_out)
+        .with_bias(false)
+        .with_initializer(Initializer::Normal { mean: 0.0, std: 0.02 })
+        .init(device)
+}

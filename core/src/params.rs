@@ -1,0 +1,50 @@
+//! Parameter bookkeeping by checkpoint path: counts per part, and per-parameter gradient lookup.
+
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::tensor::{Gradients, Tensor};
+
+/// Calls `f(path, numel, grad_abs_sum)` for every float parameter of `module`.
+/// `grad_abs_sum` is `None` when the parameter received no gradient at all.
+pub fn for_each_param<M: Module>(module: &M, grads: Option<&Gradients>, mut f: impl FnMut(&str, usize, Option<f64>)) {
+    let mut v = Collector { stack: Vec::new(), grads, f: &mut f };
+    module.visit(&mut v);
+}
+
+struct Collector<'a, F: FnMut(&str, usize, Option<f64>)> {
+    stack: Vec<String>,
+    grads: Option<&'a Gradients>,
+    f: &'a mut F,
+}
+
+impl<F: FnMut(&str, usize, Option<f64>)> ModuleVisitor for Collector<'_, F> {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.stack.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.stack.pop();
+    }
+
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let tensor = param.val();
+        let grad = self
+            .grads
+            .and_then(|g| tensor.grad(g))
+            .map(|g| g.abs().sum().into_scalar::<f32>() as f64);
+        let path = self.stack.iter().filter(|s| !s.is_empty()).cloned().collect::<Vec<_>>().join(".");
+        (self.f)(&path, tensor.shape().num_elements(), grad);
+    }
+}
+
+/// Parameter count of each top-level part of a module, in visiting order.
+pub fn count_by_part<M: Module>(module: &M) -> Vec<(String, usize)> {
+    let mut parts: Vec<(String, usize)> = Vec::new();
+    for_each_param(module, None, |path, n, _| {
+        let part = path.split('.').next().unwrap_or(path).to_string();
+        match parts.last_mut() {
+            Some((p, count)) if *p == part => *count += n,
+            _ => parts.push((part, n)),
+        }
+    });
+    parts
+}

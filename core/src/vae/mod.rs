@@ -1,0 +1,154 @@
+//! The frozen VAE: FLUX.1 AutoencoderKL or TAEF1, loaded from the files users downloaded, and the
+//! tokenizer's latent convention on top (SPEC §1: `z = posterior_mean * 0.3611`, no shift).
+
+pub mod flux;
+pub mod layers;
+pub mod taef1;
+
+use std::path::Path;
+
+use burn::tensor::{Device, Tensor};
+
+use crate::autoencoder::LatentDecoder;
+use crate::weights::{Weights, WeightsError};
+use flux::{FLUX_SCALING_FACTOR, FluxAeConfig, FluxAutoencoder, diffusers_to_bfl};
+use taef1::{TinyAutoencoder, TinyConfig, TinyLayout};
+
+/// FLUX's latent shift, which TAEF1's latents include and ours do not.
+pub const FLUX_SHIFT_FACTOR: f64 = 0.1159;
+
+/// safetensors metadata key marking ov3's own embedded autoencoder (latents already in our convention).
+pub const EMBEDDED_MARK: &str = "ov3_embedded_autoencoder";
+
+/// How a weight file lays out its keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    FluxBfl,
+    FluxDiffusers,
+    Tiny(TinyLayout),
+}
+
+#[derive(Debug)]
+pub enum Architecture {
+    Flux(FluxAutoencoder, FluxAeConfig),
+    Tiny(TinyAutoencoder, TinyConfig),
+}
+
+/// A frozen autoencoder speaking the tokenizer's latent convention.
+#[derive(Debug)]
+pub struct Vae {
+    pub arch: Architecture,
+    pub layout: Layout,
+    /// Where it came from, for messages and cache manifests.
+    pub source: String,
+    /// Added to the network's latent output to reach ours (TAEF1: +0.1159 * 0.3611), subtracted on decode.
+    latent_offset: f64,
+}
+
+impl Vae {
+    /// Loads `path`: a BFL `ae.safetensors`, a diffusers folder (`config.json` +
+    /// `diffusion_pytorch_model.safetensors`) or that file alone, a TAEF1 folder (`taef1_encoder` +
+    /// `taef1_decoder` safetensors) or a diffusers `AutoencoderTiny`. The layout is detected from the keys.
+    pub fn load(path: &Path, device: &Device) -> Result<Self, WeightsError> {
+        let weights = open_any(path)?;
+        let layout = detect_layout(&weights)?;
+        let source = path.display().to_string();
+        match layout {
+            Layout::FluxBfl | Layout::FluxDiffusers => {
+                let weights = if layout == Layout::FluxDiffusers {
+                    let levels = count_indices(&weights, "encoder.down_blocks.");
+                    weights.rename(|k| Some(diffusers_to_bfl(k, levels)))
+                } else {
+                    weights
+                };
+                let (model, cfg) = FluxAutoencoder::load(&weights, device)?;
+                if cfg.z_channels != 16 || cfg.downsample() != 8 {
+                    return Err(weights.invalid(format!(
+                        "a {}-channel, {}x autoencoder; the tokenizer needs 16 channels at 8x",
+                        cfg.z_channels,
+                        cfg.downsample()
+                    )));
+                }
+                Ok(Self { arch: Architecture::Flux(model, cfg), layout, source, latent_offset: 0.0 })
+            }
+            Layout::Tiny(tiny) => {
+                let embedded = weights.metadata(EMBEDDED_MARK).is_some();
+                let (model, cfg) = TinyAutoencoder::load(&weights, tiny, device)?;
+                let latent_offset = if embedded { 0.0 } else { FLUX_SHIFT_FACTOR * FLUX_SCALING_FACTOR };
+                Ok(Self { arch: Architecture::Tiny(model, cfg), layout, source, latent_offset })
+            }
+        }
+    }
+
+    /// Images `[B, 3, H, W]` in [-1, 1] -> the unscaled posterior mean `[B, 16, H/8, W/8]` (what
+    /// `ov3 vae encode` writes). For TAEF1, its latents are mapped back through FLUX's scale and shift.
+    pub fn posterior_mean(&self, images: Tensor<4>) -> Tensor<4> {
+        self.encode(images).div_scalar(FLUX_SCALING_FACTOR)
+    }
+
+    /// Images in [-1, 1] -> tokenizer latents `posterior_mean * 0.3611`.
+    pub fn encode(&self, images: Tensor<4>) -> Tensor<4> {
+        match &self.arch {
+            Architecture::Flux(ae, _) => ae.posterior_mean(images).mul_scalar(FLUX_SCALING_FACTOR),
+            Architecture::Tiny(ae, _) => ae.encoder.forward(images.add_scalar(1.0).div_scalar(2.0)).add_scalar(self.latent_offset),
+        }
+    }
+
+    /// Unscaled latents (the posterior mean's space) -> images in [-1, 1] (unclamped).
+    pub fn decode_unscaled(&self, latents: Tensor<4>) -> Tensor<4> {
+        self.decode(latents.mul_scalar(FLUX_SCALING_FACTOR))
+    }
+}
+
+impl LatentDecoder for Vae {
+    fn decode(&self, latents: Tensor<4>) -> Tensor<4> {
+        match &self.arch {
+            Architecture::Flux(ae, _) => ae.decoder.forward(latents.div_scalar(FLUX_SCALING_FACTOR)),
+            Architecture::Tiny(ae, _) => ae.decoder.forward(latents.sub_scalar(self.latent_offset)).mul_scalar(2.0).sub_scalar(1.0),
+        }
+    }
+}
+
+/// One file, a diffusers folder, or a TAEF1 folder with separate encoder and decoder files.
+fn open_any(path: &Path) -> Result<Weights, WeightsError> {
+    if !path.is_dir() {
+        return Weights::open(path);
+    }
+    let diffusers = path.join("diffusion_pytorch_model.safetensors");
+    if diffusers.exists() {
+        return Weights::open(&diffusers);
+    }
+    let (enc, dec) = (path.join("taef1_encoder.safetensors"), path.join("taef1_decoder.safetensors"));
+    if enc.exists() && dec.exists() {
+        return Ok(Weights::merge(vec![(Weights::open(&enc)?, "encoder"), (Weights::open(&dec)?, "decoder")]));
+    }
+    Err(WeightsError::UnknownLayout {
+        path: path.display().to_string(),
+        reason: "a folder needs diffusion_pytorch_model.safetensors (diffusers) or taef1_encoder.safetensors + \
+                 taef1_decoder.safetensors"
+            .into(),
+    })
+}
+
+fn detect_layout(w: &Weights) -> Result<Layout, WeightsError> {
+    let has = |k: &str| w.contains(k);
+    if has("encoder.down.0.block.0.conv1.weight") {
+        Ok(Layout::FluxBfl)
+    } else if has("encoder.down_blocks.0.resnets.0.conv1.weight") {
+        Ok(Layout::FluxDiffusers)
+    } else if has("encoder.layers.0.weight") {
+        Ok(Layout::Tiny(TinyLayout::Diffusers))
+    } else if has("encoder.0.weight") && has("decoder.1.weight") {
+        Ok(Layout::Tiny(TinyLayout::Original))
+    } else {
+        let sample: Vec<&str> = w.keys().take(3).collect();
+        Err(w.unknown_layout(format!(
+            "neither FLUX (BFL or diffusers) nor TAEF1 key names; first keys: {sample:?}"
+        )))
+    }
+}
+
+/// Number of distinct `{prefix}{i}.` indices.
+fn count_indices(w: &Weights, prefix: &str) -> usize {
+    (0..).take_while(|i| w.keys().any(|k| k.starts_with(&format!("{prefix}{i}.")))).count()
+}

@@ -1,0 +1,57 @@
+//! Shared by the integration tests: the devices to run on, a frozen fixture decoder, f64 helpers.
+#![allow(dead_code)] // each test binary uses a different subset
+
+use burn::module::{Module, Param};
+use burn::nn::{Linear, LinearConfig};
+use burn::tensor::{Device, Tensor};
+use ov3_core::autoencoder::LatentDecoder;
+use ov3_core::device::{BackendChoice, select};
+use ov3_core::model::vit::unpatchify;
+
+/// flex always; wgpu too when an adapter exists. With `OV3_TEST_WGPU=1` (CI) a missing adapter is a
+/// failure, not a skip.
+pub fn devices() -> Vec<(&'static str, Device)> {
+    let mut out = vec![("flex", Device::flex())];
+    match select(BackendChoice::Wgpu) {
+        Ok(s) => out.push(("wgpu", s.device)),
+        Err(e) if std::env::var("OV3_TEST_WGPU").as_deref() == Ok("1") => panic!("OV3_TEST_WGPU=1 but {e}"),
+        Err(e) => eprintln!("skipping wgpu: {e}"),
+    }
+    out
+}
+
+/// A frozen linear "VAE decoder" for tests: each latent position becomes an 8x8 RGB patch.
+/// Its parameters never require gradients, like the real frozen VAE.
+#[derive(Module, Debug)]
+pub struct LinearPatchDecoder {
+    pub proj: Linear,
+}
+
+impl LinearPatchDecoder {
+    pub fn new(channels: usize, device: &Device) -> Self {
+        Self { proj: LinearConfig::new(channels, 8 * 8 * 3).init(device) }.no_grad()
+    }
+}
+
+impl LatentDecoder for LinearPatchDecoder {
+    fn decode(&self, latents: Tensor<4>) -> Tensor<4> {
+        let [b, c, h, w] = latents.dims();
+        let tokens = latents.reshape([b, c, h * w]).swap_dims(1, 2);
+        unpatchify(self.proj.forward(tokens), (h, w), 8, 3).tanh()
+    }
+}
+
+pub fn to_f64<const D: usize>(t: &Tensor<D>) -> Vec<f64> {
+    t.to_data().convert::<f32>().try_to_vec::<f32>().expect("f32 data").into_iter().map(f64::from).collect()
+}
+
+pub fn param_f64<const D: usize>(p: &Param<Tensor<D>>) -> Vec<f64> {
+    to_f64(&p.val())
+}
+
+/// max |a - b| / max |b|: the error relative to the reference's scale.
+pub fn rel_err(actual: &[f64], reference: &[f64]) -> f64 {
+    assert_eq!(actual.len(), reference.len(), "length mismatch");
+    let scale = reference.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-30);
+    actual.iter().zip(reference).fold(0f64, |m, (a, b)| m.max((a - b).abs())) / scale
+}

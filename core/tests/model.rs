@@ -1,0 +1,179 @@
+//! The model on the CPU backend: shapes for every preset, parameter counts, losses at initialisation,
+//! gradient routing per objective, and overfitting one batch.
+
+mod common;
+
+use burn::tensor::{Device, Tensor};
+use common::LinearPatchDecoder;
+use ov3_core::autoencoder::LatentDecoder;
+use ov3_core::model::add_noise;
+use ov3_core::random_batch::random_batch;
+use ov3_core::step::train_step;
+use ov3_core::{Batch, Frozen, LossWeights, Objective, Ov3, Preset, optim, params};
+
+fn shapes(preset: Preset, res: usize, device: &Device) {
+    let cfg = preset.config();
+    cfg.validate().expect("preset config is valid");
+    let model = Ov3::new(&cfg, device);
+    let batch = random_batch(&cfg, 2, res, device);
+    let z_u = model.encode(batch.inputs.clone());
+    let n = (res / 16) * (res / 16);
+    assert_eq!(z_u.dims(), [2, n, cfg.encoder.width], "{preset:?} z_u at {res} px");
+    let z_hat = model.decode(z_u.clone(), (res / 16, res / 16));
+    assert_eq!(z_hat.dims(), [2, 16, res / 8, res / 8], "{preset:?} reconstructed latents at {res} px");
+    assert_eq!(model.image_embedding(z_u.clone()).dims(), [2, cfg.embed_dim]);
+    assert_eq!(model.text_embedding(batch.tokens.clone()).dims(), [2, cfg.embed_dim]);
+    let logits = model.caption_logits(z_u, batch.tokens);
+    assert_eq!(logits.dims(), [2, cfg.context_length, cfg.vocab_size]);
+}
+
+#[test]
+fn shapes_tiny_and_small_at_128_and_256() {
+    let device = Device::flex();
+    for preset in [Preset::Tiny, Preset::Small] {
+        for res in [128, 256] {
+            shapes(preset, res, &device);
+        }
+    }
+}
+
+#[test]
+fn shapes_base_and_large_at_128_and_256() {
+    // One sample each; these are the presets too slow for a CPU training run, not for a forward pass.
+    let device = Device::flex();
+    for preset in [Preset::Base, Preset::Large] {
+        for res in [128, 256] {
+            shapes(preset, res, &device);
+        }
+    }
+}
+
+#[test]
+fn no_vae_ablation_reads_and_predicts_pixels() {
+    let device = Device::flex();
+    let cfg = Preset::Tiny.config().with_input_space(ov3_core::InputSpace::Pixels);
+    let model = Ov3::new(&cfg, &device);
+    let batch = random_batch(&cfg, 2, 128, &device);
+    assert_eq!(batch.inputs.dims(), [2, 3, 128, 128]);
+    let z_u = model.encode(batch.inputs.clone());
+    assert_eq!(z_u.dims(), [2, 64, 192]);
+    assert_eq!(model.decode(z_u, (8, 8)).dims(), [2, 3, 128, 128]);
+    let out = model.losses(&batch, &LossWeights::default(), 0.0, Frozen::default());
+    assert!(out.rec_terms.pixel_l1.is_some() && out.rec_terms.latent_l1.is_none());
+}
+
+#[test]
+fn base_encoder_has_vit_b_parameter_count() {
+    let model = Ov3::new(&Preset::Base.config(), &Device::flex());
+    let parts = params::count_by_part(&model);
+    let encoder = parts.iter().find(|(p, _)| p == "encoder").expect("encoder part").1 as f64;
+    // ViT-B/16 has 86.6M parameters (timm vit_base_patch16_224 without its classifier: 85.8M).
+    let rel = (encoder - 86.0e6).abs() / 86.0e6;
+    assert!(rel < 0.02, "base encoder has {encoder} parameters, {:.1}% from ViT-B's 86M", rel * 100.0);
+}
+
+#[test]
+fn losses_at_initialisation_are_near_chance() {
+    let device = Device::flex();
+    device.seed(7);
+    let cfg = Preset::Tiny.config();
+    let model = Ov3::new(&cfg, &device);
+    for b in [8usize, 32] {
+        let batch = random_batch(&cfg, b, 128, &device);
+        let out = model.losses(&batch, &LossWeights::default(), 0.0, Frozen::default());
+        let contrastive = out.contrastive.expect("contrastive").into_scalar::<f32>() as f64;
+        let caption = out.caption.expect("caption").into_scalar::<f32>() as f64;
+        let ln_b = (b as f64).ln();
+        let ln_v = (cfg.vocab_size as f64).ln();
+        assert!((contrastive - ln_b).abs() / ln_b < 0.1, "batch {b}: contrastive {contrastive:.3} vs ln(B) {ln_b:.3}");
+        assert!((caption - ln_v).abs() / ln_v < 0.1, "caption {caption:.3} vs ln(V) {ln_v:.3}");
+    }
+}
+
+/// `(path, gradient abs sum)` of every parameter after one backward pass of `objective`.
+fn gradients(objective: Objective) -> Vec<(String, Option<f64>)> {
+    let device = Device::flex().autodiff();
+    device.seed(3);
+    let cfg = Preset::Tiny.config();
+    let model = Ov3::new(&cfg, &device);
+    let vae = LinearPatchDecoder::new(16, &device);
+    let batch = random_batch(&cfg, 4, 64, &device);
+    let weights = LossWeights { objective, lambda: 0.0, ..LossWeights::default() };
+    let out = model.losses(&batch, &weights, cfg.tau, Frozen { vae_decoder: Some(&vae), perceptual: None });
+    let grads = out.total.backward();
+    let mut frozen_with_grad = Vec::new();
+    params::for_each_param(&vae, Some(&grads), |p, _, g| if g.is_some() { frozen_with_grad.push(p.to_string()) });
+    assert!(frozen_with_grad.is_empty(), "the frozen VAE received gradients: {frozen_with_grad:?}");
+    let mut all = Vec::new();
+    params::for_each_param(&model, Some(&grads), |p, _, g| all.push((p.to_string(), g)));
+    all
+}
+
+fn is_text_side(path: &str) -> bool {
+    ["text_encoder", "text_decoder", "image_head", "logit_scale"].iter().any(|p| path.starts_with(p))
+}
+
+#[test]
+fn full_loss_reaches_every_parameter() {
+    let missing: Vec<_> = gradients(Objective::Full).into_iter().filter(|(_, g)| !matches!(g, Some(s) if *s > 0.0)).collect();
+    assert!(missing.is_empty(), "parameters without a non-zero gradient: {missing:?}");
+}
+
+#[test]
+fn rec_only_leaves_the_text_towers_untouched() {
+    for (path, grad) in gradients(Objective::RecOnly) {
+        if is_text_side(&path) {
+            assert!(grad.unwrap_or(0.0) == 0.0, "{path} got a gradient under rec-only");
+        } else {
+            assert!(grad.unwrap_or(0.0) > 0.0, "{path} got no gradient under rec-only");
+        }
+    }
+}
+
+#[test]
+fn und_only_leaves_the_decoder_untouched() {
+    for (path, grad) in gradients(Objective::UndOnly) {
+        if path.starts_with("decoder") {
+            assert!(grad.unwrap_or(0.0) == 0.0, "{path} got a gradient under und-only");
+        } else {
+            assert!(grad.unwrap_or(0.0) > 0.0, "{path} got no gradient under und-only");
+        }
+    }
+}
+
+#[test]
+fn noise_is_per_sample_and_off_at_tau_zero() {
+    let device = Device::flex();
+    device.seed(11);
+    let z = Tensor::<3>::zeros([64, 16, 8], &device);
+    let same = add_noise(z.clone(), 0.0);
+    assert_eq!(same.abs().sum().into_scalar::<f32>(), 0.0);
+    // Each sample's noise std is its own sigma ~ U[0, 0.5]: the per-sample stds spread over that range.
+    let noisy = add_noise(z, 0.5);
+    let stds: Vec<f64> = common::to_f64(&noisy.powi_scalar(2).mean_dim(2).mean_dim(1).sqrt().reshape([64, 1, 1]));
+    let (lo, hi) = stds.iter().fold((f64::MAX, 0f64), |(l, h), s| (l.min(*s), h.max(*s)));
+    assert!(lo < 0.1 && hi > 0.4 && hi < 0.6, "per-sample noise stds span [{lo:.3}, {hi:.3}], expected ~[0, 0.5]");
+}
+
+#[test]
+fn overfits_a_fixed_batch_of_eight() {
+    let device = Device::flex().autodiff();
+    device.seed(5);
+    let cfg = Preset::Tiny.config();
+    let vae = LinearPatchDecoder::new(16, &device);
+    let mut batch = random_batch(&cfg, 8, 128, &device);
+    // Images the frozen decoder can produce, as a real VAE reproduces its own inputs.
+    batch = Batch { images: vae.decode(batch.inputs.clone()).detach(), ..batch };
+    let mut model = Ov3::new(&cfg, &device);
+    let mut optim = optim::adamw(&model, 0.0);
+    let frozen = Frozen { vae_decoder: Some(&vae), perceptual: None };
+    let weights = LossWeights::default();
+    let mut losses = Vec::new();
+    for _ in 0..300 {
+        let (next, out, _) = train_step(model, &mut optim, &batch, &weights, cfg.tau, frozen, 1e-3, 1.0);
+        model = next;
+        losses.push(out.total.into_scalar::<f32>() as f64);
+    }
+    let (first, last) = (losses[0], losses[losses.len() - 1]);
+    assert!(last <= 0.2 * first, "total loss {first:.3} -> {last:.3}: less than an 80% drop in 300 steps");
+}

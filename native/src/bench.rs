@@ -1,0 +1,97 @@
+//! `ov3 bench ...`: timings reported with the machine and adapter, for docs/PERFORMANCE.md.
+
+use std::time::Instant;
+
+use clap::{Args, Subcommand};
+use ov3_core::random_batch::random_batch;
+use ov3_core::step::train_step;
+use ov3_core::{Frozen, LossWeights, Ov3, optim};
+
+use crate::Common;
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// Time one training step (forward + backward + AdamW) of the whole model on a random batch.
+    Step(StepArgs),
+}
+
+#[derive(Args)]
+pub struct StepArgs {
+    #[command(flatten)]
+    common: Common,
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    /// Image resolution in pixels (a multiple of 16).
+    #[arg(long, default_value_t = 128)]
+    res: usize,
+    /// Timed steps, after the warm-up.
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
+    /// Untimed steps first (kernel compilation, autotuning, allocator warm-up).
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+}
+
+pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
+    match cmd {
+        BenchCommand::Step(args) => step(args),
+    }
+}
+
+fn step(args: StepArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.res >= 16 && args.res % 16 == 0, "--res must be a positive multiple of 16, got {}", args.res);
+    anyhow::ensure!(args.batch >= 2 && args.steps >= 1, "--batch >= 2 and --steps >= 1 are required");
+    let selected = args.common.device()?;
+    let device = selected.device.clone().autodiff();
+    let cfg = args.common.preset.config();
+    let batch = random_batch(&cfg, args.batch, args.res, &device);
+    let mut model = Ov3::new(&cfg, &device);
+    let mut optim = optim::adamw(&model, 0.2);
+    let weights = LossWeights::default();
+
+    let mut times = Vec::with_capacity(args.steps);
+    for i in 0..args.warmup + args.steps {
+        let start = Instant::now();
+        let (next, out, _) = train_step(model, &mut optim, &batch, &weights, cfg.tau, Frozen::default(), 1e-4, 1.0);
+        model = next;
+        // Reading the loss waits for the device, so the time covers the whole step.
+        let loss = out.total.into_scalar::<f32>();
+        anyhow::ensure!(loss.is_finite(), "loss is {loss} at step {i}");
+        if i >= args.warmup {
+            times.push(start.elapsed().as_secs_f64());
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    let device_mem = selected.device.memory_pool_usage().map(|u| u.bytes_reserved);
+    let peak_mib = device_mem.map(|b| b as f64).unwrap_or_else(process_peak_bytes) / (1 << 20) as f64;
+    let adapter = selected.adapter.as_ref().map(|a| a.to_string()).unwrap_or_else(|| "cpu (flex)".into());
+    println!(
+        "{{\"bench\":\"step\",\"impl\":\"ov3\",\"backend\":\"{:?}\",\"adapter\":\"{}\",\"preset\":\"{}\",\"batch\":{},\"res\":{},\
+         \"ms_per_step\":{:.1},\"images_per_s\":{:.2},\"peak_mib\":{:.0},\"peak_kind\":\"{}\",\"threads\":{}}}",
+        selected.kind,
+        adapter,
+        args.common.preset.name(),
+        args.batch,
+        args.res,
+        median * 1e3,
+        args.batch as f64 / median,
+        peak_mib,
+        if device_mem.is_some() { "device pool reserved" } else { "process peak RSS" },
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+    );
+    Ok(())
+}
+
+/// Peak resident set size of this process (Linux `VmHWM`); 0 where unavailable.
+fn process_peak_bytes() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<f64>().ok()))
+        })
+        .map(|kb| kb * 1024.0)
+        .unwrap_or(0.0)
+}

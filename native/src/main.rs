@@ -1,0 +1,69 @@
+//! `ov3`: the command line of the OpenVision 3 unified tokenizer.
+
+mod bench;
+mod info;
+mod overfit;
+mod vae_cmd;
+
+use clap::{Args, Parser, Subcommand};
+use ov3_core::Preset;
+use ov3_core::device::{self, BackendChoice, Selected};
+
+#[derive(Parser)]
+#[command(name = "ov3", version, about = "OpenVision 3 unified visual tokenizer on WebGPU and CPU")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print the wgpu adapters, the backend `auto` picks, and the parameter count of a preset.
+    Info(info::InfoArgs),
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+    /// Overfit one fixed batch of image-caption pairs: a smoke test of the whole model and optimiser.
+    Overfit(overfit::OverfitArgs),
+    /// The frozen VAE alone: encode images to latents, decode latents to images.
+    #[command(subcommand)]
+    Vae(vae_cmd::VaeCommand),
+}
+
+/// Options every compute command shares.
+#[derive(Args, Clone, Debug)]
+pub struct Common {
+    /// Model preset: tiny, small, base or large.
+    #[arg(long, default_value = "tiny")]
+    pub preset: Preset,
+    /// auto (wgpu on a hardware GPU, else the CPU), wgpu, or cpu.
+    #[arg(long, default_value = "auto")]
+    pub backend: BackendChoice,
+    /// Seed of the device RNG (initialisation, data, noise).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+impl Common {
+    /// Resolves the backend and says which one in one line.
+    pub fn device(&self) -> anyhow::Result<Selected> {
+        let selected = device::select(self.backend).map_err(anyhow::Error::msg)?;
+        eprintln!("{}", selected.reason);
+        selected.device.seed(self.seed);
+        Ok(selected)
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Info(args) => info::run(args),
+        Command::Bench(cmd) => bench::run(cmd),
+        Command::Overfit(args) => overfit::run(args),
+        Command::Vae(cmd) => vae_cmd::run(cmd),
+    };
+    if let Err(err) = result {
+        eprintln!("error: {err:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,116 @@
+//! End-to-end: the `ov3` binary as a user runs it.
+
+use std::process::{Command, Output};
+
+fn ov3(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ov3")).args(args).output().expect("ov3 binary runs")
+}
+
+fn text(out: &Output) -> (String, String) {
+    (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn info_lists_parameter_counts_per_part() {
+    let out = ov3(&["info", "--preset", "tiny", "--backend", "cpu"]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "ov3 info failed: {stderr}");
+    for part in ["encoder", "decoder", "image_head", "text_encoder", "text_decoder", "total"] {
+        assert!(stdout.contains(part), "ov3 info does not list {part}:\n{stdout}");
+    }
+    assert!(stdout.contains("backend: cpu (flex)"), "ov3 info does not say which backend:\n{stdout}");
+}
+
+#[test]
+fn bench_step_prints_one_json_line() {
+    let out = ov3(&["bench", "step", "--backend", "cpu", "--batch", "2", "--res", "32", "--steps", "1", "--warmup", "0"]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "bench failed: {stderr}");
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).expect("bench prints JSON");
+    assert!(v["ms_per_step"].as_f64().expect("ms_per_step") > 0.0);
+    assert_eq!(v["batch"], 2);
+}
+
+#[test]
+fn bad_input_is_one_line_and_a_nonzero_exit() {
+    for args in [
+        vec!["bench", "step", "--backend", "cpu", "--res", "100"],
+        vec!["overfit", "--backend", "cpu", "--batch", "1"],
+        vec!["info", "--preset", "huge"],
+        vec!["info", "--backend", "cuda"],
+    ] {
+        let out = ov3(&args);
+        let (_, stderr) = text(&out);
+        assert!(!out.status.success(), "{args:?} should fail");
+        assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
+        let reason = stderr.lines().find(|l| l.starts_with("error")).unwrap_or_default();
+        assert!(!reason.is_empty(), "{args:?} gave no error line: {stderr}");
+    }
+}
+
+fn fixture(rel: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/vae").join(rel)
+}
+
+/// `name` from a safetensors file as f32 values.
+fn tensor_values(path: &std::path::Path, name: &str) -> (Vec<usize>, Vec<f32>) {
+    let w = ov3_core::weights::Weights::open(path).expect("safetensors output");
+    let shape = w.shape(name).expect("tensor present");
+    let values = w.values(name, &shape).expect("values");
+    (shape, values)
+}
+
+fn max_rel_err(a: &[f32], b: &[f32]) -> f64 {
+    let scale = b.iter().fold(0f64, |m, v| m.max(v.abs() as f64));
+    a.iter().zip(b).fold(0f64, |m, (x, y)| m.max((x - y).abs() as f64)) / scale
+}
+
+#[test]
+fn vae_encode_and_decode_match_the_reference_for_every_layout() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let photo = fixture("astronaut64.png");
+    let reference = fixture("reference.safetensors");
+    for (set, vae) in [
+        ("flux_diffusers", fixture("flux_diffusers")),
+        ("flux_bfl_bf16", fixture("flux_bfl_bf16.safetensors")),
+        ("taef1_diffusers", fixture("taef1_diffusers")),
+        ("taef1_original", fixture("taef1_original")),
+    ] {
+        let latents = dir.path().join(format!("{set}.latents.safetensors"));
+        let vae = vae.to_str().expect("utf-8 path");
+        let out = ov3(&["vae", "encode", "--backend", "cpu", "--vae", vae, "--image", photo.to_str().expect("path"), "--out", latents.to_str().expect("path")]);
+        assert!(out.status.success(), "{set} encode: {}", text(&out).1);
+        let (shape, got) = tensor_values(&latents, "latents");
+        assert_eq!(shape, vec![1, 16, 8, 8]);
+        let err = max_rel_err(&got, &tensor_values(&reference, &format!("{set}.mean")).1);
+        assert!(err < 1e-4, "{set}: encoded latents relative error {err:.2e}");
+
+        let image = dir.path().join(format!("{set}.image.safetensors"));
+        let out = ov3(&["vae", "decode", "--backend", "cpu", "--vae", vae, "--latents", latents.to_str().expect("path"), "--out", image.to_str().expect("path")]);
+        assert!(out.status.success(), "{set} decode: {}", text(&out).1);
+        let err = max_rel_err(&tensor_values(&image, "image").1, &tensor_values(&reference, &format!("{set}.decoded")).1);
+        assert!(err < 1e-3, "{set}: decoded image relative error {err:.2e}");
+        let png = dir.path().join(format!("{set}.png"));
+        let out = ov3(&["vae", "decode", "--backend", "cpu", "--vae", vae, "--latents", latents.to_str().expect("path"), "--out", png.to_str().expect("path")]);
+        assert!(out.status.success() && png.exists(), "{set} decode to png: {}", text(&out).1);
+    }
+}
+
+#[test]
+fn vae_commands_reject_bad_input_in_one_line() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let not_image = dir.path().join("notes.png");
+    std::fs::write(&not_image, b"not an image").expect("write");
+    let vae = fixture("taef1_original");
+    for args in [
+        vec!["vae", "encode", "--backend", "cpu", "--vae", vae.to_str().expect("p"), "--image", not_image.to_str().expect("p"), "--out", "/tmp/x.safetensors"],
+        vec!["vae", "encode", "--backend", "cpu", "--vae", "/nonexistent/ae.safetensors", "--image", fixture("astronaut64.png").to_str().expect("p"), "--out", "/tmp/x.safetensors"],
+        vec!["vae", "decode", "--backend", "cpu", "--vae", vae.to_str().expect("p"), "--latents", fixture("astronaut64.png").to_str().expect("p"), "--out", "/tmp/x.png"],
+    ] {
+        let out = ov3(&args);
+        let (_, stderr) = text(&out);
+        assert!(!out.status.success(), "{args:?} should fail");
+        assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
+        assert_eq!(stderr.lines().filter(|l| l.starts_with("error")).count(), 1, "{args:?}: {stderr}");
+    }
+}
