@@ -16,3 +16,5 @@ pub mod random_batch;
 pub mod vae;
 pub mod weights;
 pub mod image_io;
+pub mod data;
+pub mod metrics;

@@ -48,3 +48,25 @@ pub fn count_by_part<M: Module>(module: &M) -> Vec<(String, usize)> {
     });
     parts
 }
+
+/// Every float parameter as (path, shape, values): for exporting weights under checkpoint names.
+pub fn named_values<M: Module>(module: &M) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    struct Values(Vec<String>, Vec<(String, Vec<usize>, Vec<f32>)>);
+    impl ModuleVisitor for Values {
+        fn enter_module(&mut self, name: &str, _container_type: &str) {
+            self.0.push(name.to_string());
+        }
+        fn exit_module(&mut self, _name: &str, _container_type: &str) {
+            self.0.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let t = param.val();
+            let path = self.0.iter().filter(|s| !s.is_empty()).cloned().collect::<Vec<_>>().join(".");
+            let values = t.to_data().convert::<f32>().try_to_vec::<f32>().expect("f32 parameter data");
+            self.1.push((path, t.dims().to_vec(), values));
+        }
+    }
+    let mut v = Values(Vec::new(), Vec::new());
+    module.visit(&mut v);
+    v.1
+}

@@ -173,8 +173,17 @@ impl Weights {
     }
 }
 
-/// Writes f32 tensors to a safetensors file (`ov3 vae encode`, fixtures, exports).
+/// Writes f32 tensors to a safetensors file (`ov3 vae encode`, fixtures, exports), through a temporary file
+/// and a rename so a crash never leaves a half-written file under the final name.
 pub fn save_f32(path: &Path, tensors: &[(&str, Vec<usize>, Vec<f32>)]) -> Result<(), WeightsError> {
+    save_f32_with_metadata(path, tensors, None)
+}
+
+pub fn save_f32_with_metadata(
+    path: &Path,
+    tensors: &[(&str, Vec<usize>, Vec<f32>)],
+    metadata: Option<HashMap<String, String>>,
+) -> Result<(), WeightsError> {
     let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
         .iter()
         .map(|(name, shape, values)| {
@@ -188,6 +197,9 @@ pub fn save_f32(path: &Path, tensors: &[(&str, Vec<usize>, Vec<f32>)]) -> Result
             (name.clone(), view)
         })
         .collect();
-    safetensors::serialize_to_file(views, None, path)
-        .map_err(|e| WeightsError::Io { path: path.display().to_string(), source: std::io::Error::other(e.to_string()) })
+    let io = |e: std::io::Error| WeightsError::Io { path: path.display().to_string(), source: e };
+    let tmp = path.with_extension("safetensors.tmp");
+    let bytes = safetensors::serialize(views, metadata).map_err(|e| io(std::io::Error::other(e.to_string())))?;
+    std::fs::write(&tmp, bytes).map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)
 }

@@ -1,8 +1,10 @@
 //! `ov3`: the command line of the OpenVision 3 unified tokenizer.
 
 mod bench;
+mod datagen;
 mod info;
 mod overfit;
+mod train_vae;
 mod vae_cmd;
 
 use clap::{Args, Parser, Subcommand};
@@ -25,6 +27,10 @@ enum Command {
     Bench(bench::BenchCommand),
     /// Overfit one fixed batch of image-caption pairs: a smoke test of the whole model and optimiser.
     Overfit(overfit::OverfitArgs),
+    /// Write the embedded captioned world as image + caption files.
+    Datagen(datagen::DatagenArgs),
+    /// Train the embedded default autoencoder on the embedded data and freeze it.
+    TrainVae(train_vae::TrainVaeArgs),
     /// The frozen VAE alone: encode images to latents, decode latents to images.
     #[command(subcommand)]
     Vae(vae_cmd::VaeCommand),
@@ -61,6 +67,8 @@ fn main() {
         Command::Bench(cmd) => bench::run(cmd),
         Command::Overfit(args) => overfit::run(args),
         Command::Vae(cmd) => vae_cmd::run(cmd),
+        Command::TrainVae(args) => train_vae::run(args),
+        Command::Datagen(args) => datagen::run(args),
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");

@@ -3,7 +3,11 @@
 use std::path::{Path, PathBuf};
 
 use clap::{Args, Subcommand};
+use image::RgbImage;
+use ov3_core::autoencoder::LatentDecoder;
+use ov3_core::data::synthetic::{Split, World};
 use ov3_core::image_io::{self, crop_to_multiple, load_rgb, resize_center_crop};
+use ov3_core::metrics::{block_average_8x, psnr};
 use ov3_core::vae::Vae;
 use ov3_core::weights::{Weights, save_f32};
 
@@ -15,15 +19,35 @@ pub enum VaeCommand {
     Encode(EncodeArgs),
     /// `latents` safetensors -> image (.png) or tensor `image` in [-1, 1] (.safetensors).
     Decode(DecodeArgs),
+    /// Reconstruction PSNR on held-out synthetic scenes and on image files, beside a naive 8x baseline.
+    Check(CheckArgs),
+}
+
+#[derive(Args)]
+pub struct CheckArgs {
+    #[command(flatten)]
+    common: Common,
+    /// As for `encode`; default: the embedded autoencoder.
+    #[arg(long)]
+    vae: Option<PathBuf>,
+    /// Image files to reconstruct (resized and center-cropped to --res).
+    #[arg(long, num_args = 0..)]
+    images: Vec<PathBuf>,
+    /// Held-out synthetic scenes to reconstruct.
+    #[arg(long, default_value_t = 32)]
+    n: u64,
+    #[arg(long, default_value_t = 128)]
+    res: u32,
 }
 
 #[derive(Args)]
 pub struct EncodeArgs {
     #[command(flatten)]
     common: Common,
-    /// BFL ae.safetensors, a diffusers folder or its safetensors file, or a TAEF1 folder.
+    /// BFL ae.safetensors, a diffusers folder or its safetensors file, or a TAEF1 folder; default: the
+    /// embedded autoencoder.
     #[arg(long)]
-    vae: PathBuf,
+    vae: Option<PathBuf>,
     #[arg(long)]
     image: PathBuf,
     #[arg(long)]
@@ -38,8 +62,9 @@ pub struct EncodeArgs {
 pub struct DecodeArgs {
     #[command(flatten)]
     common: Common,
+    /// As for `encode`; default: the embedded autoencoder.
     #[arg(long)]
-    vae: PathBuf,
+    vae: Option<PathBuf>,
     #[arg(long)]
     latents: PathBuf,
     /// .png for an image, .safetensors for the tensor `image` in [-1, 1].
@@ -51,7 +76,32 @@ pub fn run(cmd: VaeCommand) -> anyhow::Result<()> {
     match cmd {
         VaeCommand::Encode(a) => encode(a),
         VaeCommand::Decode(a) => decode(a),
+        VaeCommand::Check(a) => check(a),
     }
+}
+
+fn check(args: CheckArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.res >= 8 && args.res % 8 == 0, "--res must be a positive multiple of 8, got {}", args.res);
+    let device = args.common.device()?.device;
+    let vae = Vae::load_or_embedded(args.vae.as_deref(), &device)?;
+    let world = World::new(args.common.seed, Split::Heldout);
+    let mut rows: Vec<(String, Vec<RgbImage>)> =
+        vec![(format!("held-out synthetic ({} scenes)", args.n), (0..args.n).map(|i| world.sample(i, args.res).image).collect())];
+    for path in &args.images {
+        rows.push((path.display().to_string(), vec![resize_center_crop(&load_rgb(path)?, args.res)]));
+    }
+    println!("{:<48} {:>12} {:>16}", format!("PSNR at {} px (dB)", args.res), "autoencoder", "8x block average");
+    for (name, images) in rows {
+        let (mut ours, mut naive) = (0.0, 0.0);
+        for img in &images {
+            let x = image_io::to_tensor(img, &device);
+            ours += psnr(x.clone(), LatentDecoder::decode(&vae, vae.encode(x.clone())))[0];
+            naive += psnr(x.clone(), block_average_8x(x))[0];
+        }
+        let n = images.len() as f64;
+        println!("{name:<48} {:>12.2} {:>16.2}", ours / n, naive / n);
+    }
+    Ok(())
 }
 
 fn encode(args: EncodeArgs) -> anyhow::Result<()> {
@@ -65,7 +115,7 @@ fn encode(args: EncodeArgs) -> anyhow::Result<()> {
         None => crop_to_multiple(&img, 8),
     };
     anyhow::ensure!(img.width() >= 8 && img.height() >= 8, "{}: image smaller than 8x8", args.image.display());
-    let vae = Vae::load(&args.vae, &device)?;
+    let vae = Vae::load_or_embedded(args.vae.as_deref(), &device)?;
     let mean = vae.posterior_mean(image_io::to_tensor(&img, &device));
     let shape = mean.dims().to_vec();
     let values = mean.into_data().convert::<f32>().try_to_vec::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"))?;
@@ -86,7 +136,7 @@ fn decode(args: DecodeArgs) -> anyhow::Result<()> {
         args.latents.display()
     );
     let latents = file.tensor("latents", [shape[0], shape[1], shape[2], shape[3]], &device)?;
-    let vae = Vae::load(&args.vae, &device)?;
+    let vae = Vae::load_or_embedded(args.vae.as_deref(), &device)?;
     let image = vae.decode_unscaled(latents);
     if ext == "png" {
         image_io::save_png(&image_io::tensor_to_rgb(&image), &args.out)?;

@@ -1,6 +1,7 @@
 //! The frozen VAE: FLUX.1 AutoencoderKL or TAEF1, loaded from the files users downloaded, and the
 //! tokenizer's latent convention on top (SPEC §1: `z = posterior_mean * 0.3611`, no shift).
 
+pub mod embedded;
 pub mod flux;
 pub mod layers;
 pub mod taef1;
@@ -50,9 +51,19 @@ impl Vae {
     /// `diffusion_pytorch_model.safetensors`) or that file alone, a TAEF1 folder (`taef1_encoder` +
     /// `taef1_decoder` safetensors) or a diffusers `AutoencoderTiny`. The layout is detected from the keys.
     pub fn load(path: &Path, device: &Device) -> Result<Self, WeightsError> {
-        let weights = open_any(path)?;
+        Self::from_weights(open_any(path)?, path.display().to_string(), device)
+    }
+
+    /// `--vae PATH` when given, else the embedded default.
+    pub fn load_or_embedded(path: Option<&Path>, device: &Device) -> Result<Self, WeightsError> {
+        match path {
+            Some(p) => Self::load(p, device),
+            None => Self::embedded(device),
+        }
+    }
+
+    fn from_weights(weights: Weights, source: String, device: &Device) -> Result<Self, WeightsError> {
         let layout = detect_layout(&weights)?;
-        let source = path.display().to_string();
         match layout {
             Layout::FluxBfl | Layout::FluxDiffusers => {
                 let weights = if layout == Layout::FluxDiffusers {

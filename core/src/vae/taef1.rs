@@ -7,10 +7,13 @@
 //! list, so its decoder indices are one lower. [`TinyAutoencoder::load`] reads either through
 //! [`sequential_index`].
 
+use std::collections::BTreeMap;
+
 use burn::module::Module;
-use burn::nn::conv::Conv2d;
+use burn::nn::PaddingConfig2d;
+use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::tensor::activation::relu;
-use burn::tensor::Tensor;
+use burn::tensor::{Device, Tensor};
 
 use super::layers::{Loader, upsample_nearest_2x};
 use crate::weights::{Weights, WeightsError};
@@ -153,53 +156,128 @@ impl TinyConfig {
     }
 }
 
+/// Our module path of every layer (`encoder.stages.1.resample`) -> its side and index in the original
+/// `nn.Sequential` checkpoints. The single source of the index arithmetic, for loading and for export.
+pub fn layer_indices(cfg: &TinyConfig) -> BTreeMap<String, (&'static str, usize)> {
+    let mut t = BTreeMap::new();
+    t.insert("encoder.conv_in".to_string(), ("encoder", 0));
+    let mut i = 1;
+    for (s, &n) in cfg.encoder_blocks.iter().enumerate() {
+        if s > 0 {
+            t.insert(format!("encoder.stages.{s}.resample"), ("encoder", i));
+            i += 1;
+        }
+        for b in 0..n {
+            t.insert(format!("encoder.stages.{s}.blocks.{b}"), ("encoder", i + b));
+        }
+        i += n;
+    }
+    t.insert("encoder.conv_out".to_string(), ("encoder", i));
+    // Decoder: 0 is the clamp, 1 conv_in, 2 relu; each stage but the last ends in upsample + conv.
+    t.insert("decoder.conv_in".to_string(), ("decoder", 1));
+    let mut i = 3;
+    let last = cfg.decoder_blocks.len() - 1;
+    for (s, &n) in cfg.decoder_blocks.iter().enumerate() {
+        for b in 0..n {
+            t.insert(format!("decoder.stages.{s}.blocks.{b}"), ("decoder", i + b));
+        }
+        i += n;
+        if s < last {
+            t.insert(format!("decoder.stages.{s}.resample"), ("decoder", i + 1));
+            i += 2;
+        }
+    }
+    t.insert("decoder.conv_out".to_string(), ("decoder", i));
+    t
+}
+
+/// Our parameter path -> its key in the original layout (`encoder.stages.0.blocks.0.conv_0.weight` ->
+/// `encoder.1.conv.0.weight`).
+pub fn original_key(path: &str, cfg: &TinyConfig) -> Option<String> {
+    let table = layer_indices(cfg);
+    let (layer, param) = path.rsplit_once('.')?;
+    let (layer, inner) = match layer.rsplit_once('.') {
+        Some((l, inner @ ("conv_0" | "conv_2" | "conv_4" | "skip"))) => (l, Some(inner)),
+        _ => (layer, None),
+    };
+    let (side, i) = table.get(layer)?;
+    let inner = match inner {
+        Some("skip") => ".skip".to_string(),
+        Some(conv) => format!(".conv.{}", &conv[5..]),
+        None => String::new(),
+    };
+    Some(format!("{side}.{i}{inner}.{param}"))
+}
+
 impl TinyAutoencoder {
-    pub fn load(weights: &Weights, layout: TinyLayout, device: &burn::tensor::Device) -> Result<(Self, TinyConfig), WeightsError> {
+    /// A randomly initialised (PyTorch-style Kaiming-uniform) trainable model of this shape.
+    pub fn new(cfg: &TinyConfig, device: &Device) -> Self {
+        let conv = |c_in: usize, c_out: usize, k: usize, stride: usize, bias: bool| {
+            Conv2dConfig::new([c_in, c_out], [k, k])
+                .with_stride([stride, stride])
+                .with_padding(PaddingConfig2d::Explicit(k / 2, k / 2, k / 2, k / 2))
+                .with_bias(bias)
+                .init(device)
+        };
+        let c = cfg.width;
+        let block = || TinyBlock { conv_0: conv(c, c, 3, 1, true), conv_2: conv(c, c, 3, 1, true), conv_4: conv(c, c, 3, 1, true), skip: None };
+        let encoder = TinyEncoder {
+            conv_in: conv(3, c, 3, 1, true),
+            stages: cfg.encoder_blocks.iter().enumerate()
+                .map(|(s, &n)| TinyStage { resample: (s > 0).then(|| conv(c, c, 3, 2, false)), blocks: (0..n).map(|_| block()).collect() })
+                .collect(),
+            conv_out: conv(c, cfg.latent_channels, 3, 1, true),
+        };
+        let last = cfg.decoder_blocks.len() - 1;
+        let decoder = TinyDecoder {
+            conv_in: conv(cfg.latent_channels, c, 3, 1, true),
+            stages: cfg.decoder_blocks.iter().enumerate()
+                .map(|(s, &n)| TinyStage { resample: (s < last).then(|| conv(c, c, 3, 1, false)), blocks: (0..n).map(|_| block()).collect() })
+                .collect(),
+            conv_out: conv(c, 3, 3, 1, true),
+        };
+        Self { encoder, decoder }
+    }
+
+    pub fn load(weights: &Weights, layout: TinyLayout, device: &Device) -> Result<(Self, TinyConfig), WeightsError> {
         let cfg = TinyConfig::infer(weights, layout)?;
         let l = Loader { weights, device };
         let c = cfg.width;
-        let key = |side: &str, i: usize| sequential_index(side, i, layout);
-
-        // Encoder: 0 conv_in, then per stage [stride-2 conv unless first] + blocks, then conv_out.
-        let mut i = 1;
-        let mut stages = Vec::new();
-        for (s, &n) in cfg.encoder_blocks.iter().enumerate() {
-            let resample = if s > 0 {
-                i += 1;
-                Some(l.conv(&key("encoder", i - 1), c, c, 3, 2, [1; 4], false)?)
-            } else {
-                None
-            };
-            let blocks = (0..n).map(|b| TinyBlock::load(&l, &key("encoder", i + b), c, c)).collect::<Result<_, _>>()?;
-            i += n;
-            stages.push(TinyStage { resample, blocks });
-        }
-        let encoder = TinyEncoder {
-            conv_in: l.conv3(&key("encoder", 0), 3, c)?,
-            stages,
-            conv_out: l.conv3(&key("encoder", i), c, cfg.latent_channels)?,
+        let table = layer_indices(&cfg);
+        let key = |ours: String| {
+            let (side, i) = table[&ours];
+            sequential_index(side, i, layout)
         };
 
-        // Decoder (original indices): 0 clamp, 1 conv_in, 2 relu, then per stage blocks + [upsample, conv
-        // without bias] except the last stage, then conv_out.
-        let mut i = 3;
+        let blocks = |side: &str, s: usize, n: usize| -> Result<Vec<TinyBlock>, WeightsError> {
+            (0..n).map(|b| TinyBlock::load(&l, &key(format!("{side}.stages.{s}.blocks.{b}")), c, c)).collect()
+        };
         let mut stages = Vec::new();
-        let last = cfg.decoder_blocks.len() - 1;
-        for (s, &n) in cfg.decoder_blocks.iter().enumerate() {
-            let blocks = (0..n).map(|b| TinyBlock::load(&l, &key("decoder", i + b), c, c)).collect::<Result<_, _>>()?;
-            i += n;
-            let resample = if s < last {
-                i += 2; // the upsample layer, then the conv
-                Some(l.conv(&key("decoder", i - 1), c, c, 3, 1, [1; 4], false)?)
-            } else {
-                None
+        for (s, &n) in cfg.encoder_blocks.iter().enumerate() {
+            let resample = match s {
+                0 => None,
+                _ => Some(l.conv(&key(format!("encoder.stages.{s}.resample")), c, c, 3, 2, [1; 4], false)?),
             };
-            stages.push(TinyStage { resample, blocks });
+            stages.push(TinyStage { resample, blocks: blocks("encoder", s, n)? });
+        }
+        let encoder = TinyEncoder {
+            conv_in: l.conv3(&key("encoder.conv_in".into()), 3, c)?,
+            stages,
+            conv_out: l.conv3(&key("encoder.conv_out".into()), c, cfg.latent_channels)?,
+        };
+        let last = cfg.decoder_blocks.len() - 1;
+        let mut stages = Vec::new();
+        for (s, &n) in cfg.decoder_blocks.iter().enumerate() {
+            let resample = match s < last {
+                true => Some(l.conv(&key(format!("decoder.stages.{s}.resample")), c, c, 3, 1, [1; 4], false)?),
+                false => None,
+            };
+            stages.push(TinyStage { resample, blocks: blocks("decoder", s, n)? });
         }
         let decoder = TinyDecoder {
-            conv_in: l.conv3(&key("decoder", 1), cfg.latent_channels, c)?,
+            conv_in: l.conv3(&key("decoder.conv_in".into()), cfg.latent_channels, c)?,
             stages,
-            conv_out: l.conv3(&key("decoder", i), c, 3)?,
+            conv_out: l.conv3(&key("decoder.conv_out".into()), c, 3)?,
         };
         weights.finish()?;
         Ok((Self { encoder, decoder }.no_grad(), cfg))

@@ -1,0 +1,44 @@
+//! ov3's embedded default autoencoder: TAEF1's architecture at reduced width, trained by `ov3 train-vae` on
+//! the embedded captioned world and shipped in `assets/`, so a fresh clone runs with no weights downloaded.
+//! Its latents are in the tokenizer's convention already (no shift).
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use burn::tensor::Device;
+
+use super::taef1::{TinyAutoencoder, TinyConfig, TinyLayout, original_key};
+use super::{EMBEDDED_MARK, Vae};
+use crate::params::named_values;
+use crate::weights::{Weights, WeightsError, save_f32_with_metadata};
+
+/// The shipped weights, compiled into the binary (and the wasm module).
+pub const EMBEDDED_WEIGHTS: &[u8] = include_bytes!("../../../assets/ae/ov3_tiny_ae.safetensors");
+
+/// Width of the embedded autoencoder (TAEF1 uses 64; 32 is ~4x cheaper and trains on a CPU).
+pub const EMBEDDED_WIDTH: usize = 32;
+
+impl Vae {
+    /// The embedded default autoencoder.
+    pub fn embedded(device: &Device) -> Result<Self, WeightsError> {
+        let weights = Weights::from_bytes(EMBEDDED_WEIGHTS.to_vec(), "<embedded autoencoder>".into())?;
+        Vae::from_weights(weights, "embedded".into(), device)
+    }
+}
+
+/// Writes a (trained) tiny autoencoder in TAEF1's original layout, marked as ov3's own convention.
+pub fn save_tiny(model: &TinyAutoencoder, cfg: &TinyConfig, path: &Path, note: &str) -> Result<(), WeightsError> {
+    let tensors: Vec<(String, Vec<usize>, Vec<f32>)> = named_values(model)
+        .into_iter()
+        .map(|(p, shape, v)| (original_key(&p, cfg).unwrap_or_else(|| panic!("no checkpoint key for {p}")), shape, v))
+        .collect();
+    let refs: Vec<(&str, Vec<usize>, Vec<f32>)> = tensors.iter().map(|(k, s, v)| (k.as_str(), s.clone(), v.clone())).collect();
+    let metadata = HashMap::from([(EMBEDDED_MARK.to_string(), note.to_string())]);
+    save_f32_with_metadata(path, &refs, Some(metadata))
+}
+
+/// Loads a file written by [`save_tiny`] as a trainable model (to continue training).
+pub fn load_tiny(path: &Path, device: &Device) -> Result<(TinyAutoencoder, TinyConfig), WeightsError> {
+    let weights = Weights::open(path)?;
+    TinyAutoencoder::load(&weights, TinyLayout::Original, device)
+}

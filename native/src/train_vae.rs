@@ -1,0 +1,123 @@
+//! `ov3 train-vae`: train the embedded default autoencoder (TAEF1 architecture, reduced width) on the
+//! embedded captioned world, then freeze it into a safetensors file.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use burn::optim::{AdamWConfig, GradientsParams};
+use burn::tensor::{Device, Tensor};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use ov3_core::data::rng::SplitMix64;
+use ov3_core::data::synthetic::{Split, World};
+use ov3_core::image_io::to_tensor;
+use ov3_core::metrics::psnr;
+use ov3_core::vae::embedded::{EMBEDDED_WIDTH, save_tiny};
+use ov3_core::vae::taef1::{TinyAutoencoder, TinyConfig};
+
+use crate::Common;
+
+#[derive(Args)]
+pub struct TrainVaeArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Where to write the frozen weights.
+    #[arg(long, default_value = "assets/ae/ov3_tiny_ae.safetensors")]
+    out: PathBuf,
+    /// Stop after this many minutes (or --steps, whichever comes first); a checkpoint is written every 200 steps.
+    #[arg(long, default_value_t = 25.0)]
+    minutes: f64,
+    #[arg(long, default_value_t = 100_000)]
+    steps: usize,
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    /// Scenes are rendered at this resolution (a multiple of 8)...
+    #[arg(long, default_value_t = 128)]
+    res: u32,
+    /// ...and trained on random crops of this size: the network is convolutional, so crops keep the scale
+    /// of objects while costing (crop/res)^2 of the compute.
+    #[arg(long, default_value_t = 64)]
+    crop: u32,
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    #[arg(long, default_value_t = EMBEDDED_WIDTH)]
+    width: usize,
+}
+
+/// Images in [-1, 1] through the encoder and decoder; returns (reconstruction, latents).
+fn reconstruct(ae: &TinyAutoencoder, x: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
+    let z = ae.encoder.forward(x.add_scalar(1.0).div_scalar(2.0));
+    (ae.decoder.forward(z.clone()).mul_scalar(2.0).sub_scalar(1.0), z)
+}
+
+/// `n` scenes from index `first`, each cropped to `crop` px at a position drawn from its index.
+fn batch(world: &World, first: u64, n: usize, res: u32, crop: u32, device: &Device) -> Tensor<4> {
+    let images = (first..first + n as u64).map(|i| {
+        let img = world.sample(i, res).image;
+        let mut g = SplitMix64::new(0xC209, i);
+        let (x, y) = (g.below((res - crop + 1) as usize) as u32, g.below((res - crop + 1) as usize) as u32);
+        to_tensor(&image::imageops::crop_imm(&img, x, y, crop, crop).to_image(), device)
+    });
+    Tensor::cat(images.collect(), 0)
+}
+
+pub fn run(args: TrainVaeArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.res >= 32 && args.res % 8 == 0, "--res must be a multiple of 8 and at least 32");
+    anyhow::ensure!(args.crop % 8 == 0 && (8..=args.res).contains(&args.crop), "--crop must be a multiple of 8, at most --res");
+    anyhow::ensure!(args.batch >= 1 && args.width % 8 == 0 && args.width > 0, "--batch >= 1 and --width a multiple of 8");
+    let device = args.common.device()?.device.autodiff();
+    let cfg = TinyConfig::taef1(args.width);
+    let mut ae = TinyAutoencoder::new(&cfg, &device);
+    let mut optim = AdamWConfig::new().with_beta_2(0.99).with_weight_decay(0.0).init();
+    let world = World::new(args.common.seed, Split::Train);
+    let heldout = World::new(args.common.seed, Split::Heldout);
+
+    let bar = ProgressBar::new(args.steps as u64);
+    bar.set_style(ProgressStyle::with_template("{bar:30} {pos} steps {msg} [{elapsed_precise}]")?);
+    let start = Instant::now();
+    let mut step = 0;
+    while step < args.steps && start.elapsed().as_secs_f64() < args.minutes * 60.0 {
+        let x = batch(&world, (step * args.batch) as u64, args.batch, args.res, args.crop, &device);
+        let (x_hat, z) = reconstruct(&ae, x.clone());
+        // L1 reconstruction, plus a weak pull of the latents towards unit scale (the tokenizer's convention).
+        let loss = (x - x_hat).abs().mean() + z.powi_scalar(2).mean().mul_scalar(1e-3);
+        let value = loss.clone().into_scalar::<f32>();
+        anyhow::ensure!(value.is_finite(), "loss became {value} at step {step}");
+        // Cosine decay to 10% over the time budget.
+        let progress = (start.elapsed().as_secs_f64() / (args.minutes * 60.0)).min(1.0);
+        let lr = args.lr * (0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()));
+        let grads = GradientsParams::from_grads(loss.backward(), &ae);
+        ae = optim.step(lr, ae, grads);
+        step += 1;
+        bar.set_position(step as u64);
+        bar.set_message(format!("L1 {value:.4} lr {lr:.1e}"));
+        if step % 200 == 0 {
+            save_tiny(&ae, &cfg, &args.out, &format!("checkpoint at step {step}"))?;
+        }
+    }
+    bar.finish();
+    let note = format!(
+        "ov3 train-vae: TAEF1 architecture, width {}, {} steps of batch {} ({} px crops of {} px scenes) on synthetic seed {} ({:.1} min)",
+        args.width,
+        step,
+        args.batch,
+        args.crop,
+        args.res,
+        args.common.seed,
+        start.elapsed().as_secs_f64() / 60.0
+    );
+    save_tiny(&ae, &cfg, &args.out, &note)?;
+    eprintln!("{note}\nwrote {}", args.out.display());
+
+    let x = batch(&heldout, 0, 32, args.res, args.res, &device);
+    let (x_hat, z) = reconstruct(&ae, x.clone());
+    let scores = psnr(x, x_hat);
+    let std = z.powi_scalar(2).mean().sqrt().into_scalar::<f32>();
+    println!(
+        "held-out synthetic PSNR {:.2} dB over {} images at {} px; latent RMS {std:.3}",
+        scores.iter().sum::<f64>() / scores.len() as f64,
+        scores.len(),
+        args.res
+    );
+    Ok(())
+}
