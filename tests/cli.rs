@@ -144,3 +144,23 @@ fn embedded_autoencoder_beats_the_naive_baseline() {
     let (ours, naive) = (nums[nums.len() - 2], nums[nums.len() - 1]);
     assert!(ours > naive, "embedded autoencoder {ours:.2} dB does not beat 8x block averaging {naive:.2} dB:\n{stdout}");
 }
+
+#[test]
+fn data_check_reports_counts_and_refuses_unusable_sources() {
+    let out = ov3(&["data", "check", "synthetic:6:2", "--show", "2"]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "data check: {stderr}");
+    assert_eq!(stdout.lines().filter(|l| l.starts_with("sample ")).count(), 2, "{stdout}");
+    assert!(stdout.contains("checked: 6 items, 6 usable (nothing skipped)"), "{stdout}");
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::write(dir.path().join("x.png"), b"not a png").expect("write");
+    std::fs::write(dir.path().join("x.txt"), b"a caption").expect("write");
+    for spec in [dir.path().to_str().expect("p"), "/no/such/folder", "synthetic:0"] {
+        let out = ov3(&["data", "check", spec]);
+        let (_, stderr) = text(&out);
+        assert!(!out.status.success(), "{spec} should fail");
+        assert_eq!(stderr.lines().filter(|l| l.starts_with("error")).count(), 1, "{spec}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{spec}: {stderr}");
+    }
+}

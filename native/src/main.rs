@@ -1,6 +1,7 @@
 //! `ov3`: the command line of the OpenVision 3 unified tokenizer.
 
 mod bench;
+mod data_cmd;
 mod datagen;
 mod info;
 mod overfit;
@@ -27,6 +28,9 @@ enum Command {
     Bench(bench::BenchCommand),
     /// Overfit one fixed batch of image-caption pairs: a smoke test of the whole model and optimiser.
     Overfit(overfit::OverfitArgs),
+    /// Inspect data sources.
+    #[command(subcommand)]
+    Data(data_cmd::DataCommand),
     /// Write the embedded captioned world as image + caption files.
     Datagen(datagen::DatagenArgs),
     /// Train the embedded default autoencoder on the embedded data and freeze it.
@@ -69,6 +73,7 @@ fn main() {
         Command::Vae(cmd) => vae_cmd::run(cmd),
         Command::TrainVae(args) => train_vae::run(args),
         Command::Datagen(args) => datagen::run(args),
+        Command::Data(cmd) => data_cmd::run(cmd),
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");

@@ -1,5 +1,9 @@
-//! Data: the embedded captioned world and its deterministic generator.
+//! Data: sources (folders, tables, WebDataset shards, the embedded world), decoding, and skip accounting.
 
+pub mod decode;
 pub mod font;
 pub mod rng;
+pub mod skips;
+pub mod source;
 pub mod synthetic;
+pub mod pipeline;

@@ -1,0 +1,54 @@
+//! Bytes -> RGB8 image, refusing decompression bombs before decoding and tiny images after.
+
+use std::io::Cursor;
+
+use image::{ImageReader, Limits, RgbImage};
+
+use super::skips::Skip;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DecodeLimits {
+    /// Largest width x height accepted (checked from the header, before any pixel is decoded).
+    pub max_pixels: u64,
+    /// Smallest side accepted.
+    pub min_side: u32,
+}
+
+impl Default for DecodeLimits {
+    fn default() -> Self {
+        Self { max_pixels: 64 * 1024 * 1024, min_side: 16 }
+    }
+}
+
+/// Any format and mode the `image` crate reads (grayscale, alpha, 16-bit, palette, CMYK JPEG) -> RGB8.
+pub fn decode_rgb(bytes: &[u8], limits: DecodeLimits) -> Result<RgbImage, Skip> {
+    if bytes.is_empty() {
+        return Err(Skip::CorruptImage);
+    }
+    let reader = || ImageReader::new(Cursor::new(bytes)).with_guessed_format().map_err(|_| Skip::CorruptImage);
+    // Only the header is read here; our own pixel limit decides, not the crate's default allocation cap.
+    let mut probe = reader()?;
+    probe.no_limits();
+    let (w, h) = probe.into_dimensions().map_err(classify)?;
+    if w as u64 * h as u64 > limits.max_pixels {
+        return Err(Skip::TooLarge);
+    }
+    if w.min(h) < limits.min_side {
+        return Err(Skip::TooSmall);
+    }
+    let mut reader = reader()?;
+    let mut l = Limits::default();
+    l.max_image_width = Some(w);
+    l.max_image_height = Some(h);
+    l.max_alloc = Some(limits.max_pixels.saturating_mul(16).max(1 << 26));
+    reader.limits(l);
+    let img = reader.decode().map_err(classify)?;
+    Ok(img.into_rgb8())
+}
+
+fn classify(e: image::ImageError) -> Skip {
+    match e {
+        image::ImageError::Limits(_) => Skip::TooLarge,
+        _ => Skip::CorruptImage,
+    }
+}

@@ -1,0 +1,307 @@
+//! Where image-caption pairs come from (SPEC §6 data SPEC): a folder of `name.{jpg,png,...}` + `name.txt`,
+//! a `.jsonl` / `.csv` table with `image` and `caption` fields, WebDataset `.tar` shards (brace ranges,
+//! members `key.jpg` + `key.txt` / `key.json`, read in place, never unpacked), or `synthetic:N[:seed]`.
+//!
+//! Opening a source indexes it; items that cannot be used (a missing caption file, a truncated shard's
+//! last members) are skipped and counted by reason. A source with no usable item is an error.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+use super::skips::{Skip, SkipCounts};
+use super::synthetic::{Split, World};
+
+pub const IMAGE_EXTENSIONS: [&str; 7] = ["jpg", "jpeg", "png", "webp", "bmp", "gif", "jfif"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    #[error("bad data spec '{spec}': {reason}")]
+    Spec { spec: String, reason: String },
+    #[error("{path}: {reason}")]
+    Source { path: String, reason: String },
+    #[error("{source_name}: no usable image-caption pair ({skips})")]
+    Empty { source_name: String, skips: String },
+}
+
+/// A parsed data SPEC.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Spec {
+    Folder(PathBuf),
+    Table(PathBuf),
+    Shards(Vec<PathBuf>),
+    Synthetic { n: u64, seed: u64, split: Split },
+}
+
+impl Spec {
+    pub fn parse(spec: &str) -> Result<Self, DataError> {
+        let bad = |reason: &str| DataError::Spec { spec: spec.to_string(), reason: reason.to_string() };
+        if let Some(rest) = spec.strip_prefix("synthetic:") {
+            let mut parts = rest.split(':');
+            let n = parts.next().and_then(|n| n.parse::<u64>().ok()).filter(|&n| n > 0);
+            let seed = parts.next().map(|s| s.parse::<u64>()).transpose().map_err(|_| bad("the seed must be an integer"))?;
+            return match (n, parts.next()) {
+                (Some(n), None) => Ok(Spec::Synthetic { n, seed: seed.unwrap_or(0), split: Split::Train }),
+                _ => Err(bad("expected synthetic:N or synthetic:N:SEED with N > 0")),
+            };
+        }
+        if spec.ends_with(".tar") {
+            return Ok(Spec::Shards(expand_braces(spec).map_err(|r| bad(&r))?.into_iter().map(PathBuf::from).collect()));
+        }
+        let path = PathBuf::from(spec);
+        match path.extension().and_then(|e| e.to_str()).map(str::to_lowercase).as_deref() {
+            Some("jsonl") | Some("csv") => Ok(Spec::Table(path)),
+            _ if path.is_dir() => Ok(Spec::Folder(path)),
+            _ if !path.exists() => Err(bad("no such file or folder")),
+            _ => Err(bad("expected a folder, a .jsonl/.csv table, .tar shards or synthetic:N")),
+        }
+    }
+}
+
+/// Expands every `{A..B}` range (zero padding kept from A): `s-{000..002}.tar` -> s-000, s-001, s-002.
+pub fn expand_braces(pattern: &str) -> Result<Vec<String>, String> {
+    let Some(open) = pattern.find('{') else { return Ok(vec![pattern.to_string()]) };
+    let close = pattern[open..].find('}').map(|c| open + c).ok_or("unclosed '{'")?;
+    let (a, b) = pattern[open + 1..close].split_once("..").ok_or("expected {A..B}")?;
+    let (lo, hi) = (a.parse::<u64>().map_err(|_| "range bounds must be integers")?, b.parse::<u64>().map_err(|_| "range bounds must be integers")?);
+    if lo > hi || hi - lo > 1_000_000 {
+        return Err(format!("bad range {{{a}..{b}}}"));
+    }
+    let width = a.len();
+    let mut out = Vec::new();
+    for i in lo..=hi {
+        let head = format!("{}{:0width$}", &pattern[..open], i);
+        for tail in expand_braces(&pattern[close + 1..])? {
+            out.push(format!("{head}{tail}"));
+        }
+    }
+    Ok(out)
+}
+
+/// Where an item's bytes live.
+#[derive(Debug, Clone)]
+pub enum Bytes {
+    File(PathBuf),
+    Member { shard: usize, offset: u64, size: u64 },
+}
+
+#[derive(Debug, Clone)]
+pub enum CaptionSource {
+    Text(String),
+    File(PathBuf),
+    Member { shard: usize, offset: u64, size: u64, json: bool },
+}
+
+#[derive(Debug, Clone)]
+pub enum Item {
+    Stored { key: String, image: Bytes, caption: CaptionSource },
+    Synthetic(u64),
+}
+
+/// An indexed source.
+pub struct Source {
+    pub name: String,
+    pub items: Vec<Item>,
+    pub shards: Vec<PathBuf>,
+    pub world: Option<World>,
+    /// What indexing skipped.
+    pub index_skips: SkipCounts,
+}
+
+impl Source {
+    pub fn open(spec: &Spec) -> Result<Self, DataError> {
+        let mut skips = SkipCounts::default();
+        let (name, items, shards, world) = match spec {
+            Spec::Synthetic { n, seed, split } => {
+                (format!("synthetic:{n}:{seed}"), (0..*n).map(Item::Synthetic).collect(), vec![], Some(World::new(*seed, *split)))
+            }
+            Spec::Folder(dir) => (dir.display().to_string(), index_folder(dir, &mut skips)?, vec![], None),
+            Spec::Table(path) => (path.display().to_string(), index_table(path, &mut skips)?, vec![], None),
+            Spec::Shards(paths) => {
+                let mut items = Vec::new();
+                for (i, p) in paths.iter().enumerate() {
+                    index_shard(p, i, &mut items, &mut skips);
+                }
+                let name = match paths.len() {
+                    1 => paths[0].display().to_string(),
+                    n => format!("{} (+{} shards)", paths[0].display(), n - 1),
+                };
+                (name, items, paths.clone(), None)
+            }
+        };
+        if items.is_empty() {
+            return Err(DataError::Empty { source_name: name, skips: skips.summary() });
+        }
+        Ok(Self { name, items, shards, world, index_skips: skips })
+    }
+
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// The raw bytes of an image or caption.
+    pub fn read(&self, bytes: &Bytes) -> Result<Vec<u8>, Skip> {
+        match bytes {
+            Bytes::File(p) => std::fs::read(p).map_err(|_| Skip::Unreadable),
+            Bytes::Member { shard, offset, size } => read_member(&self.shards[*shard], *offset, *size),
+        }
+    }
+
+    /// The caption text: UTF-8, trimmed, non-empty.
+    pub fn caption(&self, caption: &CaptionSource) -> Result<String, Skip> {
+        let raw = match caption {
+            CaptionSource::Text(t) => t.clone().into_bytes(),
+            CaptionSource::File(p) => std::fs::read(p).map_err(|_| Skip::MissingCaption)?,
+            CaptionSource::Member { shard, offset, size, json } => {
+                let bytes = read_member(&self.shards[*shard], *offset, *size)?;
+                if *json {
+                    let v: serde_json::Value = serde_json::from_slice(&bytes).map_err(|_| Skip::BadCaption)?;
+                    let text = ["caption", "txt", "text"].iter().find_map(|k| v.get(*k).and_then(|t| t.as_str()));
+                    text.ok_or(Skip::MissingCaption)?.as_bytes().to_vec()
+                } else {
+                    bytes
+                }
+            }
+        };
+        let text = String::from_utf8(raw).map_err(|_| Skip::NonUtf8Caption)?;
+        let text = text.trim();
+        if text.is_empty() {
+            return Err(Skip::EmptyCaption);
+        }
+        Ok(text.to_string())
+    }
+}
+
+fn read_member(shard: &Path, offset: u64, size: u64) -> Result<Vec<u8>, Skip> {
+    let mut f = File::open(shard).map_err(|_| Skip::MissingShard)?;
+    f.seek(SeekFrom::Start(offset)).map_err(|_| Skip::TruncatedShard)?;
+    let mut buf = vec![0; size as usize];
+    f.read_exact(&mut buf).map_err(|_| Skip::TruncatedShard)?;
+    Ok(buf)
+}
+
+fn is_image(path: &Path) -> bool {
+    path.extension().and_then(|e| e.to_str()).is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_lowercase().as_str()))
+}
+
+fn index_folder(dir: &Path, skips: &mut SkipCounts) -> Result<Vec<Item>, DataError> {
+    let err = |e: std::io::Error| DataError::Source { path: dir.display().to_string(), reason: e.to_string() };
+    let mut images: Vec<PathBuf> = std::fs::read_dir(dir).map_err(err)?.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| is_image(p)).collect();
+    images.sort();
+    let mut items = Vec::new();
+    for image in images {
+        let caption = image.with_extension("txt");
+        if !caption.exists() {
+            skips.add(Skip::MissingCaption);
+            continue;
+        }
+        let key = image.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        items.push(Item::Stored { key, image: Bytes::File(image), caption: CaptionSource::File(caption) });
+    }
+    Ok(items)
+}
+
+fn index_table(path: &Path, skips: &mut SkipCounts) -> Result<Vec<Item>, DataError> {
+    let err = |reason: String| DataError::Source { path: path.display().to_string(), reason };
+    let base = path.parent().unwrap_or(Path::new("."));
+    let text = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+    let mut rows: Vec<(Option<String>, Option<String>)> = Vec::new();
+    if path.extension().and_then(|e| e.to_str()).is_some_and(|e| e.eq_ignore_ascii_case("csv")) {
+        let mut reader = csv::Reader::from_reader(text.as_slice());
+        let headers = reader.headers().map_err(|e| err(format!("bad CSV header: {e}")))?.clone();
+        let col = |name: &str| headers.iter().position(|h| h.trim() == name);
+        let (Some(ic), Some(cc)) = (col("image"), col("caption")) else {
+            return Err(err("the CSV header needs `image` and `caption` columns".into()));
+        };
+        for record in reader.records() {
+            match record {
+                Ok(r) => rows.push((r.get(ic).map(str::to_string), r.get(cc).map(str::to_string))),
+                Err(_) => skips.add(Skip::BadRow),
+            }
+        }
+    } else {
+        for line in text.split(|&b| b == b'\n').filter(|l| !l.iter().all(u8::is_ascii_whitespace)) {
+            match serde_json::from_slice::<serde_json::Value>(line) {
+                Ok(v) => rows.push((
+                    v.get("image").and_then(|x| x.as_str()).map(str::to_string),
+                    v.get("caption").and_then(|x| x.as_str()).map(str::to_string),
+                )),
+                Err(_) => skips.add(Skip::BadRow),
+            }
+        }
+    }
+    let mut items = Vec::new();
+    for (image, caption) in rows {
+        match (image, caption) {
+            (Some(image), Some(caption)) => items.push(Item::Stored {
+                key: image.clone(),
+                image: Bytes::File(base.join(&image)),
+                caption: CaptionSource::Text(caption),
+            }),
+            (None, _) => skips.add(Skip::BadRow),
+            (_, None) => skips.add(Skip::MissingCaption),
+        }
+    }
+    Ok(items)
+}
+
+/// Indexes one shard's members by key without reading their data. A missing shard, or the unreadable tail
+/// of a truncated one, is counted and skipped.
+fn index_shard(path: &Path, shard: usize, items: &mut Vec<Item>, skips: &mut SkipCounts) {
+    let Ok(file) = File::open(path) else {
+        skips.add(Skip::MissingShard);
+        return;
+    };
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut archive = tar::Archive::new(file);
+    let Ok(entries) = archive.entries_with_seek() else {
+        skips.add(Skip::TruncatedShard);
+        return;
+    };
+    // key -> (image member, caption member); BTreeMap keeps the shard's own key order deterministic.
+    let mut members: BTreeMap<String, (Option<Bytes>, Option<CaptionSource>)> = BTreeMap::new();
+    let mut order: Vec<String> = Vec::new();
+    for entry in entries {
+        let Ok(entry) = entry else {
+            skips.add(Skip::TruncatedShard);
+            break;
+        };
+        if !entry.header().entry_type().is_file() {
+            continue;
+        }
+        let (offset, size) = (entry.raw_file_position(), entry.size());
+        if offset + size > len {
+            skips.add(Skip::TruncatedShard);
+            break;
+        }
+        let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+        let base_start = name.rfind('/').map_or(0, |i| i + 1);
+        let Some(dot) = name[base_start..].find('.').map(|d| base_start + d) else { continue };
+        let (key, ext) = (name[..dot].to_string(), name[dot + 1..].to_lowercase());
+        let slot = members.entry(key.clone()).or_insert_with(|| {
+            order.push(key.clone());
+            (None, None)
+        });
+        if IMAGE_EXTENSIONS.contains(&ext.as_str()) {
+            slot.0 = Some(Bytes::Member { shard, offset, size });
+        } else if ext == "txt" || ext == "json" {
+            // A .txt caption wins over a .json one.
+            if ext == "txt" || slot.1.is_none() {
+                slot.1 = Some(CaptionSource::Member { shard, offset, size, json: ext == "json" });
+            }
+        }
+    }
+    for key in order {
+        match members.remove(&key) {
+            Some((Some(image), Some(caption))) => items.push(Item::Stored { key, image, caption }),
+            Some((Some(_), None)) => skips.add(Skip::MissingCaption),
+            Some((None, _)) => skips.add(Skip::MissingImage),
+            None => {}
+        }
+    }
+}
