@@ -27,10 +27,9 @@ fn shapes(preset: Preset, res: usize, device: &Device) {
     assert_eq!(logits.dims(), [2, cfg.context_length, cfg.vocab_size]);
 }
 
-#[test]
-fn shapes_tiny_and_small_at_128_and_256() {
+fn shapes_at_128_and_256(presets: [Preset; 2]) {
     let device = Device::flex();
-    for preset in [Preset::Tiny, Preset::Small] {
+    for preset in presets {
         for res in [128, 256] {
             shapes(preset, res, &device);
         }
@@ -38,14 +37,14 @@ fn shapes_tiny_and_small_at_128_and_256() {
 }
 
 #[test]
+fn shapes_tiny_and_small_at_128_and_256() {
+    shapes_at_128_and_256([Preset::Tiny, Preset::Small]);
+}
+
+#[test]
 fn shapes_base_and_large_at_128_and_256() {
-    // One sample each; these are the presets too slow for a CPU training run, not for a forward pass.
-    let device = Device::flex();
-    for preset in [Preset::Base, Preset::Large] {
-        for res in [128, 256] {
-            shapes(preset, res, &device);
-        }
-    }
+    // Base and large are too slow to train on a CPU, not to run forward once.
+    shapes_at_128_and_256([Preset::Base, Preset::Large]);
 }
 
 #[test]

@@ -12,7 +12,8 @@ use ov3_core::data::rng::SplitMix64;
 use ov3_core::data::synthetic::{Split, World};
 use ov3_core::image_io::to_tensor;
 use ov3_core::metrics::psnr;
-use ov3_core::vae::embedded::{EMBEDDED_WIDTH, save_tiny};
+use burn::module::Module;
+use ov3_core::vae::embedded::{EMBEDDED_WIDTH, load_tiny, save_tiny};
 use ov3_core::vae::taef1::{TinyAutoencoder, TinyConfig};
 
 use crate::Common;
@@ -42,6 +43,9 @@ pub struct TrainVaeArgs {
     lr: f64,
     #[arg(long, default_value_t = EMBEDDED_WIDTH)]
     width: usize,
+    /// Continue from weights written by an earlier `ov3 train-vae` (their width wins over --width).
+    #[arg(long)]
+    init: Option<PathBuf>,
 }
 
 /// Images in [-1, 1] through the encoder and decoder; returns (reconstruction, latents).
@@ -66,8 +70,16 @@ pub fn run(args: TrainVaeArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.crop % 8 == 0 && (8..=args.res).contains(&args.crop), "--crop must be a multiple of 8, at most --res");
     anyhow::ensure!(args.batch >= 1 && args.width % 8 == 0 && args.width > 0, "--batch >= 1 and --width a multiple of 8");
     let device = args.common.device()?.device.autodiff();
-    let cfg = TinyConfig::taef1(args.width);
-    let mut ae = TinyAutoencoder::new(&cfg, &device);
+    let (mut ae, cfg) = match &args.init {
+        Some(path) => {
+            let (ae, cfg) = load_tiny(path, &device)?;
+            (ae.set_require_grad(true), cfg)
+        }
+        None => {
+            let cfg = TinyConfig::taef1(args.width);
+            (TinyAutoencoder::new(&cfg, &device), cfg)
+        }
+    };
     let mut optim = AdamWConfig::new().with_beta_2(0.99).with_weight_decay(0.0).init();
     let world = World::new(args.common.seed, Split::Train);
     let heldout = World::new(args.common.seed, Split::Heldout);
@@ -97,8 +109,9 @@ pub fn run(args: TrainVaeArgs) -> anyhow::Result<()> {
     }
     bar.finish();
     let note = format!(
-        "ov3 train-vae: TAEF1 architecture, width {}, {} steps of batch {} ({} px crops of {} px scenes) on synthetic seed {} ({:.1} min)",
-        args.width,
+        "ov3 train-vae{}: TAEF1 architecture, width {}, {} steps of batch {} ({} px crops of {} px scenes) on synthetic seed {} ({:.1} min)",
+        args.init.as_ref().map(|p| format!(" (continued from {})", p.display())).unwrap_or_default(),
+        cfg.width,
         step,
         args.batch,
         args.crop,
