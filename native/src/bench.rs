@@ -13,6 +13,20 @@ use crate::Common;
 pub enum BenchCommand {
     /// Time one training step (forward + backward + AdamW) of the whole model on a random batch.
     Step(StepArgs),
+    /// Images/s of decode + resize (shorter side) + center crop for every image file in a folder.
+    Data(DataArgs),
+}
+
+#[derive(Args)]
+pub struct DataArgs {
+    /// Folder of image files (e.g. `ov3 datagen --format jpg --res 512`).
+    #[arg(long)]
+    dir: std::path::PathBuf,
+    #[arg(long, default_value_t = 256)]
+    res: u32,
+    /// Worker threads.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
 }
 
 #[derive(Args)]
@@ -35,7 +49,44 @@ pub struct StepArgs {
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Step(args) => step(args),
+        BenchCommand::Data(args) => data(args),
     }
+}
+
+fn data(args: DataArgs) -> anyhow::Result<()> {
+    use ov3_core::data::decode::{DecodeLimits, decode_rgb};
+    use ov3_core::image_io::resize_center_crop;
+    let mut files: Vec<_> = std::fs::read_dir(&args.dir)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", args.dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e != "txt"))
+        .collect();
+    files.sort();
+    anyhow::ensure!(!files.is_empty() && args.threads >= 1, "{}: no image files (or --threads 0)", args.dir.display());
+    let bytes: Vec<Vec<u8>> = files.iter().map(std::fs::read).collect::<Result<_, _>>()?;
+    let start = Instant::now();
+    let threads = args.threads.min(bytes.len());
+    let ok: usize = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let bytes = &bytes;
+                s.spawn(move || {
+                    bytes.iter().skip(t).step_by(threads).filter(|b| {
+                        decode_rgb(b, DecodeLimits::default()).map(|img| resize_center_crop(&img, args.res)).is_ok()
+                    }).count()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("bench worker")).sum()
+    });
+    let secs = start.elapsed().as_secs_f64();
+    anyhow::ensure!(ok == bytes.len(), "{} of {} files failed to decode", bytes.len() - ok, bytes.len());
+    println!(
+        "{{\"bench\":\"data\",\"impl\":\"ov3\",\"threads\":{threads},\"images\":{ok},\"res\":{},\"images_per_s\":{:.1}}}",
+        args.res,
+        ok as f64 / secs
+    );
+    Ok(())
 }
 
 fn step(args: StepArgs) -> anyhow::Result<()> {

@@ -26,6 +26,9 @@ pub struct DatagenArgs {
     seed: u64,
     #[arg(long, value_enum, default_value = "train")]
     split: SplitArg,
+    /// Image file format: png (lossless) or jpg (quality 90, like most web-scale datasets).
+    #[arg(long, default_value = "png", value_parser = ["png", "jpg"])]
+    format: String,
 }
 
 pub fn run(args: DatagenArgs) -> anyhow::Result<()> {
@@ -41,7 +44,7 @@ pub fn run(args: DatagenArgs) -> anyhow::Result<()> {
     for i in 0..args.n {
         let sample = world.sample(i, args.res);
         let stem = args.out.join(format!("{i:06}"));
-        sample.image.save(stem.with_extension("png"))?;
+        sample.image.save(stem.with_extension(&args.format))?;
         std::fs::write(stem.with_extension("txt"), &sample.caption)?;
         bar.inc(1);
     }
