@@ -18,3 +18,9 @@ pub fn block_average_8x(x: Tensor<4>) -> Tensor<4> {
     let means = x.reshape([b, c, h / 8, 8, w / 8, 8]).mean_dim(5).mean_dim(3);
     means.expand([b, c, h / 8, 8, w / 8, 8]).reshape([b, c, h, w])
 }
+
+/// The weakest baseline: every pixel replaced by the image's mean colour.
+pub fn mean_colour(x: Tensor<4>) -> Tensor<4> {
+    let [b, c, h, w] = x.dims();
+    x.mean_dim(3).mean_dim(2).expand([b, c, h, w])
+}

@@ -7,7 +7,7 @@ use image::RgbImage;
 use ov3_core::autoencoder::LatentDecoder;
 use ov3_core::data::synthetic::{Split, World};
 use ov3_core::image_io::{self, crop_to_multiple, load_rgb, resize_center_crop};
-use ov3_core::metrics::{block_average_8x, psnr};
+use ov3_core::metrics::{block_average_8x, mean_colour, psnr};
 use ov3_core::vae::Vae;
 use ov3_core::weights::{Weights, save_f32};
 
@@ -19,7 +19,7 @@ pub enum VaeCommand {
     Encode(EncodeArgs),
     /// `latents` safetensors -> image (.png) or tensor `image` in [-1, 1] (.safetensors).
     Decode(DecodeArgs),
-    /// Reconstruction PSNR on held-out synthetic scenes and on image files, beside a naive 8x baseline.
+    /// Reconstruction PSNR on held-out synthetic scenes and on image files, beside two naive baselines.
     Check(CheckArgs),
 }
 
@@ -90,16 +90,17 @@ fn check(args: CheckArgs) -> anyhow::Result<()> {
     for path in &args.images {
         rows.push((path.display().to_string(), vec![resize_center_crop(&load_rgb(path)?, args.res)]));
     }
-    println!("{:<48} {:>12} {:>16}", format!("PSNR at {} px (dB)", args.res), "autoencoder", "8x block average");
+    println!("{:<48} {:>12} {:>16} {:>12}", format!("PSNR at {} px (dB)", args.res), "autoencoder", "8x block average", "mean colour");
     for (name, images) in rows {
-        let (mut ours, mut naive) = (0.0, 0.0);
+        let (mut ours, mut naive, mut flat) = (0.0, 0.0, 0.0);
         for img in &images {
             let x = image_io::to_tensor(img, &device);
             ours += psnr(x.clone(), LatentDecoder::decode(&vae, vae.encode(x.clone())))[0];
-            naive += psnr(x.clone(), block_average_8x(x))[0];
+            naive += psnr(x.clone(), block_average_8x(x.clone()))[0];
+            flat += psnr(x.clone(), mean_colour(x))[0];
         }
         let n = images.len() as f64;
-        println!("{name:<48} {:>12.2} {:>16.2}", ours / n, naive / n);
+        println!("{name:<48} {:>12.2} {:>16.2} {:>12.2}", ours / n, naive / n, flat / n);
     }
     Ok(())
 }
