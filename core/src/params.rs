@@ -31,7 +31,7 @@ impl<F: FnMut(&str, usize, Option<f64>)> ModuleVisitor for Collector<'_, F> {
             .grads
             .and_then(|g| tensor.grad(g))
             .map(|g| g.abs().sum().into_scalar::<f32>() as f64);
-        let path = self.stack.iter().filter(|s| !s.is_empty()).cloned().collect::<Vec<_>>().join(".");
+        let path = dotted(&self.stack);
         (self.f)(&path, tensor.shape().num_elements(), grad);
     }
 }
@@ -61,7 +61,7 @@ pub fn named_values<M: Module>(module: &M) -> Vec<(String, Vec<usize>, Vec<f32>)
         }
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
             let t = param.val();
-            let path = self.0.iter().filter(|s| !s.is_empty()).cloned().collect::<Vec<_>>().join(".");
+            let path = dotted(&self.0);
             let values = t.to_data().convert::<f32>().try_to_vec::<f32>().expect("f32 parameter data");
             self.1.push((path, t.dims().to_vec(), values));
         }
@@ -69,4 +69,9 @@ pub fn named_values<M: Module>(module: &M) -> Vec<(String, Vec<usize>, Vec<f32>)
     let mut v = Values(Vec::new(), Vec::new());
     module.visit(&mut v);
     v.1
+}
+
+/// The checkpoint key of a visitor's module stack (`Option` and the root add empty names).
+fn dotted(stack: &[String]) -> String {
+    stack.iter().filter(|s| !s.is_empty()).cloned().collect::<Vec<_>>().join(".")
 }
