@@ -23,7 +23,8 @@ fn info_lists_parameter_counts_per_part() {
 
 #[test]
 fn bench_step_prints_one_json_line() {
-    let out = ov3(&["bench", "step", "--backend", "cpu", "--batch", "2", "--res", "32", "--steps", "1", "--warmup", "0"]);
+    let out =
+        ov3(&["bench", "step", "--backend", "cpu", "--batch", "2", "--res", "32", "--steps", "1", "--warmup", "0"]);
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "bench failed: {stderr}");
     let v: serde_json::Value = serde_json::from_str(stdout.trim()).expect("bench prints JSON");
@@ -78,7 +79,18 @@ fn vae_encode_and_decode_match_the_reference_for_every_layout() {
     ] {
         let latents = dir.path().join(format!("{set}.latents.safetensors"));
         let vae = vae.to_str().expect("utf-8 path");
-        let out = ov3(&["vae", "encode", "--backend", "cpu", "--vae", vae, "--image", photo.to_str().expect("path"), "--out", latents.to_str().expect("path")]);
+        let out = ov3(&[
+            "vae",
+            "encode",
+            "--backend",
+            "cpu",
+            "--vae",
+            vae,
+            "--image",
+            photo.to_str().expect("path"),
+            "--out",
+            latents.to_str().expect("path"),
+        ]);
         assert!(out.status.success(), "{set} encode: {}", text(&out).1);
         let (shape, got) = tensor_values(&latents, "latents");
         assert_eq!(shape, vec![1, 16, 8, 8]);
@@ -86,12 +98,35 @@ fn vae_encode_and_decode_match_the_reference_for_every_layout() {
         assert!(err < 1e-4, "{set}: encoded latents relative error {err:.2e}");
 
         let image = dir.path().join(format!("{set}.image.safetensors"));
-        let out = ov3(&["vae", "decode", "--backend", "cpu", "--vae", vae, "--latents", latents.to_str().expect("path"), "--out", image.to_str().expect("path")]);
+        let out = ov3(&[
+            "vae",
+            "decode",
+            "--backend",
+            "cpu",
+            "--vae",
+            vae,
+            "--latents",
+            latents.to_str().expect("path"),
+            "--out",
+            image.to_str().expect("path"),
+        ]);
         assert!(out.status.success(), "{set} decode: {}", text(&out).1);
-        let err = max_rel_err(&tensor_values(&image, "image").1, &tensor_values(&reference, &format!("{set}.decoded")).1);
+        let err =
+            max_rel_err(&tensor_values(&image, "image").1, &tensor_values(&reference, &format!("{set}.decoded")).1);
         assert!(err < 1e-3, "{set}: decoded image relative error {err:.2e}");
         let png = dir.path().join(format!("{set}.png"));
-        let out = ov3(&["vae", "decode", "--backend", "cpu", "--vae", vae, "--latents", latents.to_str().expect("path"), "--out", png.to_str().expect("path")]);
+        let out = ov3(&[
+            "vae",
+            "decode",
+            "--backend",
+            "cpu",
+            "--vae",
+            vae,
+            "--latents",
+            latents.to_str().expect("path"),
+            "--out",
+            png.to_str().expect("path"),
+        ]);
         assert!(out.status.success() && png.exists(), "{set} decode to png: {}", text(&out).1);
     }
 }
@@ -103,9 +138,42 @@ fn vae_commands_reject_bad_input_in_one_line() {
     std::fs::write(&not_image, b"not an image").expect("write");
     let vae = fixture("taef1_original");
     for args in [
-        vec!["vae", "encode", "--backend", "cpu", "--vae", vae.to_str().expect("p"), "--image", not_image.to_str().expect("p"), "--out", "/tmp/x.safetensors"],
-        vec!["vae", "encode", "--backend", "cpu", "--vae", "/nonexistent/ae.safetensors", "--image", fixture("astronaut64.png").to_str().expect("p"), "--out", "/tmp/x.safetensors"],
-        vec!["vae", "decode", "--backend", "cpu", "--vae", vae.to_str().expect("p"), "--latents", fixture("astronaut64.png").to_str().expect("p"), "--out", "/tmp/x.png"],
+        vec![
+            "vae",
+            "encode",
+            "--backend",
+            "cpu",
+            "--vae",
+            vae.to_str().expect("p"),
+            "--image",
+            not_image.to_str().expect("p"),
+            "--out",
+            "/tmp/x.safetensors",
+        ],
+        vec![
+            "vae",
+            "encode",
+            "--backend",
+            "cpu",
+            "--vae",
+            "/nonexistent/ae.safetensors",
+            "--image",
+            fixture("astronaut64.png").to_str().expect("p"),
+            "--out",
+            "/tmp/x.safetensors",
+        ],
+        vec![
+            "vae",
+            "decode",
+            "--backend",
+            "cpu",
+            "--vae",
+            vae.to_str().expect("p"),
+            "--latents",
+            fixture("astronaut64.png").to_str().expect("p"),
+            "--out",
+            "/tmp/x.png",
+        ],
     ] {
         let out = ov3(&args);
         let (_, stderr) = text(&out);
@@ -147,7 +215,10 @@ fn embedded_check(res: &str) -> (f64, f64, f64) {
 #[test]
 fn embedded_autoencoder_reconstructs_structure() {
     let (ours, _, flat) = embedded_check("128");
-    assert!(ours > flat + 3.0, "embedded autoencoder {ours:.2} dB is not clearly above the mean-colour baseline {flat:.2} dB");
+    assert!(
+        ours > flat + 3.0,
+        "embedded autoencoder {ours:.2} dB is not clearly above the mean-colour baseline {flat:.2} dB"
+    );
 }
 
 #[test]

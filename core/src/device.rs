@@ -103,7 +103,8 @@ pub fn select(choice: BackendChoice) -> Result<Selected, String> {
     match (choice, best) {
         (BackendChoice::Cpu, _) => Ok(cpu("backend: cpu (flex), as requested".into())),
         (BackendChoice::Wgpu, Some(a)) => {
-            let note = if a.software { " — a software rasterizer, expect it to be slower than --backend cpu" } else { "" };
+            let note =
+                if a.software { " — a software rasterizer, expect it to be slower than --backend cpu" } else { "" };
             Ok(wgpu_device(a.clone(), format!("backend: wgpu on {a}, as requested{note}")))
         }
         (BackendChoice::Wgpu, None) => Err("backend wgpu requested but no wgpu adapter was found \

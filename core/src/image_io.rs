@@ -19,7 +19,8 @@ pub enum ImageError {
 
 /// Decodes any supported file (grayscale, alpha, 16-bit, palette...) to RGB8.
 pub fn load_rgb(path: &Path) -> Result<RgbImage, ImageError> {
-    let img = image::open(path).map_err(|e| ImageError::Read { path: path.display().to_string(), reason: e.to_string() })?;
+    let img =
+        image::open(path).map_err(|e| ImageError::Read { path: path.display().to_string(), reason: e.to_string() })?;
     Ok(DynamicImage::into_rgb8(img))
 }
 
@@ -72,4 +73,20 @@ pub fn tensor_to_rgb(t: &Tensor<4>) -> RgbImage {
 
 pub fn save_png(img: &RgbImage, path: &Path) -> Result<(), ImageError> {
     img.save(path).map_err(|e| ImageError::Write { path: path.display().to_string(), reason: e.to_string() })
+}
+
+/// Equally sized images laid out row by row with a `gap`-pixel white border: e.g. one row per example
+/// of input | VAE only | ov3.
+pub fn grid(rows: &[Vec<&RgbImage>], gap: u32) -> RgbImage {
+    let (w, h) = rows.first().and_then(|r| r.first()).map_or((1, 1), |i| i.dimensions());
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0) as u32;
+    let n = rows.len() as u32;
+    let mut out = RgbImage::from_pixel(cols * (w + gap) + gap, n * (h + gap) + gap, image::Rgb([255, 255, 255]));
+    for (r, row) in rows.iter().enumerate() {
+        for (c, img) in row.iter().enumerate() {
+            let (x, y) = (gap + c as u32 * (w + gap), gap + r as u32 * (h + gap));
+            image::imageops::replace(&mut out, *img, x as i64, y as i64);
+        }
+    }
+    out
 }

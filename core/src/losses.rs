@@ -83,8 +83,5 @@ fn l2_normalize(x: Tensor<2>) -> Tensor<2> {
 }
 
 fn weighted_sum(terms: &[(&Option<Tensor<1>>, f64)]) -> Option<Tensor<1>> {
-    terms
-        .iter()
-        .filter_map(|(t, w)| t.as_ref().map(|t| t.clone().mul_scalar(*w)))
-        .reduce(|a, b| a + b)
+    terms.iter().filter_map(|(t, w)| t.as_ref().map(|t| t.clone().mul_scalar(*w))).reduce(|a, b| a + b)
 }

@@ -8,10 +8,7 @@ use burn::tensor::Tensor;
 pub fn adamw<M: Module>(model: &M, weight_decay: f32) -> ModuleOptimizer {
     let base = AdamWConfig::new().with_beta_1(0.9).with_beta_2(0.95).with_epsilon(1e-8);
     let no_decay = ParamGroup::from_ids(no_decay_ids(model));
-    base.clone()
-        .with_weight_decay(weight_decay)
-        .init()
-        .with_group(no_decay, base.with_weight_decay(0.0).build(), None)
+    base.clone().with_weight_decay(weight_decay).init().with_group(no_decay, base.with_weight_decay(0.0).build(), None)
 }
 
 /// Ids of the parameters that weight decay must not touch: every tensor of rank 0 or 1.

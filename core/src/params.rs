@@ -27,10 +27,7 @@ impl<F: FnMut(&str, usize, Option<f64>)> ModuleVisitor for Collector<'_, F> {
 
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         let tensor = param.val();
-        let grad = self
-            .grads
-            .and_then(|g| tensor.grad(g))
-            .map(|g| g.abs().sum().into_scalar::<f32>() as f64);
+        let grad = self.grads.and_then(|g| tensor.grad(g)).map(|g| g.abs().sum().into_scalar::<f32>() as f64);
         let path = dotted(&self.stack);
         (self.f)(&path, tensor.shape().num_elements(), grad);
     }
@@ -72,6 +69,6 @@ pub fn named_values<M: Module>(module: &M) -> Vec<(String, Vec<usize>, Vec<f32>)
 }
 
 /// The checkpoint key of a visitor's module stack (`Option` and the root add empty names).
-fn dotted(stack: &[String]) -> String {
+pub fn dotted(stack: &[String]) -> String {
     stack.iter().filter(|s| !s.is_empty()).cloned().collect::<Vec<_>>().join(".")
 }

@@ -27,10 +27,7 @@ pub fn random_batch(cfg: &ModelConfig, batch: usize, resolution: usize, device: 
 
 /// Byte-tokenizes captions into a `[B, context_length]` id tensor.
 pub fn captions_to_tokens(captions: &[String], cfg: &ModelConfig, device: &Device) -> Tensor<2, Int> {
-    let ids: Vec<i64> = captions
-        .iter()
-        .flat_map(|c| tokenizer::encode(c, cfg.context_length))
-        .map(|id| id as i64)
-        .collect();
+    let ids: Vec<i64> =
+        captions.iter().flat_map(|c| tokenizer::encode(c, cfg.context_length)).map(|id| id as i64).collect();
     Tensor::from_data(TensorData::new(ids, [captions.len(), cfg.context_length]), device)
 }

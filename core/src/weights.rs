@@ -9,8 +9,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 
 use burn::tensor::{Device, Tensor, TensorData};
-use safetensors::tensor::{Dtype, SafeTensorError, TensorInfo};
 use safetensors::SafeTensors;
+use safetensors::tensor::{Dtype, SafeTensorError, TensorInfo};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WeightsError {
@@ -71,8 +71,13 @@ impl Weights {
     /// Several files as one set, each file's keys under its own prefix (`encoder.`, `decoder.`).
     pub fn merge(parts: Vec<(Weights, &str)>) -> Self {
         let path = parts.iter().map(|(w, _)| w.path.clone()).collect::<Vec<_>>().join(" + ");
-        let mut merged =
-            Self { path, sources: Vec::new(), tensors: BTreeMap::new(), metadata: HashMap::new(), used: RefCell::new(HashSet::new()) };
+        let mut merged = Self {
+            path,
+            sources: Vec::new(),
+            tensors: BTreeMap::new(),
+            metadata: HashMap::new(),
+            used: RefCell::new(HashSet::new()),
+        };
         for (part, prefix) in parts {
             let offset = merged.sources.len();
             merged.sources.extend(part.sources);
@@ -107,7 +112,9 @@ impl Weights {
     pub fn rename(mut self, f: impl Fn(&str) -> Option<String>) -> Self {
         self.tensors = std::mem::take(&mut self.tensors)
             .into_values()
-            .filter_map(|(file_name, info, source)| f(&file_name).map(|model_name| (model_name, (file_name, info, source))))
+            .filter_map(|(file_name, info, source)| {
+                f(&file_name).map(|model_name| (model_name, (file_name, info, source)))
+            })
             .collect();
         self
     }
@@ -138,14 +145,21 @@ impl Weights {
             Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
             Dtype::F16 => bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
             Dtype::BF16 => bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-            dtype => return Err(WeightsError::UnsupportedDtype { path: self.path.clone(), key: file_name.clone(), dtype }),
+            dtype => {
+                return Err(WeightsError::UnsupportedDtype { path: self.path.clone(), key: file_name.clone(), dtype });
+            }
         };
         self.used.borrow_mut().insert(key.to_string());
         Ok(values)
     }
 
     /// The tensor `key` on `device`, checked against `shape`.
-    pub fn tensor<const D: usize>(&self, key: &str, shape: [usize; D], device: &Device) -> Result<Tensor<D>, WeightsError> {
+    pub fn tensor<const D: usize>(
+        &self,
+        key: &str,
+        shape: [usize; D],
+        device: &Device,
+    ) -> Result<Tensor<D>, WeightsError> {
         let values = self.values(key, &shape)?;
         Ok(Tensor::from_data(TensorData::new(values, shape), device))
     }
@@ -173,8 +187,7 @@ impl Weights {
     }
 }
 
-/// Writes f32 tensors to a safetensors file (`ov3 vae encode`, fixtures, exports), through a temporary file
-/// and a rename so a crash never leaves a half-written file under the final name.
+/// Writes f32 tensors to a safetensors file (`ov3 vae encode`, fixtures, exports, checkpoints) atomically.
 pub fn save_f32(path: &Path, tensors: &[(&str, Vec<usize>, Vec<f32>)]) -> Result<(), WeightsError> {
     save_f32_with_metadata(path, tensors, None)
 }
@@ -198,8 +211,6 @@ pub fn save_f32_with_metadata(
         })
         .collect();
     let io = |e: std::io::Error| WeightsError::Io { path: path.display().to_string(), source: e };
-    let tmp = path.with_extension("safetensors.tmp");
     let bytes = safetensors::serialize(views, metadata).map_err(|e| io(std::io::Error::other(e.to_string())))?;
-    std::fs::write(&tmp, bytes).map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)
+    crate::fsio::atomic_write(path, &bytes).map_err(io)
 }

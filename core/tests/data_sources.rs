@@ -42,7 +42,8 @@ fn bomb_bmp() -> Vec<u8> {
 /// (file name, image bytes, caption bytes or None) of every case; the good ones first.
 fn cases() -> Vec<(&'static str, Vec<u8>, Option<Vec<u8>>)> {
     let good_caption = |s: &str| Some(s.as_bytes().to_vec());
-    let rgb16: image::DynamicImage = ImageBuffer::from_fn(20, 20, |x, _| Rgb([x as u16 * 3000, 100u16, 65535u16])).into();
+    let rgb16: image::DynamicImage =
+        ImageBuffer::from_fn(20, 20, |x, _| Rgb([x as u16 * 3000, 100u16, 65535u16])).into();
     let gray: image::DynamicImage = ImageBuffer::from_fn(20, 18, |x, _| Luma([x as u8 * 10])).into();
     let rgba: image::DynamicImage = ImageBuffer::from_fn(18, 20, |x, _| Rgba([200, x as u8, 0, 128])).into();
     let valid = rgb(32, 32);
@@ -70,7 +71,13 @@ const USABLE: usize = 7;
 
 fn expected_load_skips() -> SkipCounts {
     let mut s = SkipCounts::default();
-    for (skip, n) in [(Skip::CorruptImage, 4), (Skip::TooSmall, 1), (Skip::TooLarge, 1), (Skip::EmptyCaption, 1), (Skip::NonUtf8Caption, 1)] {
+    for (skip, n) in [
+        (Skip::CorruptImage, 4),
+        (Skip::TooSmall, 1),
+        (Skip::TooLarge, 1),
+        (Skip::EmptyCaption, 1),
+        (Skip::NonUtf8Caption, 1),
+    ] {
         for _ in 0..n {
             s.add(skip);
         }
@@ -134,12 +141,14 @@ fn jsonl_and_csv_tables_resolve_paths_relative_to_the_file() {
     let csv = "image,caption\nimg/rgb.png,\"from csv, with a comma\"\nimg/zero.png,zero\n";
     std::fs::write(dir.path().join("pairs.csv"), csv).expect("write");
 
-    let s = Source::open(&Spec::parse(dir.path().join("pairs.jsonl").to_str().expect("p")).expect("spec")).expect("opens");
+    let s =
+        Source::open(&Spec::parse(dir.path().join("pairs.jsonl").to_str().expect("p")).expect("spec")).expect("opens");
     assert_eq!((s.len(), s.index_skips.get(Skip::BadRow), s.index_skips.get(Skip::MissingCaption)), (3, 1, 1));
     let (usable, skips) = check_all(&s);
     assert_eq!((usable, skips.get(Skip::Unreadable)), (2, 1), "{skips}");
 
-    let s = Source::open(&Spec::parse(dir.path().join("pairs.csv").to_str().expect("p")).expect("spec")).expect("opens");
+    let s =
+        Source::open(&Spec::parse(dir.path().join("pairs.csv").to_str().expect("p")).expect("spec")).expect("opens");
     let Item::Stored { caption, .. } = &s.items[0] else { panic!("stored item") };
     assert_eq!(s.caption(caption).expect("caption"), "from csv, with a comma");
     let (usable, skips) = check_all(&s);
@@ -188,7 +197,10 @@ fn webdataset_shards_from_python_tarfile_read_back_identically() {
     assert_eq!(source.index_skips.get(Skip::MissingCaption), 1, "{}", source.index_skips);
     for item in &source.items {
         let Item::Stored { key, image, caption } = item else { panic!("stored") };
-        let file = cases().into_iter().find(|c| c.0.starts_with(&format!("{}.", key.trim_start_matches("sub/")))).expect("known key");
+        let file = cases()
+            .into_iter()
+            .find(|c| c.0.starts_with(&format!("{}.", key.trim_start_matches("sub/"))))
+            .expect("known key");
         assert!(matches!(image, Bytes::Member { .. }), "read in place, not unpacked");
         assert_eq!(source.read(image).expect("member bytes"), file.1, "{key}: image bytes differ");
         if let (Ok(text), Some(expected)) = (source.caption(caption), file.2.clone()) {
@@ -227,7 +239,14 @@ fn nothing_usable_is_one_clear_error() {
     std::fs::write(dir.path().join("a.png"), b"junk").expect("write");
     std::fs::write(dir.path().join("a.txt"), b"caption").expect("write");
     let source = Arc::new(Source::open(&Spec::parse(dir.path().to_str().expect("p")).expect("spec")).expect("indexes"));
-    let cfg = LoaderConfig { batch: 2, seed: 0, workers: 2, prefetch: 1, augment: Augment::eval(32), limits: DecodeLimits::default() };
+    let cfg = LoaderConfig {
+        batch: 2,
+        seed: 0,
+        workers: 2,
+        prefetch: 1,
+        augment: Augment::eval(32),
+        limits: DecodeLimits::default(),
+    };
     let err = spawn_loader(source, cfg, Position::default()).recv().expect("a message").err().expect("an error");
     assert!(err.to_string().contains("nothing in a whole epoch"), "{err}");
 }
@@ -235,7 +254,14 @@ fn nothing_usable_is_one_clear_error() {
 #[test]
 fn loader_order_is_deterministic_and_resumable() {
     let source = Arc::new(Source::open(&Spec::parse("synthetic:10:4").expect("spec")).expect("opens"));
-    let cfg = LoaderConfig { batch: 4, seed: 1, workers: 2, prefetch: 2, augment: Augment::train(32), limits: DecodeLimits::default() };
+    let cfg = LoaderConfig {
+        batch: 4,
+        seed: 1,
+        workers: 2,
+        prefetch: 2,
+        augment: Augment::train(32),
+        limits: DecodeLimits::default(),
+    };
     type Rx = std::sync::mpsc::Receiver<Result<ov3_core::data::pipeline::HostBatch, ov3_core::data::source::DataError>>;
     let keys = |rx: &Rx, n: usize| -> Vec<(Vec<String>, Position, Vec<u8>)> {
         (0..n)
@@ -253,6 +279,7 @@ fn loader_order_is_deterministic_and_resumable() {
     assert_eq!(&straight[2..], &resumed[..], "resuming from the saved position changed the data");
     // 10 items, batches of 4: the third batch crosses into epoch 1, and each epoch visits every item once.
     assert_eq!(straight[2].1.epoch, 1);
-    let first_epoch: std::collections::BTreeSet<String> = straight[0].0.iter().chain(&straight[1].0).chain(&straight[2].0[..2]).cloned().collect();
+    let first_epoch: std::collections::BTreeSet<String> =
+        straight[0].0.iter().chain(&straight[1].0).chain(&straight[2].0[..2]).cloned().collect();
     assert_eq!(first_epoch.len(), 10);
 }

@@ -101,7 +101,11 @@ fn gradients(objective: Objective) -> Vec<(String, Option<f64>)> {
     let out = model.losses(&batch, &weights, cfg.tau, Frozen { vae_decoder: Some(&vae), perceptual: None });
     let grads = out.total.backward();
     let mut frozen_with_grad = Vec::new();
-    params::for_each_param(&vae, Some(&grads), |p, _, g| if g.is_some() { frozen_with_grad.push(p.to_string()) });
+    params::for_each_param(&vae, Some(&grads), |p, _, g| {
+        if g.is_some() {
+            frozen_with_grad.push(p.to_string())
+        }
+    });
     assert!(frozen_with_grad.is_empty(), "the frozen VAE received gradients: {frozen_with_grad:?}");
     let mut all = Vec::new();
     params::for_each_param(&model, Some(&grads), |p, _, g| all.push((p.to_string(), g)));
@@ -114,7 +118,8 @@ fn is_text_side(path: &str) -> bool {
 
 #[test]
 fn full_loss_reaches_every_parameter() {
-    let missing: Vec<_> = gradients(Objective::Full).into_iter().filter(|(_, g)| !matches!(g, Some(s) if *s > 0.0)).collect();
+    let missing: Vec<_> =
+        gradients(Objective::Full).into_iter().filter(|(_, g)| !matches!(g, Some(s) if *s > 0.0)).collect();
     assert!(missing.is_empty(), "parameters without a non-zero gradient: {missing:?}");
 }
 

@@ -29,13 +29,23 @@ fn layer_norm(x: &[f64], d: usize, gamma: &[f64], beta: &[f64], eps: f64) -> Vec
         .flat_map(|row| {
             let mean = row.iter().sum::<f64>() / d as f64;
             let var = row.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / d as f64;
-            row.iter().enumerate().map(move |(i, v)| (v - mean) / (var + eps).sqrt() * gamma[i] + beta[i]).collect::<Vec<_>>()
+            row.iter()
+                .enumerate()
+                .map(move |(i, v)| (v - mean) / (var + eps).sqrt() * gamma[i] + beta[i])
+                .collect::<Vec<_>>()
         })
         .collect()
 }
 
 /// `allowed(i, j)`: may query i see key j. One sequence of n tokens, width d.
-fn attention_ref(x: &[f64], n: usize, d: usize, heads: usize, attn: &Attention, allowed: &dyn Fn(usize, usize) -> bool) -> Vec<f64> {
+fn attention_ref(
+    x: &[f64],
+    n: usize,
+    d: usize,
+    heads: usize,
+    attn: &Attention,
+    allowed: &dyn Fn(usize, usize) -> bool,
+) -> Vec<f64> {
     let qkv_b = attn.qkv.bias.as_ref().map(param_f64);
     let qkv = linear(x, n, &param_f64(&attn.qkv.weight), qkv_b.as_deref(), d, 3 * d);
     let dh = d / heads;
@@ -68,7 +78,14 @@ fn gelu(x: f64) -> f64 {
     0.5 * x * (1.0 + libm::erf(x / std::f64::consts::SQRT_2))
 }
 
-fn block_ref(x: &[f64], n: usize, d: usize, heads: usize, block: &Block, allowed: &dyn Fn(usize, usize) -> bool) -> Vec<f64> {
+fn block_ref(
+    x: &[f64],
+    n: usize,
+    d: usize,
+    heads: usize,
+    block: &Block,
+    allowed: &dyn Fn(usize, usize) -> bool,
+) -> Vec<f64> {
     let ln = |x: &[f64], norm: &burn::nn::LayerNorm| {
         let beta = norm.beta.as_ref().map(param_f64).expect("LayerNorm with bias");
         layer_norm(x, d, &param_f64(&norm.gamma), &beta, 1e-6)
@@ -76,10 +93,17 @@ fn block_ref(x: &[f64], n: usize, d: usize, heads: usize, block: &Block, allowed
     let a = attention_ref(&ln(x, &block.norm1), n, d, heads, &block.attn, allowed);
     let x1: Vec<f64> = x.iter().zip(&a).map(|(u, v)| u + v).collect();
     let m = &block.mlp;
-    let h: Vec<f64> = linear(&ln(&x1, &block.norm2), n, &param_f64(&m.fc1.weight), m.fc1.bias.as_ref().map(param_f64).as_deref(), d, 4 * d)
-        .into_iter()
-        .map(gelu)
-        .collect();
+    let h: Vec<f64> = linear(
+        &ln(&x1, &block.norm2),
+        n,
+        &param_f64(&m.fc1.weight),
+        m.fc1.bias.as_ref().map(param_f64).as_deref(),
+        d,
+        4 * d,
+    )
+    .into_iter()
+    .map(gelu)
+    .collect();
     let y = linear(&h, n, &param_f64(&m.fc2.weight), m.fc2.bias.as_ref().map(param_f64).as_deref(), 4 * d, d);
     x1.iter().zip(&y).map(|(u, v)| u + v).collect()
 }

@@ -89,7 +89,8 @@ fn edited(dir: &Path, name: &str, edit: impl FnOnce(&mut Vec<(String, Vec<usize>
         .collect();
     edit(&mut tensors);
     let path = dir.join(name);
-    let refs: Vec<(&str, Vec<usize>, Vec<f32>)> = tensors.iter().map(|(k, s, v)| (k.as_str(), s.clone(), v.clone())).collect();
+    let refs: Vec<(&str, Vec<usize>, Vec<f32>)> =
+        tensors.iter().map(|(k, s, v)| (k.as_str(), s.clone(), v.clone())).collect();
     ov3_core::weights::save_f32(&path, &refs).expect("write edited file");
     path
 }
@@ -122,7 +123,9 @@ fn bad_files_give_one_clear_line() {
     let msg = load_err(&edited(d, "missing.safetensors", |t| t.retain(|(k, _, _)| k != "decoder.mid.attn_1.q.weight")));
     assert!(msg.contains("missing key `decoder.mid.attn_1.q.weight`"), "{msg}");
 
-    let msg = load_err(&edited(d, "extra.safetensors", |t| t.push(("decoder.extra_head.weight".into(), vec![2], vec![0.0; 2]))));
+    let msg = load_err(&edited(d, "extra.safetensors", |t| {
+        t.push(("decoder.extra_head.weight".into(), vec![2], vec![0.0; 2]))
+    }));
     assert!(msg.contains("unexpected key `decoder.extra_head.weight`"), "{msg}");
 
     let msg = load_err(&edited(d, "shape.safetensors", |t| {

@@ -71,9 +71,14 @@ fn data(args: DataArgs) -> anyhow::Result<()> {
             .map(|t| {
                 let bytes = &bytes;
                 s.spawn(move || {
-                    bytes.iter().skip(t).step_by(threads).filter(|b| {
-                        decode_rgb(b, DecodeLimits::default()).map(|img| resize_center_crop(&img, args.res)).is_ok()
-                    }).count()
+                    bytes
+                        .iter()
+                        .skip(t)
+                        .step_by(threads)
+                        .filter(|b| {
+                            decode_rgb(b, DecodeLimits::default()).map(|img| resize_center_crop(&img, args.res)).is_ok()
+                        })
+                        .count()
                 })
             })
             .collect();

@@ -39,7 +39,13 @@ pub fn run(cmd: DataCommand) -> anyhow::Result<()> {
         match load_example(&source, i, &Augment::eval(256), limits, &mut SplitMix64::new(0, i as u64)) {
             Ok(example) => {
                 if usable < args.show {
-                    println!("sample {}: {}x{} \"{}\"", example.key, example.image.width(), example.image.height(), example.caption);
+                    println!(
+                        "sample {}: {}x{} \"{}\"",
+                        example.key,
+                        example.image.width(),
+                        example.image.height(),
+                        example.caption
+                    );
                 }
                 usable += 1;
             }

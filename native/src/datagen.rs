@@ -33,7 +33,8 @@ pub struct DatagenArgs {
 
 pub fn run(args: DatagenArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.n > 0 && (16..=4096).contains(&args.res), "--n must be positive and --res within 16..=4096");
-    std::fs::create_dir_all(&args.out).map_err(|e| anyhow::anyhow!("{}: cannot create folder: {e}", args.out.display()))?;
+    std::fs::create_dir_all(&args.out)
+        .map_err(|e| anyhow::anyhow!("{}: cannot create folder: {e}", args.out.display()))?;
     let split = match args.split {
         SplitArg::Train => Split::Train,
         SplitArg::Heldout => Split::Heldout,

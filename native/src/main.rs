@@ -5,6 +5,9 @@ mod data_cmd;
 mod datagen;
 mod info;
 mod overfit;
+mod plots;
+mod report;
+mod train;
 mod train_vae;
 mod vae_cmd;
 
@@ -21,6 +24,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Train ov3 (the main job): the quick recipe on the embedded data by default, or a TOML config.
+    Train(train::TrainArgs),
     /// Print the wgpu adapters, the backend `auto` picks, and the parameter count of a preset.
     Info(info::InfoArgs),
     /// Benchmarks.
@@ -67,6 +72,7 @@ impl Common {
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Train(args) => train::run(args),
         Command::Info(args) => info::run(args),
         Command::Bench(cmd) => bench::run(cmd),
         Command::Overfit(args) => overfit::run(args),

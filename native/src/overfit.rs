@@ -1,8 +1,8 @@
 //! `ov3 overfit`: train the whole model on one fixed batch and watch every loss fall.
 
+use burn::tensor::Tensor;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use burn::tensor::Tensor;
 use ov3_core::data::synthetic::{Split, World};
 use ov3_core::image_io::to_tensor;
 use ov3_core::random_batch::captions_to_tokens;

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
+use burn::module::Module;
 use burn::optim::{AdamWConfig, GradientsParams};
 use burn::tensor::{Device, Tensor};
 use clap::Args;
@@ -12,7 +13,6 @@ use ov3_core::data::rng::SplitMix64;
 use ov3_core::data::synthetic::{Split, World};
 use ov3_core::image_io::to_tensor;
 use ov3_core::metrics::psnr;
-use burn::module::Module;
 use ov3_core::vae::embedded::{EMBEDDED_WIDTH, load_tiny, save_tiny};
 use ov3_core::vae::taef1::{TinyAutoencoder, TinyConfig};
 
@@ -67,8 +67,14 @@ fn batch(world: &World, first: u64, n: usize, res: u32, crop: u32, device: &Devi
 
 pub fn run(args: TrainVaeArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.res >= 32 && args.res % 8 == 0, "--res must be a multiple of 8 and at least 32");
-    anyhow::ensure!(args.crop % 8 == 0 && (8..=args.res).contains(&args.crop), "--crop must be a multiple of 8, at most --res");
-    anyhow::ensure!(args.batch >= 1 && args.width % 8 == 0 && args.width > 0, "--batch >= 1 and --width a multiple of 8");
+    anyhow::ensure!(
+        args.crop % 8 == 0 && (8..=args.res).contains(&args.crop),
+        "--crop must be a multiple of 8, at most --res"
+    );
+    anyhow::ensure!(
+        args.batch >= 1 && args.width % 8 == 0 && args.width > 0,
+        "--batch >= 1 and --width a multiple of 8"
+    );
     let device = args.common.device()?.device.autodiff();
     let (mut ae, cfg) = match &args.init {
         Some(path) => {

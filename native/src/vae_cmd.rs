@@ -85,12 +85,20 @@ fn check(args: CheckArgs) -> anyhow::Result<()> {
     let device = args.common.device()?.device;
     let vae = Vae::load_or_embedded(args.vae.as_deref(), &device)?;
     let world = World::new(args.common.seed, Split::Heldout);
-    let mut rows: Vec<(String, Vec<RgbImage>)> =
-        vec![(format!("held-out synthetic ({} scenes)", args.n), (0..args.n).map(|i| world.sample(i, args.res).image).collect())];
+    let mut rows: Vec<(String, Vec<RgbImage>)> = vec![(
+        format!("held-out synthetic ({} scenes)", args.n),
+        (0..args.n).map(|i| world.sample(i, args.res).image).collect(),
+    )];
     for path in &args.images {
         rows.push((path.display().to_string(), vec![resize_center_crop(&load_rgb(path)?, args.res)]));
     }
-    println!("{:<48} {:>12} {:>16} {:>12}", format!("PSNR at {} px (dB)", args.res), "autoencoder", "8x block average", "mean colour");
+    println!(
+        "{:<48} {:>12} {:>16} {:>12}",
+        format!("PSNR at {} px (dB)", args.res),
+        "autoencoder",
+        "8x block average",
+        "mean colour"
+    );
     for (name, images) in rows {
         let (mut ours, mut naive, mut flat) = (0.0, 0.0, 0.0);
         for img in &images {

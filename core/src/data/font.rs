@@ -42,10 +42,7 @@ const GLYPHS: [(char, [u8; 7]); 36] = [
 
 /// Whether pixel (`col`, `row`) of the 5x7 glyph for `c` is ink; unknown characters are blank.
 pub fn ink(c: char, col: usize, row: usize) -> bool {
-    GLYPHS
-        .iter()
-        .find(|(g, _)| *g == c)
-        .is_some_and(|(_, rows)| col < 5 && row < 7 && rows[row] & (0x10 >> col) != 0)
+    GLYPHS.iter().find(|(g, _)| *g == c).is_some_and(|(_, rows)| col < 5 && row < 7 && rows[row] & (0x10 >> col) != 0)
 }
 
 /// The characters the font can draw.

@@ -2,8 +2,8 @@
 
 pub mod decode;
 pub mod font;
+pub mod pipeline;
 pub mod rng;
 pub mod skips;
 pub mod source;
 pub mod synthetic;
-pub mod pipeline;

@@ -92,7 +92,13 @@ pub fn epoch_order(len: usize, seed: u64, epoch: u64) -> Vec<u32> {
 
 /// Decodes item `index` and prepares it; the augmentation draws from (seed, epoch, index) only, so the
 /// result never depends on thread timing.
-pub fn load_example(source: &Source, index: usize, aug: &Augment, limits: DecodeLimits, g: &mut SplitMix64) -> Result<Example, Skip> {
+pub fn load_example(
+    source: &Source,
+    index: usize,
+    aug: &Augment,
+    limits: DecodeLimits,
+    g: &mut SplitMix64,
+) -> Result<Example, Skip> {
     match &source.items[index] {
         Item::Synthetic(i) => {
             let world = source.world.as_ref().expect("a synthetic source has a world");
@@ -187,7 +193,12 @@ pub fn spawn_loader(source: Arc<Source>, cfg: LoaderConfig, start: Position) -> 
 }
 
 /// Decodes `(position in order, item index)` pairs on `cfg.workers` threads, results in input order.
-fn decode_parallel(source: &Source, indices: &[(u64, usize)], epoch: u64, cfg: &LoaderConfig) -> Vec<(Result<Example, Skip>, u64)> {
+fn decode_parallel(
+    source: &Source,
+    indices: &[(u64, usize)],
+    epoch: u64,
+    cfg: &LoaderConfig,
+) -> Vec<(Result<Example, Skip>, u64)> {
     let workers = cfg.workers.clamp(1, indices.len().max(1));
     let mut results: Vec<Option<(Result<Example, Skip>, u64)>> = (0..indices.len()).map(|_| None).collect();
     std::thread::scope(|scope| {

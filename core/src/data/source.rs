@@ -40,14 +40,22 @@ impl Spec {
         if let Some(rest) = spec.strip_prefix("synthetic:") {
             let mut parts = rest.split(':');
             let n = parts.next().and_then(|n| n.parse::<u64>().ok()).filter(|&n| n > 0);
-            let seed = parts.next().map(|s| s.parse::<u64>()).transpose().map_err(|_| bad("the seed must be an integer"))?;
-            return match (n, parts.next()) {
-                (Some(n), None) => Ok(Spec::Synthetic { n, seed: seed.unwrap_or(0), split: Split::Train }),
-                _ => Err(bad("expected synthetic:N or synthetic:N:SEED with N > 0")),
+            let seed =
+                parts.next().map(|s| s.parse::<u64>()).transpose().map_err(|_| bad("the seed must be an integer"))?;
+            let split = match parts.next() {
+                None | Some("train") => Some(Split::Train),
+                Some("heldout") => Some(Split::Heldout),
+                Some(_) => None,
+            };
+            return match (n, split, parts.next()) {
+                (Some(n), Some(split), None) => Ok(Spec::Synthetic { n, seed: seed.unwrap_or(0), split }),
+                _ => Err(bad("expected synthetic:N[:SEED[:train|heldout]] with N > 0")),
             };
         }
         if spec.ends_with(".tar") {
-            return Ok(Spec::Shards(expand_braces(spec).map_err(|r| bad(&r))?.into_iter().map(PathBuf::from).collect()));
+            return Ok(Spec::Shards(
+                expand_braces(spec).map_err(|r| bad(&r))?.into_iter().map(PathBuf::from).collect(),
+            ));
         }
         let path = PathBuf::from(spec);
         match path.extension().and_then(|e| e.to_str()).map(str::to_lowercase).as_deref() {
@@ -64,7 +72,10 @@ pub fn expand_braces(pattern: &str) -> Result<Vec<String>, String> {
     let Some(open) = pattern.find('{') else { return Ok(vec![pattern.to_string()]) };
     let close = pattern[open..].find('}').map(|c| open + c).ok_or("unclosed '{'")?;
     let (a, b) = pattern[open + 1..close].split_once("..").ok_or("expected {A..B}")?;
-    let (lo, hi) = (a.parse::<u64>().map_err(|_| "range bounds must be integers")?, b.parse::<u64>().map_err(|_| "range bounds must be integers")?);
+    let (lo, hi) = (
+        a.parse::<u64>().map_err(|_| "range bounds must be integers")?,
+        b.parse::<u64>().map_err(|_| "range bounds must be integers")?,
+    );
     if lo > hi || hi - lo > 1_000_000 {
         return Err(format!("bad range {{{a}..{b}}}"));
     }
@@ -113,9 +124,12 @@ impl Source {
     pub fn open(spec: &Spec) -> Result<Self, DataError> {
         let mut skips = SkipCounts::default();
         let (name, items, shards, world) = match spec {
-            Spec::Synthetic { n, seed, split } => {
-                (format!("synthetic:{n}:{seed}"), (0..*n).map(Item::Synthetic).collect(), vec![], Some(World::new(*seed, *split)))
-            }
+            Spec::Synthetic { n, seed, split } => (
+                format!("synthetic:{n}:{seed}{}", if *split == Split::Heldout { ":heldout" } else { "" }),
+                (0..*n).map(Item::Synthetic).collect(),
+                vec![],
+                Some(World::new(*seed, *split)),
+            ),
             Spec::Folder(dir) => (dir.display().to_string(), index_folder(dir, &mut skips)?, vec![], None),
             Spec::Table(path) => (path.display().to_string(), index_table(path, &mut skips)?, vec![], None),
             Spec::Shards(paths) => {
@@ -191,7 +205,8 @@ fn is_image(path: &Path) -> bool {
 
 fn index_folder(dir: &Path, skips: &mut SkipCounts) -> Result<Vec<Item>, DataError> {
     let err = |e: std::io::Error| DataError::Source { path: dir.display().to_string(), reason: e.to_string() };
-    let mut images: Vec<PathBuf> = std::fs::read_dir(dir).map_err(err)?.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| is_image(p)).collect();
+    let mut images: Vec<PathBuf> =
+        std::fs::read_dir(dir).map_err(err)?.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| is_image(p)).collect();
     images.sort();
     let mut items = Vec::new();
     for image in images {

@@ -157,8 +157,20 @@ fn background(scene: &Scene, u: f64, v: f64) -> [f64; 3] {
     let c = COLOURS[scene.background].1;
     let dark = if scene.background == 7 { 2.5 } else { 0.7 }; // black gets a lighter second tone
     let f = match PATTERNS[scene.pattern] {
-        "striped" => if ((u + v) * 8.0).floor() as i64 % 2 == 0 { 1.0 } else { dark },
-        "checkered" => if ((u * 6.0).floor() as i64 + (v * 6.0).floor() as i64) % 2 == 0 { 1.0 } else { dark },
+        "striped" => {
+            if ((u + v) * 8.0).floor() as i64 % 2 == 0 {
+                1.0
+            } else {
+                dark
+            }
+        }
+        "checkered" => {
+            if ((u * 6.0).floor() as i64 + (v * 6.0).floor() as i64) % 2 == 0 {
+                1.0
+            } else {
+                dark
+            }
+        }
         "gradient" => 1.0 + (dark - 1.0) * v,
         _ => 1.0,
     };
@@ -185,7 +197,8 @@ fn inside(shape: &str, dx: f64, dy: f64) -> bool {
 fn colour_at(scene: &Scene, u: f64, v: f64) -> [f64; 3] {
     let mut c = background(scene, u, v);
     for o in &scene.objects {
-        let (cx, cy) = ((o.cell % 3) as f64 / 3.0 + 1.0 / 6.0 + o.jitter.0, (o.cell / 3) as f64 / 3.0 + 1.0 / 6.0 + o.jitter.1);
+        let (cx, cy) =
+            ((o.cell % 3) as f64 / 3.0 + 1.0 / 6.0 + o.jitter.0, (o.cell / 3) as f64 / 3.0 + 1.0 / 6.0 + o.jitter.1);
         let r = if o.large { 0.15 } else { 0.09 };
         if inside(SHAPES[o.shape], (u - cx) / r, (v - cy) / r) {
             c = scaled(COLOURS[o.colour].1, 1.0);
@@ -253,7 +266,10 @@ mod tests {
             // The object's colour is really in the image, at its centre.
             let img = render(&scene, 96);
             let o = &scene.objects[0];
-            let (cx, cy) = ((o.cell % 3) as f64 / 3.0 + 1.0 / 6.0 + o.jitter.0, (o.cell / 3) as f64 / 3.0 + 1.0 / 6.0 + o.jitter.1);
+            let (cx, cy) = (
+                (o.cell % 3) as f64 / 3.0 + 1.0 / 6.0 + o.jitter.0,
+                (o.cell / 3) as f64 / 3.0 + 1.0 / 6.0 + o.jitter.1,
+            );
             if SHAPES[o.shape] != "ring" {
                 let p = img.get_pixel((cx * 96.0) as u32, (cy * 96.0) as u32).0;
                 let want = COLOURS[o.colour].1;

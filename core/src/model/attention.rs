@@ -41,7 +41,6 @@ impl AttentionMask {
     }
 }
 
-
 /// `[n, n]` row and column indices.
 fn index_grid(n: usize, device: &Device) -> (Tensor<2, Int>, Tensor<2, Int>) {
     let idx = Tensor::<1, Int>::arange(0..n as i64, device);

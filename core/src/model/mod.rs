@@ -94,7 +94,10 @@ impl Ov3 {
         Self {
             encoder: VitEncoder::new(cfg, device),
             decoder: VitDecoder::new(cfg, device),
-            image_head: ImageHead { norm: layer_norm(d, cfg.norm_eps, device), proj: projection(d, cfg.embed_dim, device) },
+            image_head: ImageHead {
+                norm: layer_norm(d, cfg.norm_eps, device),
+                proj: projection(d, cfg.embed_dim, device),
+            },
             text_encoder: TextEncoder::new(cfg, device),
             text_decoder: TextDecoder::new(cfg, device),
             logit_scale: Param::from_tensor(Tensor::from_floats([(1.0f32 / 0.07).ln()], device)),

@@ -32,7 +32,8 @@ pub fn save_tiny(model: &TinyAutoencoder, cfg: &TinyConfig, path: &Path, note: &
         .into_iter()
         .map(|(p, shape, v)| (original_key(&p, cfg).unwrap_or_else(|| panic!("no checkpoint key for {p}")), shape, v))
         .collect();
-    let refs: Vec<(&str, Vec<usize>, Vec<f32>)> = tensors.iter().map(|(k, s, v)| (k.as_str(), s.clone(), v.clone())).collect();
+    let refs: Vec<(&str, Vec<usize>, Vec<f32>)> =
+        tensors.iter().map(|(k, s, v)| (k.as_str(), s.clone(), v.clone())).collect();
     let metadata = HashMap::from([(EMBEDDED_MARK.to_string(), note.to_string())]);
     save_f32_with_metadata(path, &refs, Some(metadata))
 }

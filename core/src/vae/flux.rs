@@ -5,8 +5,8 @@
 use burn::module::Module;
 use burn::nn::GroupNorm;
 use burn::nn::conv::Conv2d;
-use burn::tensor::activation::softmax;
 use burn::tensor::Tensor;
+use burn::tensor::activation::softmax;
 
 use super::layers::{Loader, swish, upsample_nearest_2x};
 use crate::weights::{Weights, WeightsError};
@@ -30,7 +30,8 @@ impl FluxAeConfig {
         let conv_in = w.shape("encoder.conv_in.weight")?;
         let (ch, in_channels) = (conv_in[0], conv_in[1]);
         let levels = (0..).take_while(|i| w.contains(&format!("encoder.down.{i}.block.0.conv1.weight"))).count();
-        let num_res_blocks = (0..).take_while(|j| w.contains(&format!("encoder.down.0.block.{j}.conv1.weight"))).count();
+        let num_res_blocks =
+            (0..).take_while(|j| w.contains(&format!("encoder.down.0.block.{j}.conv1.weight"))).count();
         if levels == 0 || num_res_blocks == 0 {
             return Err(w.invalid("no encoder.down.{i}.block.{j} resnet blocks found"));
         }
@@ -63,7 +64,11 @@ impl ResnetBlock {
             conv1: l.conv3(&format!("{key}.conv1"), c_in, c_out)?,
             norm2: l.group_norm(&format!("{key}.norm2"), c_out)?,
             conv2: l.conv3(&format!("{key}.conv2"), c_out, c_out)?,
-            nin_shortcut: if c_in != c_out { Some(l.conv1(&format!("{key}.nin_shortcut"), c_in, c_out)?) } else { None },
+            nin_shortcut: if c_in != c_out {
+                Some(l.conv1(&format!("{key}.nin_shortcut"), c_in, c_out)?)
+            } else {
+                None
+            },
         })
     }
 
@@ -174,7 +179,9 @@ impl Encoder {
                 c = c_out;
             }
             let downsample = if i + 1 < cfg.ch_mult.len() {
-                Some(Downsample { conv: l.conv(&format!("encoder.down.{i}.downsample.conv"), c, c, 3, 2, [0, 0, 1, 1], true)? })
+                Some(Downsample {
+                    conv: l.conv(&format!("encoder.down.{i}.downsample.conv"), c, c, 3, 2, [0, 0, 1, 1], true)?,
+                })
             } else {
                 None
             };
@@ -228,7 +235,11 @@ impl Decoder {
                 block.push(ResnetBlock::load(l, &format!("decoder.up.{i}.block.{j}"), c, c_out)?);
                 c = c_out;
             }
-            let upsample = if i > 0 { Some(Upsample { conv: l.conv3(&format!("decoder.up.{i}.upsample.conv"), c, c)? }) } else { None };
+            let upsample = if i > 0 {
+                Some(Upsample { conv: l.conv3(&format!("decoder.up.{i}.upsample.conv"), c, c)? })
+            } else {
+                None
+            };
             up.insert(0, UpLevel { block, upsample });
         }
         Ok(Self {
@@ -268,7 +279,8 @@ impl FluxAutoencoder {
     pub fn load(weights: &Weights, device: &burn::tensor::Device) -> Result<(Self, FluxAeConfig), WeightsError> {
         let cfg = FluxAeConfig::infer(weights)?;
         let l = Loader { weights, device };
-        let model = Self { encoder: Encoder::load(&l, &cfg)?, decoder: Decoder::load(&l, &cfg)?, z_channels: cfg.z_channels };
+        let model =
+            Self { encoder: Encoder::load(&l, &cfg)?, decoder: Decoder::load(&l, &cfg)?, z_channels: cfg.z_channels };
         weights.finish()?;
         Ok((model.no_grad(), cfg))
     }
@@ -294,7 +306,9 @@ pub fn diffusers_to_bfl(key: &str, levels: usize) -> String {
             let level = levels - 1 - i.parse::<usize>().unwrap_or(0);
             format!("{side}.up.{level}.upsample.{}", rest(5))
         }
-        [side, "mid_block", "resnets", j, ..] => format!("{side}.mid.block_{}.{}", if *j == "0" { 1 } else { 2 }, rest(4)),
+        [side, "mid_block", "resnets", j, ..] => {
+            format!("{side}.mid.block_{}.{}", if *j == "0" { 1 } else { 2 }, rest(4))
+        }
         [side, "mid_block", "attentions", "0", "group_norm", ..] => format!("{side}.mid.attn_1.norm.{}", rest(5)),
         [side, "mid_block", "attentions", "0", "to_out", "0", ..] => format!("{side}.mid.attn_1.proj_out.{}", rest(6)),
         [side, "mid_block", "attentions", "0", proj, ..] if proj.starts_with("to_") => {

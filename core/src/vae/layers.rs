@@ -29,7 +29,11 @@ impl Loader<'_> {
         bias: bool,
     ) -> Result<Conv2d, WeightsError> {
         let weight = self.weights.tensor(&format!("{key}.weight"), [c_out, c_in, k, k], self.device)?;
-        let bias = if bias { Some(Param::from_tensor(self.weights.tensor(&format!("{key}.bias"), [c_out], self.device)?)) } else { None };
+        let bias = if bias {
+            Some(Param::from_tensor(self.weights.tensor(&format!("{key}.bias"), [c_out], self.device)?))
+        } else {
+            None
+        };
         let [t, l, b, r] = padding;
         Ok(Conv2d {
             weight: Param::from_tensor(weight),

@@ -8,6 +8,7 @@ pub mod taef1;
 
 use std::path::Path;
 
+use burn::module::Module;
 use burn::tensor::{Device, Tensor};
 
 use crate::autoencoder::LatentDecoder;
@@ -73,6 +74,7 @@ impl Vae {
                     weights
                 };
                 let (model, cfg) = FluxAutoencoder::load(&weights, device)?;
+                let model = model.no_grad(); // frozen: gradients pass through, never into it
                 if cfg.z_channels != 16 || cfg.downsample() != 8 {
                     return Err(weights.invalid(format!(
                         "a {}-channel, {}x autoencoder; the tokenizer needs 16 channels at 8x",
@@ -85,10 +87,20 @@ impl Vae {
             Layout::Tiny(tiny) => {
                 let embedded = weights.metadata(EMBEDDED_MARK).is_some();
                 let (model, cfg) = TinyAutoencoder::load(&weights, tiny, device)?;
+                let model = model.no_grad();
                 let latent_offset = if embedded { 0.0 } else { FLUX_SHIFT_FACTOR * FLUX_SCALING_FACTOR };
                 Ok(Self { arch: Architecture::Tiny(model, cfg), layout, source, latent_offset })
             }
         }
+    }
+
+    /// A copy on the plain (non-autodiff) device, for evaluation next to training.
+    pub fn valid(&self) -> Self {
+        let arch = match &self.arch {
+            Architecture::Flux(m, c) => Architecture::Flux(m.valid(), c.clone()),
+            Architecture::Tiny(m, c) => Architecture::Tiny(m.valid(), c.clone()),
+        };
+        Self { arch, layout: self.layout, source: self.source.clone(), latent_offset: self.latent_offset }
     }
 
     /// Images `[B, 3, H, W]` in [-1, 1] -> the unscaled posterior mean `[B, 16, H/8, W/8]` (what
@@ -101,7 +113,9 @@ impl Vae {
     pub fn encode(&self, images: Tensor<4>) -> Tensor<4> {
         match &self.arch {
             Architecture::Flux(ae, _) => ae.posterior_mean(images).mul_scalar(FLUX_SCALING_FACTOR),
-            Architecture::Tiny(ae, _) => ae.encoder.forward(images.add_scalar(1.0).div_scalar(2.0)).add_scalar(self.latent_offset),
+            Architecture::Tiny(ae, _) => {
+                ae.encoder.forward(images.add_scalar(1.0).div_scalar(2.0)).add_scalar(self.latent_offset)
+            }
         }
     }
 
@@ -115,7 +129,9 @@ impl LatentDecoder for Vae {
     fn decode(&self, latents: Tensor<4>) -> Tensor<4> {
         match &self.arch {
             Architecture::Flux(ae, _) => ae.decoder.forward(latents.div_scalar(FLUX_SCALING_FACTOR)),
-            Architecture::Tiny(ae, _) => ae.decoder.forward(latents.sub_scalar(self.latent_offset)).mul_scalar(2.0).sub_scalar(1.0),
+            Architecture::Tiny(ae, _) => {
+                ae.decoder.forward(latents.sub_scalar(self.latent_offset)).mul_scalar(2.0).sub_scalar(1.0)
+            }
         }
     }
 }
@@ -153,9 +169,7 @@ fn detect_layout(w: &Weights) -> Result<Layout, WeightsError> {
         Ok(Layout::Tiny(TinyLayout::Original))
     } else {
         let sample: Vec<&str> = w.keys().take(3).collect();
-        Err(w.unknown_layout(format!(
-            "neither FLUX (BFL or diffusers) nor TAEF1 key names; first keys: {sample:?}"
-        )))
+        Err(w.unknown_layout(format!("neither FLUX (BFL or diffusers) nor TAEF1 key names; first keys: {sample:?}")))
     }
 }
 

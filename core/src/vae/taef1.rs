@@ -34,7 +34,11 @@ impl TinyBlock {
             conv_0: l.conv3(&format!("{key}.conv.0"), c_in, c_out)?,
             conv_2: l.conv3(&format!("{key}.conv.2"), c_out, c_out)?,
             conv_4: l.conv3(&format!("{key}.conv.4"), c_out, c_out)?,
-            skip: if c_in != c_out { Some(l.conv(&format!("{key}.skip"), c_in, c_out, 1, 1, [0; 4], false)?) } else { None },
+            skip: if c_in != c_out {
+                Some(l.conv(&format!("{key}.skip"), c_in, c_out, 1, 1, [0; 4], false)?)
+            } else {
+                None
+            },
         })
     }
 
@@ -220,19 +224,36 @@ impl TinyAutoencoder {
                 .init(device)
         };
         let c = cfg.width;
-        let block = || TinyBlock { conv_0: conv(c, c, 3, 1, true), conv_2: conv(c, c, 3, 1, true), conv_4: conv(c, c, 3, 1, true), skip: None };
+        let block = || TinyBlock {
+            conv_0: conv(c, c, 3, 1, true),
+            conv_2: conv(c, c, 3, 1, true),
+            conv_4: conv(c, c, 3, 1, true),
+            skip: None,
+        };
         let encoder = TinyEncoder {
             conv_in: conv(3, c, 3, 1, true),
-            stages: cfg.encoder_blocks.iter().enumerate()
-                .map(|(s, &n)| TinyStage { resample: (s > 0).then(|| conv(c, c, 3, 2, false)), blocks: (0..n).map(|_| block()).collect() })
+            stages: cfg
+                .encoder_blocks
+                .iter()
+                .enumerate()
+                .map(|(s, &n)| TinyStage {
+                    resample: (s > 0).then(|| conv(c, c, 3, 2, false)),
+                    blocks: (0..n).map(|_| block()).collect(),
+                })
                 .collect(),
             conv_out: conv(c, cfg.latent_channels, 3, 1, true),
         };
         let last = cfg.decoder_blocks.len() - 1;
         let decoder = TinyDecoder {
             conv_in: conv(cfg.latent_channels, c, 3, 1, true),
-            stages: cfg.decoder_blocks.iter().enumerate()
-                .map(|(s, &n)| TinyStage { resample: (s < last).then(|| conv(c, c, 3, 1, false)), blocks: (0..n).map(|_| block()).collect() })
+            stages: cfg
+                .decoder_blocks
+                .iter()
+                .enumerate()
+                .map(|(s, &n)| TinyStage {
+                    resample: (s < last).then(|| conv(c, c, 3, 1, false)),
+                    blocks: (0..n).map(|_| block()).collect(),
+                })
                 .collect(),
             conv_out: conv(c, 3, 3, 1, true),
         };

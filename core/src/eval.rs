@@ -1,0 +1,320 @@
+//! Held-out evaluation of a model (SPEC §6 `ov3 eval`): reconstruction (PSNR, SSIM; the VAE alone as the
+//! ceiling), retrieval recall@1/@5 both ways, zero-shot accuracy where labels exist, caption loss and a
+//! few greedy captions. The trainer runs the same code periodically.
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+
+use crate::autoencoder::LatentDecoder;
+use image::RgbImage;
+use serde::{Deserialize, Serialize};
+
+use crate::config::ModelConfig;
+use crate::data::decode::DecodeLimits;
+use crate::data::pipeline::{Augment, load_example};
+use crate::data::rng::SplitMix64;
+use crate::data::skips::SkipCounts;
+use crate::data::source::{DataError, Source, Spec};
+use crate::data::synthetic::{SHAPES, zero_shot_prompt};
+use crate::image_io::{from_chw, to_tensor};
+use crate::losses;
+use crate::metrics::{psnr, ssim};
+use crate::model::Ov3;
+use crate::random_batch::captions_to_tokens;
+use crate::tokenizer;
+use crate::vae::Vae;
+
+/// Center-cropped examples of a data source at one resolution.
+pub struct EvalSet {
+    pub name: String,
+    pub resolution: u32,
+    pub images: Vec<RgbImage>,
+    pub captions: Vec<String>,
+    /// Zero-shot classes (the embedded world's shapes); `None` for unlabelled data.
+    pub labels: Vec<Option<usize>>,
+    pub skips: SkipCounts,
+}
+
+impl EvalSet {
+    /// The first `limit` usable items of `spec`, in order.
+    pub fn load(spec: &str, resolution: u32, limit: usize) -> Result<Self, DataError> {
+        let source = Source::open(&Spec::parse(spec)?)?;
+        let aug = Augment::eval(resolution);
+        let mut set = Self {
+            name: source.name.clone(),
+            resolution,
+            images: vec![],
+            captions: vec![],
+            labels: vec![],
+            skips: source.index_skips.clone(),
+        };
+        for index in 0..source.len() {
+            if set.images.len() == limit {
+                break;
+            }
+            match load_example(&source, index, &aug, DecodeLimits::default(), &mut SplitMix64::new(0, index as u64)) {
+                Ok(e) => {
+                    set.images.push(e.image);
+                    set.captions.push(e.caption);
+                    set.labels.push(e.label);
+                }
+                Err(skip) => set.skips.add(skip),
+            }
+        }
+        if set.images.len() < 2 {
+            return Err(DataError::Empty { source_name: source.name, skips: set.skips.summary() });
+        }
+        Ok(set)
+    }
+
+    pub fn len(&self) -> usize {
+        self.images.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.images.is_empty()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CaptionSample {
+    pub reference: String,
+    pub generated: String,
+}
+
+/// Everything `ov3 eval` reports.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalReport {
+    pub data: String,
+    pub n: usize,
+    pub resolution: u32,
+    /// ov3 at noise 0 through the VAE decoder vs the input.
+    pub psnr: f64,
+    pub ssim: f64,
+    /// The frozen VAE alone (encode -> decode): the ceiling of ov3's reconstruction.
+    pub psnr_vae: f64,
+    pub ssim_vae: f64,
+    pub i2t_recall_at_1: f64,
+    pub i2t_recall_at_5: f64,
+    pub t2i_recall_at_1: f64,
+    pub t2i_recall_at_5: f64,
+    /// Recall@1 of a random ranking: 1 / n.
+    pub chance_recall_at_1: f64,
+    pub zero_shot_accuracy: Option<f64>,
+    pub zero_shot_chance: Option<f64>,
+    /// Mean caption cross-entropy per token (nats).
+    pub caption_loss: f64,
+    pub captions: Vec<CaptionSample>,
+}
+
+/// Per-image outputs of one evaluation pass, before they are reduced to numbers.
+pub struct Outputs {
+    pub reconstructions: Vec<RgbImage>,
+    pub vae_only: Vec<RgbImage>,
+}
+
+/// Evaluates `model` (use a non-autodiff copy: `model.valid()`) on `set` in chunks of `batch`, returning
+/// the report and the reconstructions. `captions` greedy captions are generated.
+pub fn evaluate(
+    model: &Ov3,
+    cfg: &ModelConfig,
+    vae: &Vae,
+    set: &EvalSet,
+    batch: usize,
+    captions: usize,
+    device: &Device,
+) -> (EvalReport, Outputs) {
+    let n = set.len();
+    let mut out = Outputs { reconstructions: vec![], vae_only: vec![] };
+    let (mut image_emb, mut psnrs, mut psnrs_vae) = (vec![], vec![], vec![]);
+    let (mut caption_nll, mut caption_count) = (0.0, 0.0);
+    let mut samples = vec![];
+    for start in (0..n).step_by(batch.max(1)) {
+        let end = (start + batch).min(n);
+        let images = Tensor::cat(set.images[start..end].iter().map(|i| to_tensor(i, device)).collect(), 0);
+        let latents = vae.encode(images.clone());
+        let z_u = model.encode(latents.clone());
+        let [_, _, h, w] = latents.dims();
+        let patch = model.decoder.patch;
+        let rec = vae.decode(model.decode(z_u.clone(), (h / patch, w / patch))).clamp(-1.0, 1.0);
+        let vae_only = vae.decode(latents).clamp(-1.0, 1.0);
+        psnrs.extend(psnr(images.clone(), rec.clone()));
+        psnrs_vae.extend(psnr(images, vae_only.clone()));
+        out.reconstructions.extend(split_images(&rec));
+        out.vae_only.extend(split_images(&vae_only));
+        image_emb.extend(rows(model.image_embedding(z_u.clone())));
+
+        let tokens = captions_to_tokens(&set.captions[start..end], cfg, device);
+        let (nll, count) = caption_nll_sum(model, z_u.clone(), tokens, cfg.pad_id);
+        caption_nll += nll;
+        caption_count += count;
+        let wanted = captions.saturating_sub(samples.len()).min(end - start);
+        if wanted > 0 {
+            let generated = greedy_captions(model, z_u.narrow(0, 0, wanted), cfg);
+            for (reference, generated) in set.captions[start..start + wanted].iter().zip(generated) {
+                samples.push(CaptionSample { reference: reference.clone(), generated });
+            }
+        }
+    }
+    let text_emb = text_embeddings(model, cfg, &set.captions, batch, device);
+    let sim = similarity(&image_emb, &text_emb);
+    let (i2t1, i2t5) = (recall_at(&sim, 1), recall_at(&sim, 5));
+    let sim_t = transpose(&sim);
+    let (t2i1, t2i5) = (recall_at(&sim_t, 1), recall_at(&sim_t, 5));
+
+    let labelled: Vec<(usize, usize)> = set.labels.iter().enumerate().filter_map(|(i, l)| l.map(|l| (i, l))).collect();
+    let (zero_shot_accuracy, zero_shot_chance) = if labelled.is_empty() {
+        (None, None)
+    } else {
+        let prompts: Vec<String> = (0..SHAPES.len()).map(zero_shot_prompt).collect();
+        let class_emb = text_embeddings(model, cfg, &prompts, batch, device);
+        let images: Vec<Vec<f32>> = labelled.iter().map(|&(i, _)| image_emb[i].clone()).collect();
+        let labels: Vec<usize> = labelled.iter().map(|&(_, l)| l).collect();
+        (Some(zero_shot_accuracy(&similarity(&images, &class_emb), &labels)), Some(1.0 / SHAPES.len() as f64))
+    };
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    let ssims: Vec<f64> = set.images.iter().zip(&out.reconstructions).map(|(a, b)| ssim(a, b)).collect();
+    let ssims_vae: Vec<f64> = set.images.iter().zip(&out.vae_only).map(|(a, b)| ssim(a, b)).collect();
+    let report = EvalReport {
+        data: set.name.clone(),
+        n,
+        resolution: set.resolution,
+        psnr: mean(&psnrs),
+        ssim: mean(&ssims),
+        psnr_vae: mean(&psnrs_vae),
+        ssim_vae: mean(&ssims_vae),
+        i2t_recall_at_1: i2t1,
+        i2t_recall_at_5: i2t5,
+        t2i_recall_at_1: t2i1,
+        t2i_recall_at_5: t2i5,
+        chance_recall_at_1: 1.0 / n as f64,
+        zero_shot_accuracy,
+        zero_shot_chance,
+        caption_loss: caption_nll / caption_count.max(1.0),
+        captions: samples,
+    };
+    (report, out)
+}
+
+/// Sum of caption token negative log-likelihoods and the number of counted tokens.
+fn caption_nll_sum(model: &Ov3, z_u: Tensor<3>, tokens: Tensor<2, Int>, pad_id: usize) -> (f64, f64) {
+    let [_, t] = tokens.dims();
+    let counted =
+        tokens.clone().narrow(1, 1, t - 1).not_equal_elem(pad_id as i64).int().sum().into_scalar::<i64>() as f64;
+    let mean =
+        losses::caption_loss(model.caption_logits(z_u, tokens.clone()), tokens, pad_id).into_scalar::<f32>() as f64;
+    (mean * counted, counted)
+}
+
+/// L2-normalised text embeddings of `texts`, one row each.
+pub fn text_embeddings(
+    model: &Ov3,
+    cfg: &ModelConfig,
+    texts: &[String],
+    batch: usize,
+    device: &Device,
+) -> Vec<Vec<f32>> {
+    texts
+        .chunks(batch.max(1))
+        .flat_map(|chunk| rows(model.text_embedding(captions_to_tokens(chunk, cfg, device))))
+        .collect()
+}
+
+/// Greedy decoding from the unified tokens: start from BOS, append the most likely token until EOS or the
+/// context length.
+pub fn greedy_captions(model: &Ov3, z_u: Tensor<3>, cfg: &ModelConfig) -> Vec<String> {
+    let [b, _, _] = z_u.dims();
+    let device = z_u.device();
+    let mut ids: Vec<Vec<usize>> = vec![vec![cfg.bos_id]; b];
+    for t in 1..cfg.context_length {
+        let flat: Vec<i64> = ids.iter().flatten().map(|&i| i as i64).collect();
+        let tokens = Tensor::<2, Int>::from_data(TensorData::new(flat, [b, t]), &device);
+        let logits = model.caption_logits(z_u.clone(), tokens).narrow(1, t - 1, 1).reshape([b as i32, -1]);
+        let next = logits.argmax(1).into_data().convert::<i64>().try_to_vec::<i64>().expect("int data");
+        let mut done = true;
+        for (seq, &n) in ids.iter_mut().zip(&next) {
+            let finished = seq.last().is_some_and(|&l| l == cfg.eos_id);
+            seq.push(if finished { cfg.eos_id } else { n as usize });
+            done &= finished || n as usize == cfg.eos_id;
+        }
+        if done {
+            break;
+        }
+    }
+    ids.iter().map(|seq| tokenizer::decode(seq)).collect()
+}
+
+/// Rows of a `[N, E]` tensor, L2-normalised.
+fn rows(x: Tensor<2>) -> Vec<Vec<f32>> {
+    let [_, e] = x.dims();
+    let values = x.into_data().convert::<f32>().try_to_vec::<f32>().expect("f32 data");
+    values
+        .chunks(e)
+        .map(|r| {
+            let norm = r.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
+            r.iter().map(|v| v / norm).collect()
+        })
+        .collect()
+}
+
+fn split_images(x: &Tensor<4>) -> Vec<RgbImage> {
+    let [_, c, h, w] = x.dims();
+    let values = x.clone().into_data().convert::<f32>().try_to_vec::<f32>().expect("f32 data");
+    values.chunks(c * h * w).map(|v| from_chw(v, h, w)).collect()
+}
+
+/// Cosine similarities `queries x keys` (rows are already normalised).
+pub fn similarity(queries: &[Vec<f32>], keys: &[Vec<f32>]) -> Vec<Vec<f32>> {
+    queries.iter().map(|q| keys.iter().map(|k| q.iter().zip(k).map(|(a, b)| a * b).sum()).collect()).collect()
+}
+
+fn transpose(m: &[Vec<f32>]) -> Vec<Vec<f32>> {
+    let cols = m.first().map_or(0, Vec::len);
+    (0..cols).map(|j| m.iter().map(|row| row[j]).collect()).collect()
+}
+
+/// Fraction of queries `i` whose match `i` is among the `k` most similar keys. Ties count against the
+/// query (a key scoring equal to the match ranks above it), so a constant model scores 0, not 1.
+pub fn recall_at(sim: &[Vec<f32>], k: usize) -> f64 {
+    let hits = sim
+        .iter()
+        .enumerate()
+        .filter(|(i, row)| {
+            let own = row[*i];
+            row.iter().enumerate().filter(|(j, s)| *j != *i && **s >= own).count() < k
+        })
+        .count();
+    hits as f64 / sim.len().max(1) as f64
+}
+
+/// Fraction of images whose most similar class prompt is their label (ties go to the lowest class).
+pub fn zero_shot_accuracy(sim: &[Vec<f32>], labels: &[usize]) -> f64 {
+    let correct = sim
+        .iter()
+        .zip(labels)
+        .filter(|(row, label)| {
+            let best = row.iter().enumerate().fold(0, |best, (j, s)| if *s > row[best] { j } else { best });
+            best == **label
+        })
+        .count();
+    correct as f64 / labels.len().max(1) as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recall_counts_ranks_and_penalises_ties() {
+        let sim = vec![vec![0.9, 0.1, 0.2], vec![0.8, 0.5, 0.1], vec![0.3, 0.3, 0.3]];
+        // query 0 ranks first; query 1 second (0.8 beats it); query 2 ties with two others: third.
+        assert!((recall_at(&sim, 1) - 1.0 / 3.0).abs() < 1e-12);
+        assert!((recall_at(&sim, 2) - 2.0 / 3.0).abs() < 1e-12);
+        assert!((recall_at(&sim, 3) - 1.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn zero_shot_picks_the_most_similar_class() {
+        let sim = vec![vec![0.1, 0.7, 0.2], vec![0.5, 0.1, 0.2], vec![0.1, 0.2, 0.3]];
+        assert!((zero_shot_accuracy(&sim, &[1, 0, 0]) - 2.0 / 3.0).abs() < 1e-12);
+    }
+}

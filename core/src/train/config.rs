@@ -1,0 +1,287 @@
+//! The training recipe as a TOML file (SPEC §4, §6): model, data, optimiser and a list of stages, each with
+//! its own resolution, length, batch, learning rate and loss weights. Unknown keys are errors, so a typo
+//! never trains silently with a default.
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{ModelConfig, Objective, Preset};
+use crate::model::LossWeights;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    pub preset: Preset,
+    /// Noise bound of eq. 3 (SPEC §2; not published, so a knob).
+    #[serde(default = "default_tau")]
+    pub tau: f64,
+    #[serde(default = "default_objective")]
+    pub objective: Objective,
+    pub seed: u64,
+    /// Training data (SPEC §6 data spec); `synthetic:N` is the embedded world.
+    pub data: String,
+    /// Held-out evaluation data.
+    pub eval_data: String,
+    /// Images of `eval_data` used by the periodic evaluation (all of them at the end of the run).
+    #[serde(default = "default_eval_size")]
+    pub eval_size: usize,
+    /// The frozen VAE: a FLUX.1 / TAEF1 file or folder; absent = the embedded autoencoder.
+    #[serde(default)]
+    pub vae: Option<String>,
+    #[serde(default = "default_weight_decay")]
+    pub weight_decay: f64,
+    #[serde(default = "default_clip")]
+    pub grad_clip: f64,
+    /// Decoder threads of the data pipeline.
+    #[serde(default = "default_workers")]
+    pub workers: usize,
+    #[serde(default = "default_log_every")]
+    pub log_every: u64,
+    /// Held-out evaluation and a reconstruction grid every this many steps (0 = only at the end).
+    #[serde(default = "default_eval_every")]
+    pub eval_every: u64,
+    #[serde(default = "default_checkpoint_every")]
+    pub checkpoint_every: u64,
+    /// Checkpoints kept on disk (the newest ones).
+    #[serde(default = "default_keep")]
+    pub keep_checkpoints: usize,
+    pub stages: Vec<StageConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StageConfig {
+    pub name: String,
+    /// Image side in pixels (a multiple of 16).
+    pub resolution: u32,
+    /// Optimiser steps in this stage.
+    pub steps: u64,
+    /// Images per micro-batch.
+    pub batch: usize,
+    /// Micro-batches per optimiser step. The contrastive logits span one micro-batch, not the effective batch.
+    #[serde(default = "one")]
+    pub accumulate: usize,
+    /// Peak learning rate for an effective batch of 256; the stage uses `lr * batch * accumulate / 256`.
+    pub lr: f64,
+    pub warmup: u64,
+    /// The cosine decays to `lr * min_lr_ratio` at the end of the stage.
+    #[serde(default = "default_min_lr_ratio")]
+    pub min_lr_ratio: f64,
+    #[serde(default = "default_w_rec")]
+    pub w_rec: f64,
+    #[serde(default = "one_f")]
+    pub w_und: f64,
+    #[serde(default = "default_beta")]
+    pub beta: f64,
+    #[serde(default = "one_f")]
+    pub alpha: f64,
+    /// LPIPS weight; needs LPIPS weights (without them it must be 0).
+    #[serde(default)]
+    pub lambda: f64,
+    /// The pixel L1 of eq. 4 back-propagates through the frozen VAE decoder, the most expensive part of a
+    /// step on a CPU; off, L_rec keeps its latent term only.
+    #[serde(default = "yes")]
+    pub pixel_loss: bool,
+    /// Random-resized-crop (else center crop) for stored images; the embedded world renders at resolution.
+    #[serde(default = "yes")]
+    pub random_crop: bool,
+    #[serde(default)]
+    pub hflip: bool,
+}
+
+impl StageConfig {
+    pub fn effective_batch(&self) -> usize {
+        self.batch * self.accumulate
+    }
+
+    /// Peak learning rate after the batch/256 scaling of SPEC §4.
+    pub fn peak_lr(&self) -> f64 {
+        self.lr * self.effective_batch() as f64 / 256.0
+    }
+
+    pub fn loss_weights(&self, objective: Objective) -> LossWeights {
+        LossWeights {
+            objective,
+            w_rec: self.w_rec,
+            w_und: self.w_und,
+            beta: self.beta,
+            alpha: self.alpha,
+            lambda: self.lambda,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// The README's main job: the tiny preset on the embedded world, sized to finish in about 15 minutes on a
+    /// 2-core CPU. Two stages at 10:1 like the paper's recipe, 64 then 128 px (a quarter of the paper's
+    /// pixels, so the CPU can afford it).
+    pub fn quick() -> Self {
+        let stage = |name: &str, resolution, steps, batch, warmup| StageConfig {
+            name: name.into(),
+            resolution,
+            steps,
+            batch,
+            accumulate: 1,
+            lr: 0.032,
+            warmup,
+            min_lr_ratio: 0.1,
+            w_rec: default_w_rec(),
+            w_und: 1.0,
+            beta: default_beta(),
+            alpha: 1.0,
+            lambda: 0.0,
+            pixel_loss: false,
+            random_crop: true,
+            hflip: false,
+        };
+        Self {
+            preset: Preset::Tiny,
+            tau: default_tau(),
+            objective: Objective::Full,
+            seed: 0,
+            data: "synthetic:50000".into(),
+            eval_data: "synthetic:256:0:heldout".into(),
+            eval_size: 128,
+            vae: None,
+            weight_decay: default_weight_decay(),
+            grad_clip: default_clip(),
+            workers: default_workers(),
+            log_every: default_log_every(),
+            eval_every: default_eval_every(),
+            checkpoint_every: default_checkpoint_every(),
+            keep_checkpoints: default_keep(),
+            stages: vec![stage("low-res", 64, 1000, 32, 100), stage("high-res", 128, 100, 32, 10)],
+        }
+    }
+
+    /// The paper's recipe for a preset: 128 px with lambda 0, then 256 px with lambda 0.5, 10:1.
+    pub fn paper(preset: Preset) -> Self {
+        let mut cfg = Self::quick();
+        cfg.preset = preset;
+        cfg.data = "synthetic:1000000".into();
+        cfg.eval_size = 256;
+        for (stage, (res, steps, lambda)) in cfg.stages.iter_mut().zip([(128, 100_000, 0.0), (256, 10_000, 0.5)]) {
+            stage.resolution = res;
+            stage.steps = steps;
+            stage.batch = 256;
+            stage.lr = 1e-3;
+            stage.warmup = steps / 20;
+            stage.lambda = lambda;
+            stage.pixel_loss = true;
+        }
+        cfg
+    }
+
+    pub fn from_toml(text: &str) -> Result<Self, String> {
+        let cfg: Self = toml::from_str(text).map_err(|e| e.to_string())?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("a train config always serialises")
+    }
+
+    pub fn model_config(&self) -> ModelConfig {
+        let mut m = self.preset.config();
+        m.tau = self.tau;
+        m
+    }
+
+    pub fn total_steps(&self) -> u64 {
+        self.stages.iter().map(|s| s.steps).sum()
+    }
+
+    /// The stage holding global step `step` and the step within it (the last stage past the end).
+    pub fn stage_at(&self, step: u64) -> (usize, u64) {
+        let mut start = 0;
+        for (i, s) in self.stages.iter().enumerate() {
+            if step < start + s.steps {
+                return (i, step - start);
+            }
+            start += s.steps;
+        }
+        let last = self.stages.len() - 1;
+        (last, self.stages[last].steps)
+    }
+
+    /// Every check that can fail before a run starts, each with the field named.
+    pub fn validate(&self) -> Result<(), String> {
+        self.model_config().validate()?;
+        if self.stages.is_empty() {
+            return Err("at least one [[stages]] entry is needed".into());
+        }
+        if self.keep_checkpoints == 0 || self.workers == 0 || self.log_every == 0 || self.checkpoint_every == 0 {
+            return Err("keep_checkpoints, workers, log_every and checkpoint_every must be positive".into());
+        }
+        if !(self.grad_clip > 0.0) || !(self.weight_decay >= 0.0) || self.eval_size < 2 {
+            return Err("grad_clip > 0, weight_decay >= 0 and eval_size >= 2 are required".into());
+        }
+        for s in &self.stages {
+            let name = &s.name;
+            if s.resolution < 16 || s.resolution % 16 != 0 {
+                return Err(format!("stage `{name}`: resolution {} is not a positive multiple of 16", s.resolution));
+            }
+            if s.steps == 0 || s.batch < 2 || s.accumulate == 0 {
+                return Err(format!(
+                    "stage `{name}`: steps > 0, batch >= 2 (contrastive negatives) and accumulate > 0"
+                ));
+            }
+            if !(s.lr > 0.0 && s.lr.is_finite()) || !(0.0..=1.0).contains(&s.min_lr_ratio) || s.warmup > s.steps {
+                return Err(format!("stage `{name}`: lr > 0, min_lr_ratio in [0, 1] and warmup <= steps are required"));
+            }
+            if [s.w_rec, s.w_und, s.beta, s.alpha, s.lambda].iter().any(|w| !(w.is_finite() && *w >= 0.0)) {
+                return Err(format!("stage `{name}`: loss weights must be finite and >= 0"));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn default_tau() -> f64 {
+    0.5
+}
+fn default_objective() -> Objective {
+    Objective::Full
+}
+fn default_eval_size() -> usize {
+    256
+}
+fn default_weight_decay() -> f64 {
+    0.2
+}
+fn default_clip() -> f64 {
+    1.0
+}
+fn default_workers() -> usize {
+    2
+}
+fn default_log_every() -> u64 {
+    10
+}
+fn default_eval_every() -> u64 {
+    250
+}
+fn default_checkpoint_every() -> u64 {
+    100
+}
+fn default_keep() -> usize {
+    3
+}
+fn one() -> usize {
+    1
+}
+fn one_f() -> f64 {
+    1.0
+}
+fn yes() -> bool {
+    true
+}
+fn default_min_lr_ratio() -> f64 {
+    0.1
+}
+fn default_w_rec() -> f64 {
+    0.5
+}
+fn default_beta() -> f64 {
+    0.4
+}

@@ -1,0 +1,402 @@
+//! The training loop. One function, [`train`], top to bottom: prepare the run folder (or resume it), then
+//! for every stage stream batches, step, log, evaluate and checkpoint.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use burn::module::Module;
+use burn::optim::{GradientsAccumulator, GradientsParams, ModuleOptimizer};
+use burn::tensor::{Device, Tensor, TensorData};
+
+use super::checkpoint::{self, CheckpointError, TrainState};
+use super::config::{StageConfig, TrainConfig};
+use super::log::{MetricsLog, Record, StepRecord};
+use super::schedule::learning_rate;
+use crate::config::ModelConfig;
+use crate::data::decode::DecodeLimits;
+use crate::data::pipeline::{Augment, HostBatch, LoaderConfig, Position, spawn_loader};
+use crate::data::skips::SkipCounts;
+use crate::data::source::{DataError, Source, Spec};
+use crate::eval::{EvalReport, EvalSet, evaluate};
+use crate::image_io::{grid, save_png};
+use crate::model::{Batch, Frozen, LossOutput, Ov3};
+use crate::optim::{adamw, clip_grad_norm};
+use crate::random_batch::captions_to_tokens;
+use crate::vae::Vae;
+
+pub const CONFIG_FILE: &str = "config.toml";
+pub const REPORT_FILE: &str = "eval.json";
+/// Examples shown in a reconstruction grid.
+const GRID_ROWS: usize = 8;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error("{0}")]
+    Refused(String),
+    #[error(transparent)]
+    Data(#[from] DataError),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error(transparent)]
+    Weights(#[from] crate::weights::WeightsError),
+    #[error("{path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error(
+        "step {step}: the {term} loss is {value}; the run stopped before the optimiser used it \
+         (the last checkpoint is intact; lower the learning rate or check the data)"
+    )]
+    NonFinite { step: u64, term: &'static str, value: f64 },
+}
+
+fn io_err(path: &Path) -> impl Fn(std::io::Error) -> TrainError + '_ {
+    move |source| TrainError::Io { path: path.display().to_string(), source }
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Finished {
+        step: u64,
+        report: Box<EvalReport>,
+    },
+    /// Stopped on request (Ctrl-C); a checkpoint at `step` holds everything to resume.
+    Interrupted {
+        step: u64,
+        checkpoint: PathBuf,
+    },
+}
+
+/// What the trainer reports while it runs (the CLI draws a progress bar from it).
+pub trait Observer {
+    fn started(&mut self, total_steps: u64, at_step: u64);
+    fn stage(&mut self, index: usize, stage: &StageConfig);
+    fn step(&mut self, record: &StepRecord);
+    fn evaluated(&mut self, step: u64, report: &EvalReport);
+    fn note(&mut self, message: &str);
+}
+
+/// Trains into `run` with `cfg` on `device` (an autodiff device). `resume` continues the latest checkpoint
+/// of `run` (with the config saved there; a different `cfg` is refused). `stop` is polled every step.
+pub fn train(
+    run: &Path,
+    cfg: &TrainConfig,
+    resume: bool,
+    device: &Device,
+    stop: &AtomicBool,
+    observer: &mut dyn Observer,
+) -> Result<Outcome, TrainError> {
+    cfg.validate().map_err(TrainError::Refused)?;
+    let model_cfg = cfg.model_config();
+    let (mut model, mut optim, mut state) = prepare_run(run, cfg, &model_cfg, resume, device)?;
+    let mut log = MetricsLog::open(run, resume.then_some(state.step)).map_err(io_err(run))?;
+
+    let vae = Vae::load_or_embedded(cfg.vae.as_deref().map(Path::new), device)?;
+    let eval_vae = vae.valid();
+    let source = Arc::new(Source::open(&Spec::parse(&cfg.data)?)?);
+    observer.note(&format!(
+        "training on {} ({} items) with the {} autoencoder; evaluating on {}",
+        source.name,
+        source.len(),
+        vae.source,
+        cfg.eval_data
+    ));
+    if cfg.stages.iter().any(|s| s.lambda > 0.0) {
+        observer.note("no LPIPS weights given: the LPIPS term of eq. 4 is absent (lambda acts as 0)");
+    }
+    observer.started(cfg.total_steps(), state.step);
+
+    let total = cfg.total_steps();
+    let mut eval_sets = vec![];
+    let mut report = None;
+    while state.step < total {
+        let (index, in_stage) = cfg.stage_at(state.step);
+        let stage = &cfg.stages[index];
+        observer.stage(index, stage);
+        let loader_cfg = LoaderConfig {
+            batch: stage.batch,
+            seed: cfg.seed.wrapping_add(index as u64),
+            workers: cfg.workers,
+            prefetch: 2 * stage.accumulate,
+            augment: Augment {
+                resolution: stage.resolution,
+                random_crop: stage.random_crop,
+                min_scale: 0.8,
+                hflip: stage.hflip,
+            },
+            limits: DecodeLimits::default(),
+        };
+        // A stage starts its data stream at the beginning; a resumed one where its checkpoint left it.
+        let start = if in_stage == 0 { Position::default() } else { state.position };
+        let batches = spawn_loader(source.clone(), loader_cfg, start);
+        let weights = stage.loss_weights(cfg.objective);
+        let stage_end = state.step - in_stage + stage.steps;
+        let mut epoch_skips = (start.epoch, SkipCounts::default());
+        let mut timer = Instant::now();
+
+        while state.step < stage_end {
+            if stop.load(Ordering::SeqCst) {
+                let dir = checkpoint::save(run, &model, &model_cfg, &optim, &state, cfg.keep_checkpoints)?;
+                return Ok(Outcome::Interrupted { step: state.step, checkpoint: dir });
+            }
+            // Noise draws depend on (seed, step) only, so a resumed run draws what the straight one did.
+            device.seed(cfg.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(state.step));
+            let lr = learning_rate(stage, state.step - (stage_end - stage.steps));
+            let mut accumulator = GradientsAccumulator::<Ov3>::new();
+            let mut sums = StepRecord::default();
+            for _ in 0..stage.accumulate {
+                let host = batches.recv().map_err(|_| DataError::Source {
+                    path: source.name.clone(),
+                    reason: "the data loader stopped".into(),
+                })??;
+                count_skips(&host, &mut epoch_skips, state.step, &mut log, observer, run)?;
+                state.position = host.next;
+                let batch = to_batch(&host, &vae, &model_cfg, device);
+                let frozen = Frozen { vae_decoder: stage.pixel_loss.then_some(&vae as _), perceptual: None };
+                let out = model.losses(&batch, &weights, model_cfg.tau, frozen);
+                let terms = read_terms(&out);
+                if let Some((term, value)) = terms.terms().into_iter().find(|(_, v)| !v.is_finite()) {
+                    return Err(TrainError::NonFinite { step: state.step, term, value });
+                }
+                add_terms(&mut sums, &terms, 1.0 / stage.accumulate as f64);
+                let grads = out.total.div_scalar(stage.accumulate as f64).backward();
+                accumulator.accumulate(&model, GradientsParams::from_grads(grads, &model));
+            }
+            let mut grads = accumulator.grads();
+            let grad_norm = clip_grad_norm(&model, &mut grads, cfg.grad_clip);
+            if !grad_norm.is_finite() {
+                return Err(TrainError::NonFinite { step: state.step, term: "gradient norm", value: grad_norm });
+            }
+            model = optim.step(lr, model, grads);
+            state.step += 1;
+
+            let seconds = timer.elapsed().as_secs_f64();
+            timer = Instant::now();
+            let record = StepRecord {
+                step: state.step,
+                stage: stage.name.clone(),
+                resolution: stage.resolution,
+                lr,
+                grad_norm,
+                logit_scale: (model.logit_scale.val().into_scalar::<f32>() as f64).min(100f64.ln()).exp(),
+                images_per_s: stage.effective_batch() as f64 / seconds.max(1e-9),
+                ..sums
+            };
+            observer.step(&record);
+            if state.step % cfg.log_every == 0 || state.step == stage_end {
+                log.append(&Record::Step(record)).map_err(io_err(log.path()))?;
+            }
+            let last = state.step == total;
+            if last || (cfg.eval_every > 0 && state.step % cfg.eval_every == 0) {
+                // Periodic evaluations use `eval_size` images, the final one the whole held-out set.
+                let size = if last { usize::MAX } else { cfg.eval_size };
+                let set = eval_set(&mut eval_sets, &cfg.eval_data, stage.resolution, size)?;
+                let r = evaluate_and_draw(run, &model, &model_cfg, &eval_vae, set, state.step, stage.batch, device)?;
+                observer.evaluated(state.step, &r);
+                log.append(&Record::Eval { step: state.step, report: r.clone() }).map_err(io_err(log.path()))?;
+                report = Some(r);
+            }
+            if last || state.step % cfg.checkpoint_every == 0 {
+                checkpoint::save(run, &model, &model_cfg, &optim, &state, cfg.keep_checkpoints)?;
+            }
+        }
+    }
+    let report = match report {
+        Some(r) => r,
+        // Resumed from the final checkpoint: evaluate it once more so the caller gets the report.
+        None => {
+            let res = cfg.stages.last().map_or(128, |s| s.resolution);
+            let set = eval_set(&mut eval_sets, &cfg.eval_data, res, usize::MAX)?;
+            evaluate_and_draw(run, &model, &model_cfg, &eval_vae, set, state.step, 16, device)?
+        }
+    };
+    let path = run.join(REPORT_FILE);
+    crate::fsio::atomic_write(&path, &serde_json::to_vec_pretty(&report).expect("report serialises"))
+        .map_err(io_err(&path))?;
+    Ok(Outcome::Finished { step: state.step, report: Box::new(report) })
+}
+
+/// A fresh run (refusing a folder that already holds one) or the latest checkpoint of an existing one
+/// (refusing a config that differs from the one it was started with).
+fn prepare_run(
+    run: &Path,
+    cfg: &TrainConfig,
+    model_cfg: &ModelConfig,
+    resume: bool,
+    device: &Device,
+) -> Result<(Ov3, ModuleOptimizer, TrainState), TrainError> {
+    let config_path = run.join(CONFIG_FILE);
+    let make_optim = |m: &Ov3| adamw(m, cfg.weight_decay as f32);
+    if resume {
+        let saved = std::fs::read_to_string(&config_path).map_err(io_err(&config_path))?;
+        let saved = TrainConfig::from_toml(&saved)
+            .map_err(|e| TrainError::Refused(format!("{}: {e}", config_path.display())))?;
+        if &saved != cfg {
+            return Err(TrainError::Refused(format!(
+                "{} was started with a different config ({}); resume without --config/--preset, or train into a new --out",
+                run.display(),
+                first_difference(&saved, cfg)
+            )));
+        }
+        let dir = checkpoint::latest(run)
+            .ok_or_else(|| TrainError::Refused(format!("{} holds no checkpoint to resume from", run.display())))?;
+        let (model, saved_model_cfg, optim, state) = checkpoint::load(&dir, device, make_optim)?;
+        if &saved_model_cfg != model_cfg {
+            return Err(TrainError::Refused(format!(
+                "{}: the checkpoint's model (encoder width {}, {} latent channels, vocabulary {}) does not match the config's \
+                 (encoder width {}, {} latent channels, vocabulary {})",
+                dir.display(),
+                saved_model_cfg.encoder.width,
+                saved_model_cfg.latent_channels,
+                saved_model_cfg.vocab_size,
+                model_cfg.encoder.width,
+                model_cfg.latent_channels,
+                model_cfg.vocab_size
+            )));
+        }
+        return Ok((model, optim, state));
+    }
+    if config_path.exists() || !checkpoint::list(run).is_empty() {
+        return Err(TrainError::Refused(format!(
+            "{} already holds a run; pass --resume to continue it or choose another --out",
+            run.display()
+        )));
+    }
+    std::fs::create_dir_all(run).map_err(io_err(run))?;
+    crate::fsio::atomic_write(&config_path, cfg.to_toml().as_bytes()).map_err(io_err(&config_path))?;
+    device.seed(cfg.seed);
+    let model = Ov3::new(model_cfg, device);
+    let optim = make_optim(&model);
+    Ok((model, optim, TrainState { step: 0, position: Position::default(), seed: cfg.seed }))
+}
+
+/// The first top-level key whose value differs, for the refusal message.
+fn first_difference(a: &TrainConfig, b: &TrainConfig) -> String {
+    let (a, b) = (toml::Value::try_from(a).ok(), toml::Value::try_from(b).ok());
+    let (Some(toml::Value::Table(a)), Some(toml::Value::Table(b))) = (a, b) else { return "unknown".into() };
+    let key = a.keys().chain(b.keys()).find(|k| a.get(*k) != b.get(*k));
+    key.map_or_else(|| "unknown".into(), |k| format!("`{k}` differs"))
+}
+
+/// Host batch -> tensors: pixels, their latents from the frozen VAE (no gradient), caption tokens.
+fn to_batch(host: &HostBatch, vae: &Vae, cfg: &ModelConfig, device: &Device) -> Batch {
+    let b = host.examples.len();
+    let (w, h) = host.examples[0].image.dimensions();
+    let images = Tensor::<4>::from_data(TensorData::new(host.pixels(), [b, 3, h as usize, w as usize]), device);
+    let inputs = vae.encode(images.clone()).detach();
+    let captions: Vec<String> = host.examples.iter().map(|e| e.caption.clone()).collect();
+    Batch { images, inputs, tokens: captions_to_tokens(&captions, cfg, device) }
+}
+
+/// Every loss term as f64, read from the device in one transfer.
+fn read_terms(out: &LossOutput) -> StepRecord {
+    let slots = [
+        Some(&out.total),
+        out.rec.as_ref(),
+        out.rec_terms.pixel_l1.as_ref(),
+        out.rec_terms.latent_l1.as_ref(),
+        out.rec_terms.lpips.as_ref(),
+        out.und.as_ref(),
+        out.caption.as_ref(),
+        out.contrastive.as_ref(),
+    ];
+    let present: Vec<Tensor<1>> = slots.iter().flatten().map(|t| (*t).clone().detach()).collect();
+    let values = Tensor::cat(present, 0).into_data().convert::<f32>().try_to_vec::<f32>().expect("f32 data");
+    let mut values = values.into_iter().map(f64::from);
+    let mut take = |slot: Option<&Tensor<1>>| slot.and_then(|_| values.next());
+    let [total, rec, pixel_l1, latent_l1, lpips, und, caption, contrastive] = slots.map(&mut take);
+    StepRecord {
+        total: total.unwrap_or(f64::NAN),
+        rec,
+        pixel_l1,
+        latent_l1,
+        lpips,
+        und,
+        caption,
+        contrastive,
+        ..StepRecord::default()
+    }
+}
+
+/// `acc += scale * terms`, term by term (accumulated micro-batches report their mean).
+fn add_terms(acc: &mut StepRecord, terms: &StepRecord, scale: f64) {
+    let add = |a: &mut Option<f64>, b: Option<f64>| {
+        if let Some(b) = b {
+            *a = Some(a.unwrap_or(0.0) + scale * b);
+        }
+    };
+    acc.total += scale * terms.total;
+    add(&mut acc.rec, terms.rec);
+    add(&mut acc.pixel_l1, terms.pixel_l1);
+    add(&mut acc.latent_l1, terms.latent_l1);
+    add(&mut acc.lpips, terms.lpips);
+    add(&mut acc.und, terms.und);
+    add(&mut acc.caption, terms.caption);
+    add(&mut acc.contrastive, terms.contrastive);
+}
+
+/// Adds a batch's skips to its epoch's; when the stream enters a new epoch, the finished epoch's counts go
+/// to the log and, if any, to the observer.
+fn count_skips(
+    host: &HostBatch,
+    epoch: &mut (u64, SkipCounts),
+    step: u64,
+    log: &mut MetricsLog,
+    observer: &mut dyn Observer,
+    run: &Path,
+) -> Result<(), TrainError> {
+    if host.next.epoch != epoch.0 {
+        let finished = std::mem::take(&mut epoch.1);
+        if finished.total() > 0 {
+            observer.note(&format!("epoch {}: skipped {}", epoch.0, finished.summary()));
+        }
+        log.append(&Record::Skips { step, epoch: epoch.0, counts: finished }).map_err(io_err(run))?;
+        epoch.0 = host.next.epoch;
+    }
+    epoch.1.merge(&host.skips);
+    Ok(())
+}
+
+/// The first `size` held-out examples at `resolution`, loaded once per (resolution, size).
+fn eval_set<'a>(
+    sets: &'a mut Vec<(u32, usize, EvalSet)>,
+    spec: &str,
+    resolution: u32,
+    size: usize,
+) -> Result<&'a EvalSet, TrainError> {
+    if let Some(i) = sets.iter().position(|(r, n, _)| (*r, *n) == (resolution, size)) {
+        return Ok(&sets[i].2);
+    }
+    sets.push((resolution, size, EvalSet::load(spec, resolution, size)?));
+    Ok(&sets.last().expect("just pushed").2)
+}
+
+/// Evaluates a non-autodiff copy of the model and writes the reconstruction grid of this step.
+#[allow(clippy::too_many_arguments)]
+fn evaluate_and_draw(
+    run: &Path,
+    model: &Ov3,
+    cfg: &ModelConfig,
+    vae: &Vae,
+    set: &EvalSet,
+    step: u64,
+    batch: usize,
+    device: &Device,
+) -> Result<EvalReport, TrainError> {
+    let plain = device.clone().without_autodiff();
+    let (report, outputs) = evaluate(&model.valid(), cfg, vae, set, batch, 4, &plain);
+    let rows: Vec<Vec<_>> = (0..GRID_ROWS.min(set.len()))
+        .map(|i| vec![&set.images[i], &outputs.vae_only[i], &outputs.reconstructions[i]])
+        .collect();
+    let dir = run.join("grids");
+    std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+    let image = grid(&rows, 2);
+    for name in [format!("step-{step:08}.png"), "latest.png".to_string()] {
+        save_png(&image, &dir.join(name)).map_err(|e| TrainError::Io {
+            path: dir.display().to_string(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+    }
+    Ok(report)
+}

@@ -1,0 +1,28 @@
+//! The evaluation report as a table on stdout.
+
+use ov3_core::eval::EvalReport;
+
+pub fn print_report(r: &EvalReport) {
+    println!("evaluation on {} ({} images at {} px)", r.data, r.n, r.resolution);
+    let rows: Vec<(&str, String)> = vec![
+        ("PSNR (dB), ov3 / VAE only", format!("{:.2} / {:.2}", r.psnr, r.psnr_vae)),
+        ("SSIM, ov3 / VAE only", format!("{:.4} / {:.4}", r.ssim, r.ssim_vae)),
+        ("image->text recall@1 / @5", format!("{:.3} / {:.3}", r.i2t_recall_at_1, r.i2t_recall_at_5)),
+        ("text->image recall@1 / @5", format!("{:.3} / {:.3}", r.t2i_recall_at_1, r.t2i_recall_at_5)),
+        ("recall@1 by chance", format!("{:.3}", r.chance_recall_at_1)),
+        (
+            "zero-shot accuracy (chance)",
+            match (r.zero_shot_accuracy, r.zero_shot_chance) {
+                (Some(a), Some(c)) => format!("{a:.3} ({c:.3})"),
+                _ => "- (no labels)".into(),
+            },
+        ),
+        ("caption loss (nats/token)", format!("{:.4}", r.caption_loss)),
+    ];
+    for (name, value) in rows {
+        println!("  {name:<30} {value}");
+    }
+    for c in &r.captions {
+        println!("  caption: \"{}\"\n     true: \"{}\"", c.generated, c.reference);
+    }
+}

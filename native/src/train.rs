@@ -1,0 +1,193 @@
+//! `ov3 train`: the main job. A TOML config or the built-in quick recipe, optional overrides, a progress
+//! bar, Ctrl-C that checkpoints and exits, plots and a report in the run folder at the end.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::Context;
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use ov3_core::Preset;
+use ov3_core::device::{self, BackendChoice};
+use ov3_core::eval::EvalReport;
+use ov3_core::train::log::StepRecord;
+use ov3_core::train::run::CONFIG_FILE;
+use ov3_core::train::{Observer, Outcome, StageConfig, TrainConfig, train};
+
+use crate::report::print_report;
+
+#[derive(Args)]
+pub struct TrainArgs {
+    /// Training recipe (TOML, SPEC §4). Without it: the quick recipe (tiny preset, embedded data, ~15 min on
+    /// a 2-core CPU); `ov3 train --print-config` shows it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Use the paper's recipe for this preset instead (128 px then 256 px, 10:1).
+    #[arg(long, conflicts_with = "config")]
+    paper: Option<Preset>,
+    /// Overrides of the recipe.
+    #[arg(long)]
+    preset: Option<Preset>,
+    #[arg(long)]
+    data: Option<String>,
+    #[arg(long)]
+    eval_data: Option<String>,
+    /// Frozen VAE weights (FLUX.1 ae.safetensors, a diffusers folder, TAEF1); default: the embedded one.
+    #[arg(long)]
+    vae: Option<String>,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Run folder (checkpoints, metrics.jsonl, grids, plots, eval.json). Default: runs/<preset>-<unix time>.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Continue the latest checkpoint in --out.
+    #[arg(long, requires = "out")]
+    resume: bool,
+    #[arg(long, default_value = "auto")]
+    backend: BackendChoice,
+    /// Print the resolved recipe as TOML and exit.
+    #[arg(long)]
+    print_config: bool,
+}
+
+pub fn run(args: TrainArgs) -> anyhow::Result<()> {
+    let mut cfg = match (&args.config, args.paper, args.resume) {
+        (Some(path), _, _) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+            TrainConfig::from_toml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+        }
+        (None, Some(preset), _) => TrainConfig::paper(preset),
+        // Resuming without a config continues with the one the run was started with.
+        (None, None, true) => {
+            let path = args.out.as_ref().expect("clap requires --out with --resume").join(CONFIG_FILE);
+            let text = std::fs::read_to_string(&path).with_context(|| format!("{}: cannot read", path.display()))?;
+            TrainConfig::from_toml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+        }
+        (None, None, false) => TrainConfig::quick(),
+    };
+    if let Some(p) = args.preset {
+        cfg.preset = p;
+    }
+    if let Some(d) = args.data {
+        cfg.data = d;
+    }
+    if let Some(d) = args.eval_data {
+        cfg.eval_data = d;
+    }
+    if let Some(v) = args.vae {
+        cfg.vae = Some(v);
+    }
+    if let Some(s) = args.seed {
+        cfg.seed = s;
+    }
+    cfg.validate().map_err(|e| anyhow::anyhow!("config: {e}"))?;
+    if args.print_config {
+        print!("{}", cfg.to_toml());
+        return Ok(());
+    }
+    let out = args.out.unwrap_or_else(|| {
+        let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        PathBuf::from(format!("runs/{}-{secs}", cfg.preset.name()))
+    });
+
+    let selected = device::select(args.backend).map_err(anyhow::Error::msg)?;
+    eprintln!("{}", selected.reason);
+    let device = selected.device.autodiff();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            std::process::exit(130); // a second Ctrl-C: leave now
+        }
+        eprintln!("\nstopping: writing a checkpoint (Ctrl-C again to quit without one)");
+    })?;
+
+    eprintln!("run folder: {}", out.display());
+    let mut bar = Bar::default();
+    let outcome = train(&out, &cfg, args.resume, &device, &stop, &mut bar)?;
+    bar.bar.finish_and_clear();
+    let plots = crate::plots::plot_run(&out)?;
+    match outcome {
+        Outcome::Finished { step, report } => {
+            println!("finished {step} steps in {}", out.display());
+            print_report(&report);
+            println!("plots: {}", plots.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "));
+            println!("reconstructions: {}", out.join("grids/latest.png").display());
+        }
+        Outcome::Interrupted { step, checkpoint } => {
+            println!(
+                "interrupted at step {step}; checkpoint {}; continue with: ov3 train --out {} --resume",
+                checkpoint.display(),
+                out.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// indicatif progress: one bar for the run, the latest losses in its message.
+struct Bar {
+    bar: ProgressBar,
+}
+
+impl Default for Bar {
+    fn default() -> Self {
+        Self { bar: ProgressBar::hidden() }
+    }
+}
+
+impl Observer for Bar {
+    fn started(&mut self, total: u64, at: u64) {
+        self.bar = ProgressBar::new(total).with_position(at);
+        self.bar.set_style(
+            ProgressStyle::with_template("{bar:24} {pos}/{len} {msg} [{elapsed_precise}<{eta_precise}]")
+                .expect("valid template"),
+        );
+    }
+
+    fn stage(&mut self, index: usize, stage: &StageConfig) {
+        self.bar.println(format!(
+            "stage {} `{}`: {} px, {} steps, batch {} x {}, peak lr {:.2e}",
+            index + 1,
+            stage.name,
+            stage.resolution,
+            stage.steps,
+            stage.batch,
+            stage.accumulate,
+            stage.peak_lr()
+        ));
+    }
+
+    fn step(&mut self, r: &StepRecord) {
+        let opt = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.3}"));
+        self.bar.set_message(format!(
+            "loss {:.3} rec {} cap {} con {} lr {:.1e} {:.1} img/s",
+            r.total,
+            opt(r.rec),
+            opt(r.caption),
+            opt(r.contrastive),
+            r.lr,
+            r.images_per_s
+        ));
+        self.bar.set_position(r.step);
+    }
+
+    fn evaluated(&mut self, step: u64, r: &EvalReport) {
+        self.bar.println(format!(
+            "step {step}: held-out PSNR {:.2} dB (VAE {:.2}), recall@1 i2t {:.3} t2i {:.3} (chance {:.3}), zero-shot {}, caption {:.3}",
+            r.psnr,
+            r.psnr_vae,
+            r.i2t_recall_at_1,
+            r.t2i_recall_at_1,
+            r.chance_recall_at_1,
+            r.zero_shot_accuracy.map_or("-".into(), |a| format!("{a:.3}")),
+            r.caption_loss
+        ));
+    }
+
+    fn note(&mut self, message: &str) {
+        self.bar.println(message);
+    }
+}
