@@ -247,3 +247,100 @@ fn data_check_reports_counts_and_refuses_unusable_sources() {
         assert!(!stderr.contains("panicked"), "{spec}: {stderr}");
     }
 }
+
+/// A two-stage recipe small enough for CI: 32 px then 48 px, a few steps each.
+const TINY_RECIPE: &str = r#"
+preset = "tiny"
+seed = 3
+data = "synthetic:64"
+eval_data = "synthetic:8:0:heldout"
+eval_size = 4
+log_every = 1
+eval_every = 3
+checkpoint_every = 2
+[[stages]]
+name = "low"
+resolution = 32
+steps = 4
+batch = 4
+lr = 0.05
+warmup = 1
+[[stages]]
+name = "high"
+resolution = 48
+steps = 2
+batch = 4
+lr = 0.05
+warmup = 0
+pixel_loss = false
+"#;
+
+#[test]
+fn train_then_use_the_run_end_to_end() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let recipe = tmp.path().join("recipe.toml");
+    std::fs::write(&recipe, TINY_RECIPE).unwrap();
+    let run = tmp.path().join("run");
+    let (run_s, recipe_s) = (run.to_str().unwrap(), recipe.to_str().unwrap());
+    let out = ov3(&["train", "--config", recipe_s, "--out", run_s, "--backend", "cpu"]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "train failed: {stderr}");
+    assert!(stdout.contains("finished 6 steps") && stdout.contains("recall@1"), "{stdout}");
+    for file in
+        ["config.toml", "metrics.jsonl", "eval.json", "plots/training.png", "plots/eval.png", "grids/latest.png"]
+    {
+        assert!(run.join(file).is_file(), "the run lacks {file}");
+    }
+    let lines = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let kinds: Vec<String> = lines
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json line")["kind"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(kinds.iter().filter(|k| *k == "step").count(), 6);
+    assert_eq!(kinds.iter().filter(|k| *k == "eval").count(), 2); // at step 3 and at the last step, 6
+    // A finished run refuses a fresh start into the same folder; --resume has nothing left to do.
+    let again = ov3(&["train", "--config", recipe_s, "--out", run_s, "--backend", "cpu"]);
+    assert!(!again.status.success() && text(&again).1.contains("already holds a run"));
+
+    let photo = concat!(env!("CARGO_MANIFEST_DIR"), "/../assets/photos/coffee.jpg");
+    let rec = tmp.path().join("rec.png");
+    let out = ov3(&[
+        "reconstruct",
+        "--run",
+        run_s,
+        "--image",
+        photo,
+        "--res",
+        "48",
+        "--out",
+        rec.to_str().unwrap(),
+        "--backend",
+        "cpu",
+    ]);
+    assert!(out.status.success(), "reconstruct failed: {}", text(&out).1);
+    assert!(text(&out).0.contains("psnr"));
+    assert_eq!(image::image_dimensions(&rec).unwrap(), (48, 48));
+    let out = ov3(&["caption", "--run", run_s, "--image", photo, "--res", "32", "--backend", "cpu"]);
+    assert!(out.status.success(), "caption failed: {}", text(&out).1);
+    let exported = tmp.path().join("model.safetensors");
+    let out = ov3(&["export", "--run", run_s, "--out", exported.to_str().unwrap(), "--backend", "cpu"]);
+    assert!(out.status.success(), "export failed: {}", text(&out).1);
+    let json = tmp.path().join("eval.json");
+    let out = ov3(&[
+        "eval",
+        "--model",
+        exported.to_str().unwrap(),
+        "--n",
+        "4",
+        "--res",
+        "32",
+        "--json",
+        json.to_str().unwrap(),
+        "--backend",
+        "cpu",
+    ]);
+    assert!(out.status.success(), "eval failed: {}", text(&out).1);
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["n"], 4);
+    assert!(report["psnr"].as_f64().unwrap().is_finite() && report["zero_shot_accuracy"].as_f64().is_some());
+}

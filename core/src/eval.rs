@@ -222,6 +222,17 @@ pub fn text_embeddings(
 /// Greedy decoding from the unified tokens: start from BOS, append the most likely token until EOS or the
 /// context length.
 pub fn greedy_captions(model: &Ov3, z_u: Tensor<3>, cfg: &ModelConfig) -> Vec<String> {
+    generate_captions(model, z_u, cfg, None)
+}
+
+/// Autoregressive captions from the unified tokens. `top_k = Some((k, rng))` samples each token from the
+/// `k` most likely ones (softmax over their logits); `None` is greedy.
+pub fn generate_captions(
+    model: &Ov3,
+    z_u: Tensor<3>,
+    cfg: &ModelConfig,
+    mut top_k: Option<(usize, &mut SplitMix64)>,
+) -> Vec<String> {
     let [b, _, _] = z_u.dims();
     let device = z_u.device();
     let mut ids: Vec<Vec<usize>> = vec![vec![cfg.bos_id]; b];
@@ -229,18 +240,46 @@ pub fn greedy_captions(model: &Ov3, z_u: Tensor<3>, cfg: &ModelConfig) -> Vec<St
         let flat: Vec<i64> = ids.iter().flatten().map(|&i| i as i64).collect();
         let tokens = Tensor::<2, Int>::from_data(TensorData::new(flat, [b, t]), &device);
         let logits = model.caption_logits(z_u.clone(), tokens).narrow(1, t - 1, 1).reshape([b as i32, -1]);
-        let next = logits.argmax(1).into_data().convert::<i64>().try_to_vec::<i64>().expect("int data");
+        let logits = logits.into_data().convert::<f32>().try_to_vec::<f32>().expect("f32 data");
         let mut done = true;
-        for (seq, &n) in ids.iter_mut().zip(&next) {
+        for (seq, row) in ids.iter_mut().zip(logits.chunks(logits.len() / b)) {
             let finished = seq.last().is_some_and(|&l| l == cfg.eos_id);
-            seq.push(if finished { cfg.eos_id } else { n as usize });
-            done &= finished || n as usize == cfg.eos_id;
+            let next = if finished {
+                cfg.eos_id
+            } else {
+                match top_k.as_mut() {
+                    None => argmax(row),
+                    Some((k, rng)) => sample_top_k(row, *k, rng),
+                }
+            };
+            seq.push(next);
+            done &= next == cfg.eos_id;
         }
         if done {
             break;
         }
     }
     ids.iter().map(|seq| tokenizer::decode(seq)).collect()
+}
+
+fn argmax(row: &[f32]) -> usize {
+    row.iter().enumerate().fold(0, |best, (j, v)| if *v > row[best] { j } else { best })
+}
+
+fn sample_top_k(row: &[f32], k: usize, rng: &mut SplitMix64) -> usize {
+    let mut order: Vec<usize> = (0..row.len()).collect();
+    order.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
+    order.truncate(k.max(1));
+    let top = row[order[0]];
+    let weights: Vec<f64> = order.iter().map(|&j| ((row[j] - top) as f64).exp()).collect();
+    let mut u = rng.unit() * weights.iter().sum::<f64>();
+    for (j, w) in order.iter().zip(&weights) {
+        if u < *w {
+            return *j;
+        }
+        u -= w;
+    }
+    order[0]
 }
 
 /// Rows of a `[N, E]` tensor, L2-normalised.
@@ -288,14 +327,7 @@ pub fn recall_at(sim: &[Vec<f32>], k: usize) -> f64 {
 
 /// Fraction of images whose most similar class prompt is their label (ties go to the lowest class).
 pub fn zero_shot_accuracy(sim: &[Vec<f32>], labels: &[usize]) -> f64 {
-    let correct = sim
-        .iter()
-        .zip(labels)
-        .filter(|(row, label)| {
-            let best = row.iter().enumerate().fold(0, |best, (j, s)| if *s > row[best] { j } else { best });
-            best == **label
-        })
-        .count();
+    let correct = sim.iter().zip(labels).filter(|(row, label)| argmax(row) == **label).count();
     correct as f64 / labels.len().max(1) as f64
 }
 

@@ -11,7 +11,8 @@ use burn::tensor::{Device, Tensor};
 use crate::config::ModelConfig;
 use crate::model::Ov3;
 use crate::params::{dotted, named_values};
-use crate::weights::{Weights, WeightsError, save_f32_with_metadata};
+use crate::weights::{Weights, WeightsError, save_tensors};
+pub use safetensors::Dtype;
 
 /// Metadata keys.
 pub const CONFIG_KEY: &str = "ov3_model_config";
@@ -23,6 +24,11 @@ pub const BYTE_TOKENIZER: &str = "bytes";
 /// Writes `model` (atomically) with its config. Parameter ids are kept so that a saved optimizer state,
 /// which burn keys by parameter id, finds its parameters again after loading.
 pub fn save_model(path: &Path, model: &Ov3, cfg: &ModelConfig) -> Result<(), WeightsError> {
+    save_model_as(path, model, cfg, Dtype::F32)
+}
+
+/// [`save_model`] with the tensors stored as `dtype` (F16 for shipped checkpoints and web bundles).
+pub fn save_model_as(path: &Path, model: &Ov3, cfg: &ModelConfig, dtype: Dtype) -> Result<(), WeightsError> {
     let values = named_values(model);
     let tensors: Vec<(&str, Vec<usize>, Vec<f32>)> =
         values.iter().map(|(name, shape, v)| (name.as_str(), shape.clone(), v.clone())).collect();
@@ -32,7 +38,7 @@ pub fn save_model(path: &Path, model: &Ov3, cfg: &ModelConfig) -> Result<(), Wei
         (TOKENIZER_KEY.to_string(), BYTE_TOKENIZER.to_string()),
         (PARAM_IDS_KEY.to_string(), serde_json::to_string(&ids).map_err(|e| invalid(path, e.to_string()))?),
     ]);
-    save_f32_with_metadata(path, &tensors, Some(metadata))
+    save_tensors(path, &tensors, Some(metadata), dtype)
 }
 
 /// Reads a model file: its config from the metadata, then every parameter by name (missing, unexpected

@@ -197,16 +197,29 @@ pub fn save_f32_with_metadata(
     tensors: &[(&str, Vec<usize>, Vec<f32>)],
     metadata: Option<HashMap<String, String>>,
 ) -> Result<(), WeightsError> {
-    let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
-        .iter()
-        .map(|(name, shape, values)| {
-            (name.to_string(), values.iter().flat_map(|v| v.to_le_bytes()).collect(), shape.clone())
-        })
-        .collect();
+    save_tensors(path, tensors, metadata, Dtype::F32)
+}
+
+/// Writes tensors stored as `dtype` (F32, or F16 for shipped files half the size) atomically.
+pub fn save_tensors(
+    path: &Path,
+    tensors: &[(&str, Vec<usize>, Vec<f32>)],
+    metadata: Option<HashMap<String, String>>,
+    dtype: Dtype,
+) -> Result<(), WeightsError> {
+    let encode = |values: &[f32]| -> Vec<u8> {
+        match dtype {
+            Dtype::F16 => values.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect(),
+            _ => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        }
+    };
+    let dtype = if dtype == Dtype::F16 { Dtype::F16 } else { Dtype::F32 };
+    let bytes: Vec<(String, Vec<u8>, Vec<usize>)> =
+        tensors.iter().map(|(name, shape, values)| (name.to_string(), encode(values), shape.clone())).collect();
     let views: HashMap<String, safetensors::tensor::TensorView> = bytes
         .iter()
         .map(|(name, data, shape)| {
-            let view = safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), data).expect("consistent view");
+            let view = safetensors::tensor::TensorView::new(dtype, shape.clone(), data).expect("consistent view");
             (name.clone(), view)
         })
         .collect();

@@ -4,6 +4,7 @@ mod bench;
 mod data_cmd;
 mod datagen;
 mod info;
+mod model_cmd;
 mod overfit;
 mod plots;
 mod report;
@@ -26,6 +27,16 @@ struct Cli {
 enum Command {
     /// Train ov3 (the main job): the quick recipe on the embedded data by default, or a TOML config.
     Train(train::TrainArgs),
+    /// Evaluate a model: PSNR/SSIM, retrieval recall, zero-shot accuracy, caption loss, sample captions.
+    Eval(model_cmd::EvalArgs),
+    /// Image -> unified tokens -> (noise) -> ViT decoder -> VAE decoder -> image.
+    Reconstruct(model_cmd::ReconstructArgs),
+    /// Image -> unified tokens z_u (and latents, contrastive embedding) in a safetensors file.
+    Encode(model_cmd::EncodeArgs),
+    /// Image -> a caption generated from its unified tokens (greedy or top-k).
+    Caption(model_cmd::CaptionArgs),
+    /// Write a model file for the web demo or sharing (f16 by default).
+    Export(model_cmd::ExportArgs),
     /// Print the wgpu adapters, the backend `auto` picks, and the parameter count of a preset.
     Info(info::InfoArgs),
     /// Benchmarks.
@@ -73,6 +84,11 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Train(args) => train::run(args),
+        Command::Eval(args) => model_cmd::eval(args),
+        Command::Reconstruct(args) => model_cmd::reconstruct(args),
+        Command::Encode(args) => model_cmd::encode(args),
+        Command::Caption(args) => model_cmd::caption(args),
+        Command::Export(args) => model_cmd::export(args),
         Command::Info(args) => info::run(args),
         Command::Bench(cmd) => bench::run(cmd),
         Command::Overfit(args) => overfit::run(args),
@@ -82,7 +98,14 @@ fn main() {
         Command::Data(cmd) => data_cmd::run(cmd),
     };
     if let Err(err) = result {
-        eprintln!("error: {err:#}");
+        // One line: the message and each cause it does not already spell out.
+        let mut line = err.to_string();
+        for cause in err.chain().skip(1).map(|c| c.to_string()) {
+            if !line.contains(&cause) {
+                line = format!("{line}: {cause}");
+            }
+        }
+        eprintln!("error: {line}");
         std::process::exit(1);
     }
 }

@@ -23,9 +23,10 @@ pub struct TrainArgs {
     /// a 2-core CPU); `ov3 train --print-config` shows it.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Use the paper's recipe for this preset instead (128 px then 256 px, 10:1).
-    #[arg(long, conflicts_with = "config")]
-    paper: Option<Preset>,
+    /// Built-in recipe when no --config is given: quick (the main job, ~15 min on 2 CPU cores), demo (the
+    /// shipped checkpoint's, ~1 h) or paper (128 px then 256 px, 10:1, batch 256; use with --preset).
+    #[arg(long, conflicts_with = "config", default_value = "quick")]
+    recipe: Recipe,
     /// Overrides of the recipe.
     #[arg(long)]
     preset: Option<Preset>,
@@ -52,19 +53,19 @@ pub struct TrainArgs {
 }
 
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
-    let mut cfg = match (&args.config, args.paper, args.resume) {
-        (Some(path), _, _) => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
-            TrainConfig::from_toml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
-        }
-        (None, Some(preset), _) => TrainConfig::paper(preset),
+    let read = |path: &std::path::Path| -> anyhow::Result<TrainConfig> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+        TrainConfig::from_toml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    };
+    let mut cfg = match (&args.config, &args.out) {
+        (Some(path), _) => read(path)?,
         // Resuming without a config continues with the one the run was started with.
-        (None, None, true) => {
-            let path = args.out.as_ref().expect("clap requires --out with --resume").join(CONFIG_FILE);
-            let text = std::fs::read_to_string(&path).with_context(|| format!("{}: cannot read", path.display()))?;
-            TrainConfig::from_toml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
-        }
-        (None, None, false) => TrainConfig::quick(),
+        (None, Some(out)) if args.resume => read(&out.join(CONFIG_FILE))?,
+        (None, _) => match args.recipe {
+            Recipe::Quick => TrainConfig::quick(),
+            Recipe::Demo => TrainConfig::demo(),
+            Recipe::Paper => TrainConfig::paper(args.preset.unwrap_or(Preset::Base)),
+        },
     };
     if let Some(p) = args.preset {
         cfg.preset = p;
@@ -127,6 +128,13 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Recipe {
+    Quick,
+    Demo,
+    Paper,
+}
+
 /// indicatif progress: one bar for the run, the latest losses in its message.
 struct Bar {
     bar: ProgressBar,
@@ -135,6 +143,17 @@ struct Bar {
 impl Default for Bar {
     fn default() -> Self {
         Self { bar: ProgressBar::hidden() }
+    }
+}
+
+impl Bar {
+    /// A line above the bar, or on stderr when the bar is hidden (println drops it then).
+    fn say(&self, line: &str) {
+        if self.bar.is_hidden() {
+            eprintln!("{line}");
+        } else {
+            self.bar.println(line);
+        }
     }
 }
 
@@ -148,7 +167,7 @@ impl Observer for Bar {
     }
 
     fn stage(&mut self, index: usize, stage: &StageConfig) {
-        self.bar.println(format!(
+        self.say(&format!(
             "stage {} `{}`: {} px, {} steps, batch {} x {}, peak lr {:.2e}",
             index + 1,
             stage.name,
@@ -162,7 +181,7 @@ impl Observer for Bar {
 
     fn step(&mut self, r: &StepRecord) {
         let opt = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.3}"));
-        self.bar.set_message(format!(
+        let message = format!(
             "loss {:.3} rec {} cap {} con {} lr {:.1e} {:.1} img/s",
             r.total,
             opt(r.rec),
@@ -170,12 +189,17 @@ impl Observer for Bar {
             opt(r.contrastive),
             r.lr,
             r.images_per_s
-        ));
+        );
+        // Without a terminal (logs, CI) the bar is hidden: print a line every 10 steps instead.
+        if self.bar.is_hidden() && r.step % 10 == 0 {
+            eprintln!("step {}: {message}", r.step);
+        }
+        self.bar.set_message(message);
         self.bar.set_position(r.step);
     }
 
     fn evaluated(&mut self, step: u64, r: &EvalReport) {
-        self.bar.println(format!(
+        self.say(&format!(
             "step {step}: held-out PSNR {:.2} dB (VAE {:.2}), recall@1 i2t {:.3} t2i {:.3} (chance {:.3}), zero-shot {}, caption {:.3}",
             r.psnr,
             r.psnr_vae,
@@ -188,6 +212,6 @@ impl Observer for Bar {
     }
 
     fn note(&mut self, message: &str) {
-        self.bar.println(message);
+        self.say(message);
     }
 }
