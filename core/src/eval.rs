@@ -17,6 +17,7 @@ use crate::data::source::{DataError, Source, Spec};
 use crate::data::synthetic::{SHAPES, zero_shot_prompt};
 use crate::image_io::{from_chw, to_tensor};
 use crate::losses;
+use crate::lpips::Lpips;
 use crate::metrics::{psnr, ssim};
 use crate::model::Ov3;
 use crate::random_batch::captions_to_tokens;
@@ -93,6 +94,8 @@ pub struct EvalReport {
     /// The frozen VAE alone (encode -> decode): the ceiling of ov3's reconstruction.
     pub psnr_vae: f64,
     pub ssim_vae: f64,
+    /// LPIPS of ov3's reconstruction, when LPIPS weights were given.
+    pub lpips: Option<f64>,
     pub i2t_recall_at_1: f64,
     pub i2t_recall_at_5: f64,
     pub t2i_recall_at_1: f64,
@@ -114,10 +117,12 @@ pub struct Outputs {
 
 /// Evaluates `model` (use a non-autodiff copy: `model.valid()`) on `set` in chunks of `batch`, returning
 /// the report and the reconstructions. `captions` greedy captions are generated.
+#[allow(clippy::too_many_arguments)]
 pub fn evaluate(
     model: &Ov3,
     cfg: &ModelConfig,
     vae: &Vae,
+    lpips: Option<&Lpips>,
     set: &EvalSet,
     batch: usize,
     captions: usize,
@@ -127,6 +132,7 @@ pub fn evaluate(
     let mut out = Outputs { reconstructions: vec![], vae_only: vec![] };
     let (mut image_emb, mut psnrs, mut psnrs_vae) = (vec![], vec![], vec![]);
     let (mut caption_nll, mut caption_count) = (0.0, 0.0);
+    let mut lpips_values: Vec<f32> = vec![];
     let mut samples = vec![];
     for start in (0..n).step_by(batch.max(1)) {
         let end = (start + batch).min(n);
@@ -137,6 +143,15 @@ pub fn evaluate(
         let patch = model.decoder.patch;
         let rec = vae.decode(model.decode(z_u.clone(), (h / patch, w / patch))).clamp(-1.0, 1.0);
         let vae_only = vae.decode(latents).clamp(-1.0, 1.0);
+        if let Some(l) = lpips {
+            lpips_values.extend(
+                l.forward(images.clone(), rec.clone())
+                    .into_data()
+                    .convert::<f32>()
+                    .try_to_vec::<f32>()
+                    .expect("f32 data"),
+            );
+        }
         psnrs.extend(psnr(images.clone(), rec.clone()));
         psnrs_vae.extend(psnr(images, vae_only.clone()));
         out.reconstructions.extend(split_images(&rec));
@@ -182,6 +197,7 @@ pub fn evaluate(
         ssim: mean(&ssims),
         psnr_vae: mean(&psnrs_vae),
         ssim_vae: mean(&ssims_vae),
+        lpips: lpips.map(|_| lpips_values.iter().map(|&v| v as f64).sum::<f64>() / n as f64),
         i2t_recall_at_1: i2t1,
         i2t_recall_at_5: i2t5,
         t2i_recall_at_1: t2i1,

@@ -4,6 +4,7 @@ pub mod autoencoder;
 pub mod config;
 pub mod device;
 pub mod losses;
+pub mod lpips;
 pub mod model;
 pub mod params;
 

@@ -12,6 +12,7 @@ use ov3_core::data::rng::SplitMix64;
 use ov3_core::device::{self, BackendChoice};
 use ov3_core::eval::{EvalSet, evaluate, generate_captions};
 use ov3_core::image_io::{grid, load_rgb, resize_center_crop, save_png, tensor_to_rgb, to_tensor};
+use ov3_core::lpips::Lpips;
 use ov3_core::metrics::psnr;
 use ov3_core::model_file::{Dtype, load_model, save_model_as};
 use ov3_core::train::TrainConfig;
@@ -104,6 +105,11 @@ pub struct EvalArgs {
     /// Where the JSON report goes; default: RUN/eval.json for --run, else eval.json.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// LPIPS weights (safetensors): a torchvision VGG16/AlexNet trunk and the lpips heads.
+    #[arg(long, requires = "lpips_heads")]
+    lpips_trunk: Option<PathBuf>,
+    #[arg(long, requires = "lpips_trunk")]
+    lpips_heads: Option<PathBuf>,
     /// Also write input | VAE only | ov3 for the first 8 images to this PNG.
     #[arg(long)]
     grid: Option<PathBuf>,
@@ -116,7 +122,12 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
     if set.skips.total() > 0 {
         eprintln!("skipped {}", set.skips.summary());
     }
-    let (report, outputs) = evaluate(&m.model, &m.cfg, &m.vae, &set, args.batch.max(2), args.captions, &m.device);
+    let lpips = match (&args.lpips_trunk, &args.lpips_heads) {
+        (Some(trunk), Some(heads)) => Some(Lpips::load(trunk, heads, &m.device)?),
+        _ => None,
+    };
+    let (report, outputs) =
+        evaluate(&m.model, &m.cfg, &m.vae, lpips.as_ref(), &set, args.batch.max(2), args.captions, &m.device);
     print_report(&report);
     let json =
         args.json.unwrap_or_else(|| args.source.run.as_ref().map_or("eval.json".into(), |r| r.join("eval.json")));

@@ -7,6 +7,7 @@ pub fn print_report(r: &EvalReport) {
     let rows: Vec<(&str, String)> = vec![
         ("PSNR (dB), ov3 / VAE only", format!("{:.2} / {:.2}", r.psnr, r.psnr_vae)),
         ("SSIM, ov3 / VAE only", format!("{:.4} / {:.4}", r.ssim, r.ssim_vae)),
+        ("LPIPS, ov3", r.lpips.map_or("- (no LPIPS weights)".into(), |v| format!("{v:.4}"))),
         ("image->text recall@1 / @5", format!("{:.3} / {:.3}", r.i2t_recall_at_1, r.i2t_recall_at_5)),
         ("text->image recall@1 / @5", format!("{:.3} / {:.3}", r.t2i_recall_at_1, r.t2i_recall_at_5)),
         ("recall@1 by chance", format!("{:.3}", r.chance_recall_at_1)),

@@ -37,6 +37,11 @@ pub struct TrainArgs {
     /// Frozen VAE weights (FLUX.1 ae.safetensors, a diffusers folder, TAEF1); default: the embedded one.
     #[arg(long)]
     vae: Option<String>,
+    /// LPIPS weights (safetensors; see tools/lpips_weights.py): enables the lambda term of eq. 4.
+    #[arg(long, requires = "lpips_heads")]
+    lpips_trunk: Option<String>,
+    #[arg(long, requires = "lpips_trunk")]
+    lpips_heads: Option<String>,
     #[arg(long)]
     seed: Option<u64>,
     /// Run folder (checkpoints, metrics.jsonl, grids, plots, eval.json). Default: runs/<preset>-<unix time>.
@@ -78,6 +83,9 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     }
     if let Some(v) = args.vae {
         cfg.vae = Some(v);
+    }
+    if let (Some(t), Some(h)) = (args.lpips_trunk, args.lpips_heads) {
+        (cfg.lpips_trunk, cfg.lpips_heads) = (Some(t), Some(h));
     }
     if let Some(s) = args.seed {
         cfg.seed = s;

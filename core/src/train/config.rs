@@ -27,6 +27,12 @@ pub struct TrainConfig {
     /// The frozen VAE: a FLUX.1 / TAEF1 file or folder; absent = the embedded autoencoder.
     #[serde(default)]
     pub vae: Option<String>,
+    /// LPIPS weights (safetensors): a torchvision VGG16/AlexNet trunk and the lpips linear heads. Both or
+    /// neither; without them the LPIPS term is absent whatever lambda says.
+    #[serde(default)]
+    pub lpips_trunk: Option<String>,
+    #[serde(default)]
+    pub lpips_heads: Option<String>,
     #[serde(default = "default_weight_decay")]
     pub weight_decay: f64,
     #[serde(default = "default_clip")]
@@ -154,6 +160,8 @@ impl TrainConfig {
             eval_data: "synthetic:256:0:heldout".into(),
             eval_size: 128,
             vae: None,
+            lpips_trunk: None,
+            lpips_heads: None,
             weight_decay: default_weight_decay(),
             grad_clip: default_clip(),
             workers: default_workers(),
@@ -222,6 +230,9 @@ impl TrainConfig {
     /// Every check that can fail before a run starts, each with the field named.
     pub fn validate(&self) -> Result<(), String> {
         self.model_config().validate()?;
+        if self.lpips_trunk.is_some() != self.lpips_heads.is_some() {
+            return Err("lpips_trunk and lpips_heads go together: give both or neither".into());
+        }
         if self.stages.is_empty() {
             return Err("at least one [[stages]] entry is needed".into());
         }

@@ -21,6 +21,8 @@ use crate::data::skips::SkipCounts;
 use crate::data::source::{DataError, Source, Spec};
 use crate::eval::{EvalReport, EvalSet, evaluate};
 use crate::image_io::{grid, save_png};
+use crate::losses::Perceptual;
+use crate::lpips::Lpips;
 use crate::model::{Batch, Frozen, LossOutput, Ov3};
 use crate::optim::{adamw, clip_grad_norm};
 use crate::random_batch::captions_to_tokens;
@@ -102,7 +104,12 @@ pub fn train(
         vae.source,
         cfg.eval_data
     ));
-    if cfg.stages.iter().any(|s| s.lambda > 0.0) {
+    let lpips = match (&cfg.lpips_trunk, &cfg.lpips_heads) {
+        (Some(trunk), Some(heads)) => Some(Lpips::load(Path::new(trunk), Path::new(heads), device)?),
+        _ => None,
+    };
+    let eval_lpips = lpips.as_ref().map(Module::valid);
+    if lpips.is_none() && cfg.stages.iter().any(|s| s.lambda > 0.0) {
         observer.note("no LPIPS weights given: the LPIPS term of eq. 4 is absent (lambda acts as 0)");
     }
     observer.started(cfg.total_steps(), state.step);
@@ -153,7 +160,10 @@ pub fn train(
                 count_skips(&host, &mut epoch_skips, state.step, &mut log, observer, run)?;
                 state.position = host.next;
                 let batch = to_batch(&host, &vae, &model_cfg, device);
-                let frozen = Frozen { vae_decoder: stage.pixel_loss.then_some(&vae as _), perceptual: None };
+                let perceptual = lpips.as_ref().filter(|_| stage.lambda > 0.0).map(|l| l as &dyn Perceptual);
+                // LPIPS compares pixels: it needs the decoder pass, which brings the pixel L1 along.
+                let decode = stage.pixel_loss || perceptual.is_some();
+                let frozen = Frozen { vae_decoder: decode.then_some(&vae as _), perceptual };
                 let out = model.losses(&batch, &weights, model_cfg.tau, frozen);
                 let terms = read_terms(&out);
                 if let Some((term, value)) = terms.terms().into_iter().find(|(_, v)| !v.is_finite()) {
@@ -192,7 +202,16 @@ pub fn train(
                 // Periodic evaluations use `eval_size` images, the final one the whole held-out set.
                 let size = if last { usize::MAX } else { cfg.eval_size };
                 let set = eval_set(&mut eval_sets, &cfg.eval_data, stage.resolution, size)?;
-                let r = evaluate_and_draw(run, &model, &model_cfg, &eval_vae, set, state.step, stage.batch, device)?;
+                let r = evaluate_and_draw(
+                    run,
+                    &model,
+                    &model_cfg,
+                    (&eval_vae, eval_lpips.as_ref()),
+                    set,
+                    state.step,
+                    stage.batch,
+                    device,
+                )?;
                 observer.evaluated(state.step, &r);
                 log.append(&Record::Eval { step: state.step, report: r.clone() }).map_err(io_err(log.path()))?;
                 report = Some(r);
@@ -208,7 +227,7 @@ pub fn train(
         None => {
             let res = cfg.stages.last().map_or(128, |s| s.resolution);
             let set = eval_set(&mut eval_sets, &cfg.eval_data, res, usize::MAX)?;
-            evaluate_and_draw(run, &model, &model_cfg, &eval_vae, set, state.step, 16, device)?
+            evaluate_and_draw(run, &model, &model_cfg, (&eval_vae, eval_lpips.as_ref()), set, state.step, 16, device)?
         }
     };
     let path = run.join(REPORT_FILE);
@@ -378,14 +397,14 @@ fn evaluate_and_draw(
     run: &Path,
     model: &Ov3,
     cfg: &ModelConfig,
-    vae: &Vae,
+    (vae, lpips): (&Vae, Option<&Lpips>),
     set: &EvalSet,
     step: u64,
     batch: usize,
     device: &Device,
 ) -> Result<EvalReport, TrainError> {
     let plain = device.clone().without_autodiff();
-    let (report, outputs) = evaluate(&model.valid(), cfg, vae, set, batch, 4, &plain);
+    let (report, outputs) = evaluate(&model.valid(), cfg, vae, lpips, set, batch, 4, &plain);
     let rows: Vec<Vec<_>> = (0..GRID_ROWS.min(set.len()))
         .map(|i| vec![&set.images[i], &outputs.vae_only[i], &outputs.reconstructions[i]])
         .collect();
