@@ -2,6 +2,7 @@
 
 use std::time::Instant;
 
+use burn::tensor::Tensor;
 use clap::{Args, Subcommand};
 use ov3_core::random_batch::random_batch;
 use ov3_core::step::train_step;
@@ -15,6 +16,25 @@ pub enum BenchCommand {
     Step(StepArgs),
     /// Images/s of decode + resize (shorter side) + center crop for every image file in a folder.
     Data(DataArgs),
+    /// One training step with latents from the frozen VAE every step vs read from a latent cache.
+    Cache(CacheArgs),
+}
+
+#[derive(Args)]
+pub struct CacheArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Frozen VAE weights (e.g. FLUX.1 ae.safetensors); default: the embedded autoencoder.
+    #[arg(long)]
+    vae: Option<std::path::PathBuf>,
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    #[arg(long, default_value_t = 256)]
+    res: u32,
+    #[arg(long, default_value_t = 3)]
+    steps: usize,
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
 }
 
 #[derive(Args)]
@@ -50,6 +70,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Step(args) => step(args),
         BenchCommand::Data(args) => data(args),
+        BenchCommand::Cache(args) => cache(args),
     }
 }
 
@@ -135,6 +156,92 @@ fn step(args: StepArgs) -> anyhow::Result<()> {
         peak_mib,
         if device_mem.is_some() { "device pool reserved" } else { "process peak RSS" },
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+    );
+    Ok(())
+}
+
+fn cache(args: CacheArgs) -> anyhow::Result<()> {
+    use ov3_core::data::latent_cache::{LatentCache, build, cached_latents};
+    use ov3_core::data::pipeline::{Augment, load_example};
+    use ov3_core::data::rng::SplitMix64;
+    use ov3_core::data::source::{Source, Spec};
+    use ov3_core::image_io::to_tensor;
+    use ov3_core::random_batch::captions_to_tokens;
+    use ov3_core::vae::Vae;
+
+    anyhow::ensure!(
+        args.res >= 16 && args.res % 16 == 0 && args.batch >= 2 && args.steps >= 1,
+        "bad --res/--batch/--steps"
+    );
+    let selected = args.common.device()?;
+    let device = selected.device.clone().autodiff();
+    let vae = Vae::load_or_embedded(args.vae.as_deref(), &device)?;
+    let cfg = args.common.preset.config();
+    let n = args.batch * (args.warmup + args.steps);
+    let source = Source::open(&Spec::parse(&format!("synthetic:{n}"))?)?;
+    let dir = std::env::temp_dir().join(format!("ov3-bench-cache-{}", std::process::id()));
+    let start = Instant::now();
+    build(&source, &vae, args.res, false, &dir, &device, |_, _| {})?;
+    let build_s = start.elapsed().as_secs_f64();
+    let cached = Source::open(&Spec::parse(&format!("cache:{}", dir.display()))?)?;
+    let cache: &LatentCache = cached.cache.as_ref().expect("a cache source");
+    let shape = cache.manifest.latent_shape;
+
+    // The same model, optimiser and batches both ways; only where the latents come from differs.
+    let time = |from_cache: bool| -> anyhow::Result<f64> {
+        device.seed(args.common.seed);
+        let mut model = Ov3::new(&cfg, &device);
+        let mut optim = optim::adamw(&model, 0.2);
+        let mut times = vec![];
+        for i in 0..args.warmup + args.steps {
+            let t = Instant::now();
+            let rows = i * args.batch..(i + 1) * args.batch;
+            let (images, inputs, captions) = if from_cache {
+                let examples: Vec<_> = rows
+                    .map(|r| cache.example(r))
+                    .collect::<Result<_, _>>()
+                    .map_err(|s| anyhow::anyhow!("cache read: {}", s.name()))?;
+                let images = Tensor::cat(examples.iter().map(|e| to_tensor(&e.image, &device)).collect(), 0);
+                let latents = cached_latents(&examples, shape, &device).expect("cached latents");
+                (images, latents, examples.into_iter().map(|e| e.caption).collect::<Vec<_>>())
+            } else {
+                let aug = Augment::eval(args.res);
+                let examples: Vec<_> = rows
+                    .map(|r| load_example(&source, r, &aug, Default::default(), &mut SplitMix64::new(0, r as u64)))
+                    .collect::<Result<_, _>>()
+                    .map_err(|s| anyhow::anyhow!("decode: {}", s.name()))?;
+                let images = Tensor::cat(examples.iter().map(|e| to_tensor(&e.image, &device)).collect(), 0);
+                let latents = vae.encode(images.clone()).detach();
+                (images, latents, examples.into_iter().map(|e| e.caption).collect::<Vec<_>>())
+            };
+            let batch = ov3_core::Batch { images, inputs, tokens: captions_to_tokens(&captions, &cfg, &device) };
+            let (next, out, _) =
+                train_step(model, &mut optim, &batch, &LossWeights::default(), cfg.tau, Frozen::default(), 1e-4, 1.0);
+            model = next;
+            let loss = out.total.into_scalar::<f32>();
+            anyhow::ensure!(loss.is_finite(), "loss is {loss}");
+            if i >= args.warmup {
+                times.push(t.elapsed().as_secs_f64());
+            }
+        }
+        times.sort_by(f64::total_cmp);
+        Ok(times[times.len() / 2])
+    };
+    let with_vae = time(false)?;
+    let with_cache = time(true)?;
+    let _ = std::fs::remove_dir_all(&dir);
+    let adapter = selected.adapter.as_ref().map(|a| a.to_string()).unwrap_or_else(|| "cpu (flex)".into());
+    println!(
+        "{{\"bench\":\"cache\",\"adapter\":\"{adapter}\",\"vae\":\"{}\",\"preset\":\"{}\",\"batch\":{},\"res\":{},\
+         \"ms_per_step_vae\":{:.1},\"ms_per_step_cache\":{:.1},\"speedup\":{:.2},\"cache_build_ms_per_image\":{:.1}}}",
+        vae.source,
+        args.common.preset.name(),
+        args.batch,
+        args.res,
+        with_vae * 1e3,
+        with_cache * 1e3,
+        with_vae / with_cache,
+        build_s * 1e3 / n as f64
     );
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! `ov3`: the command line of the OpenVision 3 unified tokenizer.
 
 mod bench;
+mod cache_cmd;
 mod data_cmd;
 mod datagen;
 mod info;
@@ -44,6 +45,8 @@ enum Command {
     Bench(bench::BenchCommand),
     /// Overfit one fixed batch of image-caption pairs: a smoke test of the whole model and optimiser.
     Overfit(overfit::OverfitArgs),
+    /// Encode a data source once with the frozen VAE into a latent cache (train from `cache:DIR`).
+    Cache(cache_cmd::CacheArgs),
     /// Inspect data sources.
     #[command(subcommand)]
     Data(data_cmd::DataCommand),
@@ -89,6 +92,7 @@ fn main() {
         Command::Encode(args) => model_cmd::encode(args),
         Command::Caption(args) => model_cmd::caption(args),
         Command::Export(args) => model_cmd::export(args),
+        Command::Cache(args) => cache_cmd::run(args),
         Command::Info(args) => info::run(args),
         Command::Bench(cmd) => bench::run(cmd),
         Command::Overfit(args) => overfit::run(args),

@@ -2,6 +2,7 @@
 
 pub mod decode;
 pub mod font;
+pub mod latent_cache;
 pub mod pipeline;
 pub mod rng;
 pub mod skips;

@@ -49,6 +49,8 @@ pub struct Example {
     pub image: RgbImage,
     pub caption: String,
     pub label: Option<usize>,
+    /// `[C, H/8, W/8]` VAE latents when the example comes from a latent cache.
+    pub latents: Option<Vec<f32>>,
 }
 
 /// A batch on the host, ready to become tensors.
@@ -103,12 +105,20 @@ pub fn load_example(
         Item::Synthetic(i) => {
             let world = source.world.as_ref().expect("a synthetic source has a world");
             let s = world.sample(*i, aug.resolution);
-            Ok(Example { key: format!("synthetic-{i}"), image: s.image, caption: s.caption, label: Some(s.label) })
+            Ok(Example {
+                key: format!("synthetic-{i}"),
+                image: s.image,
+                caption: s.caption,
+                label: Some(s.label),
+                latents: None,
+            })
         }
+        // Cached crops are fixed: the cache was made for one resolution and crop.
+        Item::Cached(row) => source.cache.as_ref().expect("a cache source has a cache").example(*row),
         Item::Stored { key, image, caption } => {
             let caption = source.caption(caption)?;
             let img = decode_rgb(&source.read(image)?, limits)?;
-            Ok(Example { key: key.clone(), image: prepare(&img, aug, g), caption, label: None })
+            Ok(Example { key: key.clone(), image: prepare(&img, aug, g), caption, label: None, latents: None })
         }
     }
 }

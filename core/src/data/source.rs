@@ -10,6 +10,7 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
+use super::latent_cache::LatentCache;
 use super::skips::{Skip, SkipCounts};
 use super::synthetic::{Split, World};
 
@@ -31,7 +32,13 @@ pub enum Spec {
     Folder(PathBuf),
     Table(PathBuf),
     Shards(Vec<PathBuf>),
-    Synthetic { n: u64, seed: u64, split: Split },
+    Synthetic {
+        n: u64,
+        seed: u64,
+        split: Split,
+    },
+    /// A latent cache made by `ov3 cache`.
+    Cache(PathBuf),
 }
 
 impl Spec {
@@ -51,6 +58,9 @@ impl Spec {
                 (Some(n), Some(split), None) => Ok(Spec::Synthetic { n, seed: seed.unwrap_or(0), split }),
                 _ => Err(bad("expected synthetic:N[:SEED[:train|heldout]] with N > 0")),
             };
+        }
+        if let Some(dir) = spec.strip_prefix("cache:") {
+            return Ok(Spec::Cache(PathBuf::from(dir)));
         }
         if spec.ends_with(".tar") {
             return Ok(Spec::Shards(
@@ -106,8 +116,14 @@ pub enum CaptionSource {
 
 #[derive(Debug, Clone)]
 pub enum Item {
-    Stored { key: String, image: Bytes, caption: CaptionSource },
+    Stored {
+        key: String,
+        image: Bytes,
+        caption: CaptionSource,
+    },
     Synthetic(u64),
+    /// A row of the source's latent cache.
+    Cached(usize),
 }
 
 /// An indexed source.
@@ -116,6 +132,7 @@ pub struct Source {
     pub items: Vec<Item>,
     pub shards: Vec<PathBuf>,
     pub world: Option<World>,
+    pub cache: Option<LatentCache>,
     /// What indexing skipped.
     pub index_skips: SkipCounts,
 }
@@ -123,7 +140,14 @@ pub struct Source {
 impl Source {
     pub fn open(spec: &Spec) -> Result<Self, DataError> {
         let mut skips = SkipCounts::default();
+        let mut cache = None;
         let (name, items, shards, world) = match spec {
+            Spec::Cache(dir) => {
+                let c = LatentCache::open(dir)?;
+                let items = (0..c.manifest.entries.len()).map(Item::Cached).collect();
+                cache = Some(c);
+                (format!("cache:{}", dir.display()), items, vec![], None)
+            }
             Spec::Synthetic { n, seed, split } => (
                 format!("synthetic:{n}:{seed}{}", if *split == Split::Heldout { ":heldout" } else { "" }),
                 (0..*n).map(Item::Synthetic).collect(),
@@ -147,7 +171,7 @@ impl Source {
         if items.is_empty() {
             return Err(DataError::Empty { source_name: name, skips: skips.summary() });
         }
-        Ok(Self { name, items, shards, world, index_skips: skips })
+        Ok(Self { name, items, shards, world, cache, index_skips: skips })
     }
 
     pub fn len(&self) -> usize {

@@ -16,6 +16,7 @@ use super::log::{MetricsLog, Record, StepRecord};
 use super::schedule::learning_rate;
 use crate::config::ModelConfig;
 use crate::data::decode::DecodeLimits;
+use crate::data::latent_cache::cached_latents;
 use crate::data::pipeline::{Augment, HostBatch, LoaderConfig, Position, spawn_loader};
 use crate::data::skips::SkipCounts;
 use crate::data::source::{DataError, Source, Spec};
@@ -121,6 +122,10 @@ pub fn train(
         let (index, in_stage) = cfg.stage_at(state.step);
         let stage = &cfg.stages[index];
         observer.stage(index, stage);
+        if let Some(cache) = &source.cache {
+            cache.check(&vae, stage.resolution).map_err(TrainError::Refused)?;
+        }
+        let cached_shape = source.cache.as_ref().map(|c| c.manifest.latent_shape);
         let loader_cfg = LoaderConfig {
             batch: stage.batch,
             seed: cfg.seed.wrapping_add(index as u64),
@@ -159,7 +164,7 @@ pub fn train(
                 })??;
                 count_skips(&host, &mut epoch_skips, state.step, &mut log, observer, run)?;
                 state.position = host.next;
-                let batch = to_batch(&host, &vae, &model_cfg, device);
+                let batch = to_batch(&host, &vae, cached_shape, &model_cfg, device);
                 let perceptual = lpips.as_ref().filter(|_| stage.lambda > 0.0).map(|l| l as &dyn Perceptual);
                 // LPIPS compares pixels: it needs the decoder pass, which brings the pixel L1 along.
                 let decode = stage.pixel_loss || perceptual.is_some();
@@ -298,12 +303,15 @@ fn first_difference(a: &TrainConfig, b: &TrainConfig) -> String {
     key.map_or_else(|| "unknown".into(), |k| format!("`{k}` differs"))
 }
 
-/// Host batch -> tensors: pixels, their latents from the frozen VAE (no gradient), caption tokens.
-fn to_batch(host: &HostBatch, vae: &Vae, cfg: &ModelConfig, device: &Device) -> Batch {
+/// Host batch -> tensors: pixels, their latents (from the latent cache, else from the frozen VAE, with no
+/// gradient either way), caption tokens.
+fn to_batch(host: &HostBatch, vae: &Vae, cached: Option<[usize; 3]>, cfg: &ModelConfig, device: &Device) -> Batch {
     let b = host.examples.len();
     let (w, h) = host.examples[0].image.dimensions();
     let images = Tensor::<4>::from_data(TensorData::new(host.pixels(), [b, 3, h as usize, w as usize]), device);
-    let inputs = vae.encode(images.clone()).detach();
+    let inputs = cached
+        .and_then(|shape| cached_latents(&host.examples, shape, device))
+        .unwrap_or_else(|| vae.encode(images.clone()).detach());
     let captions: Vec<String> = host.examples.iter().map(|e| e.caption.clone()).collect();
     Batch { images, inputs, tokens: captions_to_tokens(&captions, cfg, device) }
 }

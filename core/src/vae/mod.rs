@@ -94,6 +94,29 @@ impl Vae {
         }
     }
 
+    /// A fingerprint of the weights (FNV-1a over every parameter's name and f32 values): what a latent cache
+    /// records, so latents from another VAE are never mixed in.
+    pub fn identity(&self) -> String {
+        let params = match &self.arch {
+            Architecture::Flux(m, _) => crate::params::named_values(m),
+            Architecture::Tiny(m, _) => crate::params::named_values(m),
+        };
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut eat = |bytes: &[u8]| {
+            for b in bytes {
+                h = (h ^ *b as u64).wrapping_mul(0x0100_0000_01b3);
+            }
+        };
+        for (name, _, values) in params {
+            eat(name.as_bytes());
+            for v in values {
+                eat(&v.to_le_bytes());
+            }
+        }
+        eat(&self.latent_offset.to_le_bytes());
+        format!("fnv64:{h:016x}")
+    }
+
     /// A copy on the plain (non-autodiff) device, for evaluation next to training.
     pub fn valid(&self) -> Self {
         let arch = match &self.arch {

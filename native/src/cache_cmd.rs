@@ -1,0 +1,57 @@
+//! `ov3 cache`: encode a data source once with the frozen VAE into a latent cache (`cache:DIR` for
+//! `ov3 train --data`).
+
+use std::path::PathBuf;
+
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use ov3_core::data::latent_cache::build;
+use ov3_core::data::source::{Source, Spec};
+use ov3_core::vae::Vae;
+
+use crate::Common;
+
+#[derive(Args)]
+pub struct CacheArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Data to encode (SPEC §6 data spec).
+    #[arg(long)]
+    data: String,
+    /// Center crops of RES x RES (a multiple of 16): the resolution the stage will train at.
+    #[arg(long, default_value_t = 128)]
+    res: u32,
+    /// Also store every crop mirrored (doubles the cache; the captions are kept as they are).
+    #[arg(long)]
+    flip: bool,
+    /// Frozen VAE weights; default: the embedded autoencoder.
+    #[arg(long)]
+    vae: Option<PathBuf>,
+    #[arg(long)]
+    out: PathBuf,
+}
+
+pub fn run(args: CacheArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.res >= 16 && args.res % 16 == 0, "--res must be a positive multiple of 16, got {}", args.res);
+    let device = args.common.device()?.device;
+    let vae = Vae::load_or_embedded(args.vae.as_deref(), &device)?;
+    let source = Source::open(&Spec::parse(&args.data)?)?;
+    let bar = ProgressBar::new(source.len() as u64);
+    bar.set_style(ProgressStyle::with_template("encoding {bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}]")?);
+    let manifest =
+        build(&source, &vae, args.res, args.flip, &args.out, &device, |done, _| bar.set_position(done as u64))?;
+    bar.finish_and_clear();
+    println!(
+        "{} crops of {} at {} px in {} shard(s): {} (VAE {}, {}); skipped {}",
+        manifest.entries.len(),
+        manifest.source,
+        manifest.resolution,
+        manifest.shards.len(),
+        args.out.display(),
+        manifest.vae_source,
+        manifest.vae_identity,
+        if manifest.skips.total() == 0 { "nothing".to_string() } else { manifest.skips.summary() }
+    );
+    println!("train from it with: ov3 train --data cache:{}", args.out.display());
+    Ok(())
+}
