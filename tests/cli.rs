@@ -6,6 +6,14 @@ fn ov3(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_ov3")).args(args).output().expect("ov3 binary runs")
 }
 
+/// Runs `ov3 ARGS --backend cpu`, asserts success, returns stdout.
+fn ov3_ok(args: &[&str]) -> String {
+    let out = ov3(&[args, &["--backend", "cpu"]].concat());
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "ov3 {} failed: {stderr}", args.join(" "));
+    stdout
+}
+
 fn text(out: &Output) -> (String, String) {
     (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
@@ -79,55 +87,22 @@ fn vae_encode_and_decode_match_the_reference_for_every_layout() {
     ] {
         let latents = dir.path().join(format!("{set}.latents.safetensors"));
         let vae = vae.to_str().expect("utf-8 path");
-        let out = ov3(&[
-            "vae",
-            "encode",
-            "--backend",
-            "cpu",
-            "--vae",
-            vae,
-            "--image",
-            photo.to_str().expect("path"),
-            "--out",
-            latents.to_str().expect("path"),
-        ]);
-        assert!(out.status.success(), "{set} encode: {}", text(&out).1);
+        let (photo_s, latents_s) = (photo.to_str().expect("path"), latents.to_str().expect("path"));
+        ov3_ok(&["vae", "encode", "--vae", vae, "--image", photo_s, "--out", latents_s]);
         let (shape, got) = tensor_values(&latents, "latents");
         assert_eq!(shape, vec![1, 16, 8, 8]);
         let err = max_rel_err(&got, &tensor_values(&reference, &format!("{set}.mean")).1);
         assert!(err < 1e-4, "{set}: encoded latents relative error {err:.2e}");
 
         let image = dir.path().join(format!("{set}.image.safetensors"));
-        let out = ov3(&[
-            "vae",
-            "decode",
-            "--backend",
-            "cpu",
-            "--vae",
-            vae,
-            "--latents",
-            latents.to_str().expect("path"),
-            "--out",
-            image.to_str().expect("path"),
-        ]);
-        assert!(out.status.success(), "{set} decode: {}", text(&out).1);
+        let png = dir.path().join(format!("{set}.png"));
+        for out_path in [&image, &png] {
+            ov3_ok(&["vae", "decode", "--vae", vae, "--latents", latents_s, "--out", out_path.to_str().expect("path")]);
+            assert!(out_path.exists(), "{set}: decode wrote no {}", out_path.display());
+        }
         let err =
             max_rel_err(&tensor_values(&image, "image").1, &tensor_values(&reference, &format!("{set}.decoded")).1);
         assert!(err < 1e-3, "{set}: decoded image relative error {err:.2e}");
-        let png = dir.path().join(format!("{set}.png"));
-        let out = ov3(&[
-            "vae",
-            "decode",
-            "--backend",
-            "cpu",
-            "--vae",
-            vae,
-            "--latents",
-            latents.to_str().expect("path"),
-            "--out",
-            png.to_str().expect("path"),
-        ]);
-        assert!(out.status.success() && png.exists(), "{set} decode to png: {}", text(&out).1);
     }
 }
 
@@ -304,42 +279,14 @@ fn train_then_use_the_run_end_to_end() {
 
     let photo = concat!(env!("CARGO_MANIFEST_DIR"), "/../assets/photos/coffee.jpg");
     let rec = tmp.path().join("rec.png");
-    let out = ov3(&[
-        "reconstruct",
-        "--run",
-        run_s,
-        "--image",
-        photo,
-        "--res",
-        "48",
-        "--out",
-        rec.to_str().unwrap(),
-        "--backend",
-        "cpu",
-    ]);
-    assert!(out.status.success(), "reconstruct failed: {}", text(&out).1);
-    assert!(text(&out).0.contains("psnr"));
+    let (rec_s, exported, json) =
+        (rec.to_str().unwrap(), tmp.path().join("model.safetensors"), tmp.path().join("eval.json"));
+    assert!(ov3_ok(&["reconstruct", "--run", run_s, "--image", photo, "--res", "48", "--out", rec_s]).contains("psnr"));
     assert_eq!(image::image_dimensions(&rec).unwrap(), (48, 48));
-    let out = ov3(&["caption", "--run", run_s, "--image", photo, "--res", "32", "--backend", "cpu"]);
-    assert!(out.status.success(), "caption failed: {}", text(&out).1);
-    let exported = tmp.path().join("model.safetensors");
-    let out = ov3(&["export", "--run", run_s, "--out", exported.to_str().unwrap(), "--backend", "cpu"]);
-    assert!(out.status.success(), "export failed: {}", text(&out).1);
-    let json = tmp.path().join("eval.json");
-    let out = ov3(&[
-        "eval",
-        "--model",
-        exported.to_str().unwrap(),
-        "--n",
-        "4",
-        "--res",
-        "32",
-        "--json",
-        json.to_str().unwrap(),
-        "--backend",
-        "cpu",
-    ]);
-    assert!(out.status.success(), "eval failed: {}", text(&out).1);
+    ov3_ok(&["caption", "--run", run_s, "--image", photo, "--res", "32"]);
+    ov3_ok(&["export", "--run", run_s, "--out", exported.to_str().unwrap()]);
+    let exported_s = exported.to_str().unwrap();
+    ov3_ok(&["eval", "--model", exported_s, "--n", "4", "--res", "32", "--json", json.to_str().unwrap()]);
     let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(report["n"], 4);
     assert!(report["psnr"].as_f64().unwrap().is_finite() && report["zero_shot_accuracy"].as_f64().is_some());

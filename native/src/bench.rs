@@ -122,24 +122,15 @@ fn step(args: StepArgs) -> anyhow::Result<()> {
     let device = selected.device.clone().autodiff();
     let cfg = args.common.preset.config();
     let batch = random_batch(&cfg, args.batch, args.res, &device);
-    let mut model = Ov3::new(&cfg, &device);
+    let model = Ov3::new(&cfg, &device);
     let mut optim = optim::adamw(&model, 0.2);
     let weights = LossWeights::default();
 
-    let mut times = Vec::with_capacity(args.steps);
-    for i in 0..args.warmup + args.steps {
-        let start = Instant::now();
-        let (next, out, _) = train_step(model, &mut optim, &batch, &weights, cfg.tau, Frozen::default(), 1e-4, 1.0);
-        model = next;
-        // Reading the loss waits for the device, so the time covers the whole step.
-        let loss = out.total.into_scalar::<f32>();
-        anyhow::ensure!(loss.is_finite(), "loss is {loss} at step {i}");
-        if i >= args.warmup {
-            times.push(start.elapsed().as_secs_f64());
-        }
-    }
-    times.sort_by(f64::total_cmp);
-    let median = times[times.len() / 2];
+    let mut model = Some(model);
+    let median = median_time(args.warmup, args.steps, |_| {
+        model = Some(train_once(model.take().expect("model between steps"), &mut optim, &batch, &weights, cfg.tau)?);
+        Ok(())
+    })?;
     let device_mem = selected.device.memory_pool_usage().map(|u| u.bytes_reserved);
     let peak_mib = device_mem.map(|b| b as f64).unwrap_or_else(process_peak_bytes) / (1 << 20) as f64;
     let adapter = selected.adapter.as_ref().map(|a| a.to_string()).unwrap_or_else(|| "cpu (flex)".into());
@@ -190,42 +181,29 @@ fn cache(args: CacheArgs) -> anyhow::Result<()> {
     // The same model, optimiser and batches both ways; only where the latents come from differs.
     let time = |from_cache: bool| -> anyhow::Result<f64> {
         device.seed(args.common.seed);
-        let mut model = Ov3::new(&cfg, &device);
-        let mut optim = optim::adamw(&model, 0.2);
-        let mut times = vec![];
-        for i in 0..args.warmup + args.steps {
-            let t = Instant::now();
+        let mut model = Some(Ov3::new(&cfg, &device));
+        let mut optim = optim::adamw(model.as_ref().expect("model"), 0.2);
+        median_time(args.warmup, args.steps, |i| {
             let rows = i * args.batch..(i + 1) * args.batch;
-            let (images, inputs, captions) = if from_cache {
-                let examples: Vec<_> = rows
-                    .map(|r| cache.example(r))
-                    .collect::<Result<_, _>>()
-                    .map_err(|s| anyhow::anyhow!("cache read: {}", s.name()))?;
-                let images = Tensor::cat(examples.iter().map(|e| to_tensor(&e.image, &device)).collect(), 0);
-                let latents = cached_latents(&examples, shape, &device).expect("cached latents");
-                (images, latents, examples.into_iter().map(|e| e.caption).collect::<Vec<_>>())
-            } else {
-                let aug = Augment::eval(args.res);
-                let examples: Vec<_> = rows
-                    .map(|r| load_example(&source, r, &aug, Default::default(), &mut SplitMix64::new(0, r as u64)))
-                    .collect::<Result<_, _>>()
-                    .map_err(|s| anyhow::anyhow!("decode: {}", s.name()))?;
-                let images = Tensor::cat(examples.iter().map(|e| to_tensor(&e.image, &device)).collect(), 0);
-                let latents = vae.encode(images.clone()).detach();
-                (images, latents, examples.into_iter().map(|e| e.caption).collect::<Vec<_>>())
+            let aug = Augment::eval(args.res);
+            let examples: Vec<_> = rows
+                .map(|r| match from_cache {
+                    true => cache.example(r),
+                    false => load_example(&source, r, &aug, Default::default(), &mut SplitMix64::new(0, r as u64)),
+                })
+                .collect::<Result<_, _>>()
+                .map_err(|s| anyhow::anyhow!("reading the batch: {}", s.name()))?;
+            let images = Tensor::cat(examples.iter().map(|e| to_tensor(&e.image, &device)).collect(), 0);
+            let inputs = match from_cache {
+                true => cached_latents(&examples, shape, &device).expect("cached rows carry latents"),
+                false => vae.encode(images.clone()).detach(),
             };
+            let captions: Vec<String> = examples.into_iter().map(|e| e.caption).collect();
             let batch = ov3_core::Batch { images, inputs, tokens: captions_to_tokens(&captions, &cfg, &device) };
-            let (next, out, _) =
-                train_step(model, &mut optim, &batch, &LossWeights::default(), cfg.tau, Frozen::default(), 1e-4, 1.0);
-            model = next;
-            let loss = out.total.into_scalar::<f32>();
-            anyhow::ensure!(loss.is_finite(), "loss is {loss}");
-            if i >= args.warmup {
-                times.push(t.elapsed().as_secs_f64());
-            }
-        }
-        times.sort_by(f64::total_cmp);
-        Ok(times[times.len() / 2])
+            let m = model.take().expect("model between steps");
+            model = Some(train_once(m, &mut optim, &batch, &LossWeights::default(), cfg.tau)?);
+            Ok(())
+        })
     };
     let with_vae = time(false)?;
     let with_cache = time(true)?;
@@ -244,6 +222,34 @@ fn cache(args: CacheArgs) -> anyhow::Result<()> {
         build_s * 1e3 / n as f64
     );
     Ok(())
+}
+
+/// Median seconds of `steps` timed calls of `step(i)` after `warmup` untimed ones.
+fn median_time(warmup: usize, steps: usize, mut step: impl FnMut(usize) -> anyhow::Result<()>) -> anyhow::Result<f64> {
+    let mut times = Vec::with_capacity(steps);
+    for i in 0..warmup + steps {
+        let start = Instant::now();
+        step(i)?;
+        if i >= warmup {
+            times.push(start.elapsed().as_secs_f64());
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+/// One training step whose loss is read back: reading waits for the device, so a timer covers the whole step.
+fn train_once(
+    model: Ov3,
+    optim: &mut burn::optim::ModuleOptimizer,
+    batch: &ov3_core::Batch,
+    weights: &LossWeights,
+    tau: f64,
+) -> anyhow::Result<Ov3> {
+    let (model, out, _) = train_step(model, optim, batch, weights, tau, Frozen::default(), 1e-4, 1.0);
+    let loss = out.total.into_scalar::<f32>();
+    anyhow::ensure!(loss.is_finite(), "loss is {loss}");
+    Ok(model)
 }
 
 /// Peak resident set size of this process (Linux `VmHWM`); 0 where unavailable.
