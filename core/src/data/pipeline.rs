@@ -6,13 +6,12 @@ use std::sync::Arc;
 use std::sync::mpsc::{Receiver, sync_channel};
 
 use image::RgbImage;
-use image::imageops::FilterType;
 
 use super::decode::{DecodeLimits, decode_rgb};
 use super::rng::SplitMix64;
 use super::skips::{Skip, SkipCounts};
 use super::source::{DataError, Item, Source};
-use crate::image_io::resize_center_crop;
+use crate::image_io::{FilterType, resize_center_crop, resize_region};
 
 /// How images become training inputs.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -133,8 +132,7 @@ fn prepare(img: &RgbImage, aug: &Augment, g: &mut SplitMix64) -> RgbImage {
         let ch = ((area / ratio).sqrt().min(h).max(1.0)) as u32;
         let x = g.below((img.width() - cw + 1) as usize) as u32;
         let y = g.below((img.height() - ch + 1) as usize) as u32;
-        let crop = image::imageops::crop_imm(img, x, y, cw, ch).to_image();
-        image::imageops::resize(&crop, res, res, FilterType::Triangle)
+        resize_region(img, Some((x as f64, y as f64, cw as f64, ch as f64)), res, FilterType::Bilinear)
     } else {
         resize_center_crop(img, res)
     };
