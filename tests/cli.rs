@@ -291,3 +291,37 @@ fn train_then_use_the_run_end_to_end() {
     assert_eq!(report["n"], 4);
     assert!(report["psnr"].as_f64().unwrap().is_finite() && report["zero_shot_accuracy"].as_f64().is_some());
 }
+
+#[test]
+fn ctrl_c_writes_a_checkpoint_and_resume_finishes_the_run() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let recipe = tmp.path().join("recipe.toml");
+    // Long enough that the interrupt lands mid-run (it is sent after step 2).
+    std::fs::write(&recipe, TINY_RECIPE.replace("steps = 4", "steps = 30").replace("eval_every = 3", "eval_every = 0"))
+        .unwrap();
+    let run = tmp.path().join("run");
+    let (run_s, recipe_s) = (run.to_str().unwrap(), recipe.to_str().unwrap());
+    let child = Command::new(env!("CARGO_BIN_EXE_ov3"))
+        .args(["train", "--config", recipe_s, "--out", run_s, "--backend", "cpu"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("ov3 starts");
+    let metrics = run.join("metrics.jsonl");
+    let started = std::time::Instant::now();
+    while std::fs::read_to_string(&metrics).map_or(true, |m| m.lines().count() < 2) {
+        assert!(started.elapsed().as_secs() < 120, "no training steps logged within 2 minutes");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let kill = Command::new("kill").args(["-INT", &child.id().to_string()]).status().expect("kill runs");
+    assert!(kill.success());
+    let out = child.wait_with_output().expect("ov3 exits");
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "Ctrl-C should exit cleanly: {stderr}");
+    assert!(stdout.contains("interrupted at step") && stdout.contains("--resume"), "{stdout}");
+    let checkpoints = std::fs::read_dir(run.join("checkpoints")).unwrap().count();
+    assert!(checkpoints >= 1, "no checkpoint written on Ctrl-C");
+    // The resumed run picks up the saved config and finishes.
+    let resumed = ov3_ok(&["train", "--out", run_s, "--resume"]);
+    assert!(resumed.contains("finished 32 steps"), "{resumed}");
+}
