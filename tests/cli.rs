@@ -325,3 +325,23 @@ fn ctrl_c_writes_a_checkpoint_and_resume_finishes_the_run() {
     let resumed = ov3_ok(&["train", "--out", run_s, "--resume"]);
     assert!(resumed.contains("finished 32 steps"), "{resumed}");
 }
+
+/// The demo checkpoint in assets/ serves every model command with no --run or --model, and it has learned
+/// something: held-out retrieval far above chance.
+#[test]
+fn the_shipped_demo_checkpoint_works_without_training() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let json = tmp.path().join("eval.json");
+    ov3_ok(&["eval", "--data", "synthetic:64:0:heldout", "--res", "128", "--captions", "0", "--json", json.to_str().unwrap()]);
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let chance_at_5 = 5.0 / 64.0;
+    for key in ["i2t_recall_at_5", "t2i_recall_at_5"] {
+        let r = report[key].as_f64().unwrap();
+        assert!(r > 3.0 * chance_at_5, "{key} = {r}, chance is {chance_at_5}");
+    }
+    let photo = concat!(env!("CARGO_MANIFEST_DIR"), "/../assets/photos/rocket.jpg");
+    let rec = tmp.path().join("rec.png");
+    let out = ov3_ok(&["reconstruct", "--image", photo, "--noise", "0.25", "--out", rec.to_str().unwrap()]);
+    assert!(out.contains("psnr") && rec.is_file(), "{out}");
+    assert!(!ov3_ok(&["caption", "--image", photo]).trim().is_empty());
+}
