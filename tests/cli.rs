@@ -332,7 +332,17 @@ fn ctrl_c_writes_a_checkpoint_and_resume_finishes_the_run() {
 fn the_shipped_demo_checkpoint_works_without_training() {
     let tmp = tempfile::tempdir().expect("tmp");
     let json = tmp.path().join("eval.json");
-    ov3_ok(&["eval", "--data", "synthetic:64:0:heldout", "--res", "128", "--captions", "0", "--json", json.to_str().unwrap()]);
+    ov3_ok(&[
+        "eval",
+        "--data",
+        "synthetic:64:0:heldout",
+        "--res",
+        "128",
+        "--captions",
+        "0",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
     let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let chance_at_5 = 5.0 / 64.0;
     for key in ["i2t_recall_at_5", "t2i_recall_at_5"] {
