@@ -17,7 +17,7 @@ use super::decode::DecodeLimits;
 use super::pipeline::{Augment, Example, load_example};
 use super::rng::SplitMix64;
 use super::skips::{Skip, SkipCounts};
-use super::source::{DataError, Source};
+use super::source::{DataError, Source, read_member};
 use crate::fsio::atomic_write;
 use crate::vae::Vae;
 
@@ -224,12 +224,9 @@ impl LatentCache {
         let [c, h, w] = self.manifest.latent_shape;
         let (lat_at, img_at) = self.offsets[e.shard];
         let path = self.dir.join(&self.manifest.shards[e.shard]);
-        let file = File::open(&path).map_err(|_| Skip::MissingShard)?;
         let (latent_len, pixel_len) = (4 * c * h * w, 3 * r * r);
-        let mut latent_bytes = vec![0u8; latent_len];
-        read_at(&file, &mut latent_bytes, lat_at + (e.row * latent_len) as u64)?;
-        let mut pixels = vec![0u8; pixel_len];
-        read_at(&file, &mut pixels, img_at + (e.row * pixel_len) as u64)?;
+        let latent_bytes = read_member(&path, lat_at + (e.row * latent_len) as u64, latent_len as u64)?;
+        let pixels = read_member(&path, img_at + (e.row * pixel_len) as u64, pixel_len as u64)?;
         let plane = r * r;
         let image = RgbImage::from_fn(r as u32, r as u32, |x, y| {
             let i = y as usize * r + x as usize;
@@ -238,13 +235,6 @@ impl LatentCache {
         let latents = latent_bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
         Ok(Example { key: e.key.clone(), image, caption: e.caption.clone(), label: e.label, latents: Some(latents) })
     }
-}
-
-fn read_at(file: &File, buf: &mut [u8], offset: u64) -> Result<(), Skip> {
-    use std::io::{Read, Seek, SeekFrom};
-    let mut f = file;
-    f.seek(SeekFrom::Start(offset)).map_err(|_| Skip::TruncatedShard)?;
-    f.read_exact(buf).map_err(|_| Skip::TruncatedShard)
 }
 
 /// Absolute file offsets of the `latents` and `images` data in a shard (from its safetensors header).

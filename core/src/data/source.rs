@@ -215,7 +215,8 @@ impl Source {
     }
 }
 
-fn read_member(shard: &Path, offset: u64, size: u64) -> Result<Vec<u8>, Skip> {
+/// `size` bytes at `offset` of a file (a shard member, a cache row); a short file is a truncated shard.
+pub(crate) fn read_member(shard: &Path, offset: u64, size: u64) -> Result<Vec<u8>, Skip> {
     let mut f = File::open(shard).map_err(|_| Skip::MissingShard)?;
     f.seek(SeekFrom::Start(offset)).map_err(|_| Skip::TruncatedShard)?;
     let mut buf = vec![0; size as usize];
