@@ -2,7 +2,7 @@
 //! ceiling), retrieval recall@1/@5 both ways, zero-shot accuracy where labels exist, caption loss and a
 //! few greedy captions. The trainer runs the same code periodically.
 
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, ExecutionError, Int, Tensor, TensorData};
 
 use crate::autoencoder::LatentDecoder;
 use image::RgbImage;
@@ -16,6 +16,7 @@ use crate::data::skips::SkipCounts;
 use crate::data::source::{DataError, Source, Spec};
 use crate::data::synthetic::{SHAPES, zero_shot_prompt};
 use crate::image_io::{from_chw, to_tensor};
+use crate::inference::normalize_rows;
 use crate::losses;
 use crate::lpips::Lpips;
 use crate::metrics::{psnr, ssim};
@@ -247,8 +248,19 @@ pub fn generate_captions(
     model: &Ov3,
     z_u: Tensor<3>,
     cfg: &ModelConfig,
-    mut top_k: Option<(usize, &mut SplitMix64)>,
+    top_k: Option<(usize, &mut SplitMix64)>,
 ) -> Vec<String> {
+    futures_lite::future::block_on(generate_captions_async(model, z_u, cfg, top_k))
+        .expect("reading logits back from the device")
+}
+
+/// [`generate_captions`] awaiting each step's logits, for the browser where WebGPU cannot block.
+pub async fn generate_captions_async(
+    model: &Ov3,
+    z_u: Tensor<3>,
+    cfg: &ModelConfig,
+    mut top_k: Option<(usize, &mut SplitMix64)>,
+) -> Result<Vec<String>, ExecutionError> {
     let [b, _, _] = z_u.dims();
     let device = z_u.device();
     let mut ids: Vec<Vec<usize>> = vec![vec![cfg.bos_id]; b];
@@ -256,7 +268,7 @@ pub fn generate_captions(
         let flat: Vec<i64> = ids.iter().flatten().map(|&i| i as i64).collect();
         let tokens = Tensor::<2, Int>::from_data(TensorData::new(flat, [b, t]), &device);
         let logits = model.caption_logits(z_u.clone(), tokens).narrow(1, t - 1, 1).reshape([b as i32, -1]);
-        let logits = logits.into_data().convert::<f32>().try_to_vec::<f32>().expect("f32 data");
+        let logits = logits.into_data_async().await?.convert::<f32>().try_to_vec::<f32>().expect("f32 data");
         let mut done = true;
         for (seq, row) in ids.iter_mut().zip(logits.chunks(logits.len() / b)) {
             let finished = seq.last().is_some_and(|&l| l == cfg.eos_id);
@@ -275,7 +287,7 @@ pub fn generate_captions(
             break;
         }
     }
-    ids.iter().map(|seq| tokenizer::decode(seq)).collect()
+    Ok(ids.iter().map(|seq| tokenizer::decode(seq)).collect())
 }
 
 fn argmax(row: &[f32]) -> usize {
@@ -301,14 +313,7 @@ fn sample_top_k(row: &[f32], k: usize, rng: &mut SplitMix64) -> usize {
 /// Rows of a `[N, E]` tensor, L2-normalised.
 fn rows(x: Tensor<2>) -> Vec<Vec<f32>> {
     let [_, e] = x.dims();
-    let values = x.into_data().convert::<f32>().try_to_vec::<f32>().expect("f32 data");
-    values
-        .chunks(e)
-        .map(|r| {
-            let norm = r.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
-            r.iter().map(|v| v / norm).collect()
-        })
-        .collect()
+    normalize_rows(&x.into_data().convert::<f32>().try_to_vec::<f32>().expect("f32 data"), e)
 }
 
 fn split_images(x: &Tensor<4>) -> Vec<RgbImage> {

@@ -14,6 +14,7 @@ pub mod data;
 pub mod eval;
 pub mod fsio;
 pub mod image_io;
+pub mod inference;
 pub mod metrics;
 pub mod model_file;
 pub mod optim;

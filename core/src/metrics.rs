@@ -4,11 +4,20 @@ use burn::tensor::Tensor;
 
 /// Peak signal-to-noise ratio in dB, per image, on the [0, 1] scale (images clamped to [-1, 1] first).
 pub fn psnr(x: Tensor<4>, y: Tensor<4>) -> Vec<f64> {
+    let mse = mse_01(x, y).into_data().convert::<f32>().try_to_vec::<f32>().expect("f32 data");
+    mse.into_iter().map(|m| psnr_db(m as f64)).collect()
+}
+
+/// Per-image mean squared error `[B]` on the [0, 1] scale, left on the device (the browser awaits it).
+pub fn mse_01(x: Tensor<4>, y: Tensor<4>) -> Tensor<1> {
     let [b, _, _, _] = x.dims();
     let diff = (x.clamp(-1.0, 1.0) - y.clamp(-1.0, 1.0)).div_scalar(2.0);
-    let mse = diff.powi_scalar(2).reshape([b as i32, -1]).mean_dim(1);
-    let mse = mse.into_data().convert::<f32>().try_to_vec::<f32>().expect("f32 data");
-    mse.into_iter().map(|m| -10.0 * (m.max(1e-12) as f64).log10()).collect()
+    diff.powi_scalar(2).reshape([b as i32, -1]).mean_dim(1).reshape([b])
+}
+
+/// PSNR in dB of a mean squared error on the [0, 1] scale (floored at 1e-12: identical images give 120 dB).
+pub fn psnr_db(mse: f64) -> f64 {
+    -10.0 * mse.max(1e-12).log10()
 }
 
 /// The naive baseline an 8x autoencoder must beat: average each 8x8 block, then repeat it (3 numbers per

@@ -44,8 +44,16 @@ pub fn save_model_as(path: &Path, model: &Ov3, cfg: &ModelConfig, dtype: Dtype) 
 /// Reads a model file: its config from the metadata, then every parameter by name (missing, unexpected
 /// and mis-shaped keys are errors naming the key).
 pub fn load_model(path: &Path, device: &Device) -> Result<(Ov3, ModelConfig), WeightsError> {
-    let weights = Weights::open(path)?;
-    let cfg = model_config(&weights)?;
+    model_from_weights(&Weights::open(path)?, device)
+}
+
+/// [`load_model`] from the bytes of a model file (the browser fetches them); `name` is for messages.
+pub fn load_model_bytes(bytes: Vec<u8>, name: &str, device: &Device) -> Result<(Ov3, ModelConfig), WeightsError> {
+    model_from_weights(&Weights::from_bytes(bytes, name.to_string())?, device)
+}
+
+fn model_from_weights(weights: &Weights, device: &Device) -> Result<(Ov3, ModelConfig), WeightsError> {
+    let cfg = model_config(weights)?;
     if let Some(tok) = weights.metadata(TOKENIZER_KEY).filter(|t| *t != BYTE_TOKENIZER) {
         return Err(weights.invalid(format!("tokenizer `{tok}` is not supported by this version of ov3")));
     }
@@ -54,7 +62,7 @@ pub fn load_model(path: &Path, device: &Device) -> Result<(Ov3, ModelConfig), We
         None => BTreeMap::new(),
     };
     let model = Ov3::new(&cfg, device);
-    let mut loader = Loader { weights: &weights, ids: &ids, stack: Vec::new(), error: None };
+    let mut loader = Loader { weights, ids: &ids, stack: Vec::new(), error: None };
     let model = model.map(&mut loader);
     if let Some(e) = loader.error {
         return Err(e);

@@ -36,6 +36,8 @@ enum Command {
     Encode(model_cmd::EncodeArgs),
     /// Image -> a caption generated from its unified tokens (greedy or top-k).
     Caption(model_cmd::CaptionArgs),
+    /// Rank captions (one per line of a file) by contrastive similarity to an image, as the web demo does.
+    Rank(model_cmd::RankArgs),
     /// Write a model file for the web demo or sharing (f16 by default).
     Export(model_cmd::ExportArgs),
     /// Print the wgpu adapters, the backend `auto` picks, and the parameter count of a preset.
@@ -91,6 +93,7 @@ fn main() {
         Command::Reconstruct(args) => model_cmd::reconstruct(args),
         Command::Encode(args) => model_cmd::encode(args),
         Command::Caption(args) => model_cmd::caption(args),
+        Command::Rank(args) => model_cmd::rank(args),
         Command::Export(args) => model_cmd::export(args),
         Command::Cache(args) => cache_cmd::run(args),
         Command::Info(args) => info::run(args),

@@ -7,11 +7,11 @@ use std::path::PathBuf;
 use anyhow::Context;
 use burn::tensor::{Device, Distribution, Tensor};
 use clap::Args;
-use ov3_core::autoencoder::LatentDecoder;
 use ov3_core::data::rng::SplitMix64;
 use ov3_core::device::{self, BackendChoice};
-use ov3_core::eval::{EvalSet, evaluate, generate_captions};
-use ov3_core::image_io::{grid, load_rgb, resize_center_crop, save_png, tensor_to_rgb, to_tensor};
+use ov3_core::eval::{EvalSet, evaluate, generate_captions, text_embeddings};
+use ov3_core::image_io::{grid, load_rgb, save_png, tensor_to_rgb, to_tensor};
+use ov3_core::inference::{Tokens, normalize_rows, prepare, rank as inference_rank, to_pixels, tokenize, with_noise};
 use ov3_core::lpips::Lpips;
 use ov3_core::metrics::psnr;
 use ov3_core::model_file::{Dtype, load_model, save_model_as};
@@ -155,16 +155,14 @@ pub struct ImageArgs {
 }
 
 impl ImageArgs {
-    /// The model, the prepared image `[1, 3, R, R]`, and its unified tokens.
-    fn tokens(&self) -> anyhow::Result<(Loaded, Tensor<4>, Tensor<4>, Tensor<3>)> {
+    /// The model, and the prepared image `[1, 3, R, R]` with its unified tokens.
+    fn tokens(&self) -> anyhow::Result<(Loaded, Tokens)> {
         check_res(self.res)?;
         let img = load_rgb(&self.image)?;
-        anyhow::ensure!(img.width() >= 16 && img.height() >= 16, "{}: image smaller than 16x16", self.image.display());
+        let img = prepare(&img, self.res).map_err(|e| anyhow::anyhow!("{}: {e}", self.image.display()))?;
         let m = self.source.load()?;
-        let x = to_tensor(&resize_center_crop(&img, self.res), &m.device);
-        let latents = m.vae.encode(x.clone());
-        let z_u = m.model.encode(latents.clone());
-        Ok((m, x, latents, z_u))
+        let tokens = tokenize(&m.model, &m.vae, to_tensor(&img, &m.device));
+        Ok((m, tokens))
     }
 }
 
@@ -187,22 +185,16 @@ pub struct ReconstructArgs {
 
 pub fn reconstruct(args: ReconstructArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.noise >= 0.0 && args.noise.is_finite(), "--noise must be finite and >= 0");
-    let (m, x, latents, z_u) = args.image.tokens()?;
+    let (m, t) = args.image.tokens()?;
     m.device.seed(args.seed.unwrap_or(0));
-    let noisy = if args.noise > 0.0 {
-        z_u.clone() + Tensor::<3>::random(z_u.dims(), Distribution::Normal(0.0, 1.0), &m.device).mul_scalar(args.noise)
-    } else {
-        z_u
-    };
-    let [_, _, h, w] = latents.dims();
-    let patch = m.model.decoder.patch;
-    let rec = m.vae.decode(m.model.decode(noisy, (h / patch, w / patch))).clamp(-1.0, 1.0);
-    let vae_only = m.vae.decode(latents).clamp(-1.0, 1.0);
-    let (p, p_vae) = (psnr(x.clone(), rec.clone())[0], psnr(x.clone(), vae_only.clone())[0]);
+    let eps = Tensor::<3>::random(t.z_u.dims(), Distribution::Normal(0.0, 1.0), &m.device);
+    let rec = to_pixels(&m.model, &m.vae, m.model.decode(with_noise(t.z_u, eps, args.noise), t.grid));
+    let vae_only = to_pixels(&m.model, &m.vae, t.inputs);
+    let (p, p_vae) = (psnr(t.image.clone(), rec.clone())[0], psnr(t.image.clone(), vae_only.clone())[0]);
     save_png(&tensor_to_rgb(&rec), &args.out)?;
     println!("psnr {p:.2} dB (VAE only {p_vae:.2} dB) at noise {}: {}", args.noise, args.out.display());
     if let Some(path) = args.compare {
-        let images = [tensor_to_rgb(&x), tensor_to_rgb(&vae_only), tensor_to_rgb(&rec)];
+        let images = [tensor_to_rgb(&t.image), tensor_to_rgb(&vae_only), tensor_to_rgb(&rec)];
         save_png(&grid(&[images.iter().collect()], 2), &path)?;
         println!("input | VAE only | ov3: {}", path.display());
     }
@@ -219,7 +211,7 @@ pub struct EncodeArgs {
 }
 
 pub fn encode(args: EncodeArgs) -> anyhow::Result<()> {
-    let (m, _, latents, z_u) = args.image.tokens()?;
+    let (m, Tokens { inputs: latents, z_u, .. }) = args.image.tokens()?;
     let embedding = m.model.image_embedding(z_u.clone());
     let host = |dims: &[usize], data: burn::tensor::TensorData| {
         (dims.to_vec(), data.convert::<f32>().try_to_vec::<f32>().expect("f32 data"))
@@ -250,7 +242,7 @@ pub struct CaptionArgs {
 }
 
 pub fn caption(args: CaptionArgs) -> anyhow::Result<()> {
-    let (m, _, _, z_u) = args.image.tokens()?;
+    let (m, Tokens { z_u, .. }) = args.image.tokens()?;
     match args.top_k {
         None => println!("{}", generate_captions(&m.model, z_u, &m.cfg, None)[0]),
         Some(k) => {
@@ -259,6 +251,29 @@ pub fn caption(args: CaptionArgs) -> anyhow::Result<()> {
                 println!("{}", generate_captions(&m.model, z_u.clone(), &m.cfg, Some((k, &mut rng)))[0]);
             }
         }
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct RankArgs {
+    #[command(flatten)]
+    image: ImageArgs,
+    /// A text file with one caption per line (empty lines are ignored).
+    #[arg(long)]
+    captions: PathBuf,
+}
+
+pub fn rank(args: RankArgs) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(&args.captions).with_context(|| args.captions.display().to_string())?;
+    let texts: Vec<String> = text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect();
+    anyhow::ensure!(!texts.is_empty(), "{}: no captions in this file", args.captions.display());
+    let (m, Tokens { z_u, .. }) = args.image.tokens()?;
+    let image = m.model.image_embedding(z_u).into_data().convert::<f32>().try_to_vec::<f32>().expect("f32 data");
+    let image = normalize_rows(&image, m.cfg.embed_dim).remove(0);
+    let rows = text_embeddings(&m.model, &m.cfg, &texts, 16, &m.device);
+    for (i, sim) in inference_rank(&image, &rows) {
+        println!("{sim:+.4}  {}", texts[i]);
     }
     Ok(())
 }

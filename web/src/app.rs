@@ -1,0 +1,334 @@
+//! The demo's state and its pipeline: device, model and VAE once; then per image the stages of
+//! `ov3_core::inference`, each timed up to the read-back that ends it (WebGPU work is asynchronous, so a
+//! stage is finished only when its output has reached the page).
+
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+
+use burn::tensor::{Device, Distribution, Tensor};
+use image::RgbImage;
+use ov3_core::ModelConfig;
+use ov3_core::data::decode::{DecodeLimits, decode_rgb};
+use ov3_core::eval::generate_captions_async;
+use ov3_core::image_io::to_tensor;
+use ov3_core::inference::{Tokens, encoder_inputs, normalize_rows, pca_rgb, prepare, rank, text_tokens, to_pixels, with_noise};
+use ov3_core::metrics::{mse_01, psnr_db};
+use ov3_core::model::Ov3;
+use ov3_core::model_file::load_model_bytes;
+use ov3_core::vae::Vae;
+use wasm_bindgen::JsCast;
+use wasm_bindgen_futures::{JsFuture, spawn_local};
+use web_sys::{HtmlInputElement, HtmlTextAreaElement};
+
+use crate::dom::{self, by_id, js_error, listen, message, now_ms, set_text};
+use crate::fetch::fetch_bytes;
+use crate::view;
+
+/// The model file the page loads unless `?model=URL` names another (`ov3 export` writes one).
+const DEFAULT_MODEL: &str = "ov3-tiny-demo.safetensors";
+/// The side images are cropped to: the resolution the demo checkpoint was trained at last.
+pub const RESOLUTION: u32 = 128;
+/// Files larger than this are refused before reading them.
+const MAX_FILE_BYTES: f64 = 50e6;
+/// Images with more pixels than this are refused from their header, before decoding.
+const MAX_PIXELS: u64 = 40_000_000;
+
+pub struct App {
+    model: Ov3,
+    cfg: ModelConfig,
+    vae: Vae,
+    device: Device,
+    current: RefCell<Option<Current>>,
+    /// A decode is in flight; slider moves meanwhile only update `pending_sigma`.
+    decoding: Cell<bool>,
+    pending_sigma: Cell<Option<f64>>,
+    /// Bumped for every new image, so that work for a replaced image stops drawing.
+    generation: Cell<u64>,
+}
+
+#[derive(Clone)]
+struct Current {
+    tokens: Tokens,
+    /// The noise direction of eq. 3, drawn once per image so the slider only scales it.
+    eps: Tensor<3>,
+    embedding: Vec<f32>,
+}
+
+pub async fn run() -> Result<(), String> {
+    set_text("status", "starting WebGPU…");
+    let (device, backend) = init_device().await;
+    set_text("backend", &backend);
+    let url = model_url();
+    set_text("status", &format!("loading {url}…"));
+    let start = now_ms();
+    let (bytes, cached) = fetch_bytes(&url, true, view::download_progress).await?;
+    let size = bytes.len();
+    let (model, cfg) = load_model_bytes(bytes, &url, &device).map_err(|e| e.to_string())?;
+    let vae = Vae::embedded(&device).map_err(|e| e.to_string())?;
+    view::model_loaded(&url, size, cached, now_ms() - start, cfg.tau);
+    let app = Rc::new(App {
+        model,
+        cfg,
+        vae,
+        device,
+        current: RefCell::new(None),
+        decoding: Cell::new(false),
+        pending_sigma: Cell::new(None),
+        generation: Cell::new(0),
+    });
+    wire(&app);
+    load_samples(&app).await?;
+    set_text("status", "ready: pick a sample, choose a file or drop an image");
+    dom::set_attr("app", "data-state", "ready");
+    Ok(())
+}
+
+/// WebGPU when the browser offers an adapter; otherwise burn's CPU backend compiled into the wasm.
+async fn init_device() -> (Device, String) {
+    let navigator = web_sys::window().map(|w| w.navigator());
+    let has_webgpu = navigator.is_some_and(|n| js_sys::Reflect::has(&n, &"gpu".into()).unwrap_or(false));
+    let why = if has_webgpu {
+        match Device::wgpu_options().init_with_setup_async().await {
+            Ok((device, setup)) => {
+                let info = setup.adapter.get_info();
+                return (device, format!("WebGPU — {} ({:?})", info.name, info.backend));
+            }
+            Err(e) => format!("WebGPU could not start ({e})"),
+        }
+    } else {
+        "this browser has no WebGPU".to_string()
+    };
+    (Device::flex(), format!("CPU (burn flex in wasm, much slower) — {why}"))
+}
+
+fn model_url() -> String {
+    web_sys::window()
+        .and_then(|w| w.location().search().ok())
+        .and_then(|q| web_sys::UrlSearchParams::new_with_str(&q).ok())
+        .and_then(|p| p.get("model"))
+        .unwrap_or_else(|| DEFAULT_MODEL.to_string())
+}
+
+/// Event handlers: file input, drag and drop, the noise slider, the caption box.
+fn wire(app: &Rc<App>) {
+    let a = app.clone();
+    listen("file", "change", move |_| {
+        let input: HtmlInputElement = by_id("file");
+        if let Some(file) = input.files().and_then(|f| f.get(0)) {
+            spawn_local(a.clone().open_file(file));
+        }
+    });
+    listen("drop", "dragover", |e| e.prevent_default());
+    let a = app.clone();
+    listen("drop", "drop", move |e| {
+        e.prevent_default();
+        let file = e.dyn_ref::<web_sys::DragEvent>().and_then(|d| d.data_transfer()).and_then(|t| t.files()).and_then(|f| f.get(0));
+        match file {
+            Some(file) => spawn_local(a.clone().open_file(file)),
+            None => message("nothing to open: drop an image file"),
+        }
+    });
+    let a = app.clone();
+    listen("noise", "input", move |_| {
+        let sigma = by_id::<HtmlInputElement>("noise").value_as_number();
+        a.pending_sigma.set(Some(sigma));
+        if !a.decoding.get() {
+            spawn_local(a.clone().decode_pending());
+        }
+    });
+    let a = app.clone();
+    listen("rank", "click", move |_| spawn_local(a.clone().rank_captions()));
+}
+
+/// The shipped samples as buttons; a click opens the image and puts every sample's caption in the box.
+async fn load_samples(app: &Rc<App>) -> Result<(), String> {
+    let (bytes, _) = fetch_bytes("samples/samples.json", false, |_, _| {}).await?;
+    let samples: Vec<view::Sample> =
+        serde_json::from_slice(&bytes).map_err(|e| format!("samples/samples.json: {e}"))?;
+    view::samples(&samples);
+    for (i, sample) in samples.iter().enumerate() {
+        let a = app.clone();
+        let all: Vec<String> = samples.iter().map(|s| s.caption.clone()).collect();
+        let file = sample.file.clone();
+        listen(&format!("sample-{i}"), "click", move |_| {
+            by_id::<HtmlTextAreaElement>("captions").set_value(&all.join("\n"));
+            spawn_local(a.clone().open_url(file.clone()));
+        });
+    }
+    Ok(())
+}
+
+async fn file_bytes(file: &web_sys::File) -> Result<Vec<u8>, String> {
+    if file.size() > MAX_FILE_BYTES {
+        return Err(format!("{}: {:.0} MB is too large (at most {:.0} MB)", file.name(), file.size() / 1e6, MAX_FILE_BYTES / 1e6));
+    }
+    let buffer = JsFuture::from(file.array_buffer()).await.map_err(js_error)?;
+    Ok(js_sys::Uint8Array::new(&buffer).to_vec())
+}
+
+async fn read(t: Tensor<1>) -> Result<Vec<f32>, String> {
+    read_any(t.into_data_async()).await
+}
+
+async fn read_any(
+    data: impl std::future::Future<Output = Result<burn::tensor::TensorData, burn::tensor::ExecutionError>>,
+) -> Result<Vec<f32>, String> {
+    let data = data.await.map_err(|e| format!("reading back from the device failed: {e:?}"))?;
+    data.convert::<f32>().try_to_vec::<f32>().map_err(|e| format!("unexpected tensor data: {e:?}"))
+}
+
+impl App {
+    async fn open_file(self: Rc<Self>, file: web_sys::File) {
+        let name = file.name();
+        match file_bytes(&file).await {
+            Ok(bytes) => self.process(&name, bytes).await,
+            Err(e) => message(&e),
+        }
+    }
+
+    async fn open_url(self: Rc<Self>, url: String) {
+        match fetch_bytes(&url, false, |_, _| {}).await {
+            Ok((bytes, _)) => self.process(&url, bytes).await,
+            Err(e) => message(&e),
+        }
+    }
+
+    /// Decode -> crop -> tokens -> reconstruction, ranking and caption. Errors are shown and the page goes on.
+    async fn process(self: Rc<Self>, name: &str, bytes: Vec<u8>) {
+        let generation = self.generation.get() + 1;
+        self.generation.set(generation);
+        dom::set_attr("app", "data-state", "working");
+        message("");
+        let limits = DecodeLimits { max_pixels: MAX_PIXELS, ..DecodeLimits::default() };
+        let prepared = decode_rgb(&bytes, limits)
+            .map_err(|skip| format!("{name}: not an image this page can use ({})", skip.name()))
+            .and_then(|img| prepare(&img, RESOLUTION).map_err(|e| format!("{name}: {e}")));
+        let result = match prepared {
+            Ok(img) => self.clone().run_pipeline(name, img, generation).await,
+            Err(e) => Err(e),
+        };
+        if self.generation.get() == generation {
+            if let Err(e) = result {
+                message(&e);
+            }
+            dom::set_attr("app", "data-state", "done");
+            // Tests wait for this counter to move: each finished image, good or bad, bumps it once.
+            let runs: u64 = by_id::<web_sys::Element>("app").get_attribute("data-runs").and_then(|r| r.parse().ok()).unwrap_or(0);
+            dom::set_attr("app", "data-runs", &(runs + 1).to_string());
+        }
+    }
+
+    async fn run_pipeline(self: Rc<Self>, name: &str, img: RgbImage, generation: u64) -> Result<(), String> {
+        set_text("status", &format!("{name}: encoding…"));
+        view::image("original", &img);
+        let image = to_tensor(&img, &self.device);
+        let mut timings = view::Timings::default();
+
+        let t = now_ms();
+        let inputs = encoder_inputs(&self.model, &self.vae, image.clone());
+        read_any(inputs.clone().sum().into_data_async()).await?;
+        timings.vae_encoder = now_ms() - t;
+
+        let t = now_ms();
+        let z_u = self.model.encode(inputs.clone());
+        let z = read_any(z_u.clone().into_data_async()).await?;
+        timings.vit_encoder = now_ms() - t;
+        let [_, n, d] = z_u.dims();
+        let patch = self.model.decoder.patch;
+        let [_, _, h, w] = inputs.dims();
+        let grid = (h / patch, w / patch);
+        view::tokens(&pca_rgb(&z, n, d), grid, d);
+
+        let embedding = self.model.image_embedding(z_u.clone());
+        let embedding = normalize_rows(&read_any(embedding.into_data_async()).await?, self.cfg.embed_dim).remove(0);
+        self.device.seed(0);
+        let eps = Tensor::<3>::random(z_u.dims(), Distribution::Normal(0.0, 1.0), &self.device);
+        let tokens = Tokens { image, inputs, z_u, grid };
+        *self.current.borrow_mut() = Some(Current { tokens: tokens.clone(), eps, embedding });
+
+        let t = now_ms();
+        let vae_only = to_pixels(&self.model, &self.vae, tokens.inputs.clone());
+        let (pixels, mse) = (read_any(vae_only.clone().into_data_async()).await?, read(mse_01(tokens.image.clone(), vae_only)).await?);
+        timings.vae_only = now_ms() - t;
+        view::reconstruction("vae-only", &pixels, RESOLUTION, psnr_db(mse[0] as f64));
+
+        let sigma = by_id::<HtmlInputElement>("noise").value_as_number();
+        self.decode(sigma, &mut timings).await?;
+        view::timings(&timings);
+        if self.generation.get() != generation {
+            return Ok(());
+        }
+        self.rank_captions_now().await?;
+        set_text("status", &format!("{name}: captioning…"));
+        let t = now_ms();
+        let caption = generate_captions_async(&self.model, tokens.z_u, &self.cfg, None)
+            .await
+            .map_err(|e| format!("captioning failed: {e:?}"))?;
+        timings.caption = now_ms() - t;
+        if self.generation.get() == generation {
+            set_text("caption", &caption[0]);
+            view::timings(&timings);
+            set_text("status", &format!("{name}: done"));
+        }
+        Ok(())
+    }
+
+    /// ViT decoder + VAE decoder at noise `sigma`, drawn with its PSNR against the cropped input.
+    async fn decode(&self, sigma: f64, timings: &mut view::Timings) -> Result<(), String> {
+        let Some(cur) = self.current.borrow().clone() else { return Ok(()) };
+        let t = now_ms();
+        let predicted = self.model.decode(with_noise(cur.tokens.z_u, cur.eps, sigma), cur.tokens.grid);
+        read_any(predicted.clone().sum().into_data_async()).await?;
+        timings.vit_decoder = now_ms() - t;
+        let t = now_ms();
+        let rec = to_pixels(&self.model, &self.vae, predicted);
+        let pixels = read_any(rec.clone().into_data_async()).await?;
+        timings.vae_decoder = now_ms() - t;
+        let mse = read(mse_01(cur.tokens.image, rec)).await?;
+        view::reconstruction("ov3", &pixels, RESOLUTION, psnr_db(mse[0] as f64));
+        set_text("sigma", &format!("{sigma:.2}"));
+        Ok(())
+    }
+
+    /// Re-decodes for the latest slider position until the slider stops moving.
+    async fn decode_pending(self: Rc<Self>) {
+        self.decoding.set(true);
+        while let Some(sigma) = self.pending_sigma.take() {
+            let mut timings = view::Timings::default();
+            if let Err(e) = self.decode(sigma, &mut timings).await {
+                message(&e);
+            }
+            dom::yield_to_browser().await;
+        }
+        self.decoding.set(false);
+    }
+
+    async fn rank_captions(self: Rc<Self>) {
+        if let Err(e) = self.rank_captions_now().await {
+            message(&e);
+        }
+    }
+
+    /// The caption box's lines ranked by contrastive similarity to the current image.
+    async fn rank_captions_now(&self) -> Result<(), String> {
+        let Some(embedding) = self.current.borrow().as_ref().map(|c| c.embedding.clone()) else {
+            return Err("open an image first".into());
+        };
+        let texts: Vec<String> = by_id::<HtmlTextAreaElement>("captions")
+            .value()
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .take(64)
+            .map(String::from)
+            .collect();
+        if texts.is_empty() {
+            view::ranking(&[], &[]);
+            return Ok(());
+        }
+        let text = self.model.text_embedding(text_tokens(&texts, &self.cfg, &self.device));
+        let rows = normalize_rows(&read_any(text.into_data_async()).await?, self.cfg.embed_dim);
+        view::ranking(&texts, &rank(&embedding, &rows));
+        Ok(())
+    }
+}

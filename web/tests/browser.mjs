@@ -1,0 +1,123 @@
+// End-to-end test of the demo page in Debian's headless Chromium, driven by playwright-core.
+//
+//   node browser.mjs URL EXPECTED.json OUT_DIR [--no-webgpu]
+//
+// EXPECTED.json (written by run.sh from the native `ov3` CLI on the same files):
+//   { "upload": PATH, "psnr": dB of `ov3 reconstruct` for PATH, "sample": index, "top": first line of `ov3 rank`,
+//     "caption": the sample's true caption, "not_an_image": PATH }
+// Checks: the page starts on the expected backend; an uploaded photo is reconstructed with the PSNR the
+// native CLI computes (within 0.5 dB); a shipped sample ranks its true caption first, as natively; a file
+// that is not an image gives a message and the page keeps working. Writes a screenshot and timings.json.
+
+import { chromium } from 'playwright-core';
+import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+
+const [url, expectedPath, outDir, flag] = process.argv.slice(2);
+const webgpu = flag !== '--no-webgpu';
+const expected = JSON.parse(readFileSync(expectedPath, 'utf8'));
+const failures = [];
+const check = (ok, what) => {
+  console.log(`${ok ? 'ok  ' : 'FAIL'} ${what}`);
+  if (!ok) failures.push(what);
+};
+
+// A closed network: no component updates, no sync, nothing fetched but the page.
+const args = [
+  '--headless', '--no-sandbox', '--no-first-run', '--disable-background-networking', '--disable-component-update',
+  '--disable-sync', '--disable-quic', '--disable-default-apps', '--disable-extensions',
+];
+if (webgpu) args.push('--enable-unsafe-webgpu', '--enable-unsafe-swiftshader', '--use-webgpu-adapter=swiftshader');
+
+const context = await chromium.launchPersistentContext(mkdtempSync(join(tmpdir(), 'ov3-chromium-')), {
+  executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
+  headless: true,
+  args,
+  viewport: { width: 1200, height: 1400 },
+});
+const page = await context.newPage();
+page.on('console', (m) => console.log(`[page ${m.type()}] ${m.text()}`));
+page.on('pageerror', (e) => console.log(`[page error] ${e.message}`));
+
+// Every finished image bumps data-runs; waiting for the next value avoids racing a fast run.
+const runs = async () => Number(await page.getAttribute('#app', 'data-runs')) || 0;
+const waitRun = async (before) =>
+  page.waitForFunction((n) => Number(document.getElementById('app').dataset.runs || 0) > n, before, {
+    timeout: 600_000,
+  });
+const text = async (sel) => ((await page.textContent(sel)) || '').trim();
+
+try {
+  const t0 = Date.now();
+  await page.goto(url);
+  await page.waitForFunction(() => ['ready', 'failed'].includes(document.getElementById('app').dataset.state), null, {
+    timeout: 600_000,
+  });
+  const loadMs = Date.now() - t0;
+  const backend = await text('#backend');
+  console.log(`backend: ${backend}; model: ${await text('#model')}; ready after ${loadMs} ms`);
+  check((await page.getAttribute('#app', 'data-state')) === 'ready', `page ready (message: "${await text('#message')}")`);
+  check(webgpu ? backend.startsWith('WebGPU') : backend.startsWith('CPU'), `backend is ${webgpu ? 'WebGPU' : 'the CPU fallback'}`);
+
+  // 1. Upload a real photo: the PSNR shown must match the native CLI.
+  let before = await runs();
+  await page.setInputFiles('#file', expected.upload);
+  await waitRun(before);
+  const psnr = Number(await page.getAttribute('#psnr-ov3', 'data-value'));
+  const psnrVae = Number(await page.getAttribute('#psnr-vae-only', 'data-value'));
+  check(Math.abs(psnr - expected.psnr) < 0.5, `upload: PSNR ${psnr.toFixed(3)} dB vs native ${expected.psnr} dB (within 0.5)`);
+  check(Math.abs(psnrVae - expected.psnr_vae) < 0.5, `upload: VAE-only PSNR ${psnrVae.toFixed(3)} vs native ${expected.psnr_vae}`);
+  const timings = await text('#timings');
+  console.log(`timings (first image, includes shader compilation): ${timings}`);
+  check((await text('#caption')).length > 0, `a caption was generated: "${await text('#caption')}"`);
+
+  // 2. A shipped sample: its true caption ranks first, as natively.
+  before = await runs();
+  await page.click(`#sample-${expected.sample}`);
+  await waitRun(before);
+  const top = await text('#ranking li:first-child .text');
+  check(top === expected.top, `sample ${expected.sample}: top caption "${top}" equals native's "${expected.top}"`);
+  check(top === expected.caption, `sample ${expected.sample}: the true caption ranks first`);
+  const timingsWarm = await text('#timings');
+  console.log(`timings (warm): ${timingsWarm}`);
+
+  // 3. The noise slider re-decodes: at sigma = tau the reconstruction changes.
+  const psnrAt0 = Number(await page.getAttribute('#psnr-ov3', 'data-value'));
+  await page.$eval('#noise', (el) => {
+    el.value = el.max;
+    el.dispatchEvent(new Event('input'));
+  });
+  await page.waitForFunction((p) => Number(document.getElementById('psnr-ov3').dataset.value) !== p, psnrAt0, {
+    timeout: 300_000,
+  });
+  check(true, `slider: PSNR at sigma = tau ${Number(await page.getAttribute('#psnr-ov3', 'data-value')).toFixed(2)} dB (was ${psnrAt0.toFixed(2)})`);
+  await page.screenshot({ path: join(outDir, webgpu ? 'demo.png' : 'demo-cpu.png'), fullPage: true });
+
+  // 4. Not an image: a clear message, and the page still works afterwards.
+  before = await runs();
+  await page.setInputFiles('#file', expected.not_an_image);
+  await waitRun(before);
+  const msg = await text('#message');
+  check(/not an image/.test(msg), `a text file gives a message: "${msg}"`);
+  before = await runs();
+  await page.click(`#sample-${expected.sample}`);
+  await waitRun(before);
+  check((await text('#message')) === '' && (await text('#ranking li:first-child .text')) === expected.top, 'the page still works after the bad file');
+
+  writeFileSync(
+    join(outDir, webgpu ? 'timings.json' : 'timings-cpu.json'),
+    JSON.stringify({ backend, load_ms: loadMs, first_image: timings, warm: timingsWarm }, null, 1),
+  );
+} catch (e) {
+  failures.push(String(e));
+  console.log(`FAIL ${e}`);
+  await page.screenshot({ path: join(outDir, 'failure.png'), fullPage: true }).catch(() => {});
+} finally {
+  await context.close();
+}
+if (failures.length) {
+  console.log(`${failures.length} check(s) failed`);
+  process.exit(1);
+}
+console.log('browser test passed');
