@@ -5,6 +5,7 @@
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
+use burn::tensor::wgpu::wgpu;
 use burn::tensor::{Device, Distribution, Tensor};
 use image::RgbImage;
 use ov3_core::ModelConfig;
@@ -26,6 +27,8 @@ use crate::view;
 
 /// The model file the page loads unless `?model=URL` names another (`ov3 export` writes one).
 const DEFAULT_MODEL: &str = "ov3-tiny-demo.safetensors";
+/// The embedded default autoencoder (`assets/ae/`), copied next to the page by trunk.
+const AE_FILE: &str = "ov3_tiny_ae.safetensors";
 /// The side images are cropped to: the resolution the demo checkpoint was trained at last.
 pub const RESOLUTION: u32 = 128;
 /// Files larger than this are refused before reading them.
@@ -61,10 +64,13 @@ pub async fn run() -> Result<(), String> {
     let url = model_url();
     set_text("status", &format!("loading {url}…"));
     let start = now_ms();
-    let (bytes, cached) = fetch_bytes(&url, true, view::download_progress).await?;
+    let (bytes, cached) = fetch_bytes(&url, true, |d, t| view::download_progress("the model", d, t)).await?;
     let size = bytes.len();
     let (model, cfg) = load_model_bytes(bytes, &url, &device).map_err(|e| e.to_string())?;
-    let vae = Vae::embedded(&device).map_err(|e| e.to_string())?;
+    // The frozen VAE: the embedded default autoencoder, fetched like the model (the native binary has it
+    // compiled in).
+    let (ae, _) = fetch_bytes(AE_FILE, true, |d, t| view::download_progress("the autoencoder", d, t)).await?;
+    let vae = Vae::from_bytes(ae, "embedded", &device).map_err(|e| e.to_string())?;
     view::model_loaded(&url, size, cached, now_ms() - start, cfg.tau);
     let app = Rc::new(App {
         model,
@@ -91,14 +97,20 @@ async fn init_device() -> (Device, String) {
         match Device::wgpu_options().init_with_setup_async().await {
             Ok((device, setup)) => {
                 let info = setup.adapter.get_info();
-                return (device, format!("WebGPU — {} ({:?})", info.name, info.backend));
+                // Browsers often hide the adapter's description; say so rather than print nothing.
+                let name = if info.name.is_empty() { "adapter name hidden by the browser" } else { &info.name };
+                let software = if info.device_type == wgpu::DeviceType::Cpu { ", a software fallback" } else { "" };
+                return (device, format!("WebGPU — {name}{software}"));
             }
-            Err(e) => format!("WebGPU could not start ({e})"),
+            Err(e) => {
+                web_sys::console::warn_1(&format!("WebGPU could not start: {e}").into());
+                "WebGPU is present but gave no usable adapter".to_string()
+            }
         }
     } else {
         "this browser has no WebGPU".to_string()
     };
-    (Device::flex(), format!("CPU (burn flex in wasm, much slower) — {why}"))
+    (Device::flex(), format!("CPU (burn's flex backend in wasm; slower than a GPU) — {why}"))
 }
 
 fn model_url() -> String {

@@ -14,12 +14,12 @@ pub struct Sample {
     pub caption: String,
 }
 
-pub fn download_progress(done: u64, total: u64) {
+pub fn download_progress(what: &str, done: u64, total: u64) {
     let text = if total > 0 {
         set_attr("download", "value", &format!("{}", done as f64 / total as f64));
-        format!("downloading the model: {:.1} / {:.1} MB", done as f64 / 1e6, total as f64 / 1e6)
+        format!("loading {what}: {:.1} / {:.1} MB", done as f64 / 1e6, total as f64 / 1e6)
     } else {
-        format!("downloading the model: {:.1} MB", done as f64 / 1e6)
+        format!("loading {what}: {:.1} MB", done as f64 / 1e6)
     };
     set_text("status", &text);
 }

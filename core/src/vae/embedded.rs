@@ -12,8 +12,15 @@ use super::{EMBEDDED_MARK, Vae};
 use crate::params::named_values;
 use crate::weights::{Weights, WeightsError, save_f32_with_metadata};
 
-/// The shipped weights, compiled into the binary (and the wasm module).
+/// The shipped weights, compiled into the native binary. The wasm module leaves them out (2.5 MB that gzip
+/// cannot shrink); the web page fetches the same file and calls [`Vae::from_bytes`].
+#[cfg(not(target_arch = "wasm32"))]
 pub const EMBEDDED_WEIGHTS: &[u8] = include_bytes!("../../../assets/ae/ov3_tiny_ae.safetensors");
+#[cfg(target_arch = "wasm32")]
+pub const EMBEDDED_WEIGHTS: &[u8] = &[];
+
+/// Where the embedded autoencoder's file lives in the repository (and, by name, in the web bundle).
+pub const EMBEDDED_FILE: &str = "assets/ae/ov3_tiny_ae.safetensors";
 
 /// Width of the embedded autoencoder (TAEF1 uses 64; 32 is ~4x cheaper and trains on a CPU).
 pub const EMBEDDED_WIDTH: usize = 32;
@@ -21,8 +28,13 @@ pub const EMBEDDED_WIDTH: usize = 32;
 impl Vae {
     /// The embedded default autoencoder.
     pub fn embedded(device: &Device) -> Result<Self, WeightsError> {
-        let weights = Weights::from_bytes(EMBEDDED_WEIGHTS.to_vec(), "<embedded autoencoder>".into())?;
-        Vae::from_weights(weights, "embedded".into(), device)
+        if EMBEDDED_WEIGHTS.is_empty() {
+            return Err(WeightsError::Invalid {
+                path: "<embedded autoencoder>".into(),
+                reason: format!("not compiled into the wasm build; load {EMBEDDED_FILE} with Vae::from_bytes"),
+            });
+        }
+        Self::from_bytes(EMBEDDED_WEIGHTS.to_vec(), "embedded", device)
     }
 }
 

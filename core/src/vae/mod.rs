@@ -63,6 +63,12 @@ impl Vae {
         }
     }
 
+    /// [`Vae::load`] from the bytes of one safetensors file (the browser fetches them); `source` names it.
+    pub fn from_bytes(bytes: Vec<u8>, source: &str, device: &Device) -> Result<Self, WeightsError> {
+        let weights = Weights::from_bytes(bytes, format!("<{source} autoencoder>"))?;
+        Self::from_weights(weights, source.to_string(), device)
+    }
+
     fn from_weights(weights: Weights, source: String, device: &Device) -> Result<Self, WeightsError> {
         let layout = detect_layout(&weights)?;
         match layout {
