@@ -21,8 +21,6 @@ use crate::losses;
 use crate::lpips::Lpips;
 use crate::metrics::{psnr, ssim};
 use crate::model::Ov3;
-use crate::random_batch::captions_to_tokens;
-use crate::tokenizer;
 use crate::vae::Vae;
 
 /// Center-cropped examples of a data source at one resolution.
@@ -159,7 +157,7 @@ pub fn evaluate(
         out.vae_only.extend(split_images(&vae_only));
         image_emb.extend(rows(model.image_embedding(z_u.clone())));
 
-        let tokens = captions_to_tokens(&set.captions[start..end], cfg, device);
+        let tokens = model.tokenizer.batch(&set.captions[start..end], cfg.context_length, device);
         let (nll, count) = caption_nll_sum(model, z_u.clone(), tokens, cfg.pad_id);
         caption_nll += nll;
         caption_count += count;
@@ -232,7 +230,7 @@ pub fn text_embeddings(
 ) -> Vec<Vec<f32>> {
     texts
         .chunks(batch.max(1))
-        .flat_map(|chunk| rows(model.text_embedding(captions_to_tokens(chunk, cfg, device))))
+        .flat_map(|chunk| rows(model.text_embedding(model.tokenizer.batch(chunk, cfg.context_length, device))))
         .collect()
 }
 
@@ -287,7 +285,7 @@ pub async fn generate_captions_async(
             break;
         }
     }
-    Ok(ids.iter().map(|seq| tokenizer::decode(seq)).collect())
+    Ok(ids.iter().map(|seq| model.tokenizer.decode(seq)).collect())
 }
 
 fn argmax(row: &[f32]) -> usize {

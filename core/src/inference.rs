@@ -3,14 +3,13 @@
 //! -> ViT decoder -> frozen VAE decoder. Nothing here reads tensors back; callers choose how (blocking
 //! natively, `await` in the browser, where WebGPU cannot block).
 
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::Tensor;
 use image::RgbImage;
 
 use crate::autoencoder::LatentDecoder;
-use crate::config::{InputSpace, ModelConfig};
+use crate::config::InputSpace;
 use crate::image_io::resize_center_crop;
 use crate::model::Ov3;
-use crate::tokenizer;
 use crate::vae::Vae;
 
 /// Images smaller than this on either side are refused rather than blown up.
@@ -70,13 +69,6 @@ pub fn to_pixels(model: &Ov3, vae: &Vae, inputs: Tensor<4>) -> Tensor<4> {
 /// eq. 3 with sigma fixed: `z_u + sigma * eps`, so a slider can move sigma over the same `eps`.
 pub fn with_noise(z_u: Tensor<3>, eps: Tensor<3>, sigma: f64) -> Tensor<3> {
     if sigma == 0.0 { z_u } else { z_u + eps.mul_scalar(sigma) }
-}
-
-/// Token ids `[K, context]` for `texts` with the model's tokenizer.
-pub fn text_tokens(texts: &[String], cfg: &ModelConfig, device: &burn::tensor::Device) -> Tensor<2, Int> {
-    let ids: Vec<i64> =
-        texts.iter().flat_map(|t| tokenizer::encode(t, cfg.context_length)).map(|id| id as i64).collect();
-    Tensor::from_data(TensorData::new(ids, [texts.len(), cfg.context_length]), device)
 }
 
 /// L2-normalises each row of a row-major `[rows, width]` matrix.

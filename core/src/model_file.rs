@@ -11,6 +11,7 @@ use burn::tensor::{Device, Tensor};
 use crate::config::ModelConfig;
 use crate::model::Ov3;
 use crate::params::{dotted, named_values};
+use crate::tokenizer::{BYTES_SPEC, Tokenizer};
 use crate::weights::{Weights, WeightsError, save_tensors};
 pub use safetensors::Dtype;
 
@@ -18,8 +19,6 @@ pub use safetensors::Dtype;
 pub const CONFIG_KEY: &str = "ov3_model_config";
 pub const TOKENIZER_KEY: &str = "ov3_tokenizer";
 pub const PARAM_IDS_KEY: &str = "ov3_param_ids";
-/// The only tokenizer the model files know so far: UTF-8 bytes + BOS/EOS/PAD.
-pub const BYTE_TOKENIZER: &str = "bytes";
 
 /// Writes `model` (atomically) with its config. Parameter ids are kept so that a saved optimizer state,
 /// which burn keys by parameter id, finds its parameters again after loading.
@@ -35,7 +34,7 @@ pub fn save_model_as(path: &Path, model: &Ov3, cfg: &ModelConfig, dtype: Dtype) 
     let ids: BTreeMap<String, u64> = param_ids(model);
     let metadata = HashMap::from([
         (CONFIG_KEY.to_string(), serde_json::to_string(cfg).map_err(|e| invalid(path, e.to_string()))?),
-        (TOKENIZER_KEY.to_string(), BYTE_TOKENIZER.to_string()),
+        (TOKENIZER_KEY.to_string(), model.tokenizer.spec()),
         (PARAM_IDS_KEY.to_string(), serde_json::to_string(&ids).map_err(|e| invalid(path, e.to_string()))?),
     ]);
     save_tensors(path, &tensors, Some(metadata), dtype)
@@ -54,14 +53,22 @@ pub fn load_model_bytes(bytes: Vec<u8>, name: &str, device: &Device) -> Result<(
 
 fn model_from_weights(weights: &Weights, device: &Device) -> Result<(Ov3, ModelConfig), WeightsError> {
     let cfg = model_config(weights)?;
-    if let Some(tok) = weights.metadata(TOKENIZER_KEY).filter(|t| *t != BYTE_TOKENIZER) {
-        return Err(weights.invalid(format!("tokenizer `{tok}` is not supported by this version of ov3")));
+    // Files from before tokenizers were recorded are byte-level.
+    let tokenizer = Tokenizer::from_spec(weights.metadata(TOKENIZER_KEY).unwrap_or(BYTES_SPEC))
+        .map_err(|e| weights.invalid(format!("tokenizer: {e}")))?;
+    if !tokenizer.matches(&cfg) {
+        return Err(weights.invalid(format!(
+            "the model's vocabulary ({} ids) does not fit its {} tokenizer",
+            cfg.vocab_size,
+            tokenizer.describe()
+        )));
     }
     let ids: BTreeMap<String, u64> = match weights.metadata(PARAM_IDS_KEY) {
         Some(json) => serde_json::from_str(json).map_err(|e| weights.invalid(format!("bad parameter ids: {e}")))?,
         None => BTreeMap::new(),
     };
-    let model = Ov3::new(&cfg, device);
+    let mut model = Ov3::new(&cfg, device);
+    model.tokenizer = tokenizer;
     let mut loader = Loader { weights, ids: &ids, stack: Vec::new(), error: None };
     let model = model.map(&mut loader);
     if let Some(e) = loader.error {

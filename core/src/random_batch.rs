@@ -1,11 +1,11 @@
 //! A fixed batch of random encoder inputs with distinct captions: the workload of `ov3 bench step`,
 //! the overfit demo and the model tests, before any VAE or dataset is involved.
 
-use burn::tensor::{Device, Distribution, Int, Tensor, TensorData};
+use burn::tensor::{Device, Distribution, Tensor};
 
 use crate::config::ModelConfig;
 use crate::model::Batch;
-use crate::tokenizer;
+use crate::tokenizer::Tokenizer;
 
 /// Captions that differ early and in length, so neither tower can tell them apart by position alone.
 pub fn caption(i: usize) -> String {
@@ -22,12 +22,7 @@ pub fn random_batch(cfg: &ModelConfig, batch: usize, resolution: usize, device: 
     let side = resolution / cfg.input_stride();
     let images = Tensor::<4>::random([batch, 3, resolution, resolution], Distribution::Uniform(-1.0, 1.0), device);
     let inputs = Tensor::<4>::random([batch, channels, side, side], Distribution::Normal(0.0, 1.0), device);
-    Batch { images, inputs, tokens: captions_to_tokens(&(0..batch).map(caption).collect::<Vec<_>>(), cfg, device) }
+    let captions: Vec<String> = (0..batch).map(caption).collect();
+    Batch { images, inputs, tokens: Tokenizer::Bytes.batch(&captions, cfg.context_length, device) }
 }
 
-/// Byte-tokenizes captions into a `[B, context_length]` id tensor.
-pub fn captions_to_tokens(captions: &[String], cfg: &ModelConfig, device: &Device) -> Tensor<2, Int> {
-    let ids: Vec<i64> =
-        captions.iter().flat_map(|c| tokenizer::encode(c, cfg.context_length)).map(|id| id as i64).collect();
-    Tensor::from_data(TensorData::new(ids, [captions.len(), cfg.context_length]), device)
-}

@@ -182,6 +182,41 @@ fn mismatched_runs_are_refused_with_a_reason() {
 }
 
 #[test]
+fn a_run_with_a_tokenizer_json_trains_saves_it_and_refuses_another_on_resume() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tokenizer");
+    let mut cfg = config();
+    cfg.tokenizer = Some(fixtures.join("tokenizer.json").display().to_string());
+    cfg.context_length = Some(24);
+    run(tmp.path(), &cfg, false, Some(2)).expect("short run with a HuggingFace tokenizer");
+    let last = checkpoint::latest(tmp.path()).expect("a checkpoint");
+    let (model, model_cfg) = load_model(&last.join(MODEL_FILE), &Device::flex()).expect("loads");
+    let tokenizer = cfg.tokenizer().expect("tokenizer");
+    assert_eq!(model.tokenizer.spec(), tokenizer.spec(), "the checkpoint carries the tokenizer");
+    assert_eq!((model_cfg.vocab_size, model_cfg.context_length), (tokenizer.vocab_size(), 24));
+    assert!(steps(tmp.path()).iter().all(|r| r.caption.is_some_and(f64::is_finite)));
+
+    // The same config path with other contents: the resumed run must not read captions another way.
+    let changed = tmp.path().join("tokenizer.json");
+    let json = std::fs::read_to_string(fixtures.join("tokenizer.json")).expect("fixture");
+    // Same vocabulary and special ids, but text lower-cased first: only the tokenizer check can tell.
+    std::fs::write(&changed, json.replace("\"normalizer\": null", "\"normalizer\": {\"type\": \"Lowercase\"}"))
+        .expect("write");
+    std::fs::write(
+        tmp.path().join("config.toml"),
+        std::fs::read_to_string(tmp.path().join("config.toml")).expect("config").replace(
+            &fixtures.join("tokenizer.json").display().to_string(),
+            &changed.display().to_string(),
+        ),
+    )
+    .expect("write");
+    let mut other = cfg.clone();
+    other.tokenizer = Some(changed.display().to_string());
+    let err = run(tmp.path(), &other, true, None).expect_err("resume with another tokenizer");
+    assert!(err.to_string().contains("checkpoint's tokenizer"), "{err}");
+}
+
+#[test]
 fn weight_decay_skips_exactly_the_vectors_and_scalars() {
     let model = Ov3::new(&Preset::Tiny.config(), &Device::flex());
     let skipped = optim::no_decay_ids(&model);

@@ -157,7 +157,6 @@ fn cache(args: CacheArgs) -> anyhow::Result<()> {
     use ov3_core::data::rng::SplitMix64;
     use ov3_core::data::source::{Source, Spec};
     use ov3_core::image_io::to_tensor;
-    use ov3_core::random_batch::captions_to_tokens;
     use ov3_core::vae::Vae;
 
     anyhow::ensure!(
@@ -199,7 +198,7 @@ fn cache(args: CacheArgs) -> anyhow::Result<()> {
                 false => vae.encode(images.clone()).detach(),
             };
             let captions: Vec<String> = examples.into_iter().map(|e| e.caption).collect();
-            let batch = ov3_core::Batch { images, inputs, tokens: captions_to_tokens(&captions, &cfg, &device) };
+            let batch = ov3_core::Batch { images, inputs, tokens: ov3_core::tokenizer::Tokenizer::Bytes.batch(&captions, cfg.context_length, &device) };
             let m = model.take().expect("model between steps");
             model = Some(train_once(m, &mut optim, &batch, &LossWeights::default(), cfg.tau)?);
             Ok(())

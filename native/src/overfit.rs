@@ -5,7 +5,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use ov3_core::data::synthetic::{Split, World};
 use ov3_core::image_io::to_tensor;
-use ov3_core::random_batch::captions_to_tokens;
+use ov3_core::tokenizer::Tokenizer;
 use ov3_core::step::train_step;
 use ov3_core::vae::Vae;
 use ov3_core::{Batch, Frozen, LossWeights, Ov3, optim};
@@ -40,7 +40,7 @@ pub fn run(args: OverfitArgs) -> anyhow::Result<()> {
     let vae = Vae::embedded(&device)?;
     let inputs = vae.encode(images.clone()).detach();
     let captions: Vec<String> = samples.iter().map(|s| s.caption.clone()).collect();
-    let batch = Batch { images, inputs, tokens: captions_to_tokens(&captions, &cfg, &device) };
+    let batch = Batch { images, inputs, tokens: Tokenizer::Bytes.batch(&captions, cfg.context_length, &device) };
     let mut model = Ov3::new(&cfg, &device);
     let mut optim = optim::adamw(&model, 0.0);
     let weights = LossWeights::default();

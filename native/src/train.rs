@@ -42,6 +42,12 @@ pub struct TrainArgs {
     lpips_trunk: Option<String>,
     #[arg(long, requires = "lpips_trunk")]
     lpips_heads: Option<String>,
+    /// A HuggingFace tokenizer.json for the captions (default: the built-in byte-level tokenizer).
+    #[arg(long)]
+    tokenizer: Option<String>,
+    /// Caption length in tokens, BOS and EOS included (default: the preset's, 80).
+    #[arg(long)]
+    context_length: Option<usize>,
     #[arg(long)]
     seed: Option<u64>,
     /// Run folder (checkpoints, metrics.jsonl, grids, plots, eval.json). Default: runs/<preset>-<unix time>.
@@ -89,6 +95,12 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     }
     if let Some(s) = args.seed {
         cfg.seed = s;
+    }
+    if let Some(t) = args.tokenizer {
+        cfg.tokenizer = Some(t);
+    }
+    if let Some(n) = args.context_length {
+        cfg.context_length = Some(n);
     }
     cfg.validate().map_err(|e| anyhow::anyhow!("config: {e}"))?;
     if args.print_config {

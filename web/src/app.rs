@@ -12,7 +12,7 @@ use ov3_core::ModelConfig;
 use ov3_core::data::decode::{DecodeLimits, decode_rgb};
 use ov3_core::eval::generate_captions_async;
 use ov3_core::image_io::to_tensor;
-use ov3_core::inference::{Tokens, encoder_inputs, normalize_rows, pca_rgb, prepare, rank, text_tokens, to_pixels, with_noise};
+use ov3_core::inference::{Tokens, encoder_inputs, normalize_rows, pca_rgb, prepare, rank, to_pixels, with_noise};
 use ov3_core::metrics::{mse_01, psnr_db};
 use ov3_core::model::Ov3;
 use ov3_core::model_file::load_model_bytes;
@@ -338,7 +338,7 @@ impl App {
             view::ranking(&[], &[]);
             return Ok(());
         }
-        let text = self.model.text_embedding(text_tokens(&texts, &self.cfg, &self.device));
+        let text = self.model.text_embedding(self.model.tokenizer.batch(&texts, self.cfg.context_length, &self.device));
         let rows = normalize_rows(&read_any(text.into_data_async()).await?, self.cfg.embed_dim);
         view::ranking(&texts, &rank(&embedding, &rows));
         Ok(())

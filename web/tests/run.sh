@@ -28,8 +28,9 @@ echo "$line"
 psnr=$(echo "$line" | sed -E 's/^psnr ([0-9.]+) dB \(VAE only ([0-9.]+) dB\).*/\1/')
 psnr_vae=$(echo "$line" | sed -E 's/^psnr ([0-9.]+) dB \(VAE only ([0-9.]+) dB\).*/\2/')
 image=$(node -e "console.log(require('./web/samples/samples.json')[$sample].file)")
-top=$(cargo run -q -p ov3 -- rank --backend cpu --image "web/$image" --captions "$out/captions.txt" 2>/dev/null \
-  | head -1 | sed -E 's/^[-+][0-9.]+  //')
+# Captured whole, not piped into `head`: a closed pipe would end `ov3 rank` with SIGPIPE under pipefail.
+ranking=$(cargo run -q -p ov3 -- rank --backend cpu --image "web/$image" --captions "$out/captions.txt" 2>/dev/null)
+top=$(printf '%s\n' "$ranking" | sed -n 1p | sed -E 's/^[-+][0-9.]+  //')
 caption=$(sed -n "$((sample + 1))p" "$out/captions.txt")
 echo "native: $upload psnr $psnr (VAE only $psnr_vae); sample $sample ranks first: $top"
 echo "this is not an image" > "$out/not-an-image.jpg"

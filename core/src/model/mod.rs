@@ -13,6 +13,7 @@ use burn::tensor::{Device, Distribution, Int, Tensor};
 
 use crate::autoencoder::LatentDecoder;
 use crate::config::{InputSpace, ModelConfig, Objective};
+use crate::tokenizer::Tokenizer;
 use crate::losses::{self, Perceptual, RecTerms};
 use block::layer_norm;
 use text::{TextDecoder, TextEncoder, projection};
@@ -38,6 +39,9 @@ pub struct Ov3 {
     pub input_space: InputSpace,
     #[module(skip)]
     pub pad_id: usize,
+    /// How captions become ids; a model file carries it (byte-level unless trained with a tokenizer.json).
+    #[module(skip)]
+    pub tokenizer: Tokenizer,
 }
 
 /// One training batch. `inputs` are what the encoder reads: VAE latents (scaled, SPEC §1) or, in the
@@ -103,6 +107,7 @@ impl Ov3 {
             logit_scale: Param::from_tensor(Tensor::from_floats([(1.0f32 / 0.07).ln()], device)),
             input_space: cfg.input_space,
             pad_id: cfg.pad_id,
+            tokenizer: Tokenizer::Bytes,
         }
     }
 

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{ModelConfig, Objective, Preset};
 use crate::model::LossWeights;
+use crate::tokenizer::Tokenizer;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -50,6 +51,13 @@ pub struct TrainConfig {
     /// Checkpoints kept on disk (the newest ones).
     #[serde(default = "default_keep")]
     pub keep_checkpoints: usize,
+    /// A HuggingFace `tokenizer.json` for the captions; absent = the built-in byte-level tokenizer.
+    #[serde(default)]
+    pub tokenizer: Option<String>,
+    /// Caption length in tokens, BOS and EOS included (longer captions are cut, EOS kept); absent = the
+    /// preset's (80).
+    #[serde(default)]
+    pub context_length: Option<usize>,
     pub stages: Vec<StageConfig>,
 }
 
@@ -169,6 +177,8 @@ impl TrainConfig {
             eval_every: 120,
             checkpoint_every: default_checkpoint_every(),
             keep_checkpoints: default_keep(),
+            tokenizer: None,
+            context_length: None,
             stages: vec![stage("low-res", 64, low_res_steps), stage("high-res", 128, high_res_steps)],
         }
     }
@@ -204,9 +214,22 @@ impl TrainConfig {
         toml::to_string_pretty(self).expect("a train config always serialises")
     }
 
-    pub fn model_config(&self) -> ModelConfig {
+    /// The caption tokenizer this config names.
+    pub fn tokenizer(&self) -> Result<Tokenizer, String> {
+        match &self.tokenizer {
+            None => Ok(Tokenizer::Bytes),
+            Some(path) => Tokenizer::from_file(std::path::Path::new(path)),
+        }
+    }
+
+    /// The preset's model with this config's tau, context length and `tokenizer`'s vocabulary.
+    pub fn model_config(&self, tokenizer: &Tokenizer) -> ModelConfig {
         let mut m = self.preset.config();
         m.tau = self.tau;
+        if let Some(n) = self.context_length {
+            m.context_length = n;
+        }
+        tokenizer.configure(&mut m);
         m
     }
 
@@ -229,7 +252,7 @@ impl TrainConfig {
 
     /// Every check that can fail before a run starts, each with the field named.
     pub fn validate(&self) -> Result<(), String> {
-        self.model_config().validate()?;
+        self.model_config(&self.tokenizer()?).validate()?;
         if self.lpips_trunk.is_some() != self.lpips_heads.is_some() {
             return Err("lpips_trunk and lpips_heads go together: give both or neither".into());
         }

@@ -26,7 +26,7 @@ use crate::losses::Perceptual;
 use crate::lpips::Lpips;
 use crate::model::{Batch, Frozen, LossOutput, Ov3};
 use crate::optim::{adamw, clip_grad_norm};
-use crate::random_batch::captions_to_tokens;
+use crate::tokenizer::Tokenizer;
 use crate::vae::Vae;
 
 pub const CONFIG_FILE: &str = "config.toml";
@@ -91,8 +91,9 @@ pub fn train(
     observer: &mut dyn Observer,
 ) -> Result<Outcome, TrainError> {
     cfg.validate().map_err(TrainError::Refused)?;
-    let model_cfg = cfg.model_config();
-    let (mut model, mut optim, mut state) = prepare_run(run, cfg, &model_cfg, resume, device)?;
+    let tokenizer = cfg.tokenizer().map_err(TrainError::Refused)?;
+    let model_cfg = cfg.model_config(&tokenizer);
+    let (mut model, mut optim, mut state) = prepare_run(run, cfg, &model_cfg, &tokenizer, resume, device)?;
     let mut log = MetricsLog::open(run, resume.then_some(state.step)).map_err(io_err(run))?;
 
     let vae = Vae::load_or_embedded(cfg.vae.as_deref().map(Path::new), device)?;
@@ -164,7 +165,7 @@ pub fn train(
                 })??;
                 count_skips(&host, &mut epoch_skips, state.step, &mut log, observer, run)?;
                 state.position = host.next;
-                let batch = to_batch(&host, &vae, cached_shape, &model_cfg, device);
+                let batch = to_batch(&host, &vae, cached_shape, &model_cfg, &model.tokenizer, device);
                 let perceptual = lpips.as_ref().filter(|_| stage.lambda > 0.0).map(|l| l as &dyn Perceptual);
                 // LPIPS compares pixels: it needs the decoder pass, which brings the pixel L1 along.
                 let decode = stage.pixel_loss || perceptual.is_some();
@@ -247,6 +248,7 @@ fn prepare_run(
     run: &Path,
     cfg: &TrainConfig,
     model_cfg: &ModelConfig,
+    tokenizer: &Tokenizer,
     resume: bool,
     device: &Device,
 ) -> Result<(Ov3, ModuleOptimizer, TrainState), TrainError> {
@@ -279,6 +281,14 @@ fn prepare_run(
                 model_cfg.vocab_size
             )));
         }
+        if model.tokenizer.spec() != tokenizer.spec() {
+            return Err(TrainError::Refused(format!(
+                "{}: the checkpoint's tokenizer ({}) is not the config's ({})",
+                dir.display(),
+                model.tokenizer.describe(),
+                tokenizer.describe()
+            )));
+        }
         return Ok((model, optim, state));
     }
     if config_path.exists() || !checkpoint::list(run).is_empty() {
@@ -290,7 +300,8 @@ fn prepare_run(
     std::fs::create_dir_all(run).map_err(io_err(run))?;
     crate::fsio::atomic_write(&config_path, cfg.to_toml().as_bytes()).map_err(io_err(&config_path))?;
     device.seed(cfg.seed);
-    let model = Ov3::new(model_cfg, device);
+    let mut model = Ov3::new(model_cfg, device);
+    model.tokenizer = tokenizer.clone();
     let optim = make_optim(&model);
     Ok((model, optim, TrainState { step: 0, position: Position::default(), seed: cfg.seed }))
 }
@@ -305,7 +316,7 @@ fn first_difference(a: &TrainConfig, b: &TrainConfig) -> String {
 
 /// Host batch -> tensors: pixels, their latents (from the latent cache, else from the frozen VAE, with no
 /// gradient either way), caption tokens.
-fn to_batch(host: &HostBatch, vae: &Vae, cached: Option<[usize; 3]>, cfg: &ModelConfig, device: &Device) -> Batch {
+fn to_batch(host: &HostBatch, vae: &Vae, cached: Option<[usize; 3]>, cfg: &ModelConfig, tokenizer: &Tokenizer, device: &Device) -> Batch {
     let b = host.examples.len();
     let (w, h) = host.examples[0].image.dimensions();
     let images = Tensor::<4>::from_data(TensorData::new(host.pixels(), [b, 3, h as usize, w as usize]), device);
@@ -313,7 +324,7 @@ fn to_batch(host: &HostBatch, vae: &Vae, cached: Option<[usize; 3]>, cfg: &Model
         .and_then(|shape| cached_latents(&host.examples, shape, device))
         .unwrap_or_else(|| vae.encode(images.clone()).detach());
     let captions: Vec<String> = host.examples.iter().map(|e| e.caption.clone()).collect();
-    Batch { images, inputs, tokens: captions_to_tokens(&captions, cfg, device) }
+    Batch { images, inputs, tokens: tokenizer.batch(&captions, cfg.context_length, device) }
 }
 
 /// Every loss term as f64, read from the device in one transfer.
