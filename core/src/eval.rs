@@ -308,8 +308,8 @@ fn sample_top_k(row: &[f32], k: usize, rng: &mut SplitMix64) -> usize {
     order[0]
 }
 
-/// Rows of a `[N, E]` tensor, L2-normalised.
-fn rows(x: Tensor<2>) -> Vec<Vec<f32>> {
+/// Rows of a `[N, E]` tensor, L2-normalised (read back from the device).
+pub fn rows(x: Tensor<2>) -> Vec<Vec<f32>> {
     let [_, e] = x.dims();
     normalize_rows(&x.into_data().convert::<f32>().try_to_vec::<f32>().expect("f32 data"), e)
 }

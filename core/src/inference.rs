@@ -8,6 +8,7 @@ use image::RgbImage;
 
 use crate::autoencoder::LatentDecoder;
 use crate::config::InputSpace;
+use crate::eval::similarity;
 use crate::image_io::resize_center_crop;
 use crate::model::Ov3;
 use crate::vae::Vae;
@@ -44,9 +45,14 @@ pub struct Tokens {
 pub fn tokenize(model: &Ov3, vae: &Vae, image: Tensor<4>) -> Tokens {
     let inputs = encoder_inputs(model, vae, image.clone());
     let z_u = model.encode(inputs.clone());
+    let grid = token_grid(model, &inputs);
+    Tokens { image, inputs, z_u, grid }
+}
+
+/// The token grid `(H', W')` the ViT makes of encoder inputs, which the decoder needs to unpatchify.
+pub fn token_grid(model: &Ov3, inputs: &Tensor<4>) -> (usize, usize) {
     let [_, _, h, w] = inputs.dims();
-    let patch = model.decoder.patch;
-    Tokens { image, inputs, z_u, grid: (h / patch, w / patch) }
+    (h / model.decoder.patch, w / model.decoder.patch)
 }
 
 /// What the ViT encoder reads: the frozen VAE's latents, or the image itself for a pixel-space model.
@@ -85,7 +91,7 @@ pub fn normalize_rows(values: &[f32], width: usize) -> Vec<Vec<f32>> {
 /// `texts` ranked by cosine similarity to one image embedding: (index, similarity), best first.
 pub fn rank(image: &[f32], texts: &[Vec<f32>]) -> Vec<(usize, f32)> {
     let mut scored: Vec<(usize, f32)> =
-        texts.iter().enumerate().map(|(i, t)| (i, image.iter().zip(t).map(|(a, b)| a * b).sum())).collect();
+        similarity(&[image.to_vec()], texts).remove(0).into_iter().enumerate().collect();
     scored.sort_by(|a, b| b.1.total_cmp(&a.1));
     scored
 }
@@ -116,8 +122,9 @@ pub fn pca_rgb(tokens: &[f32], n: usize, d: usize) -> Vec<[u8; 3]> {
 pub fn principal_scores(x: &[f32], n: usize, d: usize, k: usize) -> Vec<Vec<f64>> {
     let mean: Vec<f64> = (0..d).map(|j| (0..n).map(|i| x[i * d + j] as f64).sum::<f64>() / n as f64).collect();
     let centred: Vec<Vec<f64>> = (0..n).map(|i| (0..d).map(|j| x[i * d + j] as f64 - mean[j]).collect()).collect();
-    let mut gram: Vec<Vec<f64>> =
-        (0..n).map(|i| (0..n).map(|j| centred[i].iter().zip(&centred[j]).map(|(a, b)| a * b).sum()).collect()).collect();
+    let mut gram: Vec<Vec<f64>> = (0..n)
+        .map(|i| (0..n).map(|j| centred[i].iter().zip(&centred[j]).map(|(a, b)| a * b).sum()).collect())
+        .collect();
     let mut out = Vec::with_capacity(k);
     for c in 0..k {
         // A fixed, generic start vector keeps the result deterministic.

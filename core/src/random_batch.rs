@@ -25,4 +25,3 @@ pub fn random_batch(cfg: &ModelConfig, batch: usize, resolution: usize, device: 
     let captions: Vec<String> = (0..batch).map(caption).collect();
     Batch { images, inputs, tokens: Tokenizer::Bytes.batch(&captions, cfg.context_length, device) }
 }
-

@@ -189,8 +189,7 @@ impl Tokenizer {
 
     /// Token ids `[B, context_length]` for `texts`.
     pub fn batch(&self, texts: &[String], context_length: usize, device: &Device) -> Tensor<2, Int> {
-        let ids: Vec<i64> =
-            texts.iter().flat_map(|t| self.encode(t, context_length)).map(|id| id as i64).collect();
+        let ids: Vec<i64> = texts.iter().flat_map(|t| self.encode(t, context_length)).map(|id| id as i64).collect();
         Tensor::from_data(TensorData::new(ids, [texts.len(), context_length]), device)
     }
 }

@@ -204,10 +204,9 @@ fn a_run_with_a_tokenizer_json_trains_saves_it_and_refuses_another_on_resume() {
         .expect("write");
     std::fs::write(
         tmp.path().join("config.toml"),
-        std::fs::read_to_string(tmp.path().join("config.toml")).expect("config").replace(
-            &fixtures.join("tokenizer.json").display().to_string(),
-            &changed.display().to_string(),
-        ),
+        std::fs::read_to_string(tmp.path().join("config.toml"))
+            .expect("config")
+            .replace(&fixtures.join("tokenizer.json").display().to_string(), &changed.display().to_string()),
     )
     .expect("write");
     let mut other = cfg.clone();

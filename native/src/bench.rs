@@ -198,7 +198,11 @@ fn cache(args: CacheArgs) -> anyhow::Result<()> {
                 false => vae.encode(images.clone()).detach(),
             };
             let captions: Vec<String> = examples.into_iter().map(|e| e.caption).collect();
-            let batch = ov3_core::Batch { images, inputs, tokens: ov3_core::tokenizer::Tokenizer::Bytes.batch(&captions, cfg.context_length, &device) };
+            let batch = ov3_core::Batch {
+                images,
+                inputs,
+                tokens: ov3_core::tokenizer::Tokenizer::Bytes.batch(&captions, cfg.context_length, &device),
+            };
             let m = model.take().expect("model between steps");
             model = Some(train_once(m, &mut optim, &batch, &LossWeights::default(), cfg.tau)?);
             Ok(())

@@ -9,9 +9,9 @@ use burn::tensor::{Device, Distribution, Tensor};
 use clap::Args;
 use ov3_core::data::rng::SplitMix64;
 use ov3_core::device::{self, BackendChoice};
-use ov3_core::eval::{EvalSet, evaluate, generate_captions, text_embeddings};
+use ov3_core::eval::{EvalSet, evaluate, generate_captions, rows, text_embeddings};
 use ov3_core::image_io::{grid, load_rgb, save_png, tensor_to_rgb, to_tensor};
-use ov3_core::inference::{Tokens, normalize_rows, prepare, rank as inference_rank, to_pixels, tokenize, with_noise};
+use ov3_core::inference::{Tokens, prepare, rank as inference_rank, to_pixels, tokenize, with_noise};
 use ov3_core::lpips::Lpips;
 use ov3_core::metrics::psnr;
 use ov3_core::model_file::{Dtype, load_model, save_model_as};
@@ -269,8 +269,7 @@ pub fn rank(args: RankArgs) -> anyhow::Result<()> {
     let texts: Vec<String> = text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect();
     anyhow::ensure!(!texts.is_empty(), "{}: no captions in this file", args.captions.display());
     let (m, Tokens { z_u, .. }) = args.image.tokens()?;
-    let image = m.model.image_embedding(z_u).into_data().convert::<f32>().try_to_vec::<f32>().expect("f32 data");
-    let image = normalize_rows(&image, m.cfg.embed_dim).remove(0);
+    let image = rows(m.model.image_embedding(z_u)).remove(0);
     let rows = text_embeddings(&m.model, &m.cfg, &texts, 16, &m.device);
     for (i, sim) in inference_rank(&image, &rows) {
         println!("{sim:+.4}  {}", texts[i]);

@@ -5,8 +5,8 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use ov3_core::data::synthetic::{Split, World};
 use ov3_core::image_io::to_tensor;
-use ov3_core::tokenizer::Tokenizer;
 use ov3_core::step::train_step;
+use ov3_core::tokenizer::Tokenizer;
 use ov3_core::vae::Vae;
 use ov3_core::{Batch, Frozen, LossWeights, Ov3, optim};
 

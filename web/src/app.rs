@@ -12,7 +12,9 @@ use ov3_core::ModelConfig;
 use ov3_core::data::decode::{DecodeLimits, decode_rgb};
 use ov3_core::eval::generate_captions_async;
 use ov3_core::image_io::to_tensor;
-use ov3_core::inference::{Tokens, encoder_inputs, normalize_rows, pca_rgb, prepare, rank, to_pixels, with_noise};
+use ov3_core::inference::{
+    Tokens, encoder_inputs, normalize_rows, pca_rgb, prepare, rank, to_pixels, token_grid, with_noise,
+};
 use ov3_core::metrics::{mse_01, psnr_db};
 use ov3_core::model::Ov3;
 use ov3_core::model_file::load_model_bytes;
@@ -134,7 +136,11 @@ fn wire(app: &Rc<App>) {
     let a = app.clone();
     listen("drop", "drop", move |e| {
         e.prevent_default();
-        let file = e.dyn_ref::<web_sys::DragEvent>().and_then(|d| d.data_transfer()).and_then(|t| t.files()).and_then(|f| f.get(0));
+        let file = e
+            .dyn_ref::<web_sys::DragEvent>()
+            .and_then(|d| d.data_transfer())
+            .and_then(|t| t.files())
+            .and_then(|f| f.get(0));
         match file {
             Some(file) => spawn_local(a.clone().open_file(file)),
             None => message("nothing to open: drop an image file"),
@@ -172,7 +178,12 @@ async fn load_samples(app: &Rc<App>) -> Result<(), String> {
 
 async fn file_bytes(file: &web_sys::File) -> Result<Vec<u8>, String> {
     if file.size() > MAX_FILE_BYTES {
-        return Err(format!("{}: {:.0} MB is too large (at most {:.0} MB)", file.name(), file.size() / 1e6, MAX_FILE_BYTES / 1e6));
+        return Err(format!(
+            "{}: {:.0} MB is too large (at most {:.0} MB)",
+            file.name(),
+            file.size() / 1e6,
+            MAX_FILE_BYTES / 1e6
+        ));
     }
     let buffer = JsFuture::from(file.array_buffer()).await.map_err(js_error)?;
     Ok(js_sys::Uint8Array::new(&buffer).to_vec())
@@ -225,7 +236,8 @@ impl App {
             }
             dom::set_attr("app", "data-state", "done");
             // Tests wait for this counter to move: each finished image, good or bad, bumps it once.
-            let runs: u64 = by_id::<web_sys::Element>("app").get_attribute("data-runs").and_then(|r| r.parse().ok()).unwrap_or(0);
+            let runs: u64 =
+                by_id::<web_sys::Element>("app").get_attribute("data-runs").and_then(|r| r.parse().ok()).unwrap_or(0);
             dom::set_attr("app", "data-runs", &(runs + 1).to_string());
         }
     }
@@ -246,9 +258,7 @@ impl App {
         let z = read_any(z_u.clone().into_data_async()).await?;
         timings.vit_encoder = now_ms() - t;
         let [_, n, d] = z_u.dims();
-        let patch = self.model.decoder.patch;
-        let [_, _, h, w] = inputs.dims();
-        let grid = (h / patch, w / patch);
+        let grid = token_grid(&self.model, &inputs);
         view::tokens(&pca_rgb(&z, n, d), grid, d);
 
         let embedding = self.model.image_embedding(z_u.clone());
@@ -260,7 +270,8 @@ impl App {
 
         let t = now_ms();
         let vae_only = to_pixels(&self.model, &self.vae, tokens.inputs.clone());
-        let (pixels, mse) = (read_any(vae_only.clone().into_data_async()).await?, read(mse_01(tokens.image.clone(), vae_only)).await?);
+        let (pixels, mse) =
+            (read_any(vae_only.clone().into_data_async()).await?, read(mse_01(tokens.image.clone(), vae_only)).await?);
         timings.vae_only = now_ms() - t;
         view::reconstruction("vae-only", &pixels, RESOLUTION, psnr_db(mse[0] as f64));
 

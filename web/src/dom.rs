@@ -50,12 +50,8 @@ pub fn draw_rgb(id: &str, rgb: &[u8], w: u32, h: u32) {
     for p in rgb.chunks(3) {
         rgba.extend_from_slice(&[p[0], p[1], p[2], 255]);
     }
-    let ctx: CanvasRenderingContext2d = canvas
-        .get_context("2d")
-        .ok()
-        .flatten()
-        .and_then(|c| c.dyn_into().ok())
-        .expect("a 2d canvas context");
+    let ctx: CanvasRenderingContext2d =
+        canvas.get_context("2d").ok().flatten().and_then(|c| c.dyn_into().ok()).expect("a 2d canvas context");
     let data = ImageData::new_with_u8_clamped_array_and_sh(Clamped(&rgba), w, h).expect("ImageData of w x h");
     ctx.put_image_data(&data, 0.0, 0.0).expect("putImageData");
 }

@@ -48,13 +48,7 @@ pub async fn fetch_bytes(
 }
 
 async fn read_body(response: Response, progress: &mut impl FnMut(u64, u64)) -> Result<Vec<u8>, String> {
-    let total: u64 = response
-        .headers()
-        .get("content-length")
-        .ok()
-        .flatten()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
+    let total: u64 = response.headers().get("content-length").ok().flatten().and_then(|v| v.parse().ok()).unwrap_or(0);
     let body = response.body().ok_or("the response has no body")?;
     let reader: ReadableStreamDefaultReader =
         body.get_reader().dyn_into().map_err(|_| "cannot read the response body as a stream")?;

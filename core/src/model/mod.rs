@@ -13,8 +13,8 @@ use burn::tensor::{Device, Distribution, Int, Tensor};
 
 use crate::autoencoder::LatentDecoder;
 use crate::config::{InputSpace, ModelConfig, Objective};
-use crate::tokenizer::Tokenizer;
 use crate::losses::{self, Perceptual, RecTerms};
+use crate::tokenizer::Tokenizer;
 use block::layer_norm;
 use text::{TextDecoder, TextEncoder, projection};
 use vit::{VitDecoder, VitEncoder};

@@ -316,7 +316,14 @@ fn first_difference(a: &TrainConfig, b: &TrainConfig) -> String {
 
 /// Host batch -> tensors: pixels, their latents (from the latent cache, else from the frozen VAE, with no
 /// gradient either way), caption tokens.
-fn to_batch(host: &HostBatch, vae: &Vae, cached: Option<[usize; 3]>, cfg: &ModelConfig, tokenizer: &Tokenizer, device: &Device) -> Batch {
+fn to_batch(
+    host: &HostBatch,
+    vae: &Vae,
+    cached: Option<[usize; 3]>,
+    cfg: &ModelConfig,
+    tokenizer: &Tokenizer,
+    device: &Device,
+) -> Batch {
     let b = host.examples.len();
     let (w, h) = host.examples[0].image.dimensions();
     let images = Tensor::<4>::from_data(TensorData::new(host.pixels(), [b, 3, h as usize, w as usize]), device);
