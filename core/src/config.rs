@@ -37,6 +37,16 @@ pub enum Objective {
     UndOnly,
 }
 
+/// Which attention implementation the four transformers run.
+#[derive(Config, Debug, Copy, PartialEq, Eq)]
+pub enum AttentionImpl {
+    /// Our fused WGSL kernels (`shaders/`, forward and backward) where the device runs them (wgpu),
+    /// the reference path elsewhere.
+    Fused,
+    /// The unfused matmul-softmax-matmul of `model::attention` everywhere.
+    Reference,
+}
+
 /// The whole model: towers, token geometry, text vocabulary and the noise of eq. 3.
 #[derive(Config, Debug, PartialEq)]
 pub struct ModelConfig {
@@ -69,6 +79,9 @@ pub struct ModelConfig {
     pub tau: f64,
     #[config(default = 1e-6)]
     pub norm_eps: f64,
+    /// A runtime choice, not part of the weights: both paths compute the same function.
+    #[config(default = "AttentionImpl::Fused")]
+    pub attention: AttentionImpl,
 }
 
 /// The named presets of SPEC §2.

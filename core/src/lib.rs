@@ -12,6 +12,7 @@ pub use config::{InputSpace, ModelConfig, Objective, Preset, TowerConfig};
 pub use model::{Batch, Frozen, LossOutput, LossWeights, Ov3};
 pub mod data;
 pub mod eval;
+pub mod flash;
 pub mod fsio;
 pub mod image_io;
 pub mod inference;

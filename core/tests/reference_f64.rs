@@ -6,6 +6,7 @@ mod common;
 
 use burn::tensor::{Bool, Device, Distribution, Tensor, TensorData};
 use common::{devices, param_f64, rel_err, to_f64};
+use ov3_core::config::{AttentionImpl, TowerConfig};
 use ov3_core::model::attention::{Attention, AttentionMask};
 use ov3_core::model::block::Block;
 
@@ -135,15 +136,21 @@ fn check(name: &str, device_name: &str, actual: &Tensor<3>, reference: impl Fn(u
     }
 }
 
+/// Both implementations (on flex the fused one falls back to the reference path).
+const IMPLS: [AttentionImpl; 2] = [AttentionImpl::Reference, AttentionImpl::Fused];
+
 #[test]
 fn attention_matches_f64_reference_for_every_mask() {
     for (device_name, device) in devices() {
-        let attn = Attention::new(D, H, &device);
-        let x = Tensor::<3>::random([B, N, D], Distribution::Normal(0.0, 1.0), &device);
-        let xs = to_f64(&x);
-        for (mask_name, mask, allowed) in masks(&device) {
-            let y = attn.forward(x.clone(), mask.to_bool(N, &device));
-            check(mask_name, device_name, &y, |b, xb| attention_ref(xb, N, D, H, &attn, &|i, j| allowed(b, i, j)), &xs);
+        for implementation in IMPLS {
+            let attn = Attention::new(D, H, implementation, &device);
+            let x = Tensor::<3>::random([B, N, D], Distribution::Normal(0.0, 1.0), &device);
+            let xs = to_f64(&x);
+            for (mask_name, mask, allowed) in masks(&device) {
+                let y = attn.forward(x.clone(), &mask.prepare(N, &device));
+                let name = format!("{mask_name} ({implementation:?})");
+                check(&name, device_name, &y, |b, xb| attention_ref(xb, N, D, H, &attn, &|i, j| allowed(b, i, j)), &xs);
+            }
         }
     }
 }
@@ -151,11 +158,12 @@ fn attention_matches_f64_reference_for_every_mask() {
 #[test]
 fn transformer_block_matches_f64_reference() {
     for (device_name, device) in devices() {
-        let block = Block::new(D, H, 1e-6, &device);
+        let cfg = ov3_core::config::Preset::Tiny.config().with_norm_eps(1e-6);
+        let block = Block::new(&TowerConfig::new(D, 1, H), &cfg, &device);
         let x = Tensor::<3>::random([B, N, D], Distribution::Normal(0.0, 1.0), &device);
         let xs = to_f64(&x);
         for (mask_name, mask, allowed) in masks(&device) {
-            let y = block.forward(x.clone(), mask.to_bool(N, &device));
+            let y = block.forward(x.clone(), &mask.prepare(N, &device));
             check(mask_name, device_name, &y, |b, xb| block_ref(xb, N, D, H, &block, &|i, j| allowed(b, i, j)), &xs);
         }
     }

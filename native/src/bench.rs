@@ -4,6 +4,7 @@ use std::time::Instant;
 
 use burn::tensor::Tensor;
 use clap::{Args, Subcommand};
+use ov3_core::config::AttentionImpl;
 use ov3_core::random_batch::random_batch;
 use ov3_core::step::train_step;
 use ov3_core::{Frozen, LossWeights, Ov3, optim};
@@ -18,6 +19,8 @@ pub enum BenchCommand {
     Data(DataArgs),
     /// One training step with latents from the frozen VAE every step vs read from a latent cache.
     Cache(CacheArgs),
+    /// Fused WGSL attention vs burn's unfused path vs burn's built-in op (wgpu).
+    Attention(crate::bench_attention::AttentionArgs),
 }
 
 #[derive(Args)]
@@ -64,6 +67,9 @@ pub struct StepArgs {
     /// Untimed steps first (kernel compilation, autotuning, allocator warm-up).
     #[arg(long, default_value_t = 2)]
     warmup: usize,
+    /// Attention implementation: fused (our WGSL kernels on wgpu) or reference.
+    #[arg(long, default_value = "fused")]
+    attention: String,
 }
 
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
@@ -71,6 +77,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Step(args) => step(args),
         BenchCommand::Data(args) => data(args),
         BenchCommand::Cache(args) => cache(args),
+        BenchCommand::Attention(args) => crate::bench_attention::run(args),
     }
 }
 
@@ -120,7 +127,12 @@ fn step(args: StepArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.batch >= 2 && args.steps >= 1, "--batch >= 2 and --steps >= 1 are required");
     let selected = args.common.device()?;
     let device = selected.device.clone().autodiff();
-    let cfg = args.common.preset.config();
+    let attention = match args.attention.as_str() {
+        "fused" => AttentionImpl::Fused,
+        "reference" => AttentionImpl::Reference,
+        other => anyhow::bail!("--attention must be fused or reference, got '{other}'"),
+    };
+    let cfg = args.common.preset.config().with_attention(attention);
     let batch = random_batch(&cfg, args.batch, args.res, &device);
     let model = Ov3::new(&cfg, &device);
     let mut optim = optim::adamw(&model, 0.2);
@@ -135,11 +147,12 @@ fn step(args: StepArgs) -> anyhow::Result<()> {
     let peak_mib = device_mem.map(|b| b as f64).unwrap_or_else(process_peak_bytes) / (1 << 20) as f64;
     let adapter = selected.adapter.as_ref().map(|a| a.to_string()).unwrap_or_else(|| "cpu (flex)".into());
     println!(
-        "{{\"bench\":\"step\",\"impl\":\"ov3\",\"backend\":\"{:?}\",\"adapter\":\"{}\",\"preset\":\"{}\",\"batch\":{},\"res\":{},\
+        "{{\"bench\":\"step\",\"impl\":\"ov3\",\"backend\":\"{:?}\",\"adapter\":\"{}\",\"preset\":\"{}\",\"attention\":\"{}\",\"batch\":{},\"res\":{},\
          \"ms_per_step\":{:.1},\"images_per_s\":{:.2},\"peak_mib\":{:.0},\"peak_kind\":\"{}\",\"threads\":{}}}",
         selected.kind,
         adapter,
         args.common.preset.name(),
+        args.attention,
         args.batch,
         args.res,
         median * 1e3,
@@ -213,7 +226,7 @@ fn cache(args: CacheArgs) -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(&dir);
     let adapter = selected.adapter.as_ref().map(|a| a.to_string()).unwrap_or_else(|| "cpu (flex)".into());
     println!(
-        "{{\"bench\":\"cache\",\"adapter\":\"{adapter}\",\"vae\":\"{}\",\"preset\":\"{}\",\"batch\":{},\"res\":{},\
+        "{{\"bench\":\"cache\",\"adapter\":\"{adapter}\",\"vae\":\"{}\",\"preset\":\"{}\",\"attention\":\"{}\",\"batch\":{},\"res\":{},\
          \"ms_per_step_vae\":{:.1},\"ms_per_step_cache\":{:.1},\"speedup\":{:.2},\"cache_build_ms_per_image\":{:.1}}}",
         vae.source,
         args.common.preset.name(),
@@ -228,7 +241,11 @@ fn cache(args: CacheArgs) -> anyhow::Result<()> {
 }
 
 /// Median seconds of `steps` timed calls of `step(i)` after `warmup` untimed ones.
-fn median_time(warmup: usize, steps: usize, mut step: impl FnMut(usize) -> anyhow::Result<()>) -> anyhow::Result<f64> {
+pub fn median_time(
+    warmup: usize,
+    steps: usize,
+    mut step: impl FnMut(usize) -> anyhow::Result<()>,
+) -> anyhow::Result<f64> {
     let mut times = Vec::with_capacity(steps);
     for i in 0..warmup + steps {
         let start = Instant::now();

@@ -1,6 +1,7 @@
 //! `ov3`: the command line of the OpenVision 3 unified tokenizer.
 
 mod bench;
+mod bench_attention;
 mod cache_cmd;
 mod data_cmd;
 mod datagen;

@@ -1,4 +1,5 @@
-//! Multi-head self-attention, the reference (unfused) path shared by all four transformers.
+//! Multi-head self-attention shared by all four transformers: the reference (unfused) path here, the
+//! fused WGSL kernels in `crate::flash`; `ModelConfig::attention` chooses.
 //!
 //! Parameter names follow timm/OpenCLIP: `qkv` (one fused projection) and `proj`.
 
@@ -6,6 +7,9 @@ use burn::module::Module;
 use burn::nn::{Initializer, Linear, LinearConfig};
 use burn::tensor::activation::softmax;
 use burn::tensor::{Bool, Device, Int, Tensor};
+
+use crate::config::AttentionImpl;
+use crate::flash;
 
 /// Which keys a query may attend to. The masks are built once per forward and shared by every block.
 #[derive(Debug, Clone)]
@@ -38,6 +42,21 @@ impl AttentionMask {
                 Some(causal(n, device).bool_and(both_in_prefix.bool_not()).reshape([1, 1, n, n]))
             }
         }
+    }
+}
+
+/// A mask in the forms the two attention paths read: the rule for the fused kernels, the dense
+/// boolean tensor for the reference path. Built once per forward and shared by every block.
+#[derive(Debug, Clone)]
+pub struct Masks {
+    pub rule: AttentionMask,
+    pub dense: Option<Tensor<4, Bool>>,
+}
+
+impl AttentionMask {
+    pub fn prepare(self, n: usize, device: &Device) -> Masks {
+        let dense = self.to_bool(n, device);
+        Masks { rule: self, dense }
     }
 }
 
@@ -78,26 +97,34 @@ pub struct Attention {
     pub proj: Linear,
     #[module(skip)]
     pub heads: usize,
+    #[module(skip)]
+    pub implementation: AttentionImpl,
 }
 
 impl Attention {
-    pub fn new(width: usize, heads: usize, device: &Device) -> Self {
+    pub fn new(width: usize, heads: usize, implementation: AttentionImpl, device: &Device) -> Self {
         let init = Initializer::XavierUniform { gain: 1.0 };
         Self {
             qkv: LinearConfig::new(width, 3 * width).with_initializer(init.clone()).init(device),
             proj: LinearConfig::new(width, width).with_initializer(init).init(device),
             heads,
+            implementation,
         }
     }
 
     /// `x`: `[B, N, D]` -> `[B, N, D]`.
-    pub fn forward(&self, x: Tensor<3>, mask: Option<Tensor<4, Bool>>) -> Tensor<3> {
+    pub fn forward(&self, x: Tensor<3>, mask: &Masks) -> Tensor<3> {
         let [b, n, d] = x.dims();
         let dh = d / self.heads;
         // [B, N, 3, H, Dh] -> [3, B, H, N, Dh]
         let qkv = self.qkv.forward(x).reshape([b, n, 3, self.heads, dh]).permute([2, 0, 3, 1, 4]);
         let part = |i: usize| qkv.clone().narrow(0, i, 1).reshape([b, self.heads, n, dh]);
-        let out = scaled_dot_product_attention(part(0), part(1), part(2), mask);
+        let (q, k, v) = (part(0), part(1), part(2));
+        let out = if self.implementation == AttentionImpl::Fused && flash::supports(&q.device(), dh) {
+            flash::flash_attention(q, k, v, &mask.rule)
+        } else {
+            scaled_dot_product_attention(q, k, v, mask.dense.clone())
+        };
         self.proj.forward(out.swap_dims(1, 2).reshape([b, n, d]))
     }
 }

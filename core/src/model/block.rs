@@ -3,9 +3,10 @@
 use burn::module::Module;
 use burn::nn::{Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::tensor::activation::gelu;
-use burn::tensor::{Bool, Device, Tensor};
+use burn::tensor::{Device, Tensor};
 
-use super::attention::Attention;
+use super::attention::{Attention, AttentionMask, Masks};
+use crate::config::{ModelConfig, TowerConfig};
 
 /// MLP with ratio 4 and exact (erf) GELU, no dropout.
 #[derive(Module, Debug)]
@@ -37,31 +38,34 @@ pub struct Block {
 }
 
 impl Block {
-    pub fn new(width: usize, heads: usize, eps: f64, device: &Device) -> Self {
+    pub fn new(t: &TowerConfig, cfg: &ModelConfig, device: &Device) -> Self {
+        let (width, eps) = (t.width, cfg.norm_eps);
         Self {
             norm1: layer_norm(width, eps, device),
-            attn: Attention::new(width, heads, device),
+            attn: Attention::new(width, t.heads, cfg.attention, device),
             norm2: layer_norm(width, eps, device),
             mlp: Mlp::new(width, device),
         }
     }
 
-    pub fn forward(&self, x: Tensor<3>, mask: Option<Tensor<4, Bool>>) -> Tensor<3> {
+    pub fn forward(&self, x: Tensor<3>, mask: &Masks) -> Tensor<3> {
         let x = x.clone() + self.attn.forward(self.norm1.forward(x), mask);
         x.clone() + self.mlp.forward(self.norm2.forward(x))
     }
 }
 
-/// A stack of blocks sharing one mask.
-pub fn run_blocks(blocks: &[Block], mut x: Tensor<3>, mask: Option<Tensor<4, Bool>>) -> Tensor<3> {
+/// A stack of blocks sharing one mask, prepared once for all of them.
+pub fn run_blocks(blocks: &[Block], mut x: Tensor<3>, mask: AttentionMask) -> Tensor<3> {
+    let [_, n, _] = x.dims();
+    let masks = mask.prepare(n, &x.device());
     for block in blocks {
-        x = block.forward(x, mask.clone());
+        x = block.forward(x, &masks);
     }
     x
 }
 
-pub fn blocks(width: usize, depth: usize, heads: usize, eps: f64, device: &Device) -> Vec<Block> {
-    (0..depth).map(|_| Block::new(width, heads, eps, device)).collect()
+pub fn blocks(t: &TowerConfig, cfg: &ModelConfig, device: &Device) -> Vec<Block> {
+    (0..t.depth).map(|_| Block::new(t, cfg, device)).collect()
 }
 
 pub fn layer_norm(width: usize, eps: f64, device: &Device) -> LayerNorm {

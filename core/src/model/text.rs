@@ -53,7 +53,7 @@ impl TextEncoder {
         let t = &cfg.text_encoder;
         Self {
             input: TokenInput::new(t, cfg, device),
-            blocks: blocks(t.width, t.depth, t.heads, cfg.norm_eps, device),
+            blocks: blocks(t, cfg, device),
             ln_final: layer_norm(t.width, cfg.norm_eps, device),
             text_projection: projection(t.width, cfg.embed_dim, device),
             eos_id: cfg.eos_id,
@@ -65,11 +65,10 @@ impl TextEncoder {
     /// Attention is bidirectional over the non-padding tokens.
     pub fn forward(&self, tokens: Tensor<2, Int>) -> Tensor<2> {
         let [b, _] = tokens.dims();
-        let device = tokens.device();
         let mask = AttentionMask::KeyPadding(tokens.clone().equal_elem(self.pad_id as i64));
         let x = self.input.forward(tokens.clone());
-        let [_, t, w] = x.dims();
-        let x = run_blocks(&self.blocks, x, mask.to_bool(t, &device));
+        let [_, _, w] = x.dims();
+        let x = run_blocks(&self.blocks, x, mask);
         // argmax returns the first maximum: the first EOS of each caption.
         let eos = tokens.equal_elem(self.eos_id as i64).int().argmax(1); // [B, 1]
         let pooled = x.gather(1, eos.reshape([b, 1, 1]).expand([b, 1, w])).reshape([b, w]);
@@ -95,7 +94,7 @@ impl TextDecoder {
                 .with_initializer(Initializer::XavierUniform { gain: 1.0 })
                 .init(device),
             input: TokenInput::new(t, cfg, device),
-            blocks: blocks(t.width, t.depth, t.heads, cfg.norm_eps, device),
+            blocks: blocks(t, cfg, device),
             ln_final: layer_norm(t.width, cfg.norm_eps, device),
             lm_head: projection(t.width, cfg.vocab_size, device),
         }
@@ -107,8 +106,7 @@ impl TextDecoder {
         let [_, n_img, _] = z_u.dims();
         let x = Tensor::cat(vec![self.visual_proj.forward(z_u), self.input.forward(tokens)], 1);
         let [b, n, w] = x.dims();
-        let mask = AttentionMask::Prefix(n_img).to_bool(n, &x.device());
-        let x = run_blocks(&self.blocks, x, mask).narrow(1, n_img, n - n_img);
+        let x = run_blocks(&self.blocks, x, AttentionMask::Prefix(n_img)).narrow(1, n_img, n - n_img);
         self.lm_head.forward(self.ln_final.forward(x.reshape([b, n - n_img, w])))
     }
 }

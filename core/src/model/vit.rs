@@ -5,6 +5,7 @@ use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Initializer, LayerNorm, Linear, LinearConfig};
 use burn::tensor::{Device, Tensor};
 
+use super::attention::AttentionMask;
 use super::block::{Block, blocks, layer_norm, run_blocks};
 use super::posemb::sincos_2d;
 use crate::config::ModelConfig;
@@ -30,7 +31,7 @@ impl VitEncoder {
             .with_bias(false)
             .with_initializer(Initializer::XavierUniform { gain: 1.0 })
             .init(device);
-        Self { patch_embed: PatchEmbed { proj }, blocks: blocks(t.width, t.depth, t.heads, cfg.norm_eps, device) }
+        Self { patch_embed: PatchEmbed { proj }, blocks: blocks(t, cfg, device) }
     }
 
     /// `[B, C, H', W']` -> `z_u` `[B, (H'/p)(W'/p), D]`: the final block outputs, with no final norm (SPEC §2).
@@ -39,7 +40,7 @@ impl VitEncoder {
         let [b, d, h, w] = tokens.dims();
         let tokens = tokens.reshape([b, d, h * w]).swap_dims(1, 2);
         let pos = sincos_2d(h, w, d, &tokens.device()).unsqueeze::<3>();
-        run_blocks(&self.blocks, tokens + pos, None)
+        run_blocks(&self.blocks, tokens + pos, AttentionMask::None)
     }
 }
 
@@ -64,7 +65,7 @@ impl VitDecoder {
         let init = Initializer::XavierUniform { gain: 1.0 };
         Self {
             decoder_embed: LinearConfig::new(cfg.encoder.width, t.width).with_initializer(init.clone()).init(device),
-            blocks: blocks(t.width, t.depth, t.heads, cfg.norm_eps, device),
+            blocks: blocks(t, cfg, device),
             norm: layer_norm(t.width, cfg.norm_eps, device),
             pred: LinearConfig::new(t.width, patch * patch * channels).with_initializer(init).init(device),
             channels,
@@ -80,7 +81,7 @@ impl VitDecoder {
         assert_eq!(n, h * w, "decoder got {n} tokens for a {h}x{w} grid");
         let pos = sincos_2d(h, w, d, &x.device()).unsqueeze::<3>();
         let x = x + pos;
-        let x = self.pred.forward(self.norm.forward(run_blocks(&self.blocks, x, None)));
+        let x = self.pred.forward(self.norm.forward(run_blocks(&self.blocks, x, AttentionMask::None)));
         unpatchify(x, grid, self.patch, self.channels)
     }
 }

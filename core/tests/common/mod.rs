@@ -55,3 +55,9 @@ pub fn rel_err(actual: &[f64], reference: &[f64]) -> f64 {
     let scale = reference.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-30);
     actual.iter().zip(reference).fold(0f64, |m, (a, b)| m.max((a - b).abs())) / scale
 }
+
+/// The wgpu device when an adapter exists; `None` (the caller skips) otherwise, unless
+/// `OV3_TEST_WGPU=1` makes a missing adapter a failure.
+pub fn wgpu_device() -> Option<Device> {
+    devices().into_iter().find(|(name, _)| *name == "wgpu").map(|(_, d)| d)
+}

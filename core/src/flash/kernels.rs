@@ -1,0 +1,207 @@
+//! Launching the WGSL kernels of `shaders/` on a cubecl (wgpu) tensor's client.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use burn::backend::ops::{FloatTensorOps, IntTensorOps};
+use burn::backend::wgpu::{
+    CubeBackend, CubeDim, CubeTensor, KernelSource, SourceKernel, SourceTemplate, into_contiguous,
+};
+use burn::backend::{DType, FloatDType, TensorMetadata};
+use burn::tensor::Shape;
+use cubecl::CubeCount;
+use cubecl::prelude::KernelId;
+use cubecl::server::KernelArguments;
+
+use super::Rule;
+
+const COMMON: &str = include_str!("../../../shaders/flash_common.wgsl");
+const FORWARD: &str = include_str!("../../../shaders/flash_forward.wgsl");
+const BACKWARD_DQ: &str = include_str!("../../../shaders/flash_backward_dq.wgsl");
+const BACKWARD_DKV: &str = include_str!("../../../shaders/flash_backward_dkv.wgsl");
+
+/// Tests fill every output with NaN before a launch, so an element a kernel forgets to write fails
+/// the comparison instead of passing on whatever the memory pool held.
+static POISON: AtomicBool = AtomicBool::new(false);
+
+pub fn set_poison_outputs(on: bool) {
+    POISON.store(on, Ordering::Relaxed);
+}
+
+/// Tile sizes for one head dimension on one adapter (the `BR`, `BC` and `DH` of the shaders).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Tiles {
+    pub head_dim: u32,
+    /// Rows per workgroup, one invocation each.
+    pub rows: u32,
+    /// Rows of K/V (Q/dO in dK/dV) per tile of workgroup memory.
+    pub cols: u32,
+}
+
+impl Tiles {
+    /// The largest tiles the adapter's limits allow, capped at 64: every kernel holds two `cols x
+    /// head_dim` tiles plus two `cols` vectors in workgroup memory.
+    pub fn choose(head_dim: usize, max_shared_bytes: usize, max_invocations: u32) -> Self {
+        let fits = |cols: usize| (2 * cols * head_dim + 2 * cols) * 4 <= max_shared_bytes;
+        let mut cols = 64;
+        while cols > 1 && !fits(cols) {
+            cols /= 2;
+        }
+        let rows = max_invocations.clamp(1, 64);
+        Self { head_dim: head_dim as u32, rows: prev_power_of_two(rows), cols: cols as u32 }
+    }
+
+    fn for_tensor(t: &CubeTensor, head_dim: usize) -> Self {
+        let hw = &t.client.properties().hardware;
+        Self::choose(head_dim, hw.max_shared_memory_size, hw.max_units_per_cube)
+    }
+}
+
+fn prev_power_of_two(x: u32) -> u32 {
+    1 << (31 - x.leading_zeros())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Stage {
+    Forward,
+    BackwardDq,
+    BackwardDkv,
+}
+
+/// One kernel: the shared bindings and helpers, the stage's body, and the tile constants in front.
+struct FlashKernel {
+    stage: Stage,
+    tiles: Tiles,
+}
+
+impl KernelSource for FlashKernel {
+    fn source(&self) -> SourceTemplate {
+        let t = self.tiles;
+        let header =
+            format!("const DH: u32 = {}u;\nconst BC: u32 = {}u;\nconst BR: u32 = {}u;\n", t.head_dim, t.cols, t.rows);
+        let body = match self.stage {
+            Stage::Forward => FORWARD,
+            Stage::BackwardDq => BACKWARD_DQ,
+            Stage::BackwardDkv => BACKWARD_DKV,
+        };
+        SourceTemplate::new(header).add_template(COMMON).add_template(body)
+    }
+
+    fn id(&self) -> KernelId {
+        KernelId::new::<Self>().info((self.stage, self.tiles))
+    }
+
+    fn lang(&self) -> &'static str {
+        "wgsl"
+    }
+}
+
+fn dims(t: &CubeTensor) -> [usize; 4] {
+    let shape = t.shape();
+    assert_eq!(shape.num_dims(), 4, "flash attention expects [B, H, N, Dh] tensors, got {shape:?}");
+    [shape[0], shape[1], shape[2], shape[3]]
+}
+
+/// A contiguous f32 copy (or the tensor itself when it already is one).
+fn f32_contiguous(t: CubeTensor) -> CubeTensor {
+    let t = if t.dtype == DType::F32 { t } else { CubeBackend::float_cast(t, FloatDType::F32) };
+    into_contiguous(t)
+}
+
+/// The `[B, N]` key padding as f32 (1.0 = padding), the layout the kernels read.
+pub fn padding_as_float(padding: CubeTensor) -> CubeTensor {
+    into_contiguous(CubeBackend::int_into_float(padding, FloatDType::F32))
+}
+
+/// A new contiguous f32 tensor on `like`'s device, NaN-filled when poisoning is on.
+fn output(like: &CubeTensor, shape: Vec<usize>) -> CubeTensor {
+    let elems: usize = shape.iter().product();
+    let handle = if POISON.load(Ordering::Relaxed) {
+        like.client.create_from_slice(&f32::NAN.to_le_bytes().repeat(elems))
+    } else {
+        like.client.empty(elems * 4)
+    };
+    CubeTensor::new_contiguous(like.client.clone(), like.device.clone(), Shape::from(shape), handle, DType::F32)
+}
+
+/// `[N, heads, rule, prefix, scale bits, B*H*N]`, the `params` buffer of `flash_common.wgsl`.
+fn params(like: &CubeTensor, [b, h, n, dh]: [usize; 4], rule: Rule) -> CubeTensor {
+    let (kind, prefix) = match rule {
+        Rule::All => (0, 0),
+        Rule::Causal => (1, 0),
+        Rule::Prefix(p) => (2, p),
+    };
+    let scale = (dh as f32).powf(-0.5);
+    let words = [n as u32, h as u32, kind, prefix.min(n) as u32, scale.to_bits(), (b * h * n) as u32];
+    let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+    let handle = like.client.create_from_slice(&bytes);
+    CubeTensor::new_contiguous(
+        like.client.clone(),
+        like.device.clone(),
+        Shape::from(vec![words.len()]),
+        handle,
+        DType::U32,
+    )
+}
+
+fn launch(stage: Stage, tiles: Tiles, [b, h, n, _]: [usize; 4], buffers: &[&CubeTensor]) {
+    let client = &buffers[0].client;
+    let groups = n.div_ceil(tiles.rows as usize) as u32;
+    let args = buffers.iter().fold(KernelArguments::new(), |args, t| args.with_buffer(t.handle.clone().binding()));
+    client.launch(
+        Box::new(SourceKernel::new(FlashKernel { stage, tiles }, CubeDim::new_1d(tiles.rows))),
+        CubeCount::Static(groups, (b * h) as u32, 1),
+        args,
+    );
+}
+
+/// Output `[B, H, N, Dh]` and log-sum-exp `[B, H, N]`. `padding`: `[B, N]` f32 from [`padding_as_float`].
+pub fn forward(
+    q: CubeTensor,
+    k: CubeTensor,
+    v: CubeTensor,
+    padding: CubeTensor,
+    rule: Rule,
+) -> (CubeTensor, CubeTensor) {
+    let shape = dims(&q);
+    assert!(dims(&k) == shape && dims(&v) == shape, "flash attention: q, k and v must have one shape");
+    let [b, h, n, dh] = shape;
+    let (q, k, v) = (f32_contiguous(q), f32_contiguous(k), f32_contiguous(v));
+    let tiles = Tiles::for_tensor(&q, dh);
+    let params = params(&q, shape, rule);
+    let out = output(&q, vec![b, h, n, dh]);
+    let lse = output(&q, vec![b, h, n]);
+    launch(Stage::Forward, tiles, shape, &[&q, &k, &v, &padding, &params, &out, &lse]);
+    (out, lse)
+}
+
+/// dQ, dK, dV for the upstream gradient `grad_out`, recomputing the probabilities from `lse`.
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    q: CubeTensor,
+    k: CubeTensor,
+    v: CubeTensor,
+    out: CubeTensor,
+    lse: CubeTensor,
+    grad_out: CubeTensor,
+    padding: CubeTensor,
+    rule: Rule,
+) -> (CubeTensor, CubeTensor, CubeTensor) {
+    let shape = dims(&q);
+    let [b, h, n, dh] = shape;
+    let (q, k, v, grad_out) = (f32_contiguous(q), f32_contiguous(k), f32_contiguous(v), f32_contiguous(grad_out));
+    // D_i = dO_i . O_i, then [L | D] in one buffer (the kernels stay within 8 storage bindings).
+    let d = CubeBackend::float_sum_dim(CubeBackend::float_mul(grad_out.clone(), out), 3);
+    let flat = |t: CubeTensor| CubeBackend::float_reshape(t, Shape::from(vec![b * h * n]));
+    let stats = into_contiguous(CubeBackend::float_cat(vec![flat(lse), flat(d)], 0));
+    let tiles = Tiles::for_tensor(&q, dh);
+    let params = params(&q, shape, rule);
+    let dq = output(&q, vec![b, h, n, dh]);
+    let dkv = output(&q, vec![2, b, h, n, dh]);
+    launch(Stage::BackwardDq, tiles, shape, &[&q, &k, &v, &padding, &params, &grad_out, &stats, &dq]);
+    launch(Stage::BackwardDkv, tiles, shape, &[&q, &k, &v, &padding, &params, &grad_out, &stats, &dkv]);
+    let half = |i: usize| {
+        let part = CubeBackend::float_slice(dkv.clone(), &[burn::tensor::Slice::from(i..i + 1)]);
+        CubeBackend::float_reshape(part, Shape::from(vec![b, h, n, dh]))
+    };
+    (dq, half(0), half(1))
+}

@@ -1,0 +1,85 @@
+//! Fused (flash) attention on burn's wgpu backend: our WGSL kernels in `shaders/`, registered as a
+//! differentiable burn op so training runs through them end to end.
+//!
+//! `softmax(scale * Q K^T + mask) V` is computed tile by tile with an online softmax; the forward
+//! pass also writes the row-wise log-sum-exp, from which the backward pass recomputes the
+//! probabilities. Memory is linear in the sequence length (no `[B, H, N, N]` tensor exists).
+//!
+//! Other backends (flex on the CPU) have no kernel: [`supports`] says so and the model uses the
+//! reference path of `model::attention` there.
+
+mod autodiff;
+mod kernels;
+
+use burn::backend::tensor::{FloatTensor, IntTensor};
+use burn::backend::{Backend, Dispatch, DispatchDevice, backend_extension};
+use burn::tensor::{Device, Int, Tensor};
+
+use crate::model::attention::AttentionMask;
+
+pub use kernels::{Tiles, set_poison_outputs};
+
+/// Which (query, key) pairs are visible, apart from key padding. The kernel's `RULE_*` constants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rule {
+    All,
+    Causal,
+    /// Causal, except that the first `n` tokens also see each other (the caption decoder's prefix).
+    Prefix(usize),
+}
+
+#[backend_extension(Cube, Autodiff)]
+pub trait FlashAttentionBackend: Backend {
+    /// `q`, `k`, `v`: `[B, H, N, Dh]` f32; `key_padding`: `[B, N]`, nonzero where the key is padding.
+    fn flash_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        key_padding: IntTensor<Self>,
+        rule: Rule,
+    ) -> FloatTensor<Self>;
+}
+
+impl FlashAttentionBackend for burn::backend::wgpu::CubeBackend {
+    fn flash_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        key_padding: IntTensor<Self>,
+        rule: Rule,
+    ) -> FloatTensor<Self> {
+        kernels::forward(q, k, v, kernels::padding_as_float(key_padding), rule).0
+    }
+}
+
+/// Head dimensions the kernels are compiled for: each invocation keeps a few rows of this length in
+/// registers, so very wide heads would spill; the model's heads are 32-128 wide.
+pub const MAX_HEAD_DIM: usize = 256;
+
+/// Whether the fused kernels can run on `device` (burn's cubecl backends: wgpu, with or without
+/// autodiff) for heads of width `head_dim`.
+pub fn supports(device: &Device, head_dim: usize) -> bool {
+    matches!(device.clone().inner().as_dispatch(), DispatchDevice::Cube(_)) && (1..=MAX_HEAD_DIM).contains(&head_dim)
+}
+
+/// softmax(Q K^T / sqrt(Dh) + mask) V for `[B, H, N, Dh]` inputs through the fused kernels;
+/// differentiable in `q`, `k` and `v`. Call only where [`supports`] holds.
+///
+/// A query row that may see no key at all gets zeros (the model's masks never produce one).
+pub fn flash_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, mask: &AttentionMask) -> Tensor<4> {
+    let [b, _, n, _] = q.dims();
+    let (padding, rule) = match mask {
+        AttentionMask::None => (None, Rule::All),
+        AttentionMask::KeyPadding(pad) => (Some(pad.clone().int()), Rule::All),
+        AttentionMask::Causal => (None, Rule::Causal),
+        AttentionMask::Prefix(p) => (None, Rule::Prefix(*p)),
+    };
+    let padding = padding.unwrap_or_else(|| Tensor::<2, Int>::zeros([b, n], &q.device()));
+    Tensor::from_dispatch(<Dispatch as FlashAttentionBackend>::flash_attention(
+        q.into_dispatch(),
+        k.into_dispatch(),
+        v.into_dispatch(),
+        padding.into_dispatch(),
+        rule,
+    ))
+}

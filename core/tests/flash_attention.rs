@@ -1,0 +1,191 @@
+//! The fused WGSL attention (shaders/) against a float64 CPU reference: the output and all three
+//! gradients, on fresh random inputs, for every mask the model uses, odd lengths and head widths
+//! 32/64/128. Tolerance: relative error (max abs diff / max abs reference) < 1e-4 in f32. Outputs are
+//! NaN-poisoned before each launch, so an element a kernel never writes fails.
+//!
+//! The kernels run on burn's wgpu backend only: on a machine without an adapter these tests are
+//! skipped, unless `OV3_TEST_WGPU=1` (CI, on lavapipe) makes that a failure.
+
+mod common;
+
+use burn::tensor::{Bool, Device, Distribution, Tensor, TensorData};
+use common::{rel_err, to_f64, wgpu_device};
+use ov3_core::flash::{self, Tiles};
+use ov3_core::model::attention::AttentionMask;
+
+type Allowed = Box<dyn Fn(usize, usize, usize) -> bool>;
+
+struct Case {
+    name: &'static str,
+    shape: [usize; 4],
+    mask: AttentionMask,
+    /// (batch, query, key) -> may the query see the key; the reference reads only this.
+    allowed: Allowed,
+}
+
+/// Keys `len..` of each sequence are padding.
+fn padding(lengths: &[usize], n: usize, device: &Device) -> AttentionMask {
+    let pad: Vec<bool> = lengths.iter().flat_map(|&len| (0..n).map(move |j| j >= len)).collect();
+    AttentionMask::KeyPadding(Tensor::<2, Bool>::from_data(TensorData::new(pad, [lengths.len(), n]), device))
+}
+
+fn cases(device: &Device) -> Vec<Case> {
+    let prefix = |p: usize| -> Allowed { Box::new(move |_, i, j| j <= i || (i < p && j < p)) };
+    vec![
+        Case {
+            name: "no mask, Dh 32",
+            shape: [2, 3, 37, 32],
+            mask: AttentionMask::None,
+            allowed: Box::new(|_, _, _| true),
+        },
+        Case { name: "one token", shape: [1, 1, 1, 32], mask: AttentionMask::None, allowed: Box::new(|_, _, _| true) },
+        Case {
+            name: "causal, Dh 64",
+            shape: [2, 2, 65, 64],
+            mask: AttentionMask::Causal,
+            allowed: Box::new(|_, i, j| j <= i),
+        },
+        Case {
+            name: "key padding, Dh 128",
+            shape: [3, 2, 50, 128],
+            mask: padding(&[50, 31, 1], 50, device),
+            allowed: Box::new(|b, _, j| j < [50, 31, 1][b]),
+        },
+        Case { name: "prefix 7, Dh 64", shape: [2, 2, 29, 64], mask: AttentionMask::Prefix(7), allowed: prefix(7) },
+        // A prefix longer than one workgroup's rows, a length across several workgroups.
+        Case { name: "prefix 70, Dh 64", shape: [1, 2, 131, 64], mask: AttentionMask::Prefix(70), allowed: prefix(70) },
+    ]
+}
+
+struct Reference {
+    out: Vec<f64>,
+    dq: Vec<f64>,
+    dk: Vec<f64>,
+    dv: Vec<f64>,
+}
+
+/// Float64 attention and its gradients for the upstream gradient `dout`, textbook formulas:
+/// P = softmax(S), dV = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dP * P)), dQ = dS K s, dK = dS^T Q s.
+#[allow(clippy::too_many_arguments)]
+fn reference(q: &[f64], k: &[f64], v: &[f64], dout: &[f64], [b, h, n, dh]: [usize; 4], allowed: &Allowed) -> Reference {
+    let scale = (dh as f64).powf(-0.5);
+    let mut r =
+        Reference { out: vec![0.0; q.len()], dq: vec![0.0; q.len()], dk: vec![0.0; q.len()], dv: vec![0.0; q.len()] };
+    let dot = |a: &[f64], c: &[f64]| a.iter().zip(c).map(|(x, y)| x * y).sum::<f64>();
+    for bi in 0..b {
+        for hi in 0..h {
+            let base = (bi * h + hi) * n * dh;
+            let row = |t: &[f64], i: usize| t[base + i * dh..base + (i + 1) * dh].to_vec();
+            for i in 0..n {
+                let keys: Vec<usize> = (0..n).filter(|&j| allowed(bi, i, j)).collect();
+                if keys.is_empty() {
+                    continue;
+                }
+                let s: Vec<f64> = keys.iter().map(|&j| dot(&row(q, i), &row(k, j)) * scale).collect();
+                let max = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = s.iter().map(|x| (x - max).exp()).collect();
+                let sum: f64 = e.iter().sum();
+                let p: Vec<f64> = e.iter().map(|x| x / sum).collect();
+                let do_i = row(dout, i);
+                let dp: Vec<f64> = keys.iter().map(|&j| dot(&do_i, &row(v, j))).collect();
+                let d_i: f64 = p.iter().zip(&dp).map(|(a, c)| a * c).sum();
+                for (idx, &j) in keys.iter().enumerate() {
+                    let ds = p[idx] * (dp[idx] - d_i);
+                    for d in 0..dh {
+                        r.out[base + i * dh + d] += p[idx] * v[base + j * dh + d];
+                        r.dv[base + j * dh + d] += p[idx] * do_i[d];
+                        r.dq[base + i * dh + d] += ds * k[base + j * dh + d] * scale;
+                        r.dk[base + j * dh + d] += ds * q[base + i * dh + d] * scale;
+                    }
+                }
+            }
+        }
+    }
+    r
+}
+
+#[test]
+fn forward_and_gradients_match_f64_reference() {
+    let Some(device) = wgpu_device() else { return };
+    flash::set_poison_outputs(true);
+    let device = device.autodiff();
+    for case in cases(&device) {
+        let random = || Tensor::<4>::random(case.shape, Distribution::Normal(0.0, 1.0), &device);
+        let (q, k, v, w) = (random().require_grad(), random().require_grad(), random().require_grad(), random());
+        let out = flash::flash_attention(q.clone(), k.clone(), v.clone(), &case.mask);
+        let grads = (out.clone() * w.clone()).sum().backward();
+        let grad = |t: &Tensor<4>| to_f64(&t.grad(&grads).expect("a gradient"));
+        let expect = reference(&to_f64(&q), &to_f64(&k), &to_f64(&v), &to_f64(&w), case.shape, &case.allowed);
+        for (what, actual, reference) in [
+            ("output", to_f64(&out), &expect.out),
+            ("dQ", grad(&q), &expect.dq),
+            ("dK", grad(&k), &expect.dk),
+            ("dV", grad(&v), &expect.dv),
+        ] {
+            assert!(actual.iter().all(|x| x.is_finite()), "{}: {what} has unwritten (NaN) elements", case.name);
+            let err = rel_err(&actual, reference);
+            assert!(err < 1e-4, "{}: {what} relative error {err:.2e} >= 1e-4", case.name);
+        }
+    }
+}
+
+#[test]
+fn tiles_fit_the_adapter_limits() {
+    // WebGPU's default limits (16 KiB of workgroup memory, 256 invocations) and a roomier adapter.
+    for (shared, invocations) in [(16_384, 256), (32_768, 1024), (65_536, 64)] {
+        for head_dim in [32, 64, 128, 256] {
+            let t = Tiles::choose(head_dim, shared, invocations);
+            let bytes = (2 * t.cols as usize * head_dim + 2 * t.cols as usize) * 4;
+            assert!(bytes <= shared, "Dh {head_dim}: {bytes} bytes of workgroup memory > {shared}");
+            assert!(t.rows <= invocations && t.rows.is_power_of_two() && t.cols.is_power_of_two());
+            // Doubling the tile would not fit (or it is already at the cap of 64).
+            let doubled = (4 * t.cols as usize * head_dim + 4 * t.cols as usize) * 4;
+            assert!(t.cols == 64 || doubled > shared, "Dh {head_dim}: tile of {} rows is not the largest", t.cols);
+        }
+    }
+    assert_eq!(Tiles::choose(128, 16_384, 256).cols, 8);
+}
+
+/// The whole model through the fused kernels: every loss term and the gradients of the attention
+/// weights of all four towers equal the reference path's (same weights, same batch). Tolerance 1e-3:
+/// the two paths sum in different orders over several layers.
+#[test]
+fn model_losses_and_gradients_match_the_reference_path() {
+    use burn::module::Module;
+    use ov3_core::config::{AttentionImpl, Preset};
+    use ov3_core::model::{Frozen, LossWeights, Ov3};
+    use ov3_core::random_batch::random_batch;
+
+    let Some(device) = wgpu_device() else { return };
+    let device = device.autodiff();
+    let cfg = |attention| Preset::Tiny.config().with_attention(attention);
+    let fused = Ov3::new(&cfg(AttentionImpl::Fused), &device);
+    let reference = Ov3::new(&cfg(AttentionImpl::Reference), &device).load_record(fused.clone().into_record());
+    let batch = random_batch(&cfg(AttentionImpl::Fused), 3, 64, &device);
+
+    let run = |model: &Ov3| {
+        let out = model.losses(&batch, &LossWeights::default(), 0.0, Frozen::default());
+        let terms =
+            [out.total.clone(), out.caption.clone().expect("caption"), out.contrastive.clone().expect("contrastive")];
+        let grads = out.total.backward();
+        let weights = [
+            &model.encoder.blocks[0].attn.qkv.weight,
+            &model.decoder.blocks[0].attn.qkv.weight,
+            &model.text_encoder.blocks[0].attn.qkv.weight,
+            &model.text_decoder.blocks[0].attn.qkv.weight,
+        ];
+        let grads: Vec<Vec<f64>> = weights.iter().map(|w| to_f64(&w.grad(&grads).expect("a gradient"))).collect();
+        (terms.iter().map(|t| to_f64(t)[0]).collect::<Vec<f64>>(), grads)
+    };
+    let (fused_terms, fused_grads) = run(&fused);
+    let (ref_terms, ref_grads) = run(&reference);
+    for (name, (a, r)) in ["total", "caption", "contrastive"].iter().zip(fused_terms.iter().zip(&ref_terms)) {
+        assert!((a - r).abs() <= 1e-3 * r.abs().max(1.0), "{name} loss: fused {a} vs reference {r}");
+    }
+    for (tower, (a, r)) in
+        ["encoder", "decoder", "text encoder", "text decoder"].iter().zip(fused_grads.iter().zip(&ref_grads))
+    {
+        let err = rel_err(a, r);
+        assert!(err < 1e-3, "{tower} attention weight gradient: relative error {err:.2e}");
+    }
+}

@@ -1,0 +1,88 @@
+// Flash attention backward, part 1: dQ. One invocation per query row; K and V stream through
+// workgroup memory as in the forward pass. Probabilities are recomputed from the saved log-sum-exp,
+// P_ij = exp(s_ij - L_i), so no N x N matrix is stored:
+//   dS_ij = P_ij (dO_i . V_j - D_i),  D_i = dO_i . O_i,   dQ_i = scale * sum_j dS_ij K_j.
+
+@group(0) @binding(5) var<storage, read_write> dout: array<f32>;
+// [L | D], each B*H*N.
+@group(0) @binding(6) var<storage, read_write> stats: array<f32>;
+@group(0) @binding(7) var<storage, read_write> dq: array<f32>;
+
+var<workgroup> k_tile: array<f32, BC * DH>;
+var<workgroup> v_tile: array<f32, BC * DH>;
+var<workgroup> open: array<f32, BC>;
+
+@compute @workgroup_size(BR)
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lane: u32) {
+    let n = seq_len();
+    let bh = wg.y;
+    let b = batch_of(bh);
+    let row0 = wg.x * BR;
+    let i = row0 + lane;
+    let live = i < n;
+    let head = bh * n * DH;
+    let scale = softmax_scale();
+
+    var qi: array<f32, DH>;
+    var doi: array<f32, DH>;
+    var acc: array<f32, DH>;
+    var row_lse = 0.0;
+    var row_d = 0.0;
+    if (live) {
+        for (var d = 0u; d < DH; d++) {
+            qi[d] = q[head + i * DH + d] * scale;
+            doi[d] = dout[head + i * DH + d];
+        }
+        row_lse = stats[bh * n + i];
+        row_d = stats[half_offset() + bh * n + i];
+    }
+
+    let end = key_end(row0);
+    for (var t0 = 0u; t0 < end; t0 += BC) {
+        let cnt = min(BC, end - t0);
+        for (var e = lane; e < BC * DH; e += BR) {
+            let r = e / DH;
+            var kv = 0.0;
+            var vv = 0.0;
+            if (r < cnt) {
+                let src = head + (t0 + r) * DH + e % DH;
+                kv = k[src];
+                vv = v[src];
+            }
+            k_tile[e] = kv;
+            v_tile[e] = vv;
+        }
+        for (var r = lane; r < BC; r += BR) {
+            var o = 0.0;
+            if (r < cnt && key_open(b, t0 + r)) {
+                o = 1.0;
+            }
+            open[r] = o;
+        }
+        workgroupBarrier();
+
+        if (live) {
+            for (var r = 0u; r < cnt; r++) {
+                if (open[r] != 0.0 && allowed(i, t0 + r)) {
+                    var score = 0.0;
+                    var dp = 0.0;
+                    for (var d = 0u; d < DH; d++) {
+                        score += qi[d] * k_tile[r * DH + d];
+                        dp += doi[d] * v_tile[r * DH + d];
+                    }
+                    let ds = exp(score - row_lse) * (dp - row_d);
+                    for (var d = 0u; d < DH; d++) {
+                        acc[d] += ds * k_tile[r * DH + d];
+                    }
+                }
+            }
+        }
+        workgroupBarrier();
+    }
+
+    if (live) {
+        for (var d = 0u; d < DH; d++) {
+            dq[head + i * DH + d] = acc[d] * scale;
+        }
+    }
+}

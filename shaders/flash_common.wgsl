@@ -1,0 +1,65 @@
+// Shared by the three flash-attention kernels (forward, dQ, dK/dV).
+//
+// The host prepends three constants chosen from the adapter's limits:
+//   DH  the head dimension
+//   BC  rows of K/V (or Q/dO) held in workgroup memory per tile
+//   BR  invocations per workgroup; each owns one query row (or one key row in dK/dV)
+// Tensors are contiguous [B*H, N, DH] f32. One workgroup covers BR rows of one (batch, head).
+// Every binding is read_write although most are only read: burn's memory pool packs many tensors into
+// one wgpu buffer, and wgpu refuses a buffer bound read-only and read-write in the same dispatch.
+
+@group(0) @binding(0) var<storage, read_write> q: array<f32>;
+@group(0) @binding(1) var<storage, read_write> k: array<f32>;
+@group(0) @binding(2) var<storage, read_write> v: array<f32>;
+// [B, N]: 1.0 where the key is padding and may not be attended to.
+@group(0) @binding(3) var<storage, read_write> key_pad: array<f32>;
+// [0] N, [1] heads, [2] rule, [3] prefix length, [4] softmax scale (f32 bits), [5] B*H*N.
+@group(0) @binding(4) var<storage, read_write> params: array<u32>;
+
+const RULE_ALL: u32 = 0u;
+const RULE_CAUSAL: u32 = 1u;
+// Causal, except that queries inside the first `prefix` tokens also see later prefix tokens.
+const RULE_PREFIX: u32 = 2u;
+// The score of a masked pair: finite, so max() and exp() never meet inf - inf.
+const MASKED: f32 = -3.0e38;
+
+fn seq_len() -> u32 { return params[0]; }
+fn batch_of(bh: u32) -> u32 { return bh / params[1]; }
+fn softmax_scale() -> f32 { return bitcast<f32>(params[4]); }
+// Offset of the second half of the stats (D) and of dV in the dK/dV output.
+fn half_offset() -> u32 { return params[5]; }
+
+// May query i attend to key j under the rule (key padding aside)?
+fn allowed(i: u32, j: u32) -> bool {
+    let rule = params[2];
+    let p = params[3];
+    return rule == RULE_ALL || j <= i || (rule == RULE_PREFIX && i < p && j < p);
+}
+
+fn key_open(b: u32, j: u32) -> bool {
+    return key_pad[b * params[0] + j] == 0.0;
+}
+
+// One past the last key any query of rows [row0, row0 + BR) may see. Uniform across the workgroup,
+// so causal workgroups skip the tiles above the diagonal without breaking barrier uniformity.
+fn key_end(row0: u32) -> u32 {
+    let n = params[0];
+    let rule = params[2];
+    if (rule == RULE_ALL) {
+        return n;
+    }
+    var end = min(n, row0 + BR);
+    if (rule == RULE_PREFIX && row0 < params[3]) {
+        end = max(end, min(n, params[3]));
+    }
+    return end;
+}
+
+// The first query that may see any key of [col0, col0 + BR).
+fn query_start(col0: u32) -> u32 {
+    let rule = params[2];
+    if (rule == RULE_ALL || (rule == RULE_PREFIX && col0 < params[3])) {
+        return 0u;
+    }
+    return col0;
+}
