@@ -39,8 +39,9 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         }
     }
 
-    for (var t0 = query_start(col0); t0 < n; t0 += BC) {
-        let cnt = min(BC, n - t0);
+    let bounds = uniform_bounds(lane, query_start(col0), n);
+    for (var t0 = bounds.x; t0 < bounds.y; t0 += BC) {
+        let cnt = min(BC, bounds.y - t0);
         for (var e = lane; e < BC * DH; e += BR) {
             let r = e / DH;
             var qv = 0.0;

@@ -37,7 +37,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         row_d = stats[half_offset() + bh * n + i];
     }
 
-    let end = key_end(row0);
+    let end = uniform_bounds(lane, 0u, key_end(row0)).y;
     for (var t0 = 0u; t0 < end; t0 += BC) {
         let cnt = min(BC, end - t0);
         for (var e = lane; e < BC * DH; e += BR) {

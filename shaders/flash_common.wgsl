@@ -55,6 +55,20 @@ fn key_end(row0: u32) -> u32 {
     return end;
 }
 
+// Loop bounds that enclose barriers must be uniform across the workgroup. The params sit in a
+// read_write buffer, which WGSL's uniformity analysis counts as non-uniform (Chrome's Tint enforces it),
+// so the bounds are handed through workgroupUniformLoad, whose result is uniform by definition.
+var<workgroup> bound_start: u32;
+var<workgroup> bound_end: u32;
+
+fn uniform_bounds(lane: u32, start: u32, end: u32) -> vec2<u32> {
+    if (lane == 0u) {
+        bound_start = start;
+        bound_end = end;
+    }
+    return vec2(workgroupUniformLoad(&bound_start), workgroupUniformLoad(&bound_end));
+}
+
 // The first query that may see any key of [col0, col0 + BR).
 fn query_start(col0: u32) -> u32 {
     let rule = params[2];

@@ -226,7 +226,7 @@ fn cache(args: CacheArgs) -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(&dir);
     let adapter = selected.adapter.as_ref().map(|a| a.to_string()).unwrap_or_else(|| "cpu (flex)".into());
     println!(
-        "{{\"bench\":\"cache\",\"adapter\":\"{adapter}\",\"vae\":\"{}\",\"preset\":\"{}\",\"attention\":\"{}\",\"batch\":{},\"res\":{},\
+        "{{\"bench\":\"cache\",\"adapter\":\"{adapter}\",\"vae\":\"{}\",\"preset\":\"{}\",\"batch\":{},\"res\":{},\
          \"ms_per_step_vae\":{:.1},\"ms_per_step_cache\":{:.1},\"speedup\":{:.2},\"cache_build_ms_per_image\":{:.1}}}",
         vae.source,
         args.common.preset.name(),

@@ -12,7 +12,7 @@ use burn::nn::LayerNorm;
 use burn::tensor::{Device, Distribution, Int, Tensor};
 
 use crate::autoencoder::LatentDecoder;
-use crate::config::{InputSpace, ModelConfig, Objective};
+use crate::config::{AttentionImpl, InputSpace, ModelConfig, Objective};
 use crate::losses::{self, Perceptual, RecTerms};
 use crate::tokenizer::Tokenizer;
 use block::layer_norm;
@@ -109,6 +109,20 @@ impl Ov3 {
             pad_id: cfg.pad_id,
             tokenizer: Tokenizer::Bytes,
         }
+    }
+
+    /// The same weights with every transformer block on `implementation` (see [`AttentionImpl`]).
+    pub fn with_attention(mut self, implementation: AttentionImpl) -> Self {
+        let towers = [
+            &mut self.encoder.blocks,
+            &mut self.decoder.blocks,
+            &mut self.text_encoder.blocks,
+            &mut self.text_decoder.blocks,
+        ];
+        for block in towers.into_iter().flatten() {
+            block.attn.implementation = implementation;
+        }
+        self
     }
 
     /// Unified tokens z_u `[B, N, D]` from encoder inputs `[B, C, H', W']`.
