@@ -8,10 +8,6 @@
 @group(0) @binding(6) var<storage, read_write> stats: array<f32>;
 @group(0) @binding(7) var<storage, read_write> dq: array<f32>;
 
-var<workgroup> k_tile: array<f32, BC * DH>;
-var<workgroup> v_tile: array<f32, BC * DH>;
-var<workgroup> open: array<f32, BC>;
-
 @compute @workgroup_size(BR)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lane: u32) {
     let n = seq_len();
@@ -40,25 +36,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let end = uniform_bounds(lane, 0u, key_end(row0)).y;
     for (var t0 = 0u; t0 < end; t0 += BC) {
         let cnt = min(BC, end - t0);
-        for (var e = lane; e < BC * DH; e += BR) {
-            let r = e / DH;
-            var kv = 0.0;
-            var vv = 0.0;
-            if (r < cnt) {
-                let src = head + (t0 + r) * DH + e % DH;
-                kv = k[src];
-                vv = v[src];
-            }
-            k_tile[e] = kv;
-            v_tile[e] = vv;
-        }
-        for (var r = lane; r < BC; r += BR) {
-            var o = 0.0;
-            if (r < cnt && key_open(b, t0 + r)) {
-                o = 1.0;
-            }
-            open[r] = o;
-        }
+        load_kv_tile(lane, b, head, t0, cnt);
         workgroupBarrier();
 
         if (live) {

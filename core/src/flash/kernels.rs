@@ -15,6 +15,7 @@ use cubecl::server::KernelArguments;
 use super::Rule;
 
 const COMMON: &str = include_str!("../../../shaders/flash_common.wgsl");
+const KV_TILES: &str = include_str!("../../../shaders/flash_kv_tiles.wgsl");
 const FORWARD: &str = include_str!("../../../shaders/flash_forward.wgsl");
 const BACKWARD_DQ: &str = include_str!("../../../shaders/flash_backward_dq.wgsl");
 const BACKWARD_DKV: &str = include_str!("../../../shaders/flash_backward_dkv.wgsl");
@@ -67,7 +68,7 @@ enum Stage {
     BackwardDkv,
 }
 
-/// One kernel: the shared bindings and helpers, the stage's body, and the tile constants in front.
+/// One kernel: the tile constants, the shared bindings and helpers, then the stage's own files.
 struct FlashKernel {
     stage: Stage,
     tiles: Tiles,
@@ -78,12 +79,12 @@ impl KernelSource for FlashKernel {
         let t = self.tiles;
         let header =
             format!("const DH: u32 = {}u;\nconst BC: u32 = {}u;\nconst BR: u32 = {}u;\n", t.head_dim, t.cols, t.rows);
-        let body = match self.stage {
-            Stage::Forward => FORWARD,
-            Stage::BackwardDq => BACKWARD_DQ,
-            Stage::BackwardDkv => BACKWARD_DKV,
+        let parts: &[&str] = match self.stage {
+            Stage::Forward => &[KV_TILES, FORWARD],
+            Stage::BackwardDq => &[KV_TILES, BACKWARD_DQ],
+            Stage::BackwardDkv => &[BACKWARD_DKV],
         };
-        SourceTemplate::new(header).add_template(COMMON).add_template(body)
+        parts.iter().fold(SourceTemplate::new(header).add_template(COMMON), |t, part| t.add_template(*part))
     }
 
     fn id(&self) -> KernelId {
