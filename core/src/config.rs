@@ -79,8 +79,10 @@ pub struct ModelConfig {
     pub tau: f64,
     #[config(default = 1e-6)]
     pub norm_eps: f64,
-    /// A runtime choice, not part of the weights: both paths compute the same function.
-    #[config(default = "AttentionImpl::Fused")]
+    /// A runtime choice, not part of the weights: both paths compute the same function. The reference
+    /// path is the default because it measured faster on the only adapter we could test (lavapipe,
+    /// docs/PERFORMANCE.md); the fused kernels hold memory linear in the sequence length.
+    #[config(default = "AttentionImpl::Reference")]
     pub attention: AttentionImpl,
 }
 

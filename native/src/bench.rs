@@ -67,8 +67,8 @@ pub struct StepArgs {
     /// Untimed steps first (kernel compilation, autotuning, allocator warm-up).
     #[arg(long, default_value_t = 2)]
     warmup: usize,
-    /// Attention implementation: fused (our WGSL kernels on wgpu) or reference.
-    #[arg(long, default_value = "fused")]
+    /// Attention implementation: reference (the default) or fused (our WGSL kernels on wgpu).
+    #[arg(long, default_value = "reference")]
     attention: String,
 }
 

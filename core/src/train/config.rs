@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{ModelConfig, Objective, Preset};
+use crate::config::{AttentionImpl, ModelConfig, Objective, Preset};
 use crate::model::LossWeights;
 use crate::tokenizer::Tokenizer;
 
@@ -58,6 +58,9 @@ pub struct TrainConfig {
     /// preset's (80).
     #[serde(default)]
     pub context_length: Option<usize>,
+    /// `Reference` (default) or `Fused`: our WGSL attention kernels on wgpu (see shaders/README.md).
+    #[serde(default = "default_attention")]
+    pub attention: AttentionImpl,
     pub stages: Vec<StageConfig>,
 }
 
@@ -181,6 +184,7 @@ impl TrainConfig {
             keep_checkpoints: default_keep(),
             tokenizer: None,
             context_length: None,
+            attention: default_attention(),
             stages: vec![stage("low-res", 64, low_res_steps), stage("high-res", 128, high_res_steps)],
         }
     }
@@ -228,6 +232,7 @@ impl TrainConfig {
     pub fn model_config(&self, tokenizer: &Tokenizer) -> ModelConfig {
         let mut m = self.preset.config();
         m.tau = self.tau;
+        m.attention = self.attention;
         if let Some(n) = self.context_length {
             m.context_length = n;
         }
@@ -296,6 +301,9 @@ fn default_objective() -> Objective {
 }
 fn default_eval_size() -> usize {
     256
+}
+fn default_attention() -> AttentionImpl {
+    AttentionImpl::Reference
 }
 fn default_weight_decay() -> f64 {
     0.2
