@@ -37,13 +37,17 @@ pub enum Objective {
     UndOnly,
 }
 
-/// Which attention implementation the four transformers run.
-#[derive(Config, Debug, Copy, PartialEq, Eq)]
+/// Which attention implementation the four transformers run: a runtime choice (`Ov3::with_attention`,
+/// the training TOML's `attention`), not part of the model or its files — both compute the same function.
+/// The reference path is the default because it measured faster on the only adapter we could test
+/// (lavapipe, docs/PERFORMANCE.md); the fused kernels hold memory linear in the sequence length.
+#[derive(Config, Debug, Copy, PartialEq, Eq, Default)]
 pub enum AttentionImpl {
     /// Our fused WGSL kernels (`shaders/`, forward and backward) where the device runs them (wgpu),
     /// the reference path elsewhere.
     Fused,
     /// The unfused matmul-softmax-matmul of `model::attention` everywhere.
+    #[default]
     Reference,
 }
 
@@ -79,11 +83,6 @@ pub struct ModelConfig {
     pub tau: f64,
     #[config(default = 1e-6)]
     pub norm_eps: f64,
-    /// A runtime choice, not part of the weights: both paths compute the same function. The reference
-    /// path is the default because it measured faster on the only adapter we could test (lavapipe,
-    /// docs/PERFORMANCE.md); the fused kernels hold memory linear in the sequence length.
-    #[config(default = "AttentionImpl::Reference")]
-    pub attention: AttentionImpl,
 }
 
 /// The named presets of SPEC §2.

@@ -132,9 +132,9 @@ fn step(args: StepArgs) -> anyhow::Result<()> {
         "reference" => AttentionImpl::Reference,
         other => anyhow::bail!("--attention must be fused or reference, got '{other}'"),
     };
-    let cfg = args.common.preset.config().with_attention(attention);
+    let cfg = args.common.preset.config();
     let batch = random_batch(&cfg, args.batch, args.res, &device);
-    let model = Ov3::new(&cfg, &device);
+    let model = Ov3::new(&cfg, &device).with_attention(attention);
     let mut optim = optim::adamw(&model, 0.2);
     let weights = LossWeights::default();
 

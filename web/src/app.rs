@@ -9,7 +9,6 @@ use burn::tensor::wgpu::wgpu;
 use burn::tensor::{Device, Distribution, Tensor};
 use image::RgbImage;
 use ov3_core::ModelConfig;
-use ov3_core::config::AttentionImpl;
 use ov3_core::data::decode::{DecodeLimits, decode_rgb};
 use ov3_core::eval::generate_captions_async;
 use ov3_core::image_io::to_tensor;
@@ -70,9 +69,6 @@ pub async fn run() -> Result<(), String> {
     let (bytes, cached) = fetch_bytes(&url, true, |d, t| view::download_progress("the model", d, t)).await?;
     let size = bytes.len();
     let (model, cfg) = load_model_bytes(bytes, &url, &device).map_err(|e| e.to_string())?;
-    // The fused attention kernels are verified natively (naga on Vulkan) but not yet under Chrome's
-    // Tint compiler, so the page keeps to the reference path for now.
-    let model = model.with_attention(AttentionImpl::Reference);
     // The frozen VAE: the embedded default autoencoder, fetched like the model (the native binary has it
     // compiled in).
     let (ae, _) = fetch_bytes(AE_FILE, true, |d, t| view::download_progress("the autoencoder", d, t)).await?;

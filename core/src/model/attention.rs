@@ -1,5 +1,5 @@
 //! Multi-head self-attention shared by all four transformers: the reference (unfused) path here, the
-//! fused WGSL kernels in `crate::flash`; `ModelConfig::attention` chooses.
+//! fused WGSL kernels in `crate::flash`; `Ov3::with_attention` chooses.
 //!
 //! Parameter names follow timm/OpenCLIP: `qkv` (one fused projection) and `proj`.
 
@@ -102,13 +102,14 @@ pub struct Attention {
 }
 
 impl Attention {
-    pub fn new(width: usize, heads: usize, implementation: AttentionImpl, device: &Device) -> Self {
+    /// On the reference path; `Ov3::with_attention` (or setting `implementation`) switches.
+    pub fn new(width: usize, heads: usize, device: &Device) -> Self {
         let init = Initializer::XavierUniform { gain: 1.0 };
         Self {
             qkv: LinearConfig::new(width, 3 * width).with_initializer(init.clone()).init(device),
             proj: LinearConfig::new(width, width).with_initializer(init).init(device),
             heads,
-            implementation,
+            implementation: AttentionImpl::Reference,
         }
     }
 

@@ -42,7 +42,7 @@ impl Block {
         let (width, eps) = (t.width, cfg.norm_eps);
         Self {
             norm1: layer_norm(width, eps, device),
-            attn: Attention::new(width, t.heads, cfg.attention, device),
+            attn: Attention::new(width, t.heads, device),
             norm2: layer_norm(width, eps, device),
             mlp: Mlp::new(width, device),
         }

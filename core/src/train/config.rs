@@ -232,7 +232,6 @@ impl TrainConfig {
     pub fn model_config(&self, tokenizer: &Tokenizer) -> ModelConfig {
         let mut m = self.preset.config();
         m.tau = self.tau;
-        m.attention = self.attention;
         if let Some(n) = self.context_length {
             m.context_length = n;
         }

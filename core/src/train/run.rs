@@ -93,7 +93,8 @@ pub fn train(
     cfg.validate().map_err(TrainError::Refused)?;
     let tokenizer = cfg.tokenizer().map_err(TrainError::Refused)?;
     let model_cfg = cfg.model_config(&tokenizer);
-    let (mut model, mut optim, mut state) = prepare_run(run, cfg, &model_cfg, &tokenizer, resume, device)?;
+    let (model, mut optim, mut state) = prepare_run(run, cfg, &model_cfg, &tokenizer, resume, device)?;
+    let mut model = model.with_attention(cfg.attention);
     let mut log = MetricsLog::open(run, resume.then_some(state.step)).map_err(io_err(run))?;
 
     let vae = Vae::load_or_embedded(cfg.vae.as_deref().map(Path::new), device)?;
