@@ -41,13 +41,12 @@ pub enum Objective {
 /// the training TOML's `attention`), not part of the model or its files — both compute the same function.
 /// The reference path is the default because it measured faster on the only adapter we could test
 /// (lavapipe, docs/PERFORMANCE.md); the fused kernels hold memory linear in the sequence length.
-#[derive(Config, Debug, Copy, PartialEq, Eq, Default)]
+#[derive(Config, Debug, Copy, PartialEq, Eq)]
 pub enum AttentionImpl {
     /// Our fused WGSL kernels (`shaders/`, forward and backward) where the device runs them (wgpu),
     /// the reference path elsewhere.
     Fused,
     /// The unfused matmul-softmax-matmul of `model::attention` everywhere.
-    #[default]
     Reference,
 }
 
