@@ -197,7 +197,6 @@ fn embedded_autoencoder_reconstructs_structure() {
 }
 
 #[test]
-#[ignore = "the embedded autoencoder is still undertrained: 21.7 vs 22.6 dB at 128 px (issue 3)"]
 fn embedded_autoencoder_beats_block_averaging() {
     let (ours, naive, _) = embedded_check("128");
     assert!(ours > naive, "embedded autoencoder {ours:.2} dB does not beat 8x block averaging {naive:.2} dB");

@@ -4,6 +4,8 @@ use burn::module::{Module, ModuleVisitor, Param, ParamGroup, ParamId};
 use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
 use burn::tensor::Tensor;
 
+use crate::model::Ov3;
+
 /// AdamW whose decay skips every parameter of rank < 2 (norms, biases, the logit scale).
 pub fn adamw<M: Module>(model: &M, weight_decay: f32) -> ModuleOptimizer {
     let base = AdamWConfig::new().with_beta_1(0.9).with_beta_2(0.95).with_epsilon(1e-8);
@@ -56,4 +58,38 @@ pub fn clip_grad_norm<M: Module>(model: &M, grads: &mut GradientsParams, max_nor
         model.visit(&mut Scale(grads, max_norm / (norm + 1e-6)));
     }
     norm
+}
+
+/// Moves the gradients of `part`'s parameters from `from` into `into`, so that one optimiser can step
+/// them at another learning rate. (Scaling the gradients instead would do nothing: Adam's update does not
+/// depend on the gradient's scale.)
+pub fn move_grads<M: Module>(part: &M, from: &mut GradientsParams, into: &mut GradientsParams) {
+    struct Move<'a>(&'a mut GradientsParams, &'a mut GradientsParams);
+    impl ModuleVisitor for Move<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if let Some(g) = self.0.remove::<D>(param.id) {
+                self.1.register(param.id, g);
+            }
+        }
+    }
+    part.visit(&mut Move(from, into));
+}
+
+/// One optimiser step: the two generative decoders (`decoder`, `text_decoder`) at `lr * lr_decoders`,
+/// every other parameter at `lr`.
+pub fn step_with_decoder_lr(
+    optim: &mut ModuleOptimizer,
+    model: Ov3,
+    mut grads: GradientsParams,
+    lr: f64,
+    lr_decoders: f64,
+) -> Ov3 {
+    if lr_decoders == 1.0 {
+        return optim.step(lr, model, grads);
+    }
+    let mut decoders = GradientsParams::new();
+    move_grads(&model.decoder, &mut grads, &mut decoders);
+    move_grads(&model.text_decoder, &mut grads, &mut decoders);
+    let model = optim.step(lr * lr_decoders, model, decoders);
+    optim.step(lr, model, grads)
 }

@@ -234,3 +234,55 @@ fn weight_decay_skips_exactly_the_vectors_and_scalars() {
     assert!(!skipped.contains(&model.encoder.blocks[0].attn.qkv.weight.id));
     assert!(low.len() > 10 && low.len() < all.0.len());
 }
+
+#[test]
+fn lr_decoders_scales_the_first_step_of_the_two_decoders_only() {
+    use burn::optim::GradientsParams;
+    use burn::tensor::TensorData;
+    // The optimiser updates autodiff parameters; gradients live on the inner device.
+    let device = Device::flex();
+    let model = Ov3::new(&Preset::Tiny.config(), &device.clone().autodiff());
+    // The same gradient for every parameter in both runs: a fixed pseudo-random sequence, in visit order.
+    let grads = |model: &Ov3| {
+        struct Fill(GradientsParams, Device, u64);
+        impl ModuleVisitor for Fill {
+            fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<D>>) {
+                let shape = p.val().shape();
+                let values: Vec<f32> = (0..shape.num_elements())
+                    .map(|_| {
+                        self.2 = self.2.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                        (self.2 >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+                    })
+                    .collect();
+                self.0.register(p.id, Tensor::<D>::from_data(TensorData::new(values, shape), &self.1));
+            }
+        }
+        let mut fill = Fill(GradientsParams::new(), device.clone(), 11);
+        model.visit(&mut fill);
+        fill.0
+    };
+    let (lr, k) = (1e-3, 3.0);
+    let step = |lr_decoders: f64| {
+        let mut opt = optim::adamw(&model, 0.2);
+        optim::step_with_decoder_lr(&mut opt, model.clone(), grads(&model), lr, lr_decoders)
+    };
+    let (plain, scaled) = (step(1.0), step(k));
+    let before = named_values(&model);
+    let decoder_keys = |name: &str| name.starts_with("decoder.") || name.starts_with("text_decoder.");
+    let (mut decoders, mut others) = (0, 0);
+    for ((name, _, w0), ((_, _, a), (_, _, b))) in
+        before.iter().zip(named_values(&plain).iter().zip(named_values(&scaled).iter()))
+    {
+        // AdamW's first step moves a weight by lr * (g / (|g| + eps) + wd * w): linear in the rate.
+        let expect = if decoder_keys(name) { k } else { 1.0 };
+        for ((w, a), b) in w0.iter().zip(a).zip(b) {
+            let (da, db) = ((a - w) as f64, (b - w) as f64);
+            assert!(
+                (db - expect * da).abs() <= 1e-3 * expect * lr + 1e-4 * db.abs(),
+                "{name}: {db} vs {expect} x {da}"
+            );
+        }
+        if decoder_keys(name) { decoders += 1 } else { others += 1 }
+    }
+    assert!(decoders > 10 && others > 10, "{decoders} decoder and {others} other tensors");
+}

@@ -25,7 +25,7 @@ use crate::image_io::{grid, save_png};
 use crate::losses::Perceptual;
 use crate::lpips::Lpips;
 use crate::model::{Batch, Frozen, LossOutput, Ov3};
-use crate::optim::{adamw, clip_grad_norm};
+use crate::optim::{adamw, clip_grad_norm, step_with_decoder_lr};
 use crate::tokenizer::Tokenizer;
 use crate::vae::Vae;
 
@@ -185,7 +185,7 @@ pub fn train(
             if !grad_norm.is_finite() {
                 return Err(TrainError::NonFinite { step: state.step, term: "gradient norm", value: grad_norm });
             }
-            model = optim.step(lr, model, grads);
+            model = step_with_decoder_lr(&mut optim, model, grads, lr, stage.lr_decoders);
             state.step += 1;
 
             let seconds = timer.elapsed().as_secs_f64();
