@@ -28,12 +28,17 @@ fn check_set(set: &str, path: &Path, device_name: &str, device: &Device) {
     let image = reference("image", [1, 3, 64, 64], device);
     let mean = vae.posterior_mean(image);
     let expect_mean = reference(&format!("{set}.mean"), [1, 16, 8, 8], device);
-    let err = rel_err(&to_f64(&mean), &to_f64(&expect_mean));
-    assert!(err < 1e-4, "{set} on {device_name}: posterior mean relative error {err:.2e}");
+    let mean_err = rel_err(&to_f64(&mean), &to_f64(&expect_mean));
     let decoded = vae.decode_unscaled(expect_mean);
     let expect = reference(&format!("{set}.decoded"), [1, 3, 64, 64], device);
-    let err = rel_err(&to_f64(&decoded), &to_f64(&expect));
-    assert!(err < 1e-4, "{set} on {device_name}: decoded image relative error {err:.2e}");
+    let decoded_err = rel_err(&to_f64(&decoded), &to_f64(&expect));
+    // Printed for the record (`-- --nocapture`): the closing notes quote them.
+    eprintln!(
+        "{set} ({}) on {device_name}: relative error mean {mean_err:.2e}, decoded {decoded_err:.2e}",
+        path.display()
+    );
+    assert!(mean_err < 1e-4, "{set} on {device_name}: posterior mean relative error {mean_err:.2e}");
+    assert!(decoded_err < 1e-4, "{set} on {device_name}: decoded image relative error {decoded_err:.2e}");
 }
 
 #[test]
@@ -61,6 +66,7 @@ fn bf16_weights_stay_close_to_the_f32_model() {
     let vae = Vae::load(&fixtures().join("flux_bfl_bf16.safetensors"), &device).expect("bf16 file loads");
     let mean = vae.posterior_mean(reference("image", [1, 3, 64, 64], &device));
     let err = rel_err(&to_f64(&mean), &to_f64(&reference("flux_diffusers.mean", [1, 16, 8, 8], &device)));
+    eprintln!("bf16 file vs the f32 model's posterior mean: relative error {err:.2e}");
     assert!(err < 5e-2, "bf16 vs f32 posterior mean: relative error {err:.2e}");
 }
 
