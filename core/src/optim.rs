@@ -63,7 +63,7 @@ pub fn clip_grad_norm<M: Module>(model: &M, grads: &mut GradientsParams, max_nor
 /// Moves the gradients of `part`'s parameters from `from` into `into`, so that one optimiser can step
 /// them at another learning rate. (Scaling the gradients instead would do nothing: Adam's update does not
 /// depend on the gradient's scale.)
-pub fn move_grads<M: Module>(part: &M, from: &mut GradientsParams, into: &mut GradientsParams) {
+fn move_grads<M: Module>(part: &M, from: &mut GradientsParams, into: &mut GradientsParams) {
     struct Move<'a>(&'a mut GradientsParams, &'a mut GradientsParams);
     impl ModuleVisitor for Move<'_> {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {

@@ -286,3 +286,16 @@ fn lr_decoders_scales_the_first_step_of_the_two_decoders_only() {
     }
     assert!(decoders > 10 && others > 10, "{decoders} decoder and {others} other tensors");
 }
+
+#[test]
+fn stage_values_out_of_range_are_refused_with_one_line() {
+    let text = config().to_toml();
+    for (key, bad) in
+        [("lr_decoders = 1.0", "lr_decoders = 0.0"), ("lr = 0.1", "lr = -0.1"), ("warmup = 1", "warmup = 9")]
+    {
+        assert!(text.contains(key), "{key} not in the test config");
+        let err = TrainConfig::from_toml(&text.replacen(key, bad, 1)).expect_err(bad);
+        assert_eq!(err.lines().count(), 1, "{bad}: {err}");
+        assert!(err.contains("stage `a`") && err.contains("lr_decoders > 0"), "{bad}: {err}");
+    }
+}
