@@ -1,18 +1,42 @@
-// Flash attention backward, part 2: dK and dV. One invocation per key row; Q, dO and the per-row
-// statistics stream through workgroup memory. Splitting dQ from dK/dV costs a second recomputation
-// of the scores but needs no atomics, which WGSL does not have for floats.
+// Flash attention backward, part 2: dK or dV. One invocation per key row; Q, dO and the per-row
+// statistics stream through workgroup memory. Splitting dQ from dK/dV costs a recomputation of the
+// scores but needs no atomics, which WGSL does not have for floats.
 //   dV_j = sum_i P_ij dO_i,   dK_j = scale * sum_i dS_ij Q_i.
+// The host compiles this file twice, with PART = 0 (dK) and PART = 1 (dV), and launches both: one
+// kernel holding K_j, V_j, dK_j and dV_j would need 4 * DH registers per invocation and spill.
 
-@group(0) @binding(5) var<storage, read_write> dout: array<f32>;
+@group(0) @binding(5) var<storage, read_write> dout: array<vec4<f32>>;
 // [L | D], each B*H*N.
 @group(0) @binding(6) var<storage, read_write> stats: array<f32>;
 // [dK | dV], each B*H*N*DH.
-@group(0) @binding(7) var<storage, read_write> dkv: array<f32>;
+@group(0) @binding(7) var<storage, read_write> dkv: array<vec4<f32>>;
 
-var<workgroup> q_tile: array<f32, BC * DH>;
-var<workgroup> do_tile: array<f32, BC * DH>;
+const PART_DK: u32 = 0u;
+
+var<workgroup> q_tile: array<vec4<f32>, BC * DV>;
+var<workgroup> do_tile: array<vec4<f32>, BC * DV>;
 var<workgroup> lse_tile: array<f32, BC>;
 var<workgroup> d_tile: array<f32, BC>;
+
+// The dot products of `a` with vec4 d of the Q tile's rows r .. r + 3.
+fn q_dots(a: vec4<f32>, r: u32, d: u32) -> vec4<f32> {
+    return vec4(
+        dot(a, q_tile[r * DV + d]),
+        dot(a, q_tile[(r + 1u) * DV + d]),
+        dot(a, q_tile[(r + 2u) * DV + d]),
+        dot(a, q_tile[(r + 3u) * DV + d]),
+    );
+}
+
+// The same with the dO tile.
+fn do_dots(a: vec4<f32>, r: u32, d: u32) -> vec4<f32> {
+    return vec4(
+        dot(a, do_tile[r * DV + d]),
+        dot(a, do_tile[(r + 1u) * DV + d]),
+        dot(a, do_tile[(r + 2u) * DV + d]),
+        dot(a, do_tile[(r + 3u) * DV + d]),
+    );
+}
 
 @compute @workgroup_size(BR)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lane: u32) {
@@ -22,32 +46,33 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let col0 = wg.x * BR;
     let j = col0 + lane;
     let in_range = j < n;
-    let head = bh * n * DH;
+    let head = bh * n * DV;
     let scale = softmax_scale();
 
     // A padding key is seen by no query: its gradients are zero, but they are still written.
     var attended = false;
-    var kj: array<f32, DH>;
-    var vj: array<f32, DH>;
-    var dk: array<f32, DH>;
-    var dv: array<f32, DH>;
+    var kj: array<vec4<f32>, DV>;
+    var vj: array<vec4<f32>, DV>;
+    var acc: array<vec4<f32>, DV>;
     if (in_range) {
         attended = key_open(b, j);
-        for (var d = 0u; d < DH; d++) {
-            kj[d] = k[head + j * DH + d];
-            vj[d] = v[head + j * DH + d];
+        for (var d = 0u; d < DV; d++) {
+            kj[d] = k[head + j * DV + d];
+            if (PART == PART_DK) {
+                vj[d] = v[head + j * DV + d];
+            }
         }
     }
 
     let bounds = uniform_bounds(lane, query_start(col0), n);
     for (var t0 = bounds.x; t0 < bounds.y; t0 += BC) {
         let cnt = min(BC, bounds.y - t0);
-        for (var e = lane; e < BC * DH; e += BR) {
-            let r = e / DH;
-            var qv = 0.0;
-            var dov = 0.0;
+        for (var e = lane; e < BC * DV; e += BR) {
+            let r = e / DV;
+            var qv = vec4(0.0);
+            var dov = vec4(0.0);
             if (r < cnt) {
-                let src = head + (t0 + r) * DH + e % DH;
+                let src = head + (t0 + r) * DV + e % DV;
                 qv = q[src] * scale;
                 dov = dout[src];
             }
@@ -67,20 +92,32 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         workgroupBarrier();
 
         if (attended) {
-            for (var r = 0u; r < cnt; r++) {
-                if (allowed(t0 + r, j)) {
-                    var score = 0.0;
-                    var dp = 0.0;
-                    for (var d = 0u; d < DH; d++) {
-                        score += q_tile[r * DH + d] * kj[d];
-                        dp += do_tile[r * DH + d] * vj[d];
+            for (var r = 0u; r < cnt; r += KB) {
+                // Queries past the tile's count are zero rows with L = 0: closed explicitly.
+                let exists = vec4(r, r + 1u, r + 2u, r + 3u) < vec4(cnt);
+                let visible = exists & allowed4_queries(t0 + r, j);
+                let row_lse = vec4(lse_tile[r], lse_tile[r + 1u], lse_tile[r + 2u], lse_tile[r + 3u]);
+                var s = vec4(0.0);
+                var dp = vec4(0.0);
+                for (var d = 0u; d < DV; d++) {
+                    s += q_dots(kj[d], r, d);
+                    if (PART == PART_DK) {
+                        dp += do_dots(vj[d], r, d);
                     }
-                    let p = exp(score - lse_tile[r]);
-                    let ds = p * (dp - d_tile[r]);
-                    for (var d = 0u; d < DH; d++) {
-                        dv[d] += p * do_tile[r * DH + d];
-                        // q_tile already carries the scale.
-                        dk[d] += ds * q_tile[r * DH + d];
+                }
+                let p = select(vec4(0.0), exp(s - row_lse), visible);
+                if (PART == PART_DK) {
+                    let row_d = vec4(d_tile[r], d_tile[r + 1u], d_tile[r + 2u], d_tile[r + 3u]);
+                    let ds = p * (dp - row_d);
+                    // q_tile already carries the scale.
+                    for (var d = 0u; d < DV; d++) {
+                        acc[d] += ds.x * q_tile[r * DV + d] + ds.y * q_tile[(r + 1u) * DV + d]
+                            + ds.z * q_tile[(r + 2u) * DV + d] + ds.w * q_tile[(r + 3u) * DV + d];
+                    }
+                } else {
+                    for (var d = 0u; d < DV; d++) {
+                        acc[d] += p.x * do_tile[r * DV + d] + p.y * do_tile[(r + 1u) * DV + d]
+                            + p.z * do_tile[(r + 2u) * DV + d] + p.w * do_tile[(r + 3u) * DV + d];
                     }
                 }
             }
@@ -89,9 +126,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     }
 
     if (in_range) {
-        for (var d = 0u; d < DH; d++) {
-            dkv[head + j * DH + d] = dk[d];
-            dkv[half_offset() * DH + head + j * DH + d] = dv[d];
+        for (var d = 0u; d < DV; d++) {
+            dkv[PART * half_offset() * DV + head + j * DV + d] = acc[d];
         }
     }
 }

@@ -3,10 +3,10 @@
 // P_ij = exp(s_ij - L_i), so no N x N matrix is stored:
 //   dS_ij = P_ij (dO_i . V_j - D_i),  D_i = dO_i . O_i,   dQ_i = scale * sum_j dS_ij K_j.
 
-@group(0) @binding(5) var<storage, read_write> dout: array<f32>;
+@group(0) @binding(5) var<storage, read_write> dout: array<vec4<f32>>;
 // [L | D], each B*H*N.
 @group(0) @binding(6) var<storage, read_write> stats: array<f32>;
-@group(0) @binding(7) var<storage, read_write> dq: array<f32>;
+@group(0) @binding(7) var<storage, read_write> dq: array<vec4<f32>>;
 
 @compute @workgroup_size(BR)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lane: u32) {
@@ -16,18 +16,18 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let row0 = wg.x * BR;
     let i = row0 + lane;
     let live = i < n;
-    let head = bh * n * DH;
+    let head = bh * n * DV;
     let scale = softmax_scale();
 
-    var qi: array<f32, DH>;
-    var doi: array<f32, DH>;
-    var acc: array<f32, DH>;
+    var qi: array<vec4<f32>, DV>;
+    var doi: array<vec4<f32>, DV>;
+    var acc: array<vec4<f32>, DV>;
     var row_lse = 0.0;
     var row_d = 0.0;
     if (live) {
-        for (var d = 0u; d < DH; d++) {
-            qi[d] = q[head + i * DH + d] * scale;
-            doi[d] = dout[head + i * DH + d];
+        for (var d = 0u; d < DV; d++) {
+            qi[d] = q[head + i * DV + d] * scale;
+            doi[d] = dout[head + i * DV + d];
         }
         row_lse = stats[bh * n + i];
         row_d = stats[half_offset() + bh * n + i];
@@ -40,18 +40,18 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         workgroupBarrier();
 
         if (live) {
-            for (var r = 0u; r < cnt; r++) {
-                if (open[r] != 0.0 && allowed(i, t0 + r)) {
-                    var score = 0.0;
-                    var dp = 0.0;
-                    for (var d = 0u; d < DH; d++) {
-                        score += qi[d] * k_tile[r * DH + d];
-                        dp += doi[d] * v_tile[r * DH + d];
-                    }
-                    let ds = exp(score - row_lse) * (dp - row_d);
-                    for (var d = 0u; d < DH; d++) {
-                        acc[d] += ds * k_tile[r * DH + d];
-                    }
+            for (var r = 0u; r < cnt; r += KB) {
+                var s = vec4(0.0);
+                var dp = vec4(0.0);
+                for (var d = 0u; d < DV; d++) {
+                    s += k_dots(qi[d], r, d);
+                    dp += v_dots(doi[d], r, d);
+                }
+                let p = select(vec4(0.0), exp(s - row_lse), visible4(i, t0, r));
+                let ds = p * (dp - row_d);
+                for (var d = 0u; d < DV; d++) {
+                    acc[d] += ds.x * k_tile[r * DV + d] + ds.y * k_tile[(r + 1u) * DV + d]
+                        + ds.z * k_tile[(r + 2u) * DV + d] + ds.w * k_tile[(r + 3u) * DV + d];
                 }
             }
         }
@@ -59,8 +59,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     }
 
     if (live) {
-        for (var d = 0u; d < DH; d++) {
-            dq[head + i * DH + d] = acc[d] * scale;
+        for (var d = 0u; d < DV; d++) {
+            dq[head + i * DV + d] = acc[d] * scale;
         }
     }
 }

@@ -1,16 +1,23 @@
 // Shared by the three flash-attention kernels (forward, dQ, dK/dV).
 //
-// The host prepends three constants chosen from the adapter's limits:
-//   DH  the head dimension
-//   BC  rows of K/V (or Q/dO) held in workgroup memory per tile
+// The host prepends the constants chosen from the adapter's limits:
+//   DH  the head dimension (a multiple of 4), DV = DH / 4 the vec4s per row
+//   BC  rows of K/V (or Q/dO) held in workgroup memory per tile (a multiple of KB)
 //   BR  invocations per workgroup; each owns one query row (or one key row in dK/dV)
-// Tensors are contiguous [B*H, N, DH] f32. One workgroup covers BR rows of one (batch, head).
+// Tensors are contiguous [B*H, N, DH] f32, read and written as vec4. One workgroup covers BR rows of
+// one (batch, head).
+//
+// Why it is fast on a GPU: each invocation keeps its own row(s) in registers as vec4s and walks the
+// tile KB keys at a time, so every vec4 read from workgroup memory (the same address for the whole
+// workgroup: a broadcast) feeds 4 multiply-adds, and the softmax bookkeeping happens once per KB keys.
+// Every loop over DV has a constant trip count, so drivers unroll it and the row arrays stay in
+// registers instead of spilling to memory.
 // Every binding is read_write although most are only read: burn's memory pool packs many tensors into
 // one wgpu buffer, and wgpu refuses a buffer bound read-only and read-write in the same dispatch.
 
-@group(0) @binding(0) var<storage, read_write> q: array<f32>;
-@group(0) @binding(1) var<storage, read_write> k: array<f32>;
-@group(0) @binding(2) var<storage, read_write> v: array<f32>;
+@group(0) @binding(0) var<storage, read_write> q: array<vec4<f32>>;
+@group(0) @binding(1) var<storage, read_write> k: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read_write> v: array<vec4<f32>>;
 // [B, N]: 1.0 where the key is padding and may not be attended to.
 @group(0) @binding(3) var<storage, read_write> key_pad: array<f32>;
 // [0] N, [1] heads, [2] rule, [3] prefix length, [4] softmax scale (f32 bits), [5] B*H*N.
@@ -22,6 +29,8 @@ const RULE_CAUSAL: u32 = 1u;
 const RULE_PREFIX: u32 = 2u;
 // The score of a masked pair: finite, so max() and exp() never meet inf - inf.
 const MASKED: f32 = -3.0e38;
+// Keys (or queries, in dK/dV) handled together in registers: one vec4 of scores.
+const KB: u32 = 4u;
 
 fn seq_len() -> u32 { return params[0]; }
 fn batch_of(bh: u32) -> u32 { return bh / params[1]; }
@@ -39,6 +48,17 @@ fn allowed(i: u32, j: u32) -> bool {
 fn key_open(b: u32, j: u32) -> bool {
     return key_pad[b * params[0] + j] == 0.0;
 }
+
+// `allowed` for query i and the KB keys j0 .. j0 + 3.
+fn allowed4(i: u32, j0: u32) -> vec4<bool> {
+    return vec4(allowed(i, j0), allowed(i, j0 + 1u), allowed(i, j0 + 2u), allowed(i, j0 + 3u));
+}
+
+// `allowed` for the KB queries i0 .. i0 + 3 and key j.
+fn allowed4_queries(i0: u32, j: u32) -> vec4<bool> {
+    return vec4(allowed(i0, j), allowed(i0 + 1u, j), allowed(i0 + 2u, j), allowed(i0 + 3u, j));
+}
+
 
 // One past the last key any query of rows [row0, row0 + BR) may see. Uniform across the workgroup,
 // so causal workgroups skip the tiles above the diagonal without breaking barrier uniformity.

@@ -3,7 +3,7 @@
 // matrix never exists: each invocation keeps its query row, a running max m, a running sum l and
 // an unnormalised output row in registers, and K/V stream through workgroup memory a tile at a time.
 
-@group(0) @binding(5) var<storage, read_write> out: array<f32>;
+@group(0) @binding(5) var<storage, read_write> out: array<vec4<f32>>;
 // [B*H*N]: m + ln(l) per query row, what the backward pass recomputes the probabilities from.
 // Rows with no visible key get +3e38, so every recomputed probability of theirs is exp(-inf) = 0.
 @group(0) @binding(6) var<storage, read_write> lse: array<f32>;
@@ -16,16 +16,15 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let row0 = wg.x * BR;
     let i = row0 + lane;
     let live = i < n;
-    let head = bh * n * DH;
+    let head = bh * n * DV;
 
     // The scale is folded into q once instead of into every score.
-    var qi: array<f32, DH>;
-    var acc: array<f32, DH>;
-    var s: array<f32, BC>;
+    var qi: array<vec4<f32>, DV>;
+    var acc: array<vec4<f32>, DV>;
     if (live) {
         let scale = softmax_scale();
-        for (var d = 0u; d < DH; d++) {
-            qi[d] = q[head + i * DH + d] * scale;
+        for (var d = 0u; d < DV; d++) {
+            qi[d] = q[head + i * DV + d] * scale;
         }
     }
     var m = MASKED;
@@ -38,36 +37,26 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         workgroupBarrier();
 
         if (live) {
-            var tile_max = MASKED;
-            for (var r = 0u; r < cnt; r++) {
-                var score = MASKED;
-                if (open[r] != 0.0 && allowed(i, t0 + r)) {
-                    score = 0.0;
-                    for (var d = 0u; d < DH; d++) {
-                        score += qi[d] * k_tile[r * DH + d];
+            for (var r = 0u; r < cnt; r += KB) {
+                var s = vec4(0.0);
+                for (var d = 0u; d < DV; d++) {
+                    s += k_dots(qi[d], r, d);
+                }
+                s = select(vec4(MASKED), s, visible4(i, t0, r));
+                let block_max = max(max(s.x, s.y), max(s.z, s.w));
+                if (block_max > MASKED) {
+                    // Rescale what was accumulated under the old max once per KB keys.
+                    let m_new = max(m, block_max);
+                    let correction = exp(m - m_new);
+                    // A masked score sits ~3e38 below m_new: its exp is exactly 0.
+                    let p = exp(s - m_new);
+                    l = l * correction + (p.x + p.y + p.z + p.w);
+                    for (var d = 0u; d < DV; d++) {
+                        acc[d] = acc[d] * correction + p.x * v_tile[r * DV + d] + p.y * v_tile[(r + 1u) * DV + d]
+                            + p.z * v_tile[(r + 2u) * DV + d] + p.w * v_tile[(r + 3u) * DV + d];
                     }
+                    m = m_new;
                 }
-                s[r] = score;
-                tile_max = max(tile_max, score);
-            }
-            if (tile_max > MASKED) {
-                // Rescale what was accumulated under the old max once per tile, not once per key.
-                let m_new = max(m, tile_max);
-                let correction = exp(m - m_new);
-                l *= correction;
-                for (var d = 0u; d < DH; d++) {
-                    acc[d] *= correction;
-                }
-                for (var r = 0u; r < cnt; r++) {
-                    if (s[r] > MASKED) {
-                        let p = exp(s[r] - m_new);
-                        l += p;
-                        for (var d = 0u; d < DH; d++) {
-                            acc[d] += p * v_tile[r * DH + d];
-                        }
-                    }
-                }
-                m = m_new;
             }
         }
         workgroupBarrier();
@@ -81,8 +70,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             inv = 1.0 / l;
             row_lse = m + log(l);
         }
-        for (var d = 0u; d < DH; d++) {
-            out[head + i * DH + d] = acc[d] * inv;
+        for (var d = 0u; d < DV; d++) {
+            out[head + i * DV + d] = acc[d] * inv;
         }
         lse[bh * n + i] = row_lse;
     }

@@ -71,7 +71,7 @@ pub fn run(args: AttentionArgs) -> anyhow::Result<()> {
     let device = selected.device.clone();
     anyhow::ensure!(
         flash::supports(&device, args.head_dim),
-        "--head-dim must be 1..={} for the fused kernels",
+        "--head-dim must be a multiple of 4 up to {} for the fused kernels",
         flash::MAX_HEAD_DIM
     );
     let adapter = selected.adapter.as_ref().map(|a| a.to_string()).unwrap_or_default();

@@ -40,11 +40,13 @@ pub struct Tiles {
 
 impl Tiles {
     /// The largest tiles the adapter's limits allow, capped at 64: every kernel holds two `cols x
-    /// head_dim` tiles plus two `cols` vectors in workgroup memory.
+    /// head_dim` tiles plus two `cols` vectors in workgroup memory, and walks a tile 4 rows at a time
+    /// (`KB` in the shaders), so `cols` stays a multiple of 4 (WebGPU's minimum 16 KiB allows 4 rows
+    /// of the widest head, 256).
     pub fn choose(head_dim: usize, max_shared_bytes: usize, max_invocations: u32) -> Self {
         let fits = |cols: usize| (2 * cols * head_dim + 2 * cols) * 4 <= max_shared_bytes;
         let mut cols = 64;
-        while cols > 1 && !fits(cols) {
+        while cols > 4 && !fits(cols) {
             cols /= 2;
         }
         let rows = max_invocations.clamp(1, 64);
@@ -65,7 +67,8 @@ fn prev_power_of_two(x: u32) -> u32 {
 enum Stage {
     Forward,
     BackwardDq,
-    BackwardDkv,
+    BackwardDk,
+    BackwardDv,
 }
 
 /// One kernel: the tile constants, the shared bindings and helpers, then the stage's own files.
@@ -77,12 +80,19 @@ struct FlashKernel {
 impl KernelSource for FlashKernel {
     fn source(&self) -> SourceTemplate {
         let t = self.tiles;
-        let header =
-            format!("const DH: u32 = {}u;\nconst BC: u32 = {}u;\nconst BR: u32 = {}u;\n", t.head_dim, t.cols, t.rows);
+        // PART: which half of [dK | dV] flash_backward_dkv.wgsl computes (unused by the others).
+        let part = u32::from(self.stage == Stage::BackwardDv);
+        let header = format!(
+            "const DH: u32 = {}u;\nconst DV: u32 = {}u;\nconst BC: u32 = {}u;\nconst BR: u32 = {}u;\nconst PART: u32 = {part}u;\n",
+            t.head_dim,
+            t.head_dim / 4,
+            t.cols,
+            t.rows
+        );
         let parts: &[&str] = match self.stage {
             Stage::Forward => &[KV_TILES, FORWARD],
             Stage::BackwardDq => &[KV_TILES, BACKWARD_DQ],
-            Stage::BackwardDkv => &[BACKWARD_DKV],
+            Stage::BackwardDk | Stage::BackwardDv => &[BACKWARD_DKV],
         };
         parts.iter().fold(SourceTemplate::new(header).add_template(COMMON), |t, part| t.add_template(*part))
     }
@@ -199,7 +209,9 @@ pub fn backward(
     let dq = output(&q, vec![b, h, n, dh]);
     let dkv = output(&q, vec![2, b, h, n, dh]);
     launch(Stage::BackwardDq, tiles, shape, &[&q, &k, &v, &padding, &params, &grad_out, &stats, &dq]);
-    launch(Stage::BackwardDkv, tiles, shape, &[&q, &k, &v, &padding, &params, &grad_out, &stats, &dkv]);
+    for stage in [Stage::BackwardDk, Stage::BackwardDv] {
+        launch(stage, tiles, shape, &[&q, &k, &v, &padding, &params, &grad_out, &stats, &dkv]);
+    }
     let half = |i: usize| {
         let part = CubeBackend::float_slice(dkv.clone(), &[burn::tensor::Slice::from(i..i + 1)]);
         CubeBackend::float_reshape(part, Shape::from(vec![b, h, n, dh]))

@@ -57,9 +57,14 @@ impl FlashAttentionBackend for burn::backend::wgpu::CubeBackend {
 pub const MAX_HEAD_DIM: usize = 256;
 
 /// Whether the fused kernels can run on `device` (burn's cubecl backends: wgpu, with or without
-/// autodiff) for heads of width `head_dim`.
+/// autodiff) for heads of width `head_dim`: a multiple of 4 (rows are read as vec4s) up to
+/// [`MAX_HEAD_DIM`].
 pub fn supports(device: &Device, head_dim: usize) -> bool {
-    matches!(device.clone().inner().as_dispatch(), DispatchDevice::Cube(_)) && (1..=MAX_HEAD_DIM).contains(&head_dim)
+    matches!(device.clone().inner().as_dispatch(), DispatchDevice::Cube(_)) && supports_head_dim(head_dim)
+}
+
+fn supports_head_dim(head_dim: usize) -> bool {
+    head_dim % 4 == 0 && (4..=MAX_HEAD_DIM).contains(&head_dim)
 }
 
 /// softmax(Q K^T / sqrt(Dh) + mask) V for `[B, H, N, Dh]` inputs through the fused kernels;
