@@ -5,11 +5,11 @@
 // The host compiles this file twice, with PART = 0 (dK) and PART = 1 (dV), and launches both: one
 // kernel holding K_j, V_j, dK_j and dV_j would need 4 * DH registers per invocation and spill.
 
-@group(0) @binding(5) var<storage, read_write> dout: array<vec4<f32>>;
+@group(0) @binding(5) var<storage, read_write> dout: array<vec4<elem>>;
 // [L | D], each B*H*N.
 @group(0) @binding(6) var<storage, read_write> stats: array<f32>;
 // [dK | dV], each B*H*N*DH.
-@group(0) @binding(7) var<storage, read_write> dkv: array<vec4<f32>>;
+@group(0) @binding(7) var<storage, read_write> dkv: array<vec4<elem>>;
 
 const PART_DK: u32 = 0u;
 
@@ -57,9 +57,9 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     if (in_range) {
         attended = key_open(b, j);
         for (var d = 0u; d < DV; d++) {
-            kj[d] = k[head + j * DV + d];
+            kj[d] = vec4<f32>(k[head + j * DV + d]);
             if (PART == PART_DK) {
-                vj[d] = v[head + j * DV + d];
+                vj[d] = vec4<f32>(v[head + j * DV + d]);
             }
         }
     }
@@ -73,8 +73,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             var dov = vec4(0.0);
             if (r < cnt) {
                 let src = head + (t0 + r) * DV + e % DV;
-                qv = q[src] * scale;
-                dov = dout[src];
+                qv = vec4<f32>(q[src]) * scale;
+                dov = vec4<f32>(dout[src]);
             }
             q_tile[e] = qv;
             do_tile[e] = dov;
@@ -127,7 +127,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
 
     if (in_range) {
         for (var d = 0u; d < DV; d++) {
-            dkv[PART * half_offset() * DV + head + j * DV + d] = acc[d];
+            dkv[PART * half_offset() * DV + head + j * DV + d] = vec4<elem>(acc[d]);
         }
     }
 }

@@ -3,10 +3,10 @@
 // P_ij = exp(s_ij - L_i), so no N x N matrix is stored:
 //   dS_ij = P_ij (dO_i . V_j - D_i),  D_i = dO_i . O_i,   dQ_i = scale * sum_j dS_ij K_j.
 
-@group(0) @binding(5) var<storage, read_write> dout: array<vec4<f32>>;
+@group(0) @binding(5) var<storage, read_write> dout: array<vec4<elem>>;
 // [L | D], each B*H*N.
 @group(0) @binding(6) var<storage, read_write> stats: array<f32>;
-@group(0) @binding(7) var<storage, read_write> dq: array<vec4<f32>>;
+@group(0) @binding(7) var<storage, read_write> dq: array<vec4<elem>>;
 
 @compute @workgroup_size(BR)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lane: u32) {
@@ -26,8 +26,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     var row_d = 0.0;
     if (live) {
         for (var d = 0u; d < DV; d++) {
-            qi[d] = q[head + i * DV + d] * scale;
-            doi[d] = dout[head + i * DV + d];
+            qi[d] = vec4<f32>(q[head + i * DV + d]) * scale;
+            doi[d] = vec4<f32>(dout[head + i * DV + d]);
         }
         row_lse = stats[bh * n + i];
         row_d = stats[half_offset() + bh * n + i];
@@ -60,7 +60,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
 
     if (live) {
         for (var d = 0u; d < DV; d++) {
-            dq[head + i * DV + d] = acc[d] * scale;
+            dq[head + i * DV + d] = vec4<elem>(acc[d] * scale);
         }
     }
 }

@@ -4,7 +4,8 @@
 //   DH  the head dimension (a multiple of 4), DV = DH / 4 the vec4s per row
 //   BC  rows of K/V (or Q/dO) held in workgroup memory per tile (a multiple of KB)
 //   BR  invocations per workgroup; each owns one query row (or one key row in dK/dV)
-// Tensors are contiguous [B*H, N, DH] f32, read and written as vec4. One workgroup covers BR rows of
+// Tensors are contiguous [B*H, N, DH] of `elem` (f32, or f16 where the adapter has shader-f16; the
+// host prepends the alias), read and written as vec4; all arithmetic is f32. One workgroup covers BR rows of
 // one (batch, head).
 //
 // Why it is fast on a GPU: each invocation keeps its own row(s) in registers as vec4s and walks the
@@ -15,9 +16,9 @@
 // Every binding is read_write although most are only read: burn's memory pool packs many tensors into
 // one wgpu buffer, and wgpu refuses a buffer bound read-only and read-write in the same dispatch.
 
-@group(0) @binding(0) var<storage, read_write> q: array<vec4<f32>>;
-@group(0) @binding(1) var<storage, read_write> k: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read_write> v: array<vec4<f32>>;
+@group(0) @binding(0) var<storage, read_write> q: array<vec4<elem>>;
+@group(0) @binding(1) var<storage, read_write> k: array<vec4<elem>>;
+@group(0) @binding(2) var<storage, read_write> v: array<vec4<elem>>;
 // [B, N]: 1.0 where the key is padding and may not be attended to.
 @group(0) @binding(3) var<storage, read_write> key_pad: array<f32>;
 // [0] N, [1] heads, [2] rule, [3] prefix length, [4] softmax scale (f32 bits), [5] B*H*N.

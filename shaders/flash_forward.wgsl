@@ -3,7 +3,7 @@
 // matrix never exists: each invocation keeps its query row, a running max m, a running sum l and
 // an unnormalised output row in registers, and K/V stream through workgroup memory a tile at a time.
 
-@group(0) @binding(5) var<storage, read_write> out: array<vec4<f32>>;
+@group(0) @binding(5) var<storage, read_write> out: array<vec4<elem>>;
 // [B*H*N]: m + ln(l) per query row, what the backward pass recomputes the probabilities from.
 // Rows with no visible key get +3e38, so every recomputed probability of theirs is exp(-inf) = 0.
 @group(0) @binding(6) var<storage, read_write> lse: array<f32>;
@@ -24,7 +24,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     if (live) {
         let scale = softmax_scale();
         for (var d = 0u; d < DV; d++) {
-            qi[d] = q[head + i * DV + d] * scale;
+            qi[d] = vec4<f32>(q[head + i * DV + d]) * scale;
         }
     }
     var m = MASKED;
@@ -71,7 +71,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             row_lse = m + log(l);
         }
         for (var d = 0u; d < DV; d++) {
-            out[head + i * DV + d] = acc[d] * inv;
+            out[head + i * DV + d] = vec4<elem>(acc[d] * inv);
         }
         lse[bh * n + i] = row_lse;
     }

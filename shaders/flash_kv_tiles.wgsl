@@ -15,8 +15,8 @@ fn load_kv_tile(lane: u32, b: u32, head: u32, t0: u32, cnt: u32) {
         var vv = vec4(0.0);
         if (r < cnt) {
             let src = head + (t0 + r) * DV + e % DV;
-            kv = k[src];
-            vv = v[src];
+            kv = vec4<f32>(k[src]);
+            vv = vec4<f32>(v[src]);
         }
         k_tile[e] = kv;
         v_tile[e] = vv;

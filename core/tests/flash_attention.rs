@@ -9,7 +9,7 @@
 
 mod common;
 
-use burn::tensor::{Bool, Device, Distribution, Tensor, TensorData};
+use burn::tensor::{Bool, DType, Device, Distribution, Tensor, TensorData};
 use common::{rel_err, to_f64, wgpu_device};
 use ov3_core::flash::{self, Tiles};
 use ov3_core::model::attention::AttentionMask;
@@ -105,33 +105,59 @@ fn reference(q: &[f64], k: &[f64], v: &[f64], dout: &[f64], [b, h, n, dh]: [usiz
     r
 }
 
+/// Runs `case` with inputs of `dtype` and checks the output and the three gradients (which must keep
+/// that dtype) against the float64 reference of the same (rounded) inputs.
+fn check(case: &Case, dtype: DType, tolerance: f64, device: &Device) {
+    let random = || Tensor::<4>::random(case.shape, Distribution::Normal(0.0, 1.0), device).cast(dtype);
+    let (q, k, v, w) = (random().require_grad(), random().require_grad(), random().require_grad(), random());
+    let out = flash::flash_attention(q.clone(), k.clone(), v.clone(), &case.mask);
+    let grads = (out.clone() * w.clone()).sum().backward();
+    let grad = |t: &Tensor<4>| {
+        let g = t.grad(&grads).expect("a gradient");
+        assert_eq!(g.dtype(), dtype, "{}: gradient dtype", case.name);
+        to_f64(&g)
+    };
+    assert_eq!(out.dtype(), dtype, "{}: output dtype", case.name);
+    let expect = reference(&to_f64(&q), &to_f64(&k), &to_f64(&v), &to_f64(&w), case.shape, &case.allowed);
+    for (what, actual, reference) in [
+        ("output", to_f64(&out), &expect.out),
+        ("dQ", grad(&q), &expect.dq),
+        ("dK", grad(&k), &expect.dk),
+        ("dV", grad(&v), &expect.dv),
+    ] {
+        assert!(actual.iter().all(|x| x.is_finite()), "{}: {what} has unwritten (NaN) elements", case.name);
+        // An exactly-zero reference (dQ of a single key) has no scale: there the error is absolute.
+        let err = if reference.iter().all(|x| *x == 0.0) {
+            actual.iter().fold(0f64, |m, x| m.max(x.abs()))
+        } else {
+            rel_err(&actual, reference)
+        };
+        assert!(err < tolerance, "{} ({dtype:?}): {what} error {err:.2e} >= {tolerance:.0e}", case.name);
+    }
+}
+
 #[test]
 fn forward_and_gradients_match_f64_reference() {
     let Some(device) = wgpu_device() else { return };
     flash::set_poison_outputs(true);
     let device = device.autodiff();
     for case in cases(&device) {
-        let random = || Tensor::<4>::random(case.shape, Distribution::Normal(0.0, 1.0), &device);
-        let (q, k, v, w) = (random().require_grad(), random().require_grad(), random().require_grad(), random());
-        let out = flash::flash_attention(q.clone(), k.clone(), v.clone(), &case.mask);
-        let grads = (out.clone() * w.clone()).sum().backward();
-        let grad = |t: &Tensor<4>| to_f64(&t.grad(&grads).expect("a gradient"));
-        let expect = reference(&to_f64(&q), &to_f64(&k), &to_f64(&v), &to_f64(&w), case.shape, &case.allowed);
-        for (what, actual, reference) in [
-            ("output", to_f64(&out), &expect.out),
-            ("dQ", grad(&q), &expect.dq),
-            ("dK", grad(&k), &expect.dk),
-            ("dV", grad(&v), &expect.dv),
-        ] {
-            assert!(actual.iter().all(|x| x.is_finite()), "{}: {what} has unwritten (NaN) elements", case.name);
-            // An exactly-zero reference (dQ of a single key) has no scale: there the error is absolute.
-            let err = if reference.iter().all(|x| *x == 0.0) {
-                actual.iter().fold(0f64, |m, x| m.max(x.abs()))
-            } else {
-                rel_err(&actual, reference)
-            };
-            assert!(err < 1e-4, "{}: {what} error {err:.2e} >= 1e-4", case.name);
-        }
+        check(&case, DType::F32, 1e-4, &device);
+    }
+}
+
+/// f16 tensors in, f16 out: read and written as f16 where the adapter has shader-f16 (arithmetic in
+/// f32), through f32 otherwise. Tolerance 2e-3: the f16 rounding of the results (2^-11 relative) plus
+/// the f16 rounding of the upstream gradient, against a reference in f64 on the same rounded inputs.
+#[test]
+fn f16_inputs_match_f64_reference() {
+    let Some(device) = wgpu_device() else { return };
+    flash::set_poison_outputs(true);
+    let native = device.supports_dtype(DType::F16);
+    eprintln!("adapter shader-f16: {native} ({})", if native { "f16 kernels" } else { "through f32" });
+    let device = device.autodiff();
+    for case in cases(&device) {
+        check(&case, DType::F16, 2e-3, &device);
     }
 }
 

@@ -9,6 +9,7 @@ use burn::backend::wgpu::{
 use burn::backend::{DType, FloatDType, TensorMetadata};
 use burn::tensor::Shape;
 use cubecl::CubeCount;
+use cubecl::ir::{ElemType, FloatKind};
 use cubecl::prelude::KernelId;
 use cubecl::server::KernelArguments;
 
@@ -75,6 +76,8 @@ enum Stage {
 struct FlashKernel {
     stage: Stage,
     tiles: Tiles,
+    /// Q, K, V, O and their gradients in f16 (`elem` in the shaders); arithmetic stays f32.
+    f16: bool,
 }
 
 impl KernelSource for FlashKernel {
@@ -82,8 +85,9 @@ impl KernelSource for FlashKernel {
         let t = self.tiles;
         // PART: which half of [dK | dV] flash_backward_dkv.wgsl computes (unused by the others).
         let part = u32::from(self.stage == Stage::BackwardDv);
+        let elem = if self.f16 { "enable f16;\nalias elem = f16;" } else { "alias elem = f32;" };
         let header = format!(
-            "const DH: u32 = {}u;\nconst DV: u32 = {}u;\nconst BC: u32 = {}u;\nconst BR: u32 = {}u;\nconst PART: u32 = {part}u;\n",
+            "{elem}\nconst DH: u32 = {}u;\nconst DV: u32 = {}u;\nconst BC: u32 = {}u;\nconst BR: u32 = {}u;\nconst PART: u32 = {part}u;\n",
             t.head_dim,
             t.head_dim / 4,
             t.cols,
@@ -98,7 +102,7 @@ impl KernelSource for FlashKernel {
     }
 
     fn id(&self) -> KernelId {
-        KernelId::new::<Self>().info((self.stage, self.tiles))
+        KernelId::new::<Self>().info((self.stage, self.tiles, self.f16))
     }
 
     fn lang(&self) -> &'static str {
@@ -112,10 +116,16 @@ fn dims(t: &CubeTensor) -> [usize; 4] {
     [shape[0], shape[1], shape[2], shape[3]]
 }
 
-/// A contiguous f32 copy (or the tensor itself when it already is one).
-fn f32_contiguous(t: CubeTensor) -> CubeTensor {
-    let t = if t.dtype == DType::F32 { t } else { CubeBackend::float_cast(t, FloatDType::F32) };
-    into_contiguous(t)
+/// The element type the kernels read and write for inputs like `t`: f16 where `t` is f16 and the
+/// adapter has shader-f16, f32 otherwise (other float types are cast to f32 and the results back).
+fn storage_dtype(t: &CubeTensor) -> DType {
+    let f16 = t.dtype == DType::F16 && t.client.properties().supports_type(ElemType::Float(FloatKind::F16));
+    if f16 { DType::F16 } else { DType::F32 }
+}
+
+/// `t` as `dtype` (cast only where it differs).
+fn cast(t: CubeTensor, dtype: DType) -> CubeTensor {
+    if t.dtype == dtype { t } else { CubeBackend::float_cast(t, FloatDType::from(dtype)) }
 }
 
 /// The `[B, N]` key padding as f32 (1.0 = padding), the layout the kernels read.
@@ -123,15 +133,16 @@ pub fn padding_as_float(padding: CubeTensor) -> CubeTensor {
     into_contiguous(CubeBackend::int_into_float(padding, FloatDType::F32))
 }
 
-/// A new contiguous f32 tensor on `like`'s device, NaN-filled when poisoning is on.
-fn output(like: &CubeTensor, shape: Vec<usize>) -> CubeTensor {
+/// A new contiguous f32 or f16 tensor on `like`'s device, NaN-filled when poisoning is on.
+fn output(like: &CubeTensor, shape: Vec<usize>, dtype: DType) -> CubeTensor {
     let elems: usize = shape.iter().product();
+    let nan = if dtype == DType::F16 { half::f16::NAN.to_le_bytes().to_vec() } else { f32::NAN.to_le_bytes().to_vec() };
     let handle = if POISON.load(Ordering::Relaxed) {
-        like.client.create_from_slice(&f32::NAN.to_le_bytes().repeat(elems))
+        like.client.create_from_slice(&nan.repeat(elems))
     } else {
-        like.client.empty(elems * 4)
+        like.client.empty(elems * nan.len())
     };
-    CubeTensor::new_contiguous(like.client.clone(), like.device.clone(), Shape::from(shape), handle, DType::F32)
+    CubeTensor::new_contiguous(like.client.clone(), like.device.clone(), Shape::from(shape), handle, dtype)
 }
 
 /// `[N, heads, rule, prefix, scale bits, B*H*N]`, the `params` buffer of `flash_common.wgsl`.
@@ -156,16 +167,18 @@ fn params(like: &CubeTensor, [b, h, n, dh]: [usize; 4], rule: Rule) -> CubeTenso
 
 fn launch(stage: Stage, tiles: Tiles, [b, h, n, _]: [usize; 4], buffers: &[&CubeTensor]) {
     let client = &buffers[0].client;
+    let f16 = buffers[0].dtype == DType::F16;
     let groups = n.div_ceil(tiles.rows as usize) as u32;
     let args = buffers.iter().fold(KernelArguments::new(), |args, t| args.with_buffer(t.handle.clone().binding()));
     client.launch(
-        Box::new(SourceKernel::new(FlashKernel { stage, tiles }, CubeDim::new_1d(tiles.rows))),
+        Box::new(SourceKernel::new(FlashKernel { stage, tiles, f16 }, CubeDim::new_1d(tiles.rows))),
         CubeCount::Static(groups, (b * h) as u32, 1),
         args,
     );
 }
 
-/// Output `[B, H, N, Dh]` and log-sum-exp `[B, H, N]`. `padding`: `[B, N]` f32 from [`padding_as_float`].
+/// Output `[B, H, N, Dh]` (the inputs' dtype) and log-sum-exp `[B, H, N]` (f32). `padding`: `[B, N]`
+/// f32 from [`padding_as_float`].
 pub fn forward(
     q: CubeTensor,
     k: CubeTensor,
@@ -176,13 +189,14 @@ pub fn forward(
     let shape = dims(&q);
     assert!(dims(&k) == shape && dims(&v) == shape, "flash attention: q, k and v must have one shape");
     let [b, h, n, dh] = shape;
-    let (q, k, v) = (f32_contiguous(q), f32_contiguous(k), f32_contiguous(v));
+    let (dtype, st) = (q.dtype, storage_dtype(&q));
+    let [q, k, v] = [q, k, v].map(|t| into_contiguous(cast(t, st)));
     let tiles = Tiles::for_tensor(&q, dh);
     let params = params(&q, shape, rule);
-    let out = output(&q, vec![b, h, n, dh]);
-    let lse = output(&q, vec![b, h, n]);
+    let out = output(&q, vec![b, h, n, dh], st);
+    let lse = output(&q, vec![b, h, n], DType::F32);
     launch(Stage::Forward, tiles, shape, &[&q, &k, &v, &padding, &params, &out, &lse]);
-    (out, lse)
+    (cast(out, dtype), lse)
 }
 
 /// dQ, dK, dV for the upstream gradient `grad_out`, recomputing the probabilities from `lse`.
@@ -199,22 +213,26 @@ pub fn backward(
 ) -> (CubeTensor, CubeTensor, CubeTensor) {
     let shape = dims(&q);
     let [b, h, n, dh] = shape;
-    let (q, k, v, grad_out) = (f32_contiguous(q), f32_contiguous(k), f32_contiguous(v), f32_contiguous(grad_out));
-    // D_i = dO_i . O_i, then [L | D] in one buffer (the kernels stay within 8 storage bindings).
-    let d = CubeBackend::float_sum_dim(CubeBackend::float_mul(grad_out.clone(), out), 3);
+    let (dtype, st) = (q.dtype, storage_dtype(&q));
+    // D_i = dO_i . O_i in f32, then [L | D] in one buffer (the kernels stay within 8 storage bindings).
+    let d = CubeBackend::float_sum_dim(
+        CubeBackend::float_mul(cast(grad_out.clone(), DType::F32), cast(out, DType::F32)),
+        3,
+    );
+    let [q, k, v, grad_out] = [q, k, v, grad_out].map(|t| into_contiguous(cast(t, st)));
     let flat = |t: CubeTensor| CubeBackend::float_reshape(t, Shape::from(vec![b * h * n]));
     let stats = into_contiguous(CubeBackend::float_cat(vec![flat(lse), flat(d)], 0));
     let tiles = Tiles::for_tensor(&q, dh);
     let params = params(&q, shape, rule);
-    let dq = output(&q, vec![b, h, n, dh]);
-    let dkv = output(&q, vec![2, b, h, n, dh]);
+    let dq = output(&q, vec![b, h, n, dh], st);
+    let dkv = output(&q, vec![2, b, h, n, dh], st);
     launch(Stage::BackwardDq, tiles, shape, &[&q, &k, &v, &padding, &params, &grad_out, &stats, &dq]);
     for stage in [Stage::BackwardDk, Stage::BackwardDv] {
         launch(stage, tiles, shape, &[&q, &k, &v, &padding, &params, &grad_out, &stats, &dkv]);
     }
     let half = |i: usize| {
         let part = CubeBackend::float_slice(dkv.clone(), &[burn::tensor::Slice::from(i..i + 1)]);
-        CubeBackend::float_reshape(part, Shape::from(vec![b, h, n, dh]))
+        cast(CubeBackend::float_reshape(part, Shape::from(vec![b, h, n, dh])), dtype)
     };
-    (dq, half(0), half(1))
+    (cast(dq, dtype), half(0), half(1))
 }
