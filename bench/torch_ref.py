@@ -1,7 +1,8 @@
 """PyTorch reference of the ov3 model and losses (SPEC §2-3), for the step-time baseline.
 
 Same presets, same initialisation scheme as ov3-core (xavier-uniform linears and patch conv, biases drawn
-with the same bound as burn's initializer, LayerNorm 1/0, token embeddings N(0, 0.02), text positions
+with the same bound as burn's initializer, the residual output projections of every tower block at zero,
+LayerNorm 1/0, token embeddings N(0, 0.02), text positions
 N(0, 0.01), bias-free projections N(0, 0.02), logit scale ln(1/0.07)), the same random workload as
 `ov3 bench step` (random latents, byte-tokenized captions) and AdamW (0.9, 0.95, wd 0.2 on matrices) with
 global grad-norm clipping 1.0.
@@ -50,6 +51,9 @@ class Block(nn.Module):
         self.norm1, self.norm2 = nn.LayerNorm(w, eps=1e-6), nn.LayerNorm(w, eps=1e-6)
         self.qkv, self.proj = xavier_linear(w, 3 * w), xavier_linear(w, w)
         self.fc1, self.fc2 = xavier_linear(w, 4 * w), xavier_linear(4 * w, w)
+        for lin in (self.proj, self.fc2):
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
 
     def attn(self, x, mask):
         b, n, d = x.shape

@@ -4,7 +4,7 @@
 mod common;
 
 use burn::tensor::{Device, Tensor};
-use common::LinearPatchDecoder;
+use common::{LinearPatchDecoder, after_one_step};
 use ov3_core::autoencoder::LatentDecoder;
 use ov3_core::model::add_noise;
 use ov3_core::random_batch::random_batch;
@@ -89,12 +89,13 @@ fn losses_at_initialisation_are_near_chance() {
     }
 }
 
-/// `(path, gradient abs sum)` of every parameter after one backward pass of `objective`.
+/// `(path, gradient abs sum)` of every parameter after one backward pass of `objective`, one training
+/// step after initialisation (see `after_one_step`).
 fn gradients(objective: Objective) -> Vec<(String, Option<f64>)> {
     let device = Device::flex().autodiff();
     device.seed(3);
     let cfg = Preset::Tiny.config();
-    let model = Ov3::new(&cfg, &device);
+    let model = after_one_step(Ov3::new(&cfg, &device), &cfg, &device);
     let vae = LinearPatchDecoder::new(16, &device);
     let batch = random_batch(&cfg, 4, 64, &device);
     let weights = LossWeights { objective, lambda: 0.0, ..LossWeights::default() };

@@ -8,6 +8,8 @@ use std::rc::Rc;
 use burn::tensor::wgpu::wgpu;
 use burn::tensor::{Device, Distribution, Tensor};
 use image::RgbImage;
+use ov3_core::config::AttentionImpl;
+use ov3_core::flash;
 use ov3_core::ModelConfig;
 use ov3_core::data::decode::{DecodeLimits, decode_rgb};
 use ov3_core::eval::generate_captions_async;
@@ -69,6 +71,9 @@ pub async fn run() -> Result<(), String> {
     let (bytes, cached) = fetch_bytes(&url, true, |d, t| view::download_progress("the model", d, t)).await?;
     let size = bytes.len();
     let (model, cfg) = load_model_bytes(bytes, &url, &device).map_err(|e| e.to_string())?;
+    let (attention, note) = attention(&device, &cfg);
+    let model = model.with_attention(attention);
+    set_text("backend", &format!("{backend}{note}"));
     // The frozen VAE: the embedded default autoencoder, fetched like the model (the native binary has it
     // compiled in).
     let (ae, _) = fetch_bytes(AE_FILE, true, |d, t| view::download_progress("the autoencoder", d, t)).await?;
@@ -115,12 +120,27 @@ async fn init_device() -> (Device, String) {
     (Device::flex(), format!("CPU (burn's flex backend in wasm; slower than a GPU) — {why}"))
 }
 
-fn model_url() -> String {
+/// `?name=value` of the page's address.
+fn query_param(name: &str) -> Option<String> {
     web_sys::window()
         .and_then(|w| w.location().search().ok())
         .and_then(|q| web_sys::UrlSearchParams::new_with_str(&q).ok())
-        .and_then(|p| p.get("model"))
-        .unwrap_or_else(|| DEFAULT_MODEL.to_string())
+        .and_then(|p| p.get(name))
+}
+
+fn model_url() -> String {
+    query_param("model").unwrap_or_else(|| DEFAULT_MODEL.to_string())
+}
+
+/// `?attention=fused` runs every transformer through our WGSL kernels (shaders/) on WebGPU; the CPU
+/// fallback has none and keeps the reference path.
+fn attention(device: &Device, cfg: &ModelConfig) -> (AttentionImpl, &'static str) {
+    let fused = query_param("attention").as_deref() == Some("fused");
+    match (fused, flash::supports(device, cfg.encoder.width / cfg.encoder.heads)) {
+        (true, true) => (AttentionImpl::Fused, " · fused WGSL attention"),
+        (true, false) => (AttentionImpl::Reference, " · fused attention needs WebGPU: reference path"),
+        (false, _) => (AttentionImpl::Reference, ""),
+    }
 }
 
 /// Event handlers: file input, drag and drop, the noise slider, the caption box.

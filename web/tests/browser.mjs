@@ -1,6 +1,6 @@
 // End-to-end test of the demo page in Debian's headless Chromium, driven by playwright-core.
 //
-//   node browser.mjs URL EXPECTED.json OUT_DIR [--no-webgpu]
+//   node browser.mjs URL EXPECTED.json OUT_DIR [--no-webgpu | --fused]
 //
 // EXPECTED.json (written by run.sh from the native `ov3` CLI on the same files):
 //   { "upload": PATH, "psnr": dB of `ov3 reconstruct` for PATH, "sample": index, "top": first line of `ov3 rank`,
@@ -8,14 +8,19 @@
 // Checks: the page starts on the expected backend; an uploaded photo is reconstructed with the PSNR the
 // native CLI computes (within 0.5 dB); a shipped sample ranks its true caption first, as natively; a file
 // that is not an image gives a message and the page keeps working. Writes a screenshot and timings.json.
+// --fused opens the page with ?attention=fused: every transformer runs our WGSL flash-attention kernels
+// (shaders/), compiled by Chromium's Tint, and the same checks hold.
 
 import { chromium } from 'playwright-core';
 import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
-const [url, expectedPath, outDir, flag] = process.argv.slice(2);
+const [pageUrl, expectedPath, outDir, flag] = process.argv.slice(2);
 const webgpu = flag !== '--no-webgpu';
+const fused = flag === '--fused';
+const url = fused ? `${pageUrl}?attention=fused` : pageUrl;
+const variant = fused ? '-fused' : webgpu ? '' : '-cpu';
 const expected = JSON.parse(readFileSync(expectedPath, 'utf8'));
 const failures = [];
 const check = (ok, what) => {
@@ -59,6 +64,7 @@ try {
   console.log(`backend: ${backend}; model: ${await text('#model')}; ready after ${loadMs} ms`);
   check((await page.getAttribute('#app', 'data-state')) === 'ready', `page ready (message: "${await text('#message')}")`);
   check(webgpu ? backend.startsWith('WebGPU') : backend.startsWith('CPU'), `backend is ${webgpu ? 'WebGPU' : 'the CPU fallback'}`);
+  if (fused) check(backend.includes('fused WGSL attention'), 'the fused attention kernels are in use');
 
   // 1. Upload a real photo: the PSNR shown must match the native CLI.
   let before = await runs();
@@ -92,7 +98,7 @@ try {
     timeout: 300_000,
   });
   check(true, `slider: PSNR at sigma = tau ${Number(await page.getAttribute('#psnr-ov3', 'data-value')).toFixed(2)} dB (was ${psnrAt0.toFixed(2)})`);
-  await page.screenshot({ path: join(outDir, webgpu ? 'demo.png' : 'demo-cpu.png'), fullPage: true });
+  await page.screenshot({ path: join(outDir, `demo${variant}.png`), fullPage: true });
 
   // 4. Not an image: a clear message, and the page still works afterwards.
   before = await runs();
@@ -106,7 +112,7 @@ try {
   check((await text('#message')) === '' && (await text('#ranking li:first-child .text')) === expected.top, 'the page still works after the bad file');
 
   writeFileSync(
-    join(outDir, webgpu ? 'timings.json' : 'timings-cpu.json'),
+    join(outDir, `timings${variant}.json`),
     JSON.stringify({ backend, load_ms: loadMs, first_image: timings, warm: timingsWarm }, null, 1),
   );
 } catch (e) {

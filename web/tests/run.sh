@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The browser test: build the page with trunk, compute what the native CLI says for the same files, serve
-# dist/ on localhost and let headless Chromium (WebGPU on SwiftShader, then without WebGPU) check the page.
+# dist/ on localhost and let headless Chromium (WebGPU on SwiftShader, with burn's attention and with our
+# fused kernels, then without WebGPU) check the page.
 # Needs trunk + wasm-bindgen on PATH, /usr/bin/chromium and `npm ci --prefix web/tests` (see README).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -50,6 +51,8 @@ sleep 1
 
 echo "== Chromium with WebGPU (SwiftShader)"
 node web/tests/browser.mjs "http://127.0.0.1:$port/" "$out/expected.json" "$out"
+echo "== Chromium with WebGPU, our fused attention kernels (shaders/) compiled by Tint"
+node web/tests/browser.mjs "http://127.0.0.1:$port/" "$out/expected.json" "$out" --fused
 echo "== Chromium without WebGPU (the CPU fallback)"
 node web/tests/browser.mjs "http://127.0.0.1:$port/" "$out/expected.json" "$out" --no-webgpu
 echo "screenshots and timings: $out"

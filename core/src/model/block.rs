@@ -64,8 +64,20 @@ pub fn run_blocks(blocks: &[Block], mut x: Tensor<3>, mask: AttentionMask) -> Te
     x
 }
 
+/// A tower's stack of blocks, each starting as the identity: the output projections of both residual
+/// branches (`attn.proj`, `mlp.fc2`, weight and bias) start at zero, so at step 0 a tower passes its input
+/// through unchanged and the encoder and decoder form a linear autoencoder that reconstruction fits in
+/// tens of steps (Fixup / ReZero / DiT's adaLN-Zero; measured in docs/DECISIONS.md).
 pub fn blocks(t: &TowerConfig, cfg: &ModelConfig, device: &Device) -> Vec<Block> {
-    (0..t.depth).map(|_| Block::new(t, cfg, device)).collect()
+    let zero = |d_in: usize| LinearConfig::new(d_in, t.width).with_initializer(Initializer::Zeros).init(device);
+    (0..t.depth)
+        .map(|_| {
+            let mut block = Block::new(t, cfg, device);
+            block.attn.proj = zero(t.width);
+            block.mlp.fc2 = zero(4 * t.width);
+            block
+        })
+        .collect()
 }
 
 pub fn layer_norm(width: usize, eps: f64, device: &Device) -> LayerNorm {

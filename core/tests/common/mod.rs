@@ -7,6 +7,9 @@ use burn::tensor::{Device, Tensor};
 use ov3_core::autoencoder::LatentDecoder;
 use ov3_core::device::{BackendChoice, select};
 use ov3_core::model::vit::unpatchify;
+use ov3_core::random_batch::random_batch;
+use ov3_core::step::train_step;
+use ov3_core::{Frozen, LossWeights, ModelConfig, Ov3, optim};
 
 /// flex always; wgpu too when an adapter exists. With `OV3_TEST_WGPU=1` (CI) a missing adapter is a
 /// failure, not a skip.
@@ -60,4 +63,13 @@ pub fn rel_err(actual: &[f64], reference: &[f64]) -> f64 {
 /// `OV3_TEST_WGPU=1` makes a missing adapter a failure.
 pub fn wgpu_device() -> Option<Device> {
     devices().into_iter().find(|(name, _)| *name == "wgpu").map(|(_, d)| d)
+}
+
+/// The model after one AdamW step (lr 1e-3) on a fresh random batch. Every tower's residual branches
+/// start at zero (`model::block::blocks`), which blocks the gradient to everything before them at
+/// step 0; tests of gradient routing take this step first so that every path is open.
+pub fn after_one_step(model: Ov3, cfg: &ModelConfig, device: &Device) -> Ov3 {
+    let mut optim = optim::adamw(&model, 0.0);
+    let batch = random_batch(cfg, 2, 64, device);
+    train_step(model, &mut optim, &batch, &LossWeights::default(), cfg.tau, Frozen::default(), 1e-3, 1.0).0
 }
