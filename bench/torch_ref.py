@@ -1,7 +1,7 @@
 """PyTorch reference of the ov3 model and losses (SPEC §2-3), for the step-time baseline.
 
 Same presets, same initialisation scheme as ov3-core (xavier-uniform linears and patch conv, biases drawn
-with the same bound as burn's initializer, the residual output projections of every tower block at zero,
+with the same bound as burn's initializer, the residual output projections of the blocks at zero except in the text encoder,
 LayerNorm 1/0, token embeddings N(0, 0.02), text positions
 N(0, 0.01), bias-free projections N(0, 0.02), logit scale ln(1/0.07)), the same random workload as
 `ov3 bench step` (random latents, byte-tokenized captions) and AdamW (0.9, 0.95, wd 0.2 on matrices) with
@@ -45,13 +45,13 @@ def projection(d_in, d_out):
 
 
 class Block(nn.Module):
-    def __init__(self, w, heads):
+    def __init__(self, w, heads, identity=True):
         super().__init__()
         self.heads = heads
         self.norm1, self.norm2 = nn.LayerNorm(w, eps=1e-6), nn.LayerNorm(w, eps=1e-6)
         self.qkv, self.proj = xavier_linear(w, 3 * w), xavier_linear(w, w)
         self.fc1, self.fc2 = xavier_linear(w, 4 * w), xavier_linear(4 * w, w)
-        for lin in (self.proj, self.fc2):
+        for lin in (self.proj, self.fc2) if identity else ():
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)
 
@@ -104,7 +104,7 @@ class Ov3(nn.Module):
         self.dec_norm, self.pred = nn.LayerNorm(dw, eps=1e-6), xavier_linear(dw, 4 * LATENT_CH)
         self.img_norm, self.img_proj = nn.LayerNorm(ew, eps=1e-6), projection(ew, embed)
         self.txt_in = TokenInput(tw)
-        self.txt = nn.ModuleList(Block(tw, th) for _ in range(td))
+        self.txt = nn.ModuleList(Block(tw, th, identity=False) for _ in range(td))
         self.txt_norm, self.txt_proj = nn.LayerNorm(tw, eps=1e-6), projection(tw, embed)
         self.visual_proj = xavier_linear(ew, cw)
         self.cap_in = TokenInput(cw)

@@ -13,30 +13,10 @@
 
 const PART_DK: u32 = 0u;
 
-var<workgroup> q_tile: array<vec4<f32>, BC * DV>;
-var<workgroup> do_tile: array<vec4<f32>, BC * DV>;
+const TILE_Q: u32 = 0u;
+const TILE_DO: u32 = BC * DV;
 var<workgroup> lse_tile: array<f32, BC>;
 var<workgroup> d_tile: array<f32, BC>;
-
-// The dot products of `a` with vec4 d of the Q tile's rows r .. r + 3.
-fn q_dots(a: vec4<f32>, r: u32, d: u32) -> vec4<f32> {
-    return vec4(
-        dot(a, q_tile[r * DV + d]),
-        dot(a, q_tile[(r + 1u) * DV + d]),
-        dot(a, q_tile[(r + 2u) * DV + d]),
-        dot(a, q_tile[(r + 3u) * DV + d]),
-    );
-}
-
-// The same with the dO tile.
-fn do_dots(a: vec4<f32>, r: u32, d: u32) -> vec4<f32> {
-    return vec4(
-        dot(a, do_tile[r * DV + d]),
-        dot(a, do_tile[(r + 1u) * DV + d]),
-        dot(a, do_tile[(r + 2u) * DV + d]),
-        dot(a, do_tile[(r + 3u) * DV + d]),
-    );
-}
 
 @compute @workgroup_size(BR)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lane: u32) {
@@ -76,8 +56,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
                 qv = vec4<f32>(q[src]) * scale;
                 dov = vec4<f32>(dout[src]);
             }
-            q_tile[e] = qv;
-            do_tile[e] = dov;
+            tile[TILE_Q + e] = qv;
+            tile[TILE_DO + e] = dov;
         }
         for (var r = lane; r < BC; r += BR) {
             var row_lse = 0.0;
@@ -100,24 +80,22 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
                 var s = vec4(0.0);
                 var dp = vec4(0.0);
                 for (var d = 0u; d < DV; d++) {
-                    s += q_dots(kj[d], r, d);
+                    s += tile_dots(kj[d], TILE_Q, r, d);
                     if (PART == PART_DK) {
-                        dp += do_dots(vj[d], r, d);
+                        dp += tile_dots(vj[d], TILE_DO, r, d);
                     }
                 }
                 let p = select(vec4(0.0), exp(s - row_lse), visible);
                 if (PART == PART_DK) {
                     let row_d = vec4(d_tile[r], d_tile[r + 1u], d_tile[r + 2u], d_tile[r + 3u]);
                     let ds = p * (dp - row_d);
-                    // q_tile already carries the scale.
+                    // The Q tile already carries the scale.
                     for (var d = 0u; d < DV; d++) {
-                        acc[d] += ds.x * q_tile[r * DV + d] + ds.y * q_tile[(r + 1u) * DV + d]
-                            + ds.z * q_tile[(r + 2u) * DV + d] + ds.w * q_tile[(r + 3u) * DV + d];
+                        acc[d] += tile_mix(ds, TILE_Q, r, d);
                     }
                 } else {
                     for (var d = 0u; d < DV; d++) {
-                        acc[d] += p.x * do_tile[r * DV + d] + p.y * do_tile[(r + 1u) * DV + d]
-                            + p.z * do_tile[(r + 2u) * DV + d] + p.w * do_tile[(r + 3u) * DV + d];
+                        acc[d] += tile_mix(p, TILE_DO, r, d);
                     }
                 }
             }

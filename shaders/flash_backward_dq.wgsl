@@ -44,14 +44,13 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
                 var s = vec4(0.0);
                 var dp = vec4(0.0);
                 for (var d = 0u; d < DV; d++) {
-                    s += k_dots(qi[d], r, d);
-                    dp += v_dots(doi[d], r, d);
+                    s += tile_dots(qi[d], TILE_K, r, d);
+                    dp += tile_dots(doi[d], TILE_V, r, d);
                 }
                 let p = select(vec4(0.0), exp(s - row_lse), visible4(i, t0, r));
                 let ds = p * (dp - row_d);
                 for (var d = 0u; d < DV; d++) {
-                    acc[d] += ds.x * k_tile[r * DV + d] + ds.y * k_tile[(r + 1u) * DV + d]
-                        + ds.z * k_tile[(r + 2u) * DV + d] + ds.w * k_tile[(r + 3u) * DV + d];
+                    acc[d] += tile_mix(ds, TILE_K, r, d);
                 }
             }
         }

@@ -50,6 +50,22 @@ fn key_open(b: u32, j: u32) -> bool {
     return key_pad[b * params[0] + j] == 0.0;
 }
 
+// The streamed operands in workgroup memory, BC rows of DV vec4s each: K at 0 and V at BC * DV in the
+// forward and dQ kernels; Q (scaled) and dO in dK/dV.
+var<workgroup> tile: array<vec4<f32>, 2u * BC * DV>;
+
+// The dot products of `a` with vec4 d of the tile rows r .. r + 3 of the operand at `base`.
+fn tile_dots(a: vec4<f32>, base: u32, r: u32, d: u32) -> vec4<f32> {
+    let at = base + r * DV + d;
+    return vec4(dot(a, tile[at]), dot(a, tile[at + DV]), dot(a, tile[at + 2u * DV]), dot(a, tile[at + 3u * DV]));
+}
+
+// sum over c of w[c] * (vec4 d of tile row r + c) of the operand at `base`.
+fn tile_mix(w: vec4<f32>, base: u32, r: u32, d: u32) -> vec4<f32> {
+    let at = base + r * DV + d;
+    return w.x * tile[at] + w.y * tile[at + DV] + w.z * tile[at + 2u * DV] + w.w * tile[at + 3u * DV];
+}
+
 // `allowed` for query i and the KB keys j0 .. j0 + 3.
 fn allowed4(i: u32, j0: u32) -> vec4<bool> {
     return vec4(allowed(i, j0), allowed(i, j0 + 1u), allowed(i, j0 + 2u), allowed(i, j0 + 3u));

@@ -40,7 +40,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             for (var r = 0u; r < cnt; r += KB) {
                 var s = vec4(0.0);
                 for (var d = 0u; d < DV; d++) {
-                    s += k_dots(qi[d], r, d);
+                    s += tile_dots(qi[d], TILE_K, r, d);
                 }
                 s = select(vec4(MASKED), s, visible4(i, t0, r));
                 let block_max = max(max(s.x, s.y), max(s.z, s.w));
@@ -52,8 +52,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
                     let p = exp(s - m_new);
                     l = l * correction + (p.x + p.y + p.z + p.w);
                     for (var d = 0u; d < DV; d++) {
-                        acc[d] = acc[d] * correction + p.x * v_tile[r * DV + d] + p.y * v_tile[(r + 1u) * DV + d]
-                            + p.z * v_tile[(r + 2u) * DV + d] + p.w * v_tile[(r + 3u) * DV + d];
+                        acc[d] = acc[d] * correction + tile_mix(p, TILE_V, r, d);
                     }
                     m = m_new;
                 }

@@ -1,7 +1,7 @@
 // K/V tiles in workgroup memory, shared by the forward and dQ kernels (one invocation per query row).
 
-var<workgroup> k_tile: array<vec4<f32>, BC * DV>;
-var<workgroup> v_tile: array<vec4<f32>, BC * DV>;
+const TILE_K: u32 = 0u;
+const TILE_V: u32 = BC * DV;
 // 1.0 where the tile's key exists and is not padding.
 var<workgroup> open: array<f32, BC>;
 
@@ -18,8 +18,8 @@ fn load_kv_tile(lane: u32, b: u32, head: u32, t0: u32, cnt: u32) {
             kv = vec4<f32>(k[src]);
             vv = vec4<f32>(v[src]);
         }
-        k_tile[e] = kv;
-        v_tile[e] = vv;
+        tile[TILE_K + e] = kv;
+        tile[TILE_V + e] = vv;
     }
     for (var r = lane; r < BC; r += BR) {
         var o = 0.0;
@@ -35,24 +35,4 @@ fn load_kv_tile(lane: u32, b: u32, head: u32, t0: u32, cnt: u32) {
 fn visible4(i: u32, t0: u32, r: u32) -> vec4<bool> {
     let o = vec4(open[r], open[r + 1u], open[r + 2u], open[r + 3u]) != vec4(0.0);
     return o & allowed4(i, t0 + r);
-}
-
-// The dot products of `a` with vec4 d of the tile's K rows r .. r + 3.
-fn k_dots(a: vec4<f32>, r: u32, d: u32) -> vec4<f32> {
-    return vec4(
-        dot(a, k_tile[r * DV + d]),
-        dot(a, k_tile[(r + 1u) * DV + d]),
-        dot(a, k_tile[(r + 2u) * DV + d]),
-        dot(a, k_tile[(r + 3u) * DV + d]),
-    );
-}
-
-// The same with V rows r .. r + 3.
-fn v_dots(a: vec4<f32>, r: u32, d: u32) -> vec4<f32> {
-    return vec4(
-        dot(a, v_tile[r * DV + d]),
-        dot(a, v_tile[(r + 1u) * DV + d]),
-        dot(a, v_tile[(r + 2u) * DV + d]),
-        dot(a, v_tile[(r + 3u) * DV + d]),
-    );
 }

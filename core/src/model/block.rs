@@ -64,15 +64,22 @@ pub fn run_blocks(blocks: &[Block], mut x: Tensor<3>, mask: AttentionMask) -> Te
     x
 }
 
-/// A tower's stack of blocks, each starting as the identity: the output projections of both residual
-/// branches (`attn.proj`, `mlp.fc2`, weight and bias) start at zero, so at step 0 a tower passes its input
-/// through unchanged and the encoder and decoder form a linear autoencoder that reconstruction fits in
-/// tens of steps (Fixup / ReZero / DiT's adaLN-Zero; measured in docs/DECISIONS.md).
+/// A tower's stack of blocks (the text encoder's), xavier throughout.
 pub fn blocks(t: &TowerConfig, cfg: &ModelConfig, device: &Device) -> Vec<Block> {
+    (0..t.depth).map(|_| Block::new(t, cfg, device)).collect()
+}
+
+/// A tower's stack of blocks, each starting as the identity: the output projections of both residual
+/// branches (`attn.proj`, `mlp.fc2`, weight and bias) start at zero, so at step 0 the tower passes its
+/// input through unchanged (Fixup / ReZero / DiT's adaLN-Zero). For the ViT encoder and decoder this makes
+/// the reconstruction start from a linear autoencoder it fits in tens of steps, and the caption decoder
+/// starts as a bigram model. Not for the text encoder: its feature is the one EOS token, which learns
+/// about the caption only through attention (measured in docs/DECISIONS.md).
+pub fn identity_blocks(t: &TowerConfig, cfg: &ModelConfig, device: &Device) -> Vec<Block> {
     let zero = |d_in: usize| LinearConfig::new(d_in, t.width).with_initializer(Initializer::Zeros).init(device);
-    (0..t.depth)
-        .map(|_| {
-            let mut block = Block::new(t, cfg, device);
+    blocks(t, cfg, device)
+        .into_iter()
+        .map(|mut block| {
             block.attn.proj = zero(t.width);
             block.mlp.fc2 = zero(4 * t.width);
             block

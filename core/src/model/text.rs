@@ -7,7 +7,7 @@ use burn::nn::{Embedding, EmbeddingConfig, Initializer, LayerNorm, Linear, Linea
 use burn::tensor::{Device, Int, Tensor};
 
 use super::attention::AttentionMask;
-use super::block::{Block, blocks, layer_norm, run_blocks};
+use super::block::{Block, blocks, identity_blocks, layer_norm, run_blocks};
 use crate::config::{ModelConfig, TowerConfig};
 
 /// Token + learned position embedding for `[B, T]` token ids -> `[B, T, W]`.
@@ -94,7 +94,7 @@ impl TextDecoder {
                 .with_initializer(Initializer::XavierUniform { gain: 1.0 })
                 .init(device),
             input: TokenInput::new(t, cfg, device),
-            blocks: blocks(t, cfg, device),
+            blocks: identity_blocks(t, cfg, device),
             ln_final: layer_norm(t.width, cfg.norm_eps, device),
             lm_head: projection(t.width, cfg.vocab_size, device),
         }

@@ -6,7 +6,7 @@ use burn::nn::{Initializer, LayerNorm, Linear, LinearConfig};
 use burn::tensor::{Device, Tensor};
 
 use super::attention::AttentionMask;
-use super::block::{Block, blocks, layer_norm, run_blocks};
+use super::block::{Block, identity_blocks, layer_norm, run_blocks};
 use super::posemb::sincos_2d;
 use crate::config::ModelConfig;
 
@@ -31,7 +31,7 @@ impl VitEncoder {
             .with_bias(false)
             .with_initializer(Initializer::XavierUniform { gain: 1.0 })
             .init(device);
-        Self { patch_embed: PatchEmbed { proj }, blocks: blocks(t, cfg, device) }
+        Self { patch_embed: PatchEmbed { proj }, blocks: identity_blocks(t, cfg, device) }
     }
 
     /// `[B, C, H', W']` -> `z_u` `[B, (H'/p)(W'/p), D]`: the final block outputs, with no final norm (SPEC §2).
@@ -65,7 +65,7 @@ impl VitDecoder {
         let init = Initializer::XavierUniform { gain: 1.0 };
         Self {
             decoder_embed: LinearConfig::new(cfg.encoder.width, t.width).with_initializer(init.clone()).init(device),
-            blocks: blocks(t, cfg, device),
+            blocks: identity_blocks(t, cfg, device),
             norm: layer_norm(t.width, cfg.norm_eps, device),
             pred: LinearConfig::new(t.width, patch * patch * channels).with_initializer(init).init(device),
             channels,
