@@ -1,10 +1,12 @@
 //! Caption tokenizers. The built-in byte-level one (UTF-8 bytes are tokens 0..=255, then BOS, EOS and PAD)
-//! needs no vocabulary file, so it works everywhere, the browser included; it is the default. For real
-//! data, a HuggingFace `tokenizer.json` (CLIP's, BERT's, a BPE of your own) through the `tokenizers` crate
-//! (native builds only). Either way a caption becomes `BOS ids.. EOS PAD..` of the context length, and a
-//! model file carries its tokenizer so that it always reads text the way it was trained.
+//! needs no vocabulary file, so it works everywhere, the browser included; it is the default. A word-level
+//! one over a closed vocabulary (the embedded world's: `synthetic-words`) gives the same captions in a
+//! quarter of the tokens, so the text towers cost a quarter as much. For real data, a HuggingFace
+//! `tokenizer.json` (CLIP's, BERT's, a BPE of your own) through the `tokenizers` crate (native builds only).
+//! Either way a caption becomes `BOS ids.. EOS PAD..` of the context length, and a model file carries its
+//! tokenizer so that it always reads text the way it was trained.
 
-#[cfg(not(target_arch = "wasm32"))]
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
@@ -20,6 +22,10 @@ pub const VOCAB_SIZE: usize = 259;
 pub const BYTES_SPEC: &str = "bytes";
 /// Prefix of a HuggingFace tokenizer in model files: `huggingface:` + the `tokenizer.json` text.
 pub const HF_PREFIX: &str = "huggingface:";
+/// Prefix of a word-level tokenizer in model files: `words:` + its vocabulary, space-separated.
+pub const WORDS_PREFIX: &str = "words:";
+/// The word that stands for every word outside a word-level vocabulary (always id 0).
+pub const UNKNOWN_WORD: &str = "<unk>";
 
 /// `BOS bytes.. EOS PAD..` of exactly `context_length` ids. Captions too long are cut so EOS is kept.
 pub fn encode(text: &str, context_length: usize) -> Vec<usize> {
@@ -51,8 +57,17 @@ fn body(ids: &[usize], [bos, eos, pad]: [usize; 3]) -> impl Iterator<Item = usiz
 pub enum Tokenizer {
     #[default]
     Bytes,
+    Words(Arc<Words>),
     #[cfg(not(target_arch = "wasm32"))]
     HuggingFace(Arc<HuggingFace>),
+}
+
+/// One id per whitespace-separated word of a closed vocabulary: `<unk>` is 0, then the vocabulary in order,
+/// then BOS, EOS and PAD.
+#[derive(Debug)]
+pub struct Words {
+    vocab: Vec<String>,
+    ids: HashMap<String, usize>,
 }
 
 /// A HuggingFace tokenizer with the special ids ov3 uses. Ids it lacks (BOS, EOS or PAD) are appended after
@@ -83,8 +98,27 @@ impl Tokenizer {
         Self::from_json(json).map_err(|e| format!("{}: {e}", path.display()))
     }
 
-    /// What a model file stores (`bytes`, or `huggingface:` + JSON) back to a tokenizer.
+    /// A word-level tokenizer over `vocab` (words without whitespace, no repeats; `<unk>` is added first).
+    pub fn words<S: AsRef<str>>(vocab: &[S]) -> Result<Self, String> {
+        let mut words = vec![UNKNOWN_WORD.to_string()];
+        let mut ids = HashMap::from([(UNKNOWN_WORD.to_string(), 0)]);
+        for w in vocab.iter().map(AsRef::as_ref).filter(|&w| w != UNKNOWN_WORD) {
+            if w.is_empty() || w.contains(char::is_whitespace) {
+                return Err(format!("vocabulary word `{w}` is empty or holds whitespace"));
+            }
+            if ids.insert(w.to_string(), words.len()).is_some() {
+                return Err(format!("vocabulary word `{w}` appears twice"));
+            }
+            words.push(w.to_string());
+        }
+        Ok(Self::Words(Arc::new(Words { vocab: words, ids })))
+    }
+
+    /// What a model file stores (`bytes`, `words:` + vocabulary, or `huggingface:` + JSON) back to a tokenizer.
     pub fn from_spec(spec: &str) -> Result<Self, String> {
+        if let Some(vocab) = spec.strip_prefix(WORDS_PREFIX) {
+            return Self::words(&vocab.split(' ').collect::<Vec<_>>());
+        }
         match spec.strip_prefix(HF_PREFIX) {
             None if spec == BYTES_SPEC => Ok(Self::Bytes),
             None => Err(format!("unknown tokenizer `{}`", spec.chars().take(40).collect::<String>())),
@@ -120,6 +154,7 @@ impl Tokenizer {
     pub fn spec(&self) -> String {
         match self {
             Self::Bytes => BYTES_SPEC.to_string(),
+            Self::Words(w) => format!("{WORDS_PREFIX}{}", w.vocab.join(" ")),
             #[cfg(not(target_arch = "wasm32"))]
             Self::HuggingFace(hf) => format!("{HF_PREFIX}{}", hf.json),
         }
@@ -128,6 +163,7 @@ impl Tokenizer {
     pub fn describe(&self) -> String {
         match self {
             Self::Bytes => "byte-level".to_string(),
+            Self::Words(w) => format!("word-level ({} words)", w.vocab.len()),
             #[cfg(not(target_arch = "wasm32"))]
             Self::HuggingFace(hf) => format!("HuggingFace tokenizer.json ({} ids)", hf.vocab_size),
         }
@@ -137,6 +173,7 @@ impl Tokenizer {
     pub fn special(&self) -> [usize; 3] {
         match self {
             Self::Bytes => [BOS, EOS, PAD],
+            Self::Words(w) => [0, 1, 2].map(|k| w.vocab.len() + k),
             #[cfg(not(target_arch = "wasm32"))]
             Self::HuggingFace(hf) => hf.special,
         }
@@ -145,6 +182,7 @@ impl Tokenizer {
     pub fn vocab_size(&self) -> usize {
         match self {
             Self::Bytes => VOCAB_SIZE,
+            Self::Words(w) => w.vocab.len() + 3,
             #[cfg(not(target_arch = "wasm32"))]
             Self::HuggingFace(hf) => hf.vocab_size,
         }
@@ -165,6 +203,10 @@ impl Tokenizer {
     pub fn encode(&self, text: &str, context_length: usize) -> Vec<usize> {
         match self {
             Self::Bytes => encode(text, context_length),
+            Self::Words(w) => {
+                let ids = text.split_whitespace().map(|word| w.ids.get(word).copied().unwrap_or(0));
+                wrap(ids, self.special(), context_length)
+            }
             #[cfg(not(target_arch = "wasm32"))]
             Self::HuggingFace(hf) => {
                 // A caption the tokenizer cannot encode trains as an empty one rather than stopping the run.
@@ -178,6 +220,11 @@ impl Tokenizer {
     pub fn decode(&self, ids: &[usize]) -> String {
         match self {
             Self::Bytes => decode(ids),
+            Self::Words(w) => {
+                let words: Vec<&str> =
+                    body(ids, self.special()).filter_map(|id| w.vocab.get(id)).map(|s| s.as_str()).collect();
+                words.join(" ")
+            }
             #[cfg(not(target_arch = "wasm32"))]
             Self::HuggingFace(hf) => {
                 let own = hf.inner.get_vocab_size(true);
@@ -207,6 +254,21 @@ mod tests {
         let cut = encode("abcdefgh", 5);
         assert_eq!(cut, vec![BOS, 97, 98, 99, EOS]);
         assert_eq!(decode(&cut), "abc");
+    }
+
+    #[test]
+    fn words_round_trip_with_unknown_words_and_truncation() {
+        let tok = Tokenizer::words(&["a", "red", "circle"]).expect("valid vocabulary");
+        assert_eq!(tok.special(), [4, 5, 6]);
+        assert_eq!(tok.encode("a  red circle", 7), vec![4, 1, 2, 3, 5, 6, 6]);
+        assert_eq!(tok.decode(&tok.encode("a red circle", 7)), "a red circle");
+        assert_eq!(tok.decode(&tok.encode("a blue circle", 7)), "a <unk> circle");
+        assert_eq!(tok.encode("a red circle", 4), vec![4, 1, 2, 5]);
+        let back = Tokenizer::from_spec(&tok.spec()).expect("spec round trip");
+        assert_eq!(back.encode("red circle a", 6), tok.encode("red circle a", 6));
+        assert!(Tokenizer::words(&["a", "a"]).is_err());
+        assert!(Tokenizer::words(&["two words"]).is_err());
+        assert!(Tokenizer::from_spec("words:").is_err());
     }
 
     #[test]

@@ -11,6 +11,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use ov3_core::Preset;
 use ov3_core::device::{self, BackendChoice};
 use ov3_core::eval::EvalReport;
+use ov3_core::train::config::SYNTHETIC_WORDS;
 use ov3_core::train::log::StepRecord;
 use ov3_core::train::run::CONFIG_FILE;
 use ov3_core::train::{Observer, Outcome, StageConfig, TrainConfig, train};
@@ -42,7 +43,8 @@ pub struct TrainArgs {
     lpips_trunk: Option<String>,
     #[arg(long, requires = "lpips_trunk")]
     lpips_heads: Option<String>,
-    /// A HuggingFace tokenizer.json for the captions (default: the built-in byte-level tokenizer).
+    /// Caption tokenizer: a HuggingFace tokenizer.json, or synthetic-words (the embedded world's words, the
+    /// quick recipe's); default: the built-in byte-level tokenizer.
     #[arg(long)]
     tokenizer: Option<String>,
     /// Caption length in tokens, BOS and EOS included (default: the preset's, 80).
@@ -82,6 +84,12 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         cfg.preset = p;
     }
     if let Some(d) = args.data {
+        // The embedded world's word list cannot spell other captions: other data gets the byte-level
+        // tokenizer unless --tokenizer names one.
+        if !d.starts_with("synthetic:") && cfg.tokenizer.as_deref() == Some(SYNTHETIC_WORDS) {
+            eprintln!("note: {d} is not the embedded world: captions use the byte-level tokenizer");
+            (cfg.tokenizer, cfg.context_length) = (None, None);
+        }
         cfg.data = d;
     }
     if let Some(d) = args.eval_data {

@@ -8,11 +8,11 @@ use std::rc::Rc;
 use burn::tensor::wgpu::wgpu;
 use burn::tensor::{Device, Distribution, Tensor};
 use image::RgbImage;
-use ov3_core::config::AttentionImpl;
-use ov3_core::flash;
 use ov3_core::ModelConfig;
+use ov3_core::config::AttentionImpl;
 use ov3_core::data::decode::{DecodeLimits, decode_rgb};
 use ov3_core::eval::generate_captions_async;
+use ov3_core::flash;
 use ov3_core::image_io::to_tensor;
 use ov3_core::inference::{
     Tokens, encoder_inputs, normalize_rows, pca_rgb, prepare, rank, to_pixels, token_grid, with_noise,

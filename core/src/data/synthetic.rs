@@ -32,6 +32,27 @@ pub fn zero_shot_prompt(label: usize) -> String {
     format!("a photo of a {}", SHAPES[label])
 }
 
+fn plural(shape: &str) -> String {
+    if shape.ends_with('s') { format!("{shape}es") } else { format!("{shape}s") }
+}
+
+/// Every word the captions and zero-shot prompts use, in a fixed order: the vocabulary of the word-level
+/// tokenizer `synthetic-words` (a test checks that every caption round-trips through it).
+pub fn vocabulary() -> Vec<String> {
+    let grammar = ["a", "two", "large", "small", "and", "at", "the", "on", "background", "with", "word", "photo", "of"];
+    let mut words: Vec<String> = grammar.iter().map(|w| w.to_string()).collect();
+    words.extend(COLOURS.iter().map(|(c, _)| c.to_string()));
+    words.extend(SHAPES.iter().flat_map(|s| [s.to_string(), plural(s)]));
+    words.extend(PATTERNS.iter().map(|p| p.to_string()));
+    for w in POSITIONS.iter().flat_map(|p| p.split(' ')) {
+        if !words.iter().any(|known| known == w) {
+            words.push(w.to_string());
+        }
+    }
+    words.extend(WORDS.iter().map(|w| format!("\"{w}\"")));
+    words
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Split {
     Train,
@@ -129,12 +150,8 @@ pub fn caption(scene: &Scene) -> String {
         .map(|(o, n)| {
             let size = if o.large { "large" } else { "small" };
             let shape = SHAPES[o.shape];
-            let (count, plural) = match (*n, shape) {
-                (1, _) => ("a", ""),
-                (_, "cross") => ("two", "es"),
-                _ => ("two", "s"),
-            };
-            format!("{count} {size} {} {shape}{plural}", COLOURS[o.colour].0)
+            let (count, noun) = if *n == 1 { ("a", shape.to_string()) } else { ("two", plural(shape)) };
+            format!("{count} {size} {} {noun}", COLOURS[o.colour].0)
         })
         .collect();
     let mut text = phrases.join(" and ");
@@ -249,6 +266,27 @@ mod tests {
         let held = World::new(0, Split::Heldout);
         let same = (0..50).filter(|&i| train.sample(i, 32).caption == held.sample(i, 32).caption).count();
         assert!(same < 10, "{same}/50 held-out captions equal the training ones at the same index");
+    }
+
+    #[test]
+    fn every_caption_round_trips_through_the_word_tokenizer() {
+        let tok = crate::tokenizer::Tokenizer::words(&vocabulary()).expect("a valid vocabulary");
+        let quick = crate::train::TrainConfig::quick();
+        let context = quick.context_length.expect("the quick recipe sets its context length");
+        assert_eq!(quick.tokenizer.as_deref(), Some(crate::train::config::SYNTHETIC_WORDS));
+        let prompts = (0..SHAPES.len()).map(zero_shot_prompt);
+        let captions = [Split::Train, Split::Heldout]
+            .into_iter()
+            .flat_map(|split| (0..3000).map(move |i| caption(&World::new(5, split).scene(i))));
+        let mut longest = 0;
+        for text in captions.chain(prompts) {
+            let ids = tok.encode(&text, context);
+            assert!(!ids.contains(&0), "a word of `{text}` is outside the vocabulary");
+            assert_eq!(tok.decode(&ids), text, "cut or changed by the context length {context}");
+            longest = longest.max(text.split(' ').count());
+        }
+        // The longest caption the grammar allows: two kinds of two objects and a word.
+        assert_eq!(longest, 18);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod log;
+mod prefetch;
 pub mod run;
 pub mod schedule;
 

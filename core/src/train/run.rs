@@ -8,15 +8,15 @@ use std::time::Instant;
 
 use burn::module::Module;
 use burn::optim::{GradientsAccumulator, GradientsParams, ModuleOptimizer};
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{Device, Tensor};
 
 use super::checkpoint::{self, CheckpointError, TrainState};
 use super::config::{StageConfig, TrainConfig};
 use super::log::{MetricsLog, Record, StepRecord};
+use super::prefetch::{Inputs, spawn_inputs};
 use super::schedule::learning_rate;
 use crate::config::ModelConfig;
 use crate::data::decode::DecodeLimits;
-use crate::data::latent_cache::cached_latents;
 use crate::data::pipeline::{Augment, HostBatch, LoaderConfig, Position, spawn_loader};
 use crate::data::skips::SkipCounts;
 use crate::data::source::{DataError, Source, Spec};
@@ -24,7 +24,7 @@ use crate::eval::{EvalReport, EvalSet, evaluate};
 use crate::image_io::{grid, save_png};
 use crate::losses::Perceptual;
 use crate::lpips::Lpips;
-use crate::model::{Batch, Frozen, LossOutput, Ov3};
+use crate::model::{Frozen, LossOutput, Ov3};
 use crate::optim::{adamw, clip_grad_norm, step_with_decoder_lr};
 use crate::tokenizer::Tokenizer;
 use crate::vae::Vae;
@@ -97,7 +97,7 @@ pub fn train(
     let mut model = model.with_attention(cfg.attention);
     let mut log = MetricsLog::open(run, resume.then_some(state.step)).map_err(io_err(run))?;
 
-    let vae = Vae::load_or_embedded(cfg.vae.as_deref().map(Path::new), device)?;
+    let vae = Arc::new(Vae::load_or_embedded(cfg.vae.as_deref().map(Path::new), device)?);
     let eval_vae = vae.valid();
     let source = Arc::new(Source::open(&Spec::parse(&cfg.data)?)?);
     observer.note(&format!(
@@ -127,7 +127,6 @@ pub fn train(
         if let Some(cache) = &source.cache {
             cache.check(&vae, stage.resolution).map_err(TrainError::Refused)?;
         }
-        let cached_shape = source.cache.as_ref().map(|c| c.manifest.latent_shape);
         let loader_cfg = LoaderConfig {
             batch: stage.batch,
             seed: cfg.seed.wrapping_add(index as u64),
@@ -143,7 +142,14 @@ pub fn train(
         };
         // A stage starts its data stream at the beginning; a resumed one where its checkpoint left it.
         let start = if in_stage == 0 { Position::default() } else { state.position };
-        let batches = spawn_loader(source.clone(), loader_cfg, start);
+        let inputs = Inputs {
+            vae: vae.clone(),
+            cached: source.cache.as_ref().map(|c| c.manifest.latent_shape),
+            model: model_cfg.clone(),
+            tokenizer: model.tokenizer.clone(),
+            device: device.clone(),
+        };
+        let batches = spawn_inputs(spawn_loader(source.clone(), loader_cfg, start), inputs);
         let weights = stage.loss_weights(cfg.objective);
         let stage_end = state.step - in_stage + stage.steps;
         let mut epoch_skips = (start.epoch, SkipCounts::default());
@@ -160,17 +166,16 @@ pub fn train(
             let mut accumulator = GradientsAccumulator::<Ov3>::new();
             let mut sums = StepRecord::default();
             for _ in 0..stage.accumulate {
-                let host = batches.recv().map_err(|_| DataError::Source {
+                let (host, batch) = batches.recv().map_err(|_| DataError::Source {
                     path: source.name.clone(),
                     reason: "the data loader stopped".into(),
                 })??;
                 count_skips(&host, &mut epoch_skips, state.step, &mut log, observer, run)?;
                 state.position = host.next;
-                let batch = to_batch(&host, &vae, cached_shape, &model_cfg, &model.tokenizer, device);
                 let perceptual = lpips.as_ref().filter(|_| stage.lambda > 0.0).map(|l| l as &dyn Perceptual);
                 // LPIPS compares pixels: it needs the decoder pass, which brings the pixel L1 along.
                 let decode = stage.pixel_loss || perceptual.is_some();
-                let frozen = Frozen { vae_decoder: decode.then_some(&vae as _), perceptual };
+                let frozen = Frozen { vae_decoder: decode.then_some(&*vae as _), perceptual };
                 let out = model.losses(&batch, &weights, model_cfg.tau, frozen);
                 let terms = read_terms(&out);
                 if let Some((term, value)) = terms.terms().into_iter().find(|(_, v)| !v.is_finite()) {
@@ -313,26 +318,6 @@ fn first_difference(a: &TrainConfig, b: &TrainConfig) -> String {
     let (Some(toml::Value::Table(a)), Some(toml::Value::Table(b))) = (a, b) else { return "unknown".into() };
     let key = a.keys().chain(b.keys()).find(|k| a.get(*k) != b.get(*k));
     key.map_or_else(|| "unknown".into(), |k| format!("`{k}` differs"))
-}
-
-/// Host batch -> tensors: pixels, their latents (from the latent cache, else from the frozen VAE, with no
-/// gradient either way), caption tokens.
-fn to_batch(
-    host: &HostBatch,
-    vae: &Vae,
-    cached: Option<[usize; 3]>,
-    cfg: &ModelConfig,
-    tokenizer: &Tokenizer,
-    device: &Device,
-) -> Batch {
-    let b = host.examples.len();
-    let (w, h) = host.examples[0].image.dimensions();
-    let images = Tensor::<4>::from_data(TensorData::new(host.pixels(), [b, 3, h as usize, w as usize]), device);
-    let inputs = cached
-        .and_then(|shape| cached_latents(&host.examples, shape, device))
-        .unwrap_or_else(|| vae.encode(images.clone()).detach());
-    let captions: Vec<String> = host.examples.iter().map(|e| e.caption.clone()).collect();
-    Batch { images, inputs, tokens: tokenizer.batch(&captions, cfg.context_length, device) }
 }
 
 /// Every loss term as f64, read from the device in one transfer.
