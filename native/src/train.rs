@@ -20,11 +20,11 @@ use crate::report::print_report;
 
 #[derive(Args)]
 pub struct TrainArgs {
-    /// Training recipe (TOML, SPEC §4). Without it: the quick recipe (tiny preset, embedded data, ~18 min on
+    /// Training recipe (TOML, SPEC §4). Without it: the quick recipe (tiny preset, embedded data, ~15 min on
     /// a 2-core CPU); `ov3 train --print-config` shows it.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Built-in recipe when no --config is given: quick (the main job, ~18 min on 2 CPU cores), demo (the
+    /// Built-in recipe when no --config is given: quick (the main job, ~15 min on 2 CPU cores), demo (the
     /// shipped checkpoint's, ~1 h) or paper (128 px then 256 px, 10:1, batch 256; use with --preset).
     #[arg(long, conflicts_with = "config", default_value = "quick")]
     recipe: Recipe,
