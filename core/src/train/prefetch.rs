@@ -11,7 +11,6 @@ use std::sync::mpsc::{Receiver, sync_channel};
 
 use burn::tensor::{Device, Tensor, TensorData};
 
-use crate::config::ModelConfig;
 use crate::data::latent_cache::cached_latents;
 use crate::data::pipeline::HostBatch;
 use crate::data::source::DataError;
@@ -24,7 +23,8 @@ pub struct Inputs {
     pub vae: Arc<Vae>,
     /// The latent shape of the source's latent cache, if it has one (then the VAE is not run).
     pub cached: Option<[usize; 3]>,
-    pub model: ModelConfig,
+    /// Caption length in tokens.
+    pub context_length: usize,
     pub tokenizer: Tokenizer,
     pub device: Device,
 }
@@ -42,7 +42,7 @@ impl Inputs {
             .and_then(|shape| cached_latents(&host.examples, shape, &self.device))
             .unwrap_or_else(|| self.vae.encode(images.clone()).detach());
         let captions: Vec<String> = host.examples.iter().map(|e| e.caption.clone()).collect();
-        Batch { images, inputs, tokens: self.tokenizer.batch(&captions, self.model.context_length, &self.device) }
+        Batch { images, inputs, tokens: self.tokenizer.batch(&captions, self.context_length, &self.device) }
     }
 }
 

@@ -145,7 +145,7 @@ pub fn train(
         let inputs = Inputs {
             vae: vae.clone(),
             cached: source.cache.as_ref().map(|c| c.manifest.latent_shape),
-            model: model_cfg.clone(),
+            context_length: model_cfg.context_length,
             tokenizer: model.tokenizer.clone(),
             device: device.clone(),
         };
