@@ -143,30 +143,24 @@ impl TrainConfig {
     /// for twice the steps of batch 32 over the same images (+0.95 dB PSNR, higher recall), captions as words
     /// (a quarter of the byte-level tokens: the step is 1.7x faster); docs/DECISIONS.md, docs/PERFORMANCE.md.
     pub fn quick() -> Self {
-        let mut cfg = Self::embedded_recipe(640, 64, 16);
+        let mut cfg = Self::embedded_recipe(640, 64);
         cfg.tokenizer = Some(SYNTHETIC_WORDS.into());
         cfg.context_length = Some(24);
         cfg.eval_every = 320;
-        // At this length the reconstruction is what lags: w_rec 4 (the demo's 2) gave +0.6 dB PSNR for a
-        // small cost in recall (docs/DECISIONS.md).
-        for stage in &mut cfg.stages {
-            stage.w_rec = 4.0;
-        }
-        // A short 128 px stage is too short to warm up to the full rate again: at a quarter of it the run
-        // ends with +0.9 dB PSNR and higher recall than at the full rate (docs/DECISIONS.md).
-        cfg.stages[1].lr /= 4.0;
         cfg
     }
 
-    /// The recipe of the shipped demo checkpoint: batch 32 and byte-level captions (the browser demo reads
-    /// whatever the user types), 840 + 84 steps, its 128 px stage at the full rate (about an hour on 2 cores).
+    /// The recipe of the shipped demo checkpoint: the quick recipe over 2.25x its steps (1440 + 144) with
+    /// byte-level captions, so that the browser demo can rank whatever the user types; under an hour on
+    /// 2 cores.
     pub fn demo() -> Self {
-        let mut cfg = Self::embedded_recipe(840, 84, 32);
-        cfg.eval_every = 210;
+        let mut cfg = Self::embedded_recipe(1440, 144);
+        cfg.eval_every = 480;
         cfg
     }
 
-    fn embedded_recipe(low_res_steps: u64, high_res_steps: u64, batch: usize) -> Self {
+    fn embedded_recipe(low_res_steps: u64, high_res_steps: u64) -> Self {
+        let batch = 16;
         let stage = |name: &str, resolution, steps: u64| StageConfig {
             name: name.into(),
             resolution,
@@ -181,10 +175,10 @@ impl TrainConfig {
             warmup: steps / 10,
             min_lr_ratio: 0.1,
             // A sweep of the quick recipe (docs/DECISIONS.md): the decoders at 4x the rate learn captioning
-            // 3x faster, and w_rec 2 (rather than the paper's 0.5) gives the encoder enough reconstruction
-            // signal beside the contrastive and caption gradients at this length (+1.5 dB PSNR).
+            // 3x faster, and at this length the reconstruction is what lags: w_rec 2 (rather than the
+            // paper's 0.5) gave +1.5 dB PSNR, w_rec 4 another +0.6 dB for a small cost in recall.
             lr_decoders: 4.0,
-            w_rec: 2.0,
+            w_rec: 4.0,
             w_und: 1.0,
             beta: default_beta(),
             alpha: 1.0,
@@ -193,6 +187,10 @@ impl TrainConfig {
             random_crop: true,
             hflip: false,
         };
+        let mut high_res = stage("high-res", 128, high_res_steps);
+        // A short 128 px stage is too short to warm up to the full rate again: at a quarter of it the quick
+        // recipe ends with +0.9 dB PSNR and higher recall than at the full rate (docs/DECISIONS.md).
+        high_res.lr /= 4.0;
         Self {
             preset: Preset::Tiny,
             tau: default_tau(),
@@ -214,7 +212,7 @@ impl TrainConfig {
             tokenizer: None,
             context_length: None,
             attention: default_attention(),
-            stages: vec![stage("low-res", 64, low_res_steps), stage("high-res", 128, high_res_steps)],
+            stages: vec![stage("low-res", 64, low_res_steps), high_res],
         }
     }
 
