@@ -1,5 +1,6 @@
 //! The trainer: resume equivalence, non-finite losses, interrupted checkpoint writes, refused mismatches,
-//! the weight-decay mask. All on the flex CPU backend with the tiny preset at 32/48 px.
+//! the weight-decay mask, the shipped demo recipe. All on the flex CPU backend with the tiny preset at
+//! 32/48 px.
 
 use std::path::Path;
 use std::sync::Mutex;
@@ -298,4 +299,13 @@ fn stage_values_out_of_range_are_refused_with_one_line() {
         assert_eq!(err.lines().count(), 1, "{bad}: {err}");
         assert!(err.contains("stage `a`") && err.contains("lr_decoders > 0"), "{bad}: {err}");
     }
+}
+
+/// assets/demo/recipe.toml is the config the shipped checkpoint was trained with; `--recipe demo` must still
+/// be that recipe, or its model card's "trained with `ov3 train --recipe demo`" is no longer true.
+#[test]
+fn the_demo_recipe_is_the_one_the_shipped_checkpoint_was_trained_with() {
+    let shipped = include_str!("../../assets/demo/recipe.toml");
+    let shipped = TrainConfig::from_toml(shipped).expect("the shipped recipe parses");
+    assert_eq!(shipped.to_toml(), TrainConfig::demo().to_toml());
 }
