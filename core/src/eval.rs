@@ -290,7 +290,18 @@ pub async fn generate_captions_async(
             break;
         }
     }
-    Ok(ids.iter().map(|seq| model.tokenizer.decode(seq)).collect())
+    Ok(ids.iter().map(|seq| mark_cut(model.tokenizer.decode(seq), seq, cfg)).collect())
+}
+
+/// A caption whose body fills the context (`BOS body EOS`) may be one that training data cut to fit (the
+/// byte-level context of 80 cuts the embedded world's longest captions mid-word): end it with "…" so a
+/// reader does not take "backgr" for the model's spelling.
+fn mark_cut(mut text: String, seq: &[usize], cfg: &ModelConfig) -> String {
+    let body = seq.iter().skip(1).take_while(|&&id| id != cfg.eos_id).count();
+    if body + 2 >= cfg.context_length {
+        text.push('…');
+    }
+    text
 }
 
 fn argmax(row: &[f32]) -> usize {
@@ -372,5 +383,20 @@ mod tests {
     fn zero_shot_picks_the_most_similar_class() {
         let sim = vec![vec![0.1, 0.7, 0.2], vec![0.5, 0.1, 0.2], vec![0.1, 0.2, 0.3]];
         assert!((zero_shot_accuracy(&sim, &[1, 0, 0]) - 2.0 / 3.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn a_caption_that_fills_the_context_is_marked_cut() {
+        let cfg = crate::Preset::Tiny.config();
+        let caption = |len: usize| {
+            let mut seq = vec![cfg.bos_id];
+            seq.extend(std::iter::repeat_n(b'a' as usize, len));
+            seq.resize(cfg.context_length, cfg.eos_id);
+            mark_cut("a".repeat(len), &seq, &cfg)
+        };
+        let full = cfg.context_length - 2;
+        assert_eq!(caption(full), format!("{}…", "a".repeat(full)));
+        assert_eq!(caption(full + 1), format!("{}…", "a".repeat(full + 1)), "no EOS at all");
+        assert_eq!(caption(full - 1), "a".repeat(full - 1));
     }
 }
