@@ -266,14 +266,16 @@ pub async fn generate_captions_async(
 ) -> Result<Vec<String>, ExecutionError> {
     let [b, _, _] = z_u.dims();
     let device = z_u.device();
+    let column = |ids: &[Vec<usize>]| {
+        let last: Vec<i64> = ids.iter().map(|seq| *seq.last().expect("BOS") as i64).collect();
+        Tensor::<2, Int>::from_data(TensorData::new(last, [b, 1]), &device)
+    };
     let mut ids: Vec<Vec<usize>> = vec![vec![cfg.bos_id]; b];
+    let (mut logits, mut cache) = model.text_decoder.start(z_u, column(&ids));
     for t in 1..cfg.context_length {
-        let flat: Vec<i64> = ids.iter().flatten().map(|&i| i as i64).collect();
-        let tokens = Tensor::<2, Int>::from_data(TensorData::new(flat, [b, t]), &device);
-        let logits = model.caption_logits(z_u.clone(), tokens).narrow(1, t - 1, 1).reshape([b as i32, -1]);
-        let logits = logits.into_data_async().await?.convert::<f32>().try_to_vec::<f32>().expect("f32 data");
+        let rows = logits.into_data_async().await?.convert::<f32>().try_to_vec::<f32>().expect("f32 data");
         let mut done = true;
-        for (seq, row) in ids.iter_mut().zip(logits.chunks(logits.len() / b)) {
+        for (seq, row) in ids.iter_mut().zip(rows.chunks(rows.len() / b)) {
             let finished = seq.last().is_some_and(|&l| l == cfg.eos_id);
             let next = if finished {
                 cfg.eos_id
@@ -286,9 +288,10 @@ pub async fn generate_captions_async(
             seq.push(next);
             done &= next == cfg.eos_id;
         }
-        if done {
+        if done || t + 1 == cfg.context_length {
             break;
         }
+        logits = model.text_decoder.next(column(&ids), &mut cache);
     }
     Ok(ids.iter().map(|seq| mark_cut(model.tokenizer.decode(seq), seq, cfg)).collect())
 }

@@ -91,6 +91,10 @@ pub fn scaled_dot_product_attention(
     softmax(logits, 3).matmul(v)
 }
 
+/// One attention layer's keys and values `[B, H, T, Dh]` for the tokens it has seen so far (incremental
+/// decoding); `None` before the first step.
+pub type KeyValues = Option<(Tensor<4>, Tensor<4>)>;
+
 #[derive(Module, Debug)]
 pub struct Attention {
     pub qkv: Linear,
@@ -116,16 +120,47 @@ impl Attention {
     /// `x`: `[B, N, D]` -> `[B, N, D]`.
     pub fn forward(&self, x: Tensor<3>, mask: &Masks) -> Tensor<3> {
         let [b, n, d] = x.dims();
+        let (q, k, v) = self.split_heads(x);
+        self.merge_heads(self.attend(q, k, v, mask), [b, n, d])
+    }
+
+    /// [`Self::forward`] for `x`, the tokens that follow those whose keys and values are in `cache`:
+    /// they attend to the cached keys and to themselves under `mask` (queries `[N]`, keys
+    /// `[cached + N]`), and their own keys and values are appended to the cache.
+    pub fn forward_cached(&self, x: Tensor<3>, mask: &Masks, cache: &mut KeyValues) -> Tensor<3> {
+        let [b, n, d] = x.dims();
+        let (q, k, v) = self.split_heads(x);
+        let (k, v) = match cache.take() {
+            Some((k0, v0)) => (Tensor::cat(vec![k0, k], 2), Tensor::cat(vec![v0, v], 2)),
+            None => (k, v),
+        };
+        *cache = Some((k.clone(), v.clone()));
+        self.merge_heads(self.attend(q, k, v, mask), [b, n, d])
+    }
+
+    /// `[B, N, D]` -> q, k, v, each `[B, H, N, Dh]`.
+    fn split_heads(&self, x: Tensor<3>) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
+        let [b, n, d] = x.dims();
         let dh = d / self.heads;
         // [B, N, 3, H, Dh] -> [3, B, H, N, Dh]
         let qkv = self.qkv.forward(x).reshape([b, n, 3, self.heads, dh]).permute([2, 0, 3, 1, 4]);
         let part = |i: usize| qkv.clone().narrow(0, i, 1).reshape([b, self.heads, n, dh]);
-        let (q, k, v) = (part(0), part(1), part(2));
-        let out = if self.implementation == AttentionImpl::Fused && flash::supports(&q.device(), dh) {
+        (part(0), part(1), part(2))
+    }
+
+    /// The fused kernels take as many queries as keys; a cached step (fewer queries) takes the reference path.
+    fn attend(&self, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, mask: &Masks) -> Tensor<4> {
+        let [_, _, n_q, dh] = q.dims();
+        let square = n_q == k.dims()[2];
+        if self.implementation == AttentionImpl::Fused && square && flash::supports(&q.device(), dh) {
             flash::flash_attention(q, k, v, &mask.rule)
         } else {
             scaled_dot_product_attention(q, k, v, mask.dense.clone())
-        };
+        }
+    }
+
+    /// `[B, H, N, Dh]` -> `[B, N, D]`, projected.
+    fn merge_heads(&self, out: Tensor<4>, [b, n, d]: [usize; 3]) -> Tensor<3> {
         self.proj.forward(out.swap_dims(1, 2).reshape([b, n, d]))
     }
 }

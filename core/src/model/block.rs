@@ -5,7 +5,7 @@ use burn::nn::{Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::tensor::activation::gelu;
 use burn::tensor::{Device, Tensor};
 
-use super::attention::{Attention, AttentionMask, Masks};
+use super::attention::{Attention, AttentionMask, KeyValues, Masks};
 use crate::config::{ModelConfig, TowerConfig};
 
 /// MLP with ratio 4 and exact (erf) GELU, no dropout.
@@ -49,7 +49,16 @@ impl Block {
     }
 
     pub fn forward(&self, x: Tensor<3>, mask: &Masks) -> Tensor<3> {
-        let x = x.clone() + self.attn.forward(self.norm1.forward(x), mask);
+        self.residuals(x, |h| self.attn.forward(h, mask))
+    }
+
+    /// [`Self::forward`] for tokens that follow those in `cache` (see [`Attention::forward_cached`]).
+    pub fn forward_cached(&self, x: Tensor<3>, mask: &Masks, cache: &mut KeyValues) -> Tensor<3> {
+        self.residuals(x, |h| self.attn.forward_cached(h, mask, cache))
+    }
+
+    fn residuals(&self, x: Tensor<3>, attn: impl FnOnce(Tensor<3>) -> Tensor<3>) -> Tensor<3> {
+        let x = x.clone() + attn(self.norm1.forward(x));
         x.clone() + self.mlp.forward(self.norm2.forward(x))
     }
 }

@@ -6,7 +6,7 @@ use burn::module::{Module, Param};
 use burn::nn::{Embedding, EmbeddingConfig, Initializer, LayerNorm, Linear, LinearConfig};
 use burn::tensor::{Device, Int, Tensor};
 
-use super::attention::AttentionMask;
+use super::attention::{AttentionMask, KeyValues};
 use super::block::{Block, blocks, identity_blocks, layer_norm, run_blocks};
 use crate::config::{ModelConfig, TowerConfig};
 
@@ -28,10 +28,15 @@ impl TokenInput {
     }
 
     fn forward(&self, tokens: Tensor<2, Int>) -> Tensor<3> {
+        self.forward_at(tokens, 0)
+    }
+
+    /// Tokens at caption positions `start..start + T`.
+    fn forward_at(&self, tokens: Tensor<2, Int>, start: usize) -> Tensor<3> {
         let [_, t] = tokens.dims();
         let [max_t, _] = self.positional_embedding.dims();
-        assert!(t <= max_t, "caption of {t} tokens exceeds the context length {max_t}");
-        let pos = self.positional_embedding.val().narrow(0, 0, t).unsqueeze::<3>();
+        assert!(start + t <= max_t, "caption of {} tokens exceeds the context length {max_t}", start + t);
+        let pos = self.positional_embedding.val().narrow(0, start, t).unsqueeze::<3>();
         self.token_embedding.forward(tokens) + pos
     }
 }
@@ -109,6 +114,49 @@ impl TextDecoder {
         let x = run_blocks(&self.blocks, x, AttentionMask::Prefix(n_img)).narrow(1, n_img, n - n_img);
         self.lm_head.forward(self.ln_final.forward(x.reshape([b, n - n_img, w])))
     }
+
+    /// Incremental decoding, first step: next-token logits `[B, V]` after the first caption tokens
+    /// `[B, T]` (usually BOS), and the cache that [`Self::next`] continues from. The logits are those of
+    /// [`Self::forward`] at position T - 1.
+    pub fn start(&self, z_u: Tensor<3>, tokens: Tensor<2, Int>) -> (Tensor<2>, DecoderCache) {
+        let [_, n_img, _] = z_u.dims();
+        let [_, t] = tokens.dims();
+        let x = Tensor::cat(vec![self.visual_proj.forward(z_u), self.input.forward(tokens)], 1);
+        let mut cache = DecoderCache { blocks: vec![None; self.blocks.len()], tokens: t };
+        let logits = self.run_cached(x, AttentionMask::Prefix(n_img), &mut cache);
+        (logits, cache)
+    }
+
+    /// Incremental decoding, later steps: next-token logits `[B, V]` after one more token per caption
+    /// (`[B, 1]`). Each step costs one token's work per block instead of a forward over the image prefix
+    /// and the whole caption again, so greedy captioning is linear in its length rather than quadratic.
+    pub fn next(&self, token: Tensor<2, Int>, cache: &mut DecoderCache) -> Tensor<2> {
+        let [_, t] = token.dims();
+        assert_eq!(t, 1, "incremental decoding takes one token per caption at a time");
+        let x = self.input.forward_at(token, cache.tokens);
+        cache.tokens += 1;
+        // The newest token may see every earlier one: the prefix rule only restricts earlier queries.
+        self.run_cached(x, AttentionMask::None, cache)
+    }
+
+    fn run_cached(&self, mut x: Tensor<3>, mask: AttentionMask, cache: &mut DecoderCache) -> Tensor<2> {
+        let [b, n, w] = x.dims();
+        let masks = mask.prepare(n, &x.device());
+        for (block, kv) in self.blocks.iter().zip(&mut cache.blocks) {
+            x = block.forward_cached(x, &masks, kv);
+        }
+        let last = x.narrow(1, n - 1, 1).reshape([b, w]);
+        self.lm_head.forward(self.ln_final.forward(last))
+    }
+}
+
+/// Every decoder block's keys and values for the sequence decoded so far ([`TextDecoder::start`],
+/// [`TextDecoder::next`]).
+#[derive(Debug)]
+pub struct DecoderCache {
+    blocks: Vec<KeyValues>,
+    /// Caption tokens seen so far: the position of the next one.
+    tokens: usize,
 }
 
 /// Linear without bias, normal(0, 0.02): small logits at initialisation, so the losses start near
