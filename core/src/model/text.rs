@@ -109,7 +109,7 @@ impl TextDecoder {
     /// caption position, `[B, T, V]`: position i predicts token i + 1.
     pub fn forward(&self, z_u: Tensor<3>, tokens: Tensor<2, Int>) -> Tensor<3> {
         let [_, n_img, _] = z_u.dims();
-        let x = Tensor::cat(vec![self.visual_proj.forward(z_u), self.input.forward(tokens)], 1);
+        let x = self.sequence(z_u, tokens);
         let [b, n, w] = x.dims();
         let x = run_blocks(&self.blocks, x, AttentionMask::Prefix(n_img)).narrow(1, n_img, n - n_img);
         self.lm_head.forward(self.ln_final.forward(x.reshape([b, n - n_img, w])))
@@ -121,7 +121,7 @@ impl TextDecoder {
     pub fn start(&self, z_u: Tensor<3>, tokens: Tensor<2, Int>) -> (Tensor<2>, DecoderCache) {
         let [_, n_img, _] = z_u.dims();
         let [_, t] = tokens.dims();
-        let x = Tensor::cat(vec![self.visual_proj.forward(z_u), self.input.forward(tokens)], 1);
+        let x = self.sequence(z_u, tokens);
         let mut cache = DecoderCache { blocks: vec![None; self.blocks.len()], tokens: t };
         let logits = self.run_cached(x, AttentionMask::Prefix(n_img), &mut cache);
         (logits, cache)
@@ -137,6 +137,11 @@ impl TextDecoder {
         cache.tokens += 1;
         // The newest token may see every earlier one: the prefix rule only restricts earlier queries.
         self.run_cached(x, AttentionMask::None, cache)
+    }
+
+    /// `[visual_proj(z_u) ; embed(tokens)]`: the image prefix, then the caption from position 0.
+    fn sequence(&self, z_u: Tensor<3>, tokens: Tensor<2, Int>) -> Tensor<3> {
+        Tensor::cat(vec![self.visual_proj.forward(z_u), self.input.forward(tokens)], 1)
     }
 
     fn run_cached(&self, mut x: Tensor<3>, mask: AttentionMask, cache: &mut DecoderCache) -> Tensor<2> {
