@@ -76,7 +76,7 @@ fn max_rel_err(a: &[f32], b: &[f32]) -> f64 {
 
 #[test]
 fn vae_encode_and_decode_match_the_reference_for_every_layout() {
-    let dir = tempfile::tempdir().expect("temp dir");
+    let dir = ov3_core::fsio::ScratchDir::new().expect("temp dir");
     let photo = fixture("astronaut64.png");
     let reference = fixture("reference.safetensors");
     for (set, vae) in [
@@ -108,7 +108,7 @@ fn vae_encode_and_decode_match_the_reference_for_every_layout() {
 
 #[test]
 fn vae_commands_reject_bad_input_in_one_line() {
-    let dir = tempfile::tempdir().expect("temp dir");
+    let dir = ov3_core::fsio::ScratchDir::new().expect("temp dir");
     let not_image = dir.path().join("notes.png");
     std::fs::write(&not_image, b"not an image").expect("write");
     let vae = fixture("taef1_original");
@@ -160,7 +160,7 @@ fn vae_commands_reject_bad_input_in_one_line() {
 
 #[test]
 fn datagen_writes_deterministic_captioned_pairs() {
-    let dir = tempfile::tempdir().expect("temp dir");
+    let dir = ov3_core::fsio::ScratchDir::new().expect("temp dir");
     let (a, b) = (dir.path().join("a"), dir.path().join("b"));
     for out in [&a, &b] {
         let out = ov3(&["datagen", "--n", "3", "--res", "48", "--seed", "9", "--out", out.to_str().expect("path")]);
@@ -210,7 +210,7 @@ fn data_check_reports_counts_and_refuses_unusable_sources() {
     assert_eq!(stdout.lines().filter(|l| l.starts_with("sample ")).count(), 2, "{stdout}");
     assert!(stdout.contains("checked: 6 items, 6 usable (nothing skipped)"), "{stdout}");
 
-    let dir = tempfile::tempdir().expect("temp dir");
+    let dir = ov3_core::fsio::ScratchDir::new().expect("temp dir");
     std::fs::write(dir.path().join("x.png"), b"not a png").expect("write");
     std::fs::write(dir.path().join("x.txt"), b"a caption").expect("write");
     for spec in [dir.path().to_str().expect("p"), "/no/such/folder", "synthetic:0"] {
@@ -251,7 +251,7 @@ pixel_loss = false
 
 #[test]
 fn train_then_use_the_run_end_to_end() {
-    let tmp = tempfile::tempdir().expect("tmp");
+    let tmp = ov3_core::fsio::ScratchDir::new().expect("tmp");
     let recipe = tmp.path().join("recipe.toml");
     std::fs::write(&recipe, TINY_RECIPE).unwrap();
     let run = tmp.path().join("run");
@@ -293,7 +293,7 @@ fn train_then_use_the_run_end_to_end() {
 
 #[test]
 fn ctrl_c_writes_a_checkpoint_and_resume_finishes_the_run() {
-    let tmp = tempfile::tempdir().expect("tmp");
+    let tmp = ov3_core::fsio::ScratchDir::new().expect("tmp");
     let recipe = tmp.path().join("recipe.toml");
     // Long enough that the interrupt lands mid-run (it is sent after step 2).
     std::fs::write(&recipe, TINY_RECIPE.replace("steps = 4", "steps = 30").replace("eval_every = 3", "eval_every = 0"))
@@ -329,7 +329,7 @@ fn ctrl_c_writes_a_checkpoint_and_resume_finishes_the_run() {
 /// something: held-out retrieval far above chance.
 #[test]
 fn the_shipped_demo_checkpoint_works_without_training() {
-    let tmp = tempfile::tempdir().expect("tmp");
+    let tmp = ov3_core::fsio::ScratchDir::new().expect("tmp");
     let json = tmp.path().join("eval.json");
     ov3_ok(&[
         "eval",

@@ -112,7 +112,7 @@ fn check_all(source: &Source) -> (usize, SkipCounts) {
 
 #[test]
 fn folder_source_skips_and_counts_every_bad_case() {
-    let dir = tempfile::tempdir().expect("temp dir");
+    let dir = ov3_core::fsio::ScratchDir::new().expect("temp dir");
     write_folder(dir.path());
     let source = Source::open(&Spec::parse(dir.path().to_str().expect("utf-8")).expect("spec")).expect("opens");
     assert_eq!(source.index_skips.get(Skip::MissingCaption), 1, "{}", source.index_skips);
@@ -128,7 +128,7 @@ fn assert_every_case_classified(source: &Source) {
 
 #[test]
 fn jsonl_and_csv_tables_resolve_paths_relative_to_the_file() {
-    let dir = tempfile::tempdir().expect("temp dir");
+    let dir = ov3_core::fsio::ScratchDir::new().expect("temp dir");
     let images = dir.path().join("img");
     std::fs::create_dir(&images).expect("mkdir");
     write_folder(&images);
@@ -187,7 +187,7 @@ for s in range(shards):
 
 #[test]
 fn webdataset_shards_from_python_tarfile_read_back_identically() {
-    let dir = tempfile::tempdir().expect("temp dir");
+    let dir = ov3_core::fsio::ScratchDir::new().expect("temp dir");
     let names: Vec<&str> = cases().iter().map(|c| c.0).collect();
     python_shards(dir.path(), &names, 2);
     // shard-002 does not exist: counted, not fatal.
@@ -212,7 +212,7 @@ fn webdataset_shards_from_python_tarfile_read_back_identically() {
 
 #[test]
 fn a_truncated_shard_keeps_its_complete_members() {
-    let dir = tempfile::tempdir().expect("temp dir");
+    let dir = ov3_core::fsio::ScratchDir::new().expect("temp dir");
     python_shards(dir.path(), &["rgb.png", "gray.png", "rgba.png", "rgb16.png"], 1);
     let shard = dir.path().join("shard-000.tar");
     let bytes = std::fs::read(&shard).expect("shard");
@@ -225,7 +225,7 @@ fn a_truncated_shard_keeps_its_complete_members() {
 
 #[test]
 fn nothing_usable_is_one_clear_error() {
-    let dir = tempfile::tempdir().expect("temp dir");
+    let dir = ov3_core::fsio::ScratchDir::new().expect("temp dir");
     let msg = match Source::open(&Spec::parse(dir.path().to_str().expect("p")).expect("spec")) {
         Ok(_) => panic!("an empty folder opened"),
         Err(e) => e.to_string(),

@@ -19,7 +19,7 @@ fn cached_rows_equal_a_fresh_encode_and_flips_are_mirrors() {
     let device = Device::flex();
     let vae = Vae::embedded(&device).expect("embedded AE");
     let source = Source::open(&Spec::parse("synthetic:5").unwrap()).unwrap();
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = ov3_core::fsio::ScratchDir::new().unwrap();
     let manifest = build(&source, &vae, 32, true, tmp.path(), &device, |_, _| {}).expect("cache builds");
     assert_eq!(manifest.entries.len(), 10);
     assert_eq!(manifest.latent_shape, [16, 4, 4]);

@@ -54,7 +54,7 @@ fn long_captions_are_cut_keeping_eos() {
 
 #[test]
 fn bad_tokenizer_files_are_refused_with_a_reason() {
-    let dir = tempfile::tempdir().expect("tmp");
+    let dir = ov3_core::fsio::ScratchDir::new().expect("tmp");
     let path = dir.path().join("tokenizer.json");
     std::fs::write(&path, "{ not json").expect("write");
     let err = Tokenizer::from_file(&path).expect_err("refused");
@@ -71,7 +71,7 @@ fn a_model_file_carries_its_tokenizer() {
     tok.configure(&mut cfg);
     let mut model = Ov3::new(&cfg, &device);
     model.tokenizer = tok.clone();
-    let dir = tempfile::tempdir().expect("tmp");
+    let dir = ov3_core::fsio::ScratchDir::new().expect("tmp");
     let path = dir.path().join("model.safetensors");
     save_model(&path, &model, &cfg).expect("saves");
     let (loaded, loaded_cfg) = load_model(&path, &device).expect("loads");

@@ -91,7 +91,7 @@ fn final_weights(dir: &Path) -> Vec<(String, Vec<usize>, Vec<f32>)> {
 
 #[test]
 fn resume_after_interrupt_matches_a_straight_run() {
-    let tmp = tempfile::tempdir().expect("tmp");
+    let tmp = ov3_core::fsio::ScratchDir::new().expect("tmp");
     let (straight, split) = (tmp.path().join("straight"), tmp.path().join("split"));
     let cfg = config();
     assert!(matches!(run(&straight, &cfg, false, None), Ok(Outcome::Finished { step: 6, .. })));
@@ -122,7 +122,7 @@ fn resume_after_interrupt_matches_a_straight_run() {
 
 #[test]
 fn a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint() {
-    let tmp = tempfile::tempdir().expect("tmp");
+    let tmp = ov3_core::fsio::ScratchDir::new().expect("tmp");
     let mut cfg = config();
     cfg.checkpoint_every = 1;
     cfg.grad_clip = 1e30; // let the absurd learning rate through
@@ -148,7 +148,7 @@ fn a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint() {
 
 #[test]
 fn an_interrupted_checkpoint_write_leaves_the_previous_one_loadable() {
-    let tmp = tempfile::tempdir().expect("tmp");
+    let tmp = ov3_core::fsio::ScratchDir::new().expect("tmp");
     let cfg = config();
     run(tmp.path(), &cfg, false, Some(2)).expect("interrupted run");
     // What a kill during the next write leaves: a half-filled temporary folder (the final name only
@@ -168,7 +168,7 @@ fn an_interrupted_checkpoint_write_leaves_the_previous_one_loadable() {
 
 #[test]
 fn mismatched_runs_are_refused_with_a_reason() {
-    let tmp = tempfile::tempdir().expect("tmp");
+    let tmp = ov3_core::fsio::ScratchDir::new().expect("tmp");
     let cfg = config();
     run(tmp.path(), &cfg, false, Some(1)).expect("short run");
     let err = run(tmp.path(), &cfg, false, None).expect_err("a second fresh run into the same folder");
@@ -177,14 +177,14 @@ fn mismatched_runs_are_refused_with_a_reason() {
     other.preset = Preset::Small;
     let err = run(tmp.path(), &other, true, None).expect_err("resume with another preset");
     assert!(err.to_string().contains("`preset` differs"), "{err}");
-    let empty = tempfile::tempdir().expect("tmp");
+    let empty = ov3_core::fsio::ScratchDir::new().expect("tmp");
     let err = run(empty.path(), &cfg, true, None).expect_err("resume of nothing");
     assert!(err.to_string().contains("config.toml"), "{err}");
 }
 
 #[test]
 fn a_run_with_a_tokenizer_json_trains_saves_it_and_refuses_another_on_resume() {
-    let tmp = tempfile::tempdir().expect("tmp");
+    let tmp = ov3_core::fsio::ScratchDir::new().expect("tmp");
     let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tokenizer");
     let mut cfg = config();
     cfg.tokenizer = Some(fixtures.join("tokenizer.json").display().to_string());

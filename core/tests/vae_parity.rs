@@ -114,7 +114,7 @@ fn load_err(path: &Path) -> String {
 
 #[test]
 fn bad_files_give_one_clear_line() {
-    let dir = tempfile::tempdir().expect("temp dir");
+    let dir = ov3_core::fsio::ScratchDir::new().expect("temp dir");
     let d = dir.path();
 
     std::fs::write(d.join("text.safetensors"), b"hello, I am not a tensor file").expect("write");
