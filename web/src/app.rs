@@ -31,7 +31,7 @@ use crate::view;
 
 /// The model file the page loads unless `?model=URL` names another (`ov3 export` writes one).
 const DEFAULT_MODEL: &str = "ov3-tiny-demo.safetensors";
-/// The embedded default autoencoder (`assets/ae/`), copied next to the page by trunk.
+/// The embedded default autoencoder (`assets/ae/`), copied next to the page by web/build.sh.
 const AE_FILE: &str = "ov3_tiny_ae.safetensors";
 /// The side images are cropped to: the resolution the demo checkpoint was trained at last.
 pub const RESOLUTION: u32 = 128;

@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# The browser test: build the page with trunk, compute what the native CLI says for the same files, serve
+# The browser test: build the page (web/build.sh), compute what the native CLI says for the same files, serve
 # dist/ on localhost and let headless Chromium (WebGPU on SwiftShader, with burn's attention and with our
 # fused kernels, then without WebGPU) check the page.
-# Needs trunk + wasm-bindgen on PATH, /usr/bin/chromium and `npm ci --prefix web/tests` (see README).
+# Needs wasm-bindgen on PATH, /usr/bin/chromium, node, python3 and `npm ci --prefix web/tests` (see README).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 out="${OV3_WEB_TEST_OUT:-${CARGO_TARGET_DIR:-target}/web-test}"
 mkdir -p "$out"
 
-echo "== trunk build"
-trunk build
+echo "== web/build.sh"
+web/build.sh dist
 python3 - "$out/sizes.txt" <<'PY'
 import glob, gzip, os, sys
 wasm = glob.glob("dist/*.wasm")[0]
