@@ -40,6 +40,60 @@ fn bench_step_prints_one_json_line() {
     assert_eq!(v["batch"], 2);
 }
 
+/// A PNG whose header claims 12000 x 12000 pixels (144 Mpx, over the 64 Mpx limit): every command that
+/// reads an image refuses it from the header, before decoding, as the data loader does.
+fn bomb_png(path: &std::path::Path) {
+    let crc = |bytes: &[u8]| {
+        let mut c = 0xFFFF_FFFFu32;
+        for &b in bytes {
+            c ^= b as u32;
+            for _ in 0..8 {
+                c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
+            }
+        }
+        !c
+    };
+    let mut ihdr = b"IHDR".to_vec();
+    ihdr.extend(12000u32.to_be_bytes());
+    ihdr.extend(12000u32.to_be_bytes());
+    ihdr.extend([8, 2, 0, 0, 0]); // 8-bit RGB
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    png.extend(13u32.to_be_bytes());
+    png.extend(&ihdr);
+    png.extend(crc(&ihdr).to_be_bytes());
+    png.extend([0, 0, 0, 0]);
+    png.extend(b"IEND");
+    png.extend(crc(b"IEND").to_be_bytes());
+    std::fs::write(path, png).expect("write");
+}
+
+#[test]
+fn oversized_images_and_resolutions_are_refused_before_any_work() {
+    let dir = ov3_core::fsio::ScratchDir::new().expect("temp dir");
+    let bomb = dir.path().join("bomb.png");
+    bomb_png(&bomb);
+    let (bomb_s, out_s) = (bomb.to_str().unwrap(), dir.path().join("out.png"));
+    let out_s = out_s.to_str().unwrap();
+    let photo = fixture("astronaut64.png");
+    let cases: [(Vec<&str>, &str); 4] = [
+        (vec!["reconstruct", "--backend", "cpu", "--image", bomb_s, "--out", out_s], "pixels"),
+        (vec!["vae", "encode", "--backend", "cpu", "--image", bomb_s, "--out", "/tmp/x.safetensors"], "pixels"),
+        (
+            vec!["reconstruct", "--backend", "cpu", "--image", photo.to_str().unwrap(), "--res", "65536", "--out", out_s],
+            "4096",
+        ),
+        (vec!["bench", "step", "--backend", "cpu", "--res", "100000"], "4096"),
+    ];
+    for (args, reason) in cases {
+        let out = ov3(&args);
+        let (_, stderr) = text(&out);
+        assert!(!out.status.success(), "{args:?} should fail");
+        assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
+        let line = stderr.lines().find(|l| l.starts_with("error")).unwrap_or_default();
+        assert!(line.contains(reason), "{args:?}: expected `{reason}` in the error: {stderr}");
+    }
+}
+
 #[test]
 fn bad_input_is_one_line_and_a_nonzero_exit() {
     for args in [
@@ -112,7 +166,19 @@ fn vae_commands_reject_bad_input_in_one_line() {
     let not_image = dir.path().join("notes.png");
     std::fs::write(&not_image, b"not an image").expect("write");
     let vae = fixture("taef1_original");
+    // Latents with a zero-sized side: refused from the header, not handed to the decoder.
+    let empty = dir.path().join("empty.safetensors");
+    ov3_core::weights::save_f32(&empty, &[("latents", vec![1, 16, 0, 4], vec![])]).expect("write");
+    let decode = |latents: &std::path::Path| -> Vec<String> {
+        let (vae, latents) = (vae.to_str().expect("p"), latents.to_str().expect("p"));
+        ["vae", "decode", "--backend", "cpu", "--vae", vae, "--latents", latents, "--out", "/tmp/x.png"]
+            .map(String::from)
+            .to_vec()
+    };
+    let (empty_latents, not_latents) = (decode(&empty), decode(&fixture("astronaut64.png")));
     for args in [
+        empty_latents.iter().map(String::as_str).collect::<Vec<_>>(),
+        not_latents.iter().map(String::as_str).collect(),
         vec![
             "vae",
             "encode",
@@ -136,18 +202,6 @@ fn vae_commands_reject_bad_input_in_one_line() {
             fixture("astronaut64.png").to_str().expect("p"),
             "--out",
             "/tmp/x.safetensors",
-        ],
-        vec![
-            "vae",
-            "decode",
-            "--backend",
-            "cpu",
-            "--vae",
-            vae.to_str().expect("p"),
-            "--latents",
-            fixture("astronaut64.png").to_str().expect("p"),
-            "--out",
-            "/tmp/x.png",
         ],
     ] {
         let out = ov3(&args);
@@ -293,6 +347,17 @@ fn train_then_use_the_run_end_to_end() {
 
 #[test]
 fn ctrl_c_writes_a_checkpoint_and_resume_finishes_the_run() {
+    a_signal_writes_a_checkpoint_and_resume_finishes_the_run("INT");
+}
+
+/// `docker stop`, `kill` and Slurm preemption send SIGTERM: it must save like Ctrl-C does (it used to
+/// kill the run outright, losing up to `checkpoint_every` steps).
+#[test]
+fn sigterm_writes_a_checkpoint_and_resume_finishes_the_run() {
+    a_signal_writes_a_checkpoint_and_resume_finishes_the_run("TERM");
+}
+
+fn a_signal_writes_a_checkpoint_and_resume_finishes_the_run(signal: &str) {
     let tmp = ov3_core::fsio::ScratchDir::new().expect("tmp");
     let recipe = tmp.path().join("recipe.toml");
     // Long enough that the interrupt lands mid-run (it is sent after step 2).
@@ -312,14 +377,17 @@ fn ctrl_c_writes_a_checkpoint_and_resume_finishes_the_run() {
         assert!(started.elapsed().as_secs() < 120, "no training steps logged within 2 minutes");
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    let kill = Command::new("kill").args(["-INT", &child.id().to_string()]).status().expect("kill runs");
+    let kill = Command::new("kill").args([&format!("-{signal}"), &child.id().to_string()]).status().expect("kill runs");
     assert!(kill.success());
     let out = child.wait_with_output().expect("ov3 exits");
     let (stdout, stderr) = text(&out);
-    assert!(out.status.success(), "Ctrl-C should exit cleanly: {stderr}");
+    assert!(out.status.success(), "SIG{signal} should exit cleanly: {stderr}");
     assert!(stdout.contains("interrupted at step") && stdout.contains("--resume"), "{stdout}");
-    let checkpoints = std::fs::read_dir(run.join("checkpoints")).unwrap().count();
-    assert!(checkpoints >= 1, "no checkpoint written on Ctrl-C");
+    // The checkpoint is the step the signal interrupted, not the last periodic one (checkpoint_every is
+    // larger than the run).
+    let step: u64 = stdout.split("interrupted at step ").nth(1).and_then(|s| s.split(';').next()).unwrap().parse().unwrap();
+    assert!(step >= 2, "{stdout}");
+    assert!(run.join(format!("checkpoints/step-{step:08}/checksums.json")).is_file(), "no checkpoint of step {step}");
     // The resumed run picks up the saved config and finishes.
     let resumed = ov3_ok(&["train", "--out", run_s, "--resume"]);
     assert!(resumed.contains("finished 32 steps"), "{resumed}");
@@ -353,4 +421,57 @@ fn the_shipped_demo_checkpoint_works_without_training() {
     let out = ov3_ok(&["reconstruct", "--image", photo, "--noise", "0.25", "--out", rec.to_str().unwrap()]);
     assert!(out.contains("psnr") && rec.is_file(), "{out}");
     assert!(!ov3_ok(&["caption", "--image", photo]).trim().is_empty());
+}
+
+/// `kill -9` at moments spread over a run that checkpoints every step (so many kills land inside a
+/// checkpoint write): every resume finds an intact checkpoint, the run finishes with the step count of a
+/// straight run, and no temporary folder of an interrupted write is left behind.
+#[test]
+fn kill_9_during_checkpoints_never_loses_the_run() {
+    let tmp = ov3_core::fsio::ScratchDir::new().expect("tmp");
+    let recipe = tmp.path().join("recipe.toml");
+    let text_recipe = TINY_RECIPE
+        .replace("steps = 4", "steps = 16")
+        .replace("eval_every = 3", "eval_every = 0")
+        .replace("checkpoint_every = 2", "checkpoint_every = 1");
+    std::fs::write(&recipe, text_recipe).unwrap();
+    let run = tmp.path().join("run");
+    let (run_s, recipe_s) = (run.to_str().unwrap(), recipe.to_str().unwrap());
+    let checkpoints = run.join("checkpoints");
+    for (k, delay_ms) in [0u64, 130, 260, 390, 520].into_iter().enumerate() {
+        let mut args = vec!["train", "--out", run_s, "--backend", "cpu"];
+        if k == 0 {
+            args.extend(["--config", recipe_s]);
+        } else {
+            args.push("--resume");
+        }
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ov3"))
+            .args(&args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("ov3 starts");
+        // Wait for this process to log a step (its checkpoint write follows at once), then a little longer.
+        let metrics = run.join("metrics.jsonl");
+        let lines = || std::fs::read_to_string(&metrics).map_or(0, |m| m.lines().count());
+        let before = lines();
+        let started = std::time::Instant::now();
+        while lines() <= before && child.try_wait().unwrap().is_none() {
+            assert!(started.elapsed().as_secs() < 120, "no step logged within 2 minutes");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        let _ = Command::new("kill").args(["-KILL", &child.id().to_string()]).status();
+        let _ = child.wait();
+    }
+    let out = ov3(&["train", "--out", run_s, "--resume"]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "the resume after five kills failed: {stderr}");
+    assert!(stdout.contains("finished 18 steps"), "{stdout}");
+    let leftovers: Vec<String> = std::fs::read_dir(&checkpoints)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary folders left: {leftovers:?}");
 }

@@ -19,7 +19,7 @@ use crate::image_io::{from_chw, to_tensor};
 use crate::inference::normalize_rows;
 use crate::losses;
 use crate::lpips::Lpips;
-use crate::metrics::{psnr, ssim};
+use crate::metrics::{NonFiniteImage, psnr, ssim};
 use crate::model::Ov3;
 use crate::vae::Vae;
 
@@ -88,22 +88,35 @@ pub struct EvalReport {
     pub n: usize,
     pub resolution: u32,
     /// ov3 at noise 0 through the VAE decoder vs the input.
+    #[serde(with = "crate::json_float")]
     pub psnr: f64,
+    #[serde(with = "crate::json_float")]
     pub ssim: f64,
     /// The frozen VAE alone (encode -> decode): the ceiling of ov3's reconstruction.
+    #[serde(with = "crate::json_float")]
     pub psnr_vae: f64,
+    #[serde(with = "crate::json_float")]
     pub ssim_vae: f64,
     /// LPIPS of ov3's reconstruction, when LPIPS weights were given.
+    #[serde(default, with = "crate::json_float::option")]
     pub lpips: Option<f64>,
+    #[serde(with = "crate::json_float")]
     pub i2t_recall_at_1: f64,
+    #[serde(with = "crate::json_float")]
     pub i2t_recall_at_5: f64,
+    #[serde(with = "crate::json_float")]
     pub t2i_recall_at_1: f64,
+    #[serde(with = "crate::json_float")]
     pub t2i_recall_at_5: f64,
     /// Recall@1 of a random ranking: 1 / n.
+    #[serde(with = "crate::json_float")]
     pub chance_recall_at_1: f64,
+    #[serde(default, with = "crate::json_float::option")]
     pub zero_shot_accuracy: Option<f64>,
+    #[serde(default, with = "crate::json_float::option")]
     pub zero_shot_chance: Option<f64>,
     /// Mean caption cross-entropy per token (nats).
+    #[serde(with = "crate::json_float")]
     pub caption_loss: f64,
     pub captions: Vec<CaptionSample>,
 }
@@ -126,7 +139,7 @@ pub fn evaluate(
     batch: usize,
     captions: usize,
     device: &Device,
-) -> (EvalReport, Outputs) {
+) -> Result<(EvalReport, Outputs), NonFiniteImage> {
     let n = set.len();
     let mut out = Outputs { reconstructions: vec![], vae_only: vec![] };
     let (mut image_emb, mut psnrs, mut psnrs_vae) = (vec![], vec![], vec![]);
@@ -143,10 +156,14 @@ pub fn evaluate(
         // The two VAE decodes are most of an evaluation; on the CPU backend each thread runs its own
         // operations, so the VAE-only one runs on a second core.
         let (rec, vae_only) = std::thread::scope(|s| {
-            let vae_only = s.spawn(|| vae.decode(latents).clamp(-1.0, 1.0));
-            let rec = vae.decode(model.decode(z_u.clone(), (h / patch, w / patch))).clamp(-1.0, 1.0);
+            let vae_only = s.spawn(|| vae.decode(latents));
+            let rec = vae.decode(model.decode(z_u.clone(), (h / patch, w / patch)));
             (rec, vae_only.join().expect("the VAE-only decode does not panic"))
         });
+        // Before the clamp below: a NaN pixel must make the PSNR an error, not a bound.
+        psnrs.extend(psnr(images.clone(), rec.clone())?);
+        psnrs_vae.extend(psnr(images.clone(), vae_only.clone())?);
+        let (rec, vae_only) = (rec.clamp(-1.0, 1.0), vae_only.clamp(-1.0, 1.0));
         if let Some(l) = lpips {
             lpips_values.extend(
                 l.forward(images.clone(), rec.clone())
@@ -156,8 +173,6 @@ pub fn evaluate(
                     .expect("f32 data"),
             );
         }
-        psnrs.extend(psnr(images.clone(), rec.clone()));
-        psnrs_vae.extend(psnr(images, vae_only.clone()));
         out.reconstructions.extend(split_images(&rec));
         out.vae_only.extend(split_images(&vae_only));
         image_emb.extend(rows(model.image_embedding(z_u.clone())));
@@ -212,7 +227,7 @@ pub fn evaluate(
         caption_loss: caption_nll / caption_count.max(1.0),
         captions: samples,
     };
-    (report, out)
+    Ok((report, out))
 }
 
 /// Sum of caption token negative log-likelihoods and the number of counted tokens.

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use burn::tensor::{Device, Tensor, TensorData};
 pub use fast_image_resize::FilterType;
-use image::{DynamicImage, RgbImage};
+use image::RgbImage;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
@@ -17,11 +17,18 @@ pub enum ImageError {
     TooSmall { path: String, width: u32, height: u32, min: u32 },
 }
 
-/// Decodes any supported file (grayscale, alpha, 16-bit, palette...) to RGB8.
+/// Decodes any supported file (grayscale, alpha, 16-bit, palette...) to RGB8, through the same decoder and
+/// pixel limit as the data pipeline ([`crate::data::decode::decode_rgb`]): a decompression bomb is refused
+/// from its header.
 pub fn load_rgb(path: &Path) -> Result<RgbImage, ImageError> {
-    let img =
-        image::open(path).map_err(|e| ImageError::Read { path: path.display().to_string(), reason: e.to_string() })?;
-    Ok(DynamicImage::into_rgb8(img))
+    use crate::data::decode::{DecodeLimits, MAX_PIXELS, decode_rgb};
+    use crate::data::skips::Skip;
+    let read = |reason: String| ImageError::Read { path: path.display().to_string(), reason };
+    let bytes = std::fs::read(path).map_err(|e| read(e.to_string()))?;
+    decode_rgb(&bytes, DecodeLimits { max_pixels: MAX_PIXELS, min_side: 1 }).map_err(|skip| match skip {
+        Skip::TooLarge => read(format!("more than {MAX_PIXELS} pixels (the limit; refused before decoding)")),
+        other => read(other.name().to_string()),
+    })
 }
 
 /// Resizes the shorter side to `res` (Lanczos3, antialiased) and center-crops to `res` x `res`, in one pass

@@ -63,13 +63,13 @@ pub fn encoder_inputs(model: &Ov3, vae: &Vae, image: Tensor<4>) -> Tensor<4> {
     }
 }
 
-/// Back to pixels from encoder inputs (VAE decoder, or nothing for a pixel-space model), clamped to [-1, 1].
+/// Back to pixels from encoder inputs (VAE decoder, or nothing for a pixel-space model), not clamped: the
+/// PSNR ([`crate::metrics::psnr`]) and the conversions to RGB8 clamp, and a NaN must reach the PSNR.
 pub fn to_pixels(model: &Ov3, vae: &Vae, inputs: Tensor<4>) -> Tensor<4> {
     match model.input_space {
         InputSpace::VaeLatents => vae.decode(inputs),
         InputSpace::Pixels => inputs,
     }
-    .clamp(-1.0, 1.0)
 }
 
 /// eq. 3 with sigma fixed: `z_u + sigma * eps`, so a slider can move sigma over the same `eps`.

@@ -14,6 +14,7 @@ pub mod data;
 pub mod eval;
 pub mod flash;
 pub mod fsio;
+pub mod json_float;
 pub mod image_io;
 pub mod inference;
 pub mod metrics;

@@ -2,22 +2,37 @@
 
 use burn::tensor::Tensor;
 
+/// An image with a NaN or infinite pixel has no PSNR: reporting one (the 120 dB that a NaN error used to
+/// become) would be a wrong number, so it is an error.
+#[derive(Debug, Clone, Copy, PartialEq, thiserror::Error)]
+#[error("the reconstruction has non-finite pixels (mean squared error {0}): no PSNR")]
+pub struct NonFiniteImage(pub f64);
+
 /// Peak signal-to-noise ratio in dB, per image, on the [0, 1] scale (images clamped to [-1, 1] first).
-pub fn psnr(x: Tensor<4>, y: Tensor<4>) -> Vec<f64> {
+/// Pass the images as they come out of a decoder, before any clamp: a NaN pixel must reach [`mse_01`].
+pub fn psnr(x: Tensor<4>, y: Tensor<4>) -> Result<Vec<f64>, NonFiniteImage> {
     let mse = mse_01(x, y).into_data().convert::<f32>().try_to_vec::<f32>().expect("f32 data");
     mse.into_iter().map(|m| psnr_db(m as f64)).collect()
 }
 
 /// Per-image mean squared error `[B]` on the [0, 1] scale, left on the device (the browser awaits it).
+/// The comparison clamps both images to [-1, 1], but an image holding a NaN or an infinity gets a NaN error
+/// (a clamp may turn NaN into a bound, depending on the backend; `0 * sum` keeps it NaN).
 pub fn mse_01(x: Tensor<4>, y: Tensor<4>) -> Tensor<1> {
     let [b, _, _, _] = x.dims();
+    let poison = |t: &Tensor<4>| t.clone().reshape([b as i32, -1]).sum_dim(1).reshape([b]).mul_scalar(0.0);
+    let non_finite = poison(&x) + poison(&y);
     let diff = (x.clamp(-1.0, 1.0) - y.clamp(-1.0, 1.0)).div_scalar(2.0);
-    diff.powi_scalar(2).reshape([b as i32, -1]).mean_dim(1).reshape([b])
+    diff.powi_scalar(2).reshape([b as i32, -1]).mean_dim(1).reshape([b]) + non_finite
 }
 
-/// PSNR in dB of a mean squared error on the [0, 1] scale (floored at 1e-12: identical images give 120 dB).
-pub fn psnr_db(mse: f64) -> f64 {
-    -10.0 * mse.max(1e-12).log10()
+/// PSNR in dB of a mean squared error on the [0, 1] scale (floored at 1e-12: identical images give
+/// 120 dB). A NaN, infinite or negative error is refused, never turned into a number.
+pub fn psnr_db(mse: f64) -> Result<f64, NonFiniteImage> {
+    if !mse.is_finite() || mse < 0.0 {
+        return Err(NonFiniteImage(mse));
+    }
+    Ok(-10.0 * mse.max(1e-12).log10())
 }
 
 /// The naive baseline an 8x autoencoder must beat: average each 8x8 block, then repeat it (3 numbers per

@@ -29,6 +29,13 @@ pub fn save_model(path: &Path, model: &Ov3, cfg: &ModelConfig) -> Result<(), Wei
 /// [`save_model`] with the tensors stored as `dtype` (F16 for shipped checkpoints and web bundles).
 pub fn save_model_as(path: &Path, model: &Ov3, cfg: &ModelConfig, dtype: Dtype) -> Result<(), WeightsError> {
     let values = named_values(model);
+    // Never write a model that cannot be used: a NaN or infinite weight is refused, named.
+    for (name, _, v) in &values {
+        if let Some(index) = v.iter().position(|x| !x.is_finite()) {
+            let value = v[index];
+            return Err(WeightsError::NonFinite { path: path.display().to_string(), key: name.clone(), index, value });
+        }
+    }
     let tensors: Vec<(&str, Vec<usize>, Vec<f32>)> =
         values.iter().map(|(name, shape, v)| (name.as_str(), shape.clone(), v.clone())).collect();
     let ids: BTreeMap<String, u64> = param_ids(model);
@@ -89,7 +96,7 @@ pub fn model_config(weights: &Weights) -> Result<ModelConfig, WeightsError> {
 }
 
 /// checkpoint name -> burn parameter id.
-fn param_ids<M: Module>(module: &M) -> BTreeMap<String, u64> {
+pub fn param_ids<M: Module>(module: &M) -> BTreeMap<String, u64> {
     struct Ids(Vec<String>, BTreeMap<String, u64>);
     impl burn::module::ModuleVisitor for Ids {
         fn enter_module(&mut self, name: &str, _: &str) {

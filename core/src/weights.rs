@@ -28,6 +28,8 @@ pub enum WeightsError {
     ShapeMismatch { path: String, key: String, expected: Vec<usize>, found: Vec<usize> },
     #[error("{path}: `{key}` has dtype {dtype:?}; f32, f16 and bf16 are supported")]
     UnsupportedDtype { path: String, key: String, dtype: Dtype },
+    #[error("{path}: `{key}` holds a non-finite value ({value} at flat index {index}); refusing the file")]
+    NonFinite { path: String, key: String, index: usize, value: f32 },
     #[error("{path}: unknown layout: {reason}")]
     UnknownLayout { path: String, reason: String },
     #[error("{path}: {reason}")]
@@ -141,7 +143,7 @@ impl Weights {
         let (start, end) = info.data_offsets;
         let (buffer, data_start) = &self.sources[*source];
         let bytes = &buffer[data_start + start..data_start + end];
-        let values = match info.dtype {
+        let values: Vec<f32> = match info.dtype {
             Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
             Dtype::F16 => bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
             Dtype::BF16 => bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
@@ -149,6 +151,12 @@ impl Weights {
                 return Err(WeightsError::UnsupportedDtype { path: self.path.clone(), key: file_name.clone(), dtype });
             }
         };
+        // A NaN or infinity in a weight file (a diverged run's checkpoint, a corrupt download) would only
+        // show up later as NaN losses or images: refuse it here, naming the tensor.
+        if let Some(index) = values.iter().position(|v| !v.is_finite()) {
+            let value = values[index];
+            return Err(WeightsError::NonFinite { path: self.path.clone(), key: file_name.clone(), index, value });
+        }
         self.used.borrow_mut().insert(key.to_string());
         Ok(values)
     }

@@ -283,3 +283,44 @@ fn loader_order_is_deterministic_and_resumable() {
         straight[0].0.iter().chain(&straight[1].0).chain(&straight[2].0[..2]).cloned().collect();
     assert_eq!(first_epoch.len(), 10);
 }
+
+/// A decoder that panics on one file (a codec bug) costs that item, counted with its reason; the loader
+/// keeps producing batches. Without containment the panic killed the loader thread, so the run died — and
+/// every resume replayed the same file.
+#[test]
+fn a_panicking_decoder_skips_the_item_and_the_loader_goes_on() {
+    let dir = ov3_core::fsio::ScratchDir::new().expect("temp dir");
+    for i in 0..6u32 {
+        // Item 3 is 40 px wide: the test decoder panics on exactly that one.
+        let w = if i == 3 { 40 } else { 32 };
+        std::fs::write(dir.path().join(format!("{i}.png")), rgb(w, 32)).unwrap();
+        std::fs::write(dir.path().join(format!("{i}.txt")), format!("caption {i}")).unwrap();
+    }
+    let mut source = Source::open(&Spec::parse(dir.path().to_str().unwrap()).unwrap()).expect("opens");
+    source.decode = |bytes, limits| {
+        let img = ov3_core::data::decode::decode_rgb(bytes, limits)?;
+        assert_ne!(img.width(), 40, "a codec bug");
+        Ok(img)
+    };
+    let cfg = LoaderConfig {
+        batch: 5,
+        seed: 3,
+        workers: 2,
+        prefetch: 1,
+        augment: Augment::train(32),
+        limits: DecodeLimits::default(),
+    };
+    let rx = spawn_loader(Arc::new(source), cfg, Position::default());
+    let mut skips = SkipCounts::default();
+    let mut keys = std::collections::BTreeSet::new();
+    for _ in 0..4 {
+        let batch = rx.recv().expect("the loader survives the panic").expect("a batch");
+        assert_eq!(batch.examples.len(), 5);
+        skips.merge(&batch.skips);
+        keys.extend(batch.examples.iter().map(|e| e.key.clone()));
+    }
+    assert!(skips.get(Skip::DecoderPanic) >= 3, "one panic per epoch, counted: {skips}");
+    assert_eq!(skips.total(), skips.get(Skip::DecoderPanic), "{skips}");
+    assert_eq!(keys.len(), 5, "every other item was used: {keys:?}");
+    assert!(!keys.iter().any(|k| k.starts_with('3')));
+}

@@ -48,10 +48,11 @@ fn config() -> TrainConfig {
     TrainConfig::from_toml(text).expect("valid test config")
 }
 
-/// Requests a stop after step `at`, as Ctrl-C would.
+/// Requests a stop after step `at`, as Ctrl-C would, and keeps the trainer's notes.
 struct StopAt<'a> {
     at: Option<u64>,
     stop: &'a AtomicBool,
+    notes: Vec<String>,
 }
 
 impl Observer for StopAt<'_> {
@@ -63,7 +64,9 @@ impl Observer for StopAt<'_> {
         }
     }
     fn evaluated(&mut self, _: u64, _: &EvalReport) {}
-    fn note(&mut self, _: &str) {}
+    fn note(&mut self, message: &str) {
+        self.notes.push(message.to_string());
+    }
 }
 
 /// The device RNG (initialisation, eq. 3 noise) is process-wide on flex: runs in parallel test threads
@@ -71,9 +74,21 @@ impl Observer for StopAt<'_> {
 static ONE_RUN_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 fn run(dir: &Path, cfg: &TrainConfig, resume: bool, stop_at: Option<u64>) -> Result<Outcome, TrainError> {
+    run_noted(dir, cfg, resume, stop_at).0
+}
+
+/// [`run`], with the notes the trainer gave its observer.
+fn run_noted(
+    dir: &Path,
+    cfg: &TrainConfig,
+    resume: bool,
+    stop_at: Option<u64>,
+) -> (Result<Outcome, TrainError>, Vec<String>) {
     let _turn = ONE_RUN_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let stop = AtomicBool::new(false);
-    train(dir, cfg, resume, &Device::flex().autodiff(), &stop, &mut StopAt { at: stop_at, stop: &stop })
+    let mut observer = StopAt { at: stop_at, stop: &stop, notes: vec![] };
+    let out = train(dir, cfg, resume, &Device::flex().autodiff(), &stop, &mut observer);
+    (out, observer.notes)
 }
 
 fn steps(dir: &Path) -> Vec<StepRecord> {
@@ -85,7 +100,7 @@ fn steps(dir: &Path) -> Vec<StepRecord> {
 }
 
 fn final_weights(dir: &Path) -> Vec<(String, Vec<usize>, Vec<f32>)> {
-    let last = checkpoint::latest(dir).expect("a checkpoint");
+    let last = checkpoint::latest_intact(dir).0.expect("a checkpoint");
     named_values(&load_model(&last.join(MODEL_FILE), &Device::flex()).expect("loads").0)
 }
 
@@ -120,30 +135,231 @@ fn resume_after_interrupt_matches_a_straight_run() {
     }
 }
 
+/// The largest |weight| of a checkpoint.
+fn max_abs_weight(dir: &Path) -> f32 {
+    named_values(&load_model(&dir.join(MODEL_FILE), &Device::flex()).expect("loads").0)
+        .iter()
+        .flat_map(|(_, _, v)| v.iter().map(|x| x.abs()))
+        .fold(0f32, f32::max)
+}
+
+/// A learning rate that blows the weights up in the second stage. The step that does it has a finite loss
+/// (it was computed before the step), so a checkpoint of it used to be written and kept: ~1e30 weights
+/// that `--resume` would continue from. Now the checkpoint of the step whose weights give the non-finite
+/// loss is moved aside, every kept checkpoint holds the sane weights of stage one, and a resume with a
+/// lower learning rate (a resumable change, logged) finishes the run.
 #[test]
-fn a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint() {
+fn a_diverged_step_is_not_resumed_from_and_a_lower_lr_continues_the_run() {
     let tmp = ov3_core::fsio::ScratchDir::new().expect("tmp");
     let mut cfg = config();
     cfg.checkpoint_every = 1;
+    cfg.keep_checkpoints = 10;
     cfg.grad_clip = 1e30; // let the absurd learning rate through
-    for s in &mut cfg.stages {
-        (s.lr, s.warmup) = (1e32, 0);
-    }
-    match run(tmp.path(), &cfg, false, None) {
-        Err(TrainError::NonFinite { step, term, value }) => {
-            assert!(!value.is_finite(), "{term} = {value}");
-            // Every checkpoint left behind is from before the failure and holds finite weights.
-            let last = checkpoint::latest(tmp.path());
-            if let Some(dir) = last {
-                let n: u64 = dir.file_name().unwrap().to_str().unwrap()[5..].parse().unwrap();
-                assert!(n <= step, "checkpoint {n} after the failing step {step}");
-                for (name, _, v) in final_weights(tmp.path()) {
-                    assert!(v.iter().all(|x| x.is_finite()), "{name} not finite in the kept checkpoint");
-                }
-            }
+    (cfg.stages[1].lr, cfg.stages[1].warmup) = (1e32, 0);
+    let (out, _) = run_noted(tmp.path(), &cfg, false, None);
+    let step = match out {
+        Err(TrainError::NonFinite { step, what, .. }) => {
+            assert!(what.contains("NaN") || what.contains("inf"), "{what}");
+            step
         }
-        other => panic!("expected a non-finite loss error, got {other:?}"),
+        other => panic!("expected a non-finite stop, got {other:?}"),
+    };
+    assert!(step >= 3, "stage one (steps 1-3) has a sane learning rate; diverged at {step}");
+    let (last, _) = checkpoint::latest_intact(tmp.path());
+    let last = last.expect("stage one's checkpoints are kept");
+    let n: u64 = last.file_name().unwrap().to_str().unwrap()[5..].parse().unwrap();
+    assert!(n < step, "checkpoint {n} is the step that gave the non-finite loss ({step})");
+    for dir in checkpoint::list(tmp.path()) {
+        let worst = max_abs_weight(&dir);
+        assert!(worst < 1e3, "{} holds |w| up to {worst}", dir.display());
     }
+
+    let mut lower = cfg.clone();
+    lower.stages[1].lr = 0.1;
+    let (resumed, notes) = run_noted(tmp.path(), &lower, true, None);
+    assert!(matches!(resumed, Ok(Outcome::Finished { step: 6, .. })), "{resumed:?}");
+    assert!(notes.iter().any(|n| n.contains("stages[1].lr")), "{notes:?}");
+    let logged = read(&tmp.path().join("metrics.jsonl")).expect("metrics");
+    assert!(logged.iter().any(|r| matches!(r, Record::Resume { changes, .. } if changes.iter().any(|c| c.contains("stages[1].lr")))));
+    // What a resume may not change is still refused, naming the key.
+    let mut other = lower.clone();
+    other.stages[1].batch = 5;
+    let err = run(tmp.path(), &other, true, None).expect_err("a resume that changes the batch");
+    assert!(err.to_string().contains("stages[1].batch"), "{err}");
+}
+
+/// A checkpoint is never written with a NaN weight or optimizer state: the write is refused, naming the
+/// tensor, and nothing appears under the step's name.
+#[test]
+fn a_non_finite_weight_is_never_checkpointed() {
+    use burn::module::ModuleMapper;
+    let tmp = ov3_core::fsio::ScratchDir::new().expect("tmp");
+    let device = Device::flex();
+    let model_cfg = Preset::Tiny.config();
+    let model = Ov3::new(&model_cfg, &device);
+    let optim = optim::adamw(&model, 0.05);
+    struct Poison(bool);
+    impl ModuleMapper for Poison {
+        fn map_float<const D: usize>(&mut self, p: Param<Tensor<D>>) -> Param<Tensor<D>> {
+            if std::mem::replace(&mut self.0, false) {
+                return p.map(|t| t.mul_scalar(f32::NAN));
+            }
+            p
+        }
+    }
+    let poisoned = model.map(&mut Poison(true));
+    let state = checkpoint::TrainState { step: 3, position: Default::default(), seed: 0, data: None };
+    let err = checkpoint::save(tmp.path(), &poisoned, &model_cfg, &optim, &state, 2).expect_err("NaN weight");
+    let first = named_values(&poisoned).into_iter().find(|(_, _, v)| v.iter().any(|x| x.is_nan())).unwrap().0;
+    assert!(err.to_string().contains(&first), "the message names `{first}`: {err}");
+    assert!(checkpoint::list(tmp.path()).is_empty());
+}
+
+/// A model file with a NaN weight is refused when loaded, naming the tensor (it used to load and give NaN
+/// reconstructions and captions).
+#[test]
+fn a_model_file_with_a_nan_weight_is_refused_by_name() {
+    let tmp = ov3_core::fsio::ScratchDir::new().expect("tmp");
+    let device = Device::flex();
+    let cfg = Preset::Tiny.config();
+    let good = tmp.path().join("good.safetensors");
+    ov3_core::model_file::save_model(&good, &Ov3::new(&cfg, &device), &cfg).expect("save");
+    let bytes = std::fs::read(&good).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let victim = "decoder.blocks.0.mlp.fc1.weight";
+    let mut data: Vec<(String, Vec<u8>, Vec<usize>)> = vec![];
+    for (name, view) in file.tensors() {
+        let mut raw = view.data().to_vec();
+        if name == victim {
+            raw[40..44].copy_from_slice(&f32::NAN.to_le_bytes());
+        }
+        data.push((name, raw, view.shape().to_vec()));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView)> = data
+        .iter()
+        .map(|(n, d, s)| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d).unwrap()))
+        .collect();
+    let bad = tmp.path().join("bad.safetensors");
+    std::fs::write(&bad, safetensors::serialize(views, meta.metadata().clone()).unwrap()).unwrap();
+    let err = load_model(&bad, &device).err().expect("a NaN weight is refused").to_string();
+    assert!(err.contains(victim) && err.contains("NaN"), "{err}");
+}
+
+/// A corrupt newest checkpoint (one flipped byte in the weights, which still parse) and a partial one
+/// (truncated) are skipped on resume with a note, and the run continues from the newest intact one.
+#[test]
+fn resume_skips_a_corrupt_or_partial_latest_checkpoint() {
+    let tmp = ov3_core::fsio::ScratchDir::new().expect("tmp");
+    let mut cfg = config();
+    cfg.keep_checkpoints = 3;
+    run(tmp.path(), &cfg, false, Some(4)).expect("interrupted run");
+    let root = checkpoint::checkpoints_dir(tmp.path());
+    // step 4: flip a byte deep in the tensor data.
+    let model4 = root.join("step-00000004").join(MODEL_FILE);
+    let mut bytes = std::fs::read(&model4).unwrap();
+    let at = bytes.len() - 1000;
+    bytes[at] ^= 0x40;
+    std::fs::write(&model4, bytes).unwrap();
+    let (out, notes) = run_noted(tmp.path(), &cfg, true, Some(4));
+    assert!(matches!(out, Ok(Outcome::Interrupted { step: 4, .. })), "{out:?}");
+    assert!(notes.iter().any(|n| n.contains("step-00000004") && n.contains("checksum")), "{notes:?}");
+    assert!(root.join("step-00000004.corrupt").exists());
+    // The new step 4 is intact; truncate its optimizer state: a partial checkpoint.
+    let optim4 = root.join("step-00000004").join(checkpoint::OPTIMIZER_FILE);
+    let len = std::fs::metadata(&optim4).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&optim4).unwrap().set_len(len / 2).unwrap();
+    let (out, notes) = run_noted(tmp.path(), &cfg, true, None);
+    assert!(matches!(out, Ok(Outcome::Finished { step: 6, .. })), "{out:?}");
+    assert!(notes.iter().any(|n| n.contains("step-00000004") && n.contains("truncated")), "{notes:?}");
+    // `--run` users (eval, reconstruct) get the newest intact checkpoint too.
+    assert!(checkpoint::latest_intact(tmp.path()).0.unwrap().ends_with("step-00000006"));
+}
+
+/// What a kill between the two renames of a re-save leaves — the new copy complete under `.step-N.tmp`,
+/// no `step-N` — is recovered on resume instead of losing the step, and junk temporary folders of
+/// interrupted writes are removed.
+#[test]
+fn resume_recovers_a_checkpoint_caught_between_renames_and_cleans_temporary_folders() {
+    let tmp = ov3_core::fsio::ScratchDir::new().expect("tmp");
+    let cfg = config();
+    run(tmp.path(), &cfg, false, Some(4)).expect("interrupted run");
+    let root = checkpoint::checkpoints_dir(tmp.path());
+    std::fs::rename(root.join("step-00000004"), root.join(".step-00000004.tmp")).unwrap();
+    let junk = root.join(".step-00000003.tmp");
+    std::fs::create_dir_all(&junk).unwrap();
+    std::fs::write(junk.join(MODEL_FILE), b"half a header").unwrap();
+    let old = root.join(".step-00000001.old");
+    std::fs::create_dir_all(&old).unwrap();
+    let (out, notes) = run_noted(tmp.path(), &cfg, true, Some(5));
+    assert!(matches!(out, Ok(Outcome::Interrupted { step: 5, .. })), "{out:?}");
+    assert!(notes.iter().any(|n| n.contains("recovered checkpoint step-00000004")), "{notes:?}");
+    assert!(!junk.exists() && !old.exists(), "stale temporary folders are removed");
+    // It continued from step 4, not step 2: only step 5 was trained in that session.
+    let logged: Vec<u64> = steps(tmp.path()).iter().map(|r| r.step).collect();
+    assert_eq!(logged, vec![1, 2, 3, 4, 5]);
+}
+
+/// The data a run was trained on is recorded in its checkpoints: a folder whose contents changed under
+/// the same path is refused on resume (its saved position would now point at other images).
+#[test]
+fn resume_refuses_data_that_changed_under_the_same_path() {
+    let tmp = ov3_core::fsio::ScratchDir::new().expect("tmp");
+    let data = tmp.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let write = |i: u32| {
+        let img = image::RgbImage::from_fn(32, 32, |x, y| image::Rgb([(x * 8) as u8, (y * 8) as u8, (i * 40) as u8]));
+        img.save(data.join(format!("{i:02}.png"))).unwrap();
+        std::fs::write(data.join(format!("{i:02}.txt")), format!("picture number {i}")).unwrap();
+    };
+    (0..6).for_each(write);
+    let mut cfg = config();
+    cfg.data = data.display().to_string();
+    cfg.tokenizer = None;
+    let run_dir = tmp.path().join("run");
+    run(&run_dir, &cfg, false, Some(2)).expect("interrupted run on a folder");
+    write(6);
+    let err = run(&run_dir, &cfg, true, None).expect_err("resume after the folder changed");
+    assert!(err.to_string().contains("the data is now"), "{err}");
+    std::fs::remove_file(data.join("06.png")).unwrap();
+    std::fs::remove_file(data.join("06.txt")).unwrap();
+    assert!(matches!(run(&run_dir, &cfg, true, None), Ok(Outcome::Finished { step: 6, .. })));
+}
+
+/// metrics.jsonl keeps a NaN (written as "NaN", once `null`, which made the line unreadable and dropped on
+/// resume), and a torn last line never swallows the next record.
+#[test]
+fn the_metrics_log_survives_nan_values_and_torn_lines() {
+    use ov3_core::train::log::MetricsLog;
+    let tmp = ov3_core::fsio::ScratchDir::new().expect("tmp");
+    let mut log = MetricsLog::open(tmp.path(), None).unwrap();
+    let step = |n: u64, total: f64, caption: Option<f64>| {
+        Record::Step(StepRecord { step: n, total, caption, ..StepRecord::default() })
+    };
+    log.append(&step(1, 2.0, Some(f64::NAN))).unwrap();
+    log.append(&step(2, f64::INFINITY, None)).unwrap();
+    log.append(&step(3, 1.0, Some(0.5))).unwrap();
+    drop(log);
+    let path = tmp.path().join("metrics.jsonl");
+    let mut text = std::fs::read_to_string(&path).unwrap();
+    text.push_str("{\"kind\":\"step\",\"step\":4,\"sta"); // a crash mid-line
+    std::fs::write(&path, text).unwrap();
+    // Resumed from step 3: everything up to it stays, the torn line goes, new records follow.
+    let mut log = MetricsLog::open(tmp.path(), Some(3)).unwrap();
+    log.append(&step(4, 0.75, None)).unwrap();
+    let back: Vec<StepRecord> =
+        read(&path).unwrap().into_iter().filter_map(|r| if let Record::Step(s) = r { Some(s) } else { None }).collect();
+    assert_eq!(back.iter().map(|r| r.step).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
+    assert!(back[0].caption.is_some_and(f64::is_nan), "NaN caption term kept as NaN, not absent");
+    assert_eq!(back[1].total, f64::INFINITY);
+    assert_eq!(back[1].caption, None);
+    // A fresh open of a log whose last line is torn starts the next record on a new line.
+    let mut text = std::fs::read_to_string(&path).unwrap();
+    text.push_str("{\"kind\":");
+    std::fs::write(&path, text).unwrap();
+    let mut log = MetricsLog::open(tmp.path(), None).unwrap();
+    log.append(&step(5, 0.5, None)).unwrap();
+    assert_eq!(read(&path).unwrap().last().map(Record::step), Some(5));
 }
 
 #[test]
@@ -157,13 +373,13 @@ fn an_interrupted_checkpoint_write_leaves_the_previous_one_loadable() {
     let torn = root.join(".step-00000004.tmp");
     std::fs::create_dir_all(&torn).unwrap();
     std::fs::write(torn.join(MODEL_FILE), b"half a safetensors header").unwrap();
-    assert!(checkpoint::latest(tmp.path()).unwrap().ends_with("step-00000002"));
+    assert!(checkpoint::latest_intact(tmp.path()).0.unwrap().ends_with("step-00000002"));
     load_model(&root.join("step-00000002").join(MODEL_FILE), &Device::flex()).expect("previous checkpoint loads");
     // Resume starts from step 2 and finishes; the torn folder is cleared when step 4 is written.
     let out = run(tmp.path(), &cfg, true, None).expect("resume past a torn write");
     assert!(matches!(out, Outcome::Finished { step: 6, .. }));
     assert!(!torn.exists());
-    assert!(checkpoint::latest(tmp.path()).unwrap().ends_with("step-00000006"));
+    assert!(checkpoint::latest_intact(tmp.path()).0.unwrap().ends_with("step-00000006"));
 }
 
 #[test]
@@ -190,7 +406,7 @@ fn a_run_with_a_tokenizer_json_trains_saves_it_and_refuses_another_on_resume() {
     cfg.tokenizer = Some(fixtures.join("tokenizer.json").display().to_string());
     cfg.context_length = Some(24);
     run(tmp.path(), &cfg, false, Some(2)).expect("short run with a HuggingFace tokenizer");
-    let last = checkpoint::latest(tmp.path()).expect("a checkpoint");
+    let last = checkpoint::latest_intact(tmp.path()).0.expect("a checkpoint");
     let (model, model_cfg) = load_model(&last.join(MODEL_FILE), &Device::flex()).expect("loads");
     let tokenizer = cfg.tokenizer().expect("tokenizer");
     assert_eq!(model.tokenizer.spec(), tokenizer.spec(), "the checkpoint carries the tokenizer");

@@ -123,7 +123,8 @@ fn data(args: DataArgs) -> anyhow::Result<()> {
 }
 
 fn step(args: StepArgs) -> anyhow::Result<()> {
-    anyhow::ensure!(args.res >= 16 && args.res % 16 == 0, "--res must be a positive multiple of 16, got {}", args.res);
+    let res = u32::try_from(args.res).unwrap_or(u32::MAX);
+    ov3_core::data::decode::check_resolution(res, 16).map_err(|e| anyhow::anyhow!("--res: {e}"))?;
     anyhow::ensure!(args.batch >= 2 && args.steps >= 1, "--batch >= 2 and --steps >= 1 are required");
     let selected = args.common.device()?;
     let device = selected.device.clone().autodiff();

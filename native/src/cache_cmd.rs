@@ -32,7 +32,7 @@ pub struct CacheArgs {
 }
 
 pub fn run(args: CacheArgs) -> anyhow::Result<()> {
-    anyhow::ensure!(args.res >= 16 && args.res % 16 == 0, "--res must be a positive multiple of 16, got {}", args.res);
+    ov3_core::data::decode::check_resolution(args.res, 16).map_err(|e| anyhow::anyhow!("--res: {e}"))?;
     let device = args.common.device()?.device;
     let vae = Vae::load_or_embedded(args.vae.as_deref(), &device)?;
     let source = Source::open(&Spec::parse(&args.data)?)?;

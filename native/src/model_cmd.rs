@@ -10,6 +10,7 @@ use clap::Args;
 use ov3_core::data::rng::SplitMix64;
 use ov3_core::device::{self, BackendChoice};
 use ov3_core::eval::{EvalSet, evaluate, generate_captions, rows, text_embeddings};
+use ov3_core::data::decode::check_resolution;
 use ov3_core::image_io::{grid, load_rgb, save_png, tensor_to_rgb, to_tensor};
 use ov3_core::inference::{Tokens, prepare, rank as inference_rank, to_pixels, tokenize, with_noise};
 use ov3_core::lpips::Lpips;
@@ -55,8 +56,9 @@ impl ModelSource {
     pub fn load(&self) -> anyhow::Result<Loaded> {
         let (path, run_vae) = match (&self.run, &self.model) {
             (Some(run), _) => {
-                let dir =
-                    checkpoint::latest(run).with_context(|| format!("{}: no checkpoint in this run", run.display()))?;
+                let (dir, skipped) = checkpoint::latest_intact(run);
+                skipped.iter().for_each(|note| eprintln!("{note}"));
+                let dir = dir.with_context(|| format!("{}: no intact checkpoint in this run", run.display()))?;
                 let cfg_path = run.join(CONFIG_FILE);
                 let text = std::fs::read_to_string(&cfg_path)
                     .with_context(|| format!("{}: cannot read", cfg_path.display()))?;
@@ -127,7 +129,7 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<()> {
         _ => None,
     };
     let (report, outputs) =
-        evaluate(&m.model, &m.cfg, &m.vae, lpips.as_ref(), &set, args.batch.max(2), args.captions, &m.device);
+        evaluate(&m.model, &m.cfg, &m.vae, lpips.as_ref(), &set, args.batch.max(2), args.captions, &m.device)?;
     print_report(&report);
     let json =
         args.json.unwrap_or_else(|| args.source.run.as_ref().map_or("eval.json".into(), |r| r.join("eval.json")));
@@ -190,7 +192,7 @@ pub fn reconstruct(args: ReconstructArgs) -> anyhow::Result<()> {
     let eps = Tensor::<3>::random(t.z_u.dims(), Distribution::Normal(0.0, 1.0), &m.device);
     let rec = to_pixels(&m.model, &m.vae, m.model.decode(with_noise(t.z_u, eps, args.noise), t.grid));
     let vae_only = to_pixels(&m.model, &m.vae, t.inputs);
-    let (p, p_vae) = (psnr(t.image.clone(), rec.clone())[0], psnr(t.image.clone(), vae_only.clone())[0]);
+    let (p, p_vae) = (psnr(t.image.clone(), rec.clone())?[0], psnr(t.image.clone(), vae_only.clone())?[0]);
     save_png(&tensor_to_rgb(&rec), &args.out)?;
     println!("psnr {p:.2} dB (VAE only {p_vae:.2} dB) at noise {}: {}", args.noise, args.out.display());
     if let Some(path) = args.compare {
@@ -301,6 +303,5 @@ pub fn export(args: ExportArgs) -> anyhow::Result<()> {
 }
 
 fn check_res(res: u32) -> anyhow::Result<()> {
-    anyhow::ensure!(res >= 16 && res % 16 == 0, "--res must be a positive multiple of 16, got {res}");
-    Ok(())
+    check_resolution(res, 16).map_err(|e| anyhow::anyhow!("--res: {e}"))
 }

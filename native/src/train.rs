@@ -52,6 +52,11 @@ pub struct TrainArgs {
     context_length: Option<usize>,
     #[arg(long)]
     seed: Option<u64>,
+    /// Multiplies every stage's peak learning rate. With --resume it continues a run at another rate (after
+    /// a NaN stop, say); the change is logged in metrics.jsonl and config.toml. A resume may change only the
+    /// learning-rate schedule and the logging, evaluation and checkpoint settings.
+    #[arg(long)]
+    lr_scale: Option<f64>,
     /// Run folder (checkpoints, metrics.jsonl, grids, plots, eval.json). Default: runs/<preset>-<unix time>.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -104,6 +109,10 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     if let Some(s) = args.seed {
         cfg.seed = s;
     }
+    if let Some(scale) = args.lr_scale {
+        anyhow::ensure!(scale.is_finite() && scale > 0.0, "--lr-scale must be positive and finite, got {scale}");
+        cfg.scale_lr(scale);
+    }
     if let Some(t) = args.tokenizer {
         cfg.tokenizer = Some(t);
     }
@@ -126,11 +135,13 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
 
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
+    // Ctrl-C, and SIGTERM/SIGHUP (`docker stop`, `kill`, Slurm preemption): finish the step, write a
+    // checkpoint, exit 0. A second signal leaves at once.
     ctrlc::set_handler(move || {
         if flag.swap(true, Ordering::SeqCst) {
-            std::process::exit(130); // a second Ctrl-C: leave now
+            std::process::exit(130);
         }
-        eprintln!("\nstopping: writing a checkpoint (Ctrl-C again to quit without one)");
+        eprintln!("\nstopping: writing a checkpoint (signal again to quit without one)");
     })?;
 
     eprintln!("run folder: {}", out.display());

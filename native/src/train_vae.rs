@@ -130,7 +130,7 @@ pub fn run(args: TrainVaeArgs) -> anyhow::Result<()> {
 
     let x = batch(&heldout, 0, 32, args.res, args.res, &device);
     let (x_hat, z) = reconstruct(&ae, x.clone());
-    let scores = psnr(x, x_hat);
+    let scores = psnr(x, x_hat)?;
     let std = z.powi_scalar(2).mean().sqrt().into_scalar::<f32>();
     println!(
         "held-out synthetic PSNR {:.2} dB over {} images at {} px; latent RMS {std:.3}",

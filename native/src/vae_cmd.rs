@@ -6,6 +6,7 @@ use clap::{Args, Subcommand};
 use image::RgbImage;
 use ov3_core::autoencoder::LatentDecoder;
 use ov3_core::data::synthetic::{Split, World};
+use ov3_core::data::decode::{MAX_PIXELS, check_resolution};
 use ov3_core::image_io::{self, crop_to_multiple, load_rgb, resize_center_crop};
 use ov3_core::metrics::{block_average_8x, mean_colour, psnr};
 use ov3_core::vae::Vae;
@@ -81,7 +82,7 @@ pub fn run(cmd: VaeCommand) -> anyhow::Result<()> {
 }
 
 fn check(args: CheckArgs) -> anyhow::Result<()> {
-    anyhow::ensure!(args.res >= 8 && args.res % 8 == 0, "--res must be a positive multiple of 8, got {}", args.res);
+    check_res(args.res)?;
     let device = args.common.device()?.device;
     let vae = Vae::load_or_embedded(args.vae.as_deref(), &device)?;
     let world = World::new(args.common.seed, Split::Heldout);
@@ -103,9 +104,9 @@ fn check(args: CheckArgs) -> anyhow::Result<()> {
         let (mut ours, mut naive, mut flat) = (0.0, 0.0, 0.0);
         for img in &images {
             let x = image_io::to_tensor(img, &device);
-            ours += psnr(x.clone(), LatentDecoder::decode(&vae, vae.encode(x.clone())))[0];
-            naive += psnr(x.clone(), block_average_8x(x.clone()))[0];
-            flat += psnr(x.clone(), mean_colour(x))[0];
+            ours += psnr(x.clone(), LatentDecoder::decode(&vae, vae.encode(x.clone())))?[0];
+            naive += psnr(x.clone(), block_average_8x(x.clone()))?[0];
+            flat += psnr(x.clone(), mean_colour(x))?[0];
         }
         let n = images.len() as f64;
         println!("{name:<48} {:>12.2} {:>16.2} {:>12.2}", ours / n, naive / n, flat / n);
@@ -118,7 +119,7 @@ fn encode(args: EncodeArgs) -> anyhow::Result<()> {
     let img = load_rgb(&args.image)?;
     let img = match args.res {
         Some(res) => {
-            anyhow::ensure!(res >= 8 && res % 8 == 0, "--res must be a positive multiple of 8, got {res}");
+            check_res(res)?;
             resize_center_crop(&img, res)
         }
         None => crop_to_multiple(&img, 8),
@@ -139,9 +140,11 @@ fn decode(args: DecodeArgs) -> anyhow::Result<()> {
     anyhow::ensure!(ext == "png" || ext == "safetensors", "--out must end in .png or .safetensors");
     let file = Weights::open(&args.latents)?;
     let shape = file.shape("latents")?;
+    let pixels = shape.iter().skip(2).product::<usize>() as u64 * 64 * shape.first().copied().unwrap_or(0) as u64;
     anyhow::ensure!(
-        shape.len() == 4 && shape[0] >= 1 && shape[1] == 16,
-        "{}: `latents` must be [B, 16, h, w], found {shape:?}",
+        shape.len() == 4 && shape[0] >= 1 && shape[1] == 16 && shape[2] >= 1 && shape[3] >= 1 && pixels <= MAX_PIXELS,
+        "{}: `latents` must be [B, 16, h, w] with B, h, w >= 1 and at most {MAX_PIXELS} decoded pixels (B x 8h x 8w), \
+         found {shape:?}",
         args.latents.display()
     );
     let latents = file.tensor("latents", [shape[0], shape[1], shape[2], shape[3]], &device)?;
@@ -156,6 +159,10 @@ fn decode(args: DecodeArgs) -> anyhow::Result<()> {
     }
     eprintln!("wrote {}", args.out.display());
     Ok(())
+}
+
+fn check_res(res: u32) -> anyhow::Result<()> {
+    check_resolution(res, 8).map_err(|e| anyhow::anyhow!("--res: {e}"))
 }
 
 fn extension(path: &Path) -> String {

@@ -59,6 +59,8 @@ struct Current {
     /// The noise direction of eq. 3, drawn once per image so the slider only scales it.
     eps: Tensor<3>,
     embedding: Vec<f32>,
+    /// Which image this is ([`App::next_generation`]).
+    generation: u64,
 }
 
 pub async fn run() -> Result<(), String> {
@@ -221,25 +223,43 @@ async fn read_any(
 }
 
 impl App {
+    /// A new image was asked for: everything still running for an older one stops drawing from now on,
+    /// even if its bytes arrive later than this one's (a large file read, then a small one dropped).
+    fn next_generation(&self) -> u64 {
+        let generation = self.generation.get() + 1;
+        self.generation.set(generation);
+        generation
+    }
+
+    /// Whether the image of `generation` has been replaced by a newer one.
+    fn superseded(&self, generation: u64) -> bool {
+        self.generation.get() != generation
+    }
+
     async fn open_file(self: Rc<Self>, file: web_sys::File) {
+        let generation = self.next_generation();
         let name = file.name();
         match file_bytes(&file).await {
-            Ok(bytes) => self.process(&name, bytes).await,
-            Err(e) => message(&e),
+            Ok(bytes) => self.process(&name, bytes, generation).await,
+            Err(e) if !self.superseded(generation) => message(&e),
+            Err(_) => {}
         }
     }
 
     async fn open_url(self: Rc<Self>, url: String) {
+        let generation = self.next_generation();
         match fetch_bytes(&url, false, |_, _| {}).await {
-            Ok((bytes, _)) => self.process(&url, bytes).await,
-            Err(e) => message(&e),
+            Ok((bytes, _)) => self.process(&url, bytes, generation).await,
+            Err(e) if !self.superseded(generation) => message(&e),
+            Err(_) => {}
         }
     }
 
     /// Decode -> crop -> tokens -> reconstruction, ranking and caption. Errors are shown and the page goes on.
-    async fn process(self: Rc<Self>, name: &str, bytes: Vec<u8>) {
-        let generation = self.generation.get() + 1;
-        self.generation.set(generation);
+    async fn process(self: Rc<Self>, name: &str, bytes: Vec<u8>, generation: u64) {
+        if self.superseded(generation) {
+            return;
+        }
         dom::set_attr("app", "data-state", "working");
         message("");
         let limits = DecodeLimits { max_pixels: MAX_PIXELS, ..DecodeLimits::default() };
@@ -250,7 +270,7 @@ impl App {
             Ok(img) => self.clone().run_pipeline(name, img, generation).await,
             Err(e) => Err(e),
         };
-        if self.generation.get() == generation {
+        if !self.superseded(generation) {
             if let Err(e) = result {
                 message(&e);
             }
@@ -277,28 +297,37 @@ impl App {
         let z_u = self.model.encode(inputs.clone());
         let z = read_any(z_u.clone().into_data_async()).await?;
         timings.vit_encoder = now_ms() - t;
+        if self.superseded(generation) {
+            return Ok(());
+        }
         let [_, n, d] = z_u.dims();
         let grid = token_grid(&self.model, &inputs);
         view::tokens(&pca_rgb(&z, n, d), grid, d);
 
         let embedding = self.model.image_embedding(z_u.clone());
         let embedding = normalize_rows(&read_any(embedding.into_data_async()).await?, self.cfg.embed_dim).remove(0);
+        if self.superseded(generation) {
+            return Ok(());
+        }
         self.device.seed(0);
         let eps = Tensor::<3>::random(z_u.dims(), Distribution::Normal(0.0, 1.0), &self.device);
         let tokens = Tokens { image, inputs, z_u, grid };
-        *self.current.borrow_mut() = Some(Current { tokens: tokens.clone(), eps, embedding });
+        *self.current.borrow_mut() = Some(Current { tokens: tokens.clone(), eps, embedding, generation });
 
         let t = now_ms();
         let vae_only = to_pixels(&self.model, &self.vae, tokens.inputs.clone());
         let (pixels, mse) =
             (read_any(vae_only.clone().into_data_async()).await?, read(mse_01(tokens.image.clone(), vae_only)).await?);
         timings.vae_only = now_ms() - t;
-        view::reconstruction("vae-only", &pixels, RESOLUTION, psnr_db(mse[0] as f64));
+        if self.superseded(generation) {
+            return Ok(());
+        }
+        view::reconstruction("vae-only", &pixels, RESOLUTION, psnr_db(mse[0] as f64).map_err(|e| e.to_string())?);
 
         let sigma = by_id::<HtmlInputElement>("noise").value_as_number();
         self.decode(sigma, &mut timings).await?;
         view::timings(&timings);
-        if self.generation.get() != generation {
+        if self.superseded(generation) {
             return Ok(());
         }
         self.rank_captions_now().await?;
@@ -308,7 +337,7 @@ impl App {
             .await
             .map_err(|e| format!("captioning failed: {e:?}"))?;
         timings.caption = now_ms() - t;
-        if self.generation.get() == generation {
+        if !self.superseded(generation) {
             set_text("caption", &caption[0]);
             view::timings(&timings);
             set_text("status", &format!("{name}: done"));
@@ -328,7 +357,10 @@ impl App {
         let pixels = read_any(rec.clone().into_data_async()).await?;
         timings.vae_decoder = now_ms() - t;
         let mse = read(mse_01(cur.tokens.image, rec)).await?;
-        view::reconstruction("ov3", &pixels, RESOLUTION, psnr_db(mse[0] as f64));
+        if self.superseded(cur.generation) {
+            return Ok(()); // another image arrived while this one decoded: its own decode draws
+        }
+        view::reconstruction("ov3", &pixels, RESOLUTION, psnr_db(mse[0] as f64).map_err(|e| e.to_string())?);
         set_text("sigma", &format!("{sigma:.2}"));
         Ok(())
     }

@@ -52,7 +52,8 @@ async fn read_body(response: Response, progress: &mut impl FnMut(u64, u64)) -> R
     let body = response.body().ok_or("the response has no body")?;
     let reader: ReadableStreamDefaultReader =
         body.get_reader().dyn_into().map_err(|_| "cannot read the response body as a stream")?;
-    let mut bytes = Vec::with_capacity(total as usize);
+    // Content-Length is the server's word: reserve at most 64 MiB from it, grow past that as bytes arrive.
+    let mut bytes = Vec::with_capacity(total.min(64 << 20) as usize);
     loop {
         let chunk = JsFuture::from(reader.read()).await.map_err(js_error)?;
         let done = Reflect::get(&chunk, &"done".into()).map_err(js_error)?.as_bool().unwrap_or(true);

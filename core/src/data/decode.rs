@@ -6,6 +6,21 @@ use image::{ImageReader, Limits, RgbImage};
 
 use super::skips::Skip;
 
+/// The most pixels any image ov3 reads (a training item, a CLI input, an upload to the page) may have:
+/// 64 Mi pixels, 192 MiB as RGB8. Checked from the header, before decoding.
+pub const MAX_PIXELS: u64 = 64 * 1024 * 1024;
+/// The largest side a model or VAE command works at (`--res`, a stage's resolution): 4096 px.
+pub const MAX_RESOLUTION: u32 = 4096;
+
+/// `--res` and stage resolutions: a multiple of `multiple` (16 for the model's 2x2 patches of 8x latents, 8
+/// for the VAE alone) from `multiple` to [`MAX_RESOLUTION`].
+pub fn check_resolution(res: u32, multiple: u32) -> Result<(), String> {
+    if res < multiple || res % multiple != 0 || res > MAX_RESOLUTION {
+        return Err(format!("resolution {res} is not a multiple of {multiple} between {multiple} and {MAX_RESOLUTION}"));
+    }
+    Ok(())
+}
+
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct DecodeLimits {
     /// Largest width x height accepted (checked from the header, before any pixel is decoded).
@@ -16,7 +31,7 @@ pub struct DecodeLimits {
 
 impl Default for DecodeLimits {
     fn default() -> Self {
-        Self { max_pixels: 64 * 1024 * 1024, min_side: 16 }
+        Self { max_pixels: MAX_PIXELS, min_side: 16 }
     }
 }
 

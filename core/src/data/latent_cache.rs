@@ -45,6 +45,9 @@ pub struct Manifest {
     pub flip: bool,
     pub latent_shape: [usize; 3],
     pub shards: Vec<String>,
+    /// Each shard's size in bytes when written (a shard replaced or truncated since is refused).
+    #[serde(default)]
+    pub shard_bytes: Vec<u64>,
     pub entries: Vec<Entry>,
     pub skips: SkipCounts,
 }
@@ -62,6 +65,12 @@ pub fn build(
 ) -> Result<Manifest, DataError> {
     let io = |e: std::io::Error| DataError::Source { path: out.display().to_string(), reason: e.to_string() };
     std::fs::create_dir_all(out).map_err(io)?;
+    // A rebuild first takes the old manifest away: killed half-way, it leaves a folder that `open` refuses
+    // (no manifest), never an old manifest describing new shards. The manifest is written last.
+    match std::fs::remove_file(out.join(MANIFEST)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
+        _ => crate::fsio::sync_parent(&out.join(MANIFEST)).map_err(io)?,
+    }
     let aug = Augment::eval(resolution);
     let (rows_per_shard, batch) = (1024usize, 16usize);
     let mut manifest = Manifest {
@@ -73,6 +82,7 @@ pub fn build(
         flip,
         latent_shape: [0; 3],
         shards: vec![],
+        shard_bytes: vec![],
         entries: vec![],
         skips: source.index_skips.clone(),
     };
@@ -116,6 +126,13 @@ pub fn build(
     }
     let json = serde_json::to_vec(&manifest).expect("manifest serialises");
     atomic_write(&out.join(MANIFEST), &json).map_err(io)?;
+    // Shards of an earlier, larger build that this manifest does not name.
+    for entry in std::fs::read_dir(out).map_err(io)?.filter_map(Result::ok) {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("shard-") && name.ends_with(".safetensors") && !manifest.shards.contains(&name) {
+            std::fs::remove_file(entry.path()).map_err(io)?;
+        }
+    }
     Ok(manifest)
 }
 
@@ -163,6 +180,7 @@ fn write_shard(
     let bytes = safetensors::serialize(views, None).map_err(std::io::Error::other)?;
     atomic_write(&out.join(&name), &bytes)?;
     m.shards.push(name);
+    m.shard_bytes.push(bytes.len() as u64);
     latents.clear();
     images.clear();
     Ok(())
@@ -177,6 +195,13 @@ pub struct LatentCache {
     offsets: Vec<(u64, u64)>,
 }
 
+/// Where one shard's two tensors are, read from its header and checked against the manifest.
+struct ShardLayout {
+    rows: usize,
+    latents_at: u64,
+    images_at: u64,
+}
+
 impl LatentCache {
     pub fn open(dir: &Path) -> Result<Self, DataError> {
         let bad = |reason: String| DataError::Source { path: dir.display().to_string(), reason };
@@ -186,11 +211,8 @@ impl LatentCache {
         if manifest.version != VERSION {
             return Err(bad(format!("cache format {} (this ov3 reads {VERSION}); rebuild it", manifest.version)));
         }
-        let offsets = manifest
-            .shards
-            .iter()
-            .map(|s| data_offsets(&dir.join(s)).map_err(|e| bad(format!("{s}: {e}"))))
-            .collect::<Result<Vec<_>, _>>()?;
+        let layouts = validate(dir, &manifest).map_err(bad)?;
+        let offsets = layouts.iter().map(|l| (l.latents_at, l.images_at)).collect();
         Ok(Self { dir: dir.to_path_buf(), manifest, offsets })
     }
 
@@ -237,23 +259,89 @@ impl LatentCache {
     }
 }
 
-/// Absolute file offsets of the `latents` and `images` data in a shard (from its safetensors header).
-fn data_offsets(path: &Path) -> Result<(u64, u64), String> {
+/// Every check a manifest and its shards must pass before a row is read: the latent shape fits the
+/// resolution, each shard's header holds `latents` f32 `[rows, C, H, W]` and `images` u8 `[rows, 3, R, R]`
+/// whose data lies inside the file (of the size the manifest recorded), and every entry points at a row
+/// that exists, each row used once.
+fn validate(dir: &Path, m: &Manifest) -> Result<Vec<ShardLayout>, String> {
+    let [c, h, w] = m.latent_shape;
+    let r = m.resolution as usize;
+    if c == 0 || r == 0 || r % 8 != 0 || h * 8 != r || w * 8 != r {
+        return Err(format!("bad {MANIFEST}: latent shape {:?} does not fit {r} px crops", m.latent_shape));
+    }
+    if !m.shard_bytes.is_empty() && m.shard_bytes.len() != m.shards.len() {
+        return Err(format!("bad {MANIFEST}: {} shard sizes for {} shards", m.shard_bytes.len(), m.shards.len()));
+    }
+    let mut layouts = vec![];
+    for (i, name) in m.shards.iter().enumerate() {
+        if name.contains('/') || name.contains('\\') || name.starts_with('.') {
+            return Err(format!("bad {MANIFEST}: shard name `{name}` is not a file of this folder"));
+        }
+        let layout = shard_layout(&dir.join(name), [c, h, w], r, m.shard_bytes.get(i).copied())
+            .map_err(|e| format!("{name}: {e}; rebuild the cache with `ov3 cache`"))?;
+        layouts.push(layout);
+    }
+    let mut used: Vec<Vec<bool>> = layouts.iter().map(|l| vec![false; l.rows]).collect();
+    for e in &m.entries {
+        let slot = used.get_mut(e.shard).and_then(|rows| rows.get_mut(e.row));
+        match slot {
+            None => {
+                return Err(format!(
+                    "bad {MANIFEST}: entry `{}` points at shard {} row {}, which does not exist",
+                    e.key, e.shard, e.row
+                ));
+            }
+            Some(true) => return Err(format!("bad {MANIFEST}: shard {} row {} is listed twice", e.shard, e.row)),
+            Some(seen) => *seen = true,
+        }
+    }
+    Ok(layouts)
+}
+
+/// Reads and checks one shard's safetensors header.
+fn shard_layout(path: &Path, [c, h, w]: [usize; 3], r: usize, expected_bytes: Option<u64>) -> Result<ShardLayout, String> {
     use std::io::Read;
     let mut f = File::open(path).map_err(|e| e.to_string())?;
+    let len = f.metadata().map_err(|e| e.to_string())?.len();
+    if let Some(expected) = expected_bytes.filter(|&b| b != len) {
+        return Err(format!("{len} bytes, {expected} when written (truncated or replaced)"));
+    }
     let mut n = [0u8; 8];
     f.read_exact(&mut n).map_err(|e| e.to_string())?;
     let n = u64::from_le_bytes(n);
-    if n > 1 << 24 {
+    if n > (1 << 24) || 8 + n > len {
         return Err("not a safetensors file".into());
     }
     let mut header = vec![0u8; n as usize];
     f.read_exact(&mut header).map_err(|e| e.to_string())?;
     let header: serde_json::Value = serde_json::from_slice(&header).map_err(|e| e.to_string())?;
-    let start = |name: &str| {
-        header[name]["data_offsets"][0].as_u64().map(|o| 8 + n + o).ok_or_else(|| format!("no `{name}` tensor"))
+    let tensor = |name: &str, dtype: &str, item: usize| -> Result<(usize, Vec<usize>, u64), String> {
+        let t = &header[name];
+        if t["dtype"].as_str() != Some(dtype) {
+            return Err(format!("`{name}` is not {dtype}"));
+        }
+        let shape: Vec<usize> = t["shape"]
+            .as_array()
+            .and_then(|a| a.iter().map(|d| d.as_u64().map(|d| d as usize)).collect())
+            .ok_or_else(|| format!("no `{name}` tensor"))?;
+        let (start, end) = match t["data_offsets"].as_array().map(|a| a.as_slice()) {
+            Some([s, e]) => (s.as_u64().unwrap_or(u64::MAX), e.as_u64().unwrap_or(0)),
+            _ => return Err(format!("`{name}` has no data offsets")),
+        };
+        let size = shape.iter().try_fold(item, |acc, &d| acc.checked_mul(d));
+        if start > end || size != Some((end - start) as usize) || 8 + n + end > len {
+            return Err(format!("`{name}`'s data does not match its shape {shape:?} or lies past the end of the file"));
+        }
+        Ok((shape.first().copied().unwrap_or(0), shape, 8 + n + start))
     };
-    Ok((start("latents")?, start("images")?))
+    let (rows, latent_shape, latents_at) = tensor("latents", "F32", 4)?;
+    let (image_rows, image_shape, images_at) = tensor("images", "U8", 1)?;
+    if latent_shape.get(1..) != Some(&[c, h, w][..]) || image_shape.get(1..) != Some(&[3, r, r][..]) || rows != image_rows {
+        return Err(format!(
+            "holds latents {latent_shape:?} and images {image_shape:?}, the manifest says [rows, {c}, {h}, {w}] and [rows, 3, {r}, {r}]"
+        ));
+    }
+    Ok(ShardLayout { rows, latents_at, images_at })
 }
 
 /// Latents of examples that carry them, as one `[B, C, H, W]` tensor; `None` if any lacks them.

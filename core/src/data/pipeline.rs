@@ -7,7 +7,7 @@ use std::sync::mpsc::{Receiver, sync_channel};
 
 use image::RgbImage;
 
-use super::decode::{DecodeLimits, decode_rgb};
+use super::decode::DecodeLimits;
 use super::rng::SplitMix64;
 use super::skips::{Skip, SkipCounts};
 use super::source::{DataError, Item, Source};
@@ -92,8 +92,21 @@ pub fn epoch_order(len: usize, seed: u64, epoch: u64) -> Vec<u32> {
 }
 
 /// Decodes item `index` and prepares it; the augmentation draws from (seed, epoch, index) only, so the
-/// result never depends on thread timing.
+/// result never depends on thread timing. A panic while decoding (a codec bug on one file) is caught and
+/// counted as [`Skip::DecoderPanic`]: it costs that item, not the run, nor every resume after it (which
+/// would replay the same file).
 pub fn load_example(
+    source: &Source,
+    index: usize,
+    aug: &Augment,
+    limits: DecodeLimits,
+    g: &mut SplitMix64,
+) -> Result<Example, Skip> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| load_uncaught(source, index, aug, limits, g)))
+        .unwrap_or(Err(Skip::DecoderPanic))
+}
+
+fn load_uncaught(
     source: &Source,
     index: usize,
     aug: &Augment,
@@ -116,7 +129,7 @@ pub fn load_example(
         Item::Cached(row) => source.cache.as_ref().expect("a cache source has a cache").example(*row),
         Item::Stored { key, image, caption } => {
             let caption = source.caption(caption)?;
-            let img = decode_rgb(&source.read(image)?, limits)?;
+            let img = (source.decode)(&source.read(image)?, limits)?;
             Ok(Example { key: key.clone(), image: prepare(&img, aug, g), caption, label: None, latents: None })
         }
     }

@@ -24,6 +24,9 @@ pub enum Skip {
     BadRow,
     MissingShard,
     TruncatedShard,
+    /// The image decoder panicked on this item (a bug in a codec, caught so that the run goes on; the
+    /// panic message is on stderr).
+    DecoderPanic,
 }
 
 impl Skip {
@@ -41,6 +44,7 @@ impl Skip {
             Skip::BadRow => "bad table row",
             Skip::MissingShard => "missing shard",
             Skip::TruncatedShard => "truncated shard",
+            Skip::DecoderPanic => "decoder panic",
         }
     }
 }

@@ -10,6 +10,7 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
+use super::decode::{DecodeLimits, decode_rgb};
 use super::latent_cache::LatentCache;
 use super::skips::{Skip, SkipCounts};
 use super::synthetic::{Split, World};
@@ -126,6 +127,23 @@ pub enum Item {
     Cached(usize),
 }
 
+/// Which data a run was trained on: recorded in every checkpoint and compared on resume, so that a folder
+/// or table whose items changed under the same path is not silently continued at a position that now
+/// means other images.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DataIdentity {
+    pub name: String,
+    pub items: usize,
+    /// CRC-32 over the items' keys in index order (and, for a latent cache, the VAE that made it).
+    pub fingerprint: String,
+}
+
+impl std::fmt::Display for DataIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({} items, fingerprint {})", self.name, self.items, self.fingerprint)
+    }
+}
+
 /// An indexed source.
 pub struct Source {
     pub name: String,
@@ -135,6 +153,8 @@ pub struct Source {
     pub cache: Option<LatentCache>,
     /// What indexing skipped.
     pub index_skips: SkipCounts,
+    /// Image bytes -> RGB8 ([`decode_rgb`] unless a test swaps in another).
+    pub decode: fn(&[u8], DecodeLimits) -> Result<image::RgbImage, Skip>,
 }
 
 impl Source {
@@ -171,11 +191,30 @@ impl Source {
         if items.is_empty() {
             return Err(DataError::Empty { source_name: name, skips: skips.summary() });
         }
-        Ok(Self { name, items, shards, world, cache, index_skips: skips })
+        Ok(Self { name, items, shards, world, cache, index_skips: skips, decode: decode_rgb })
     }
 
     pub fn len(&self) -> usize {
         self.items.len()
+    }
+
+    pub fn identity(&self) -> DataIdentity {
+        let mut h = crc32fast::Hasher::new();
+        if let Some(cache) = &self.cache {
+            h.update(cache.manifest.vae_identity.as_bytes());
+        }
+        for item in &self.items {
+            match item {
+                Item::Stored { key, .. } => h.update(key.as_bytes()),
+                Item::Synthetic(i) => h.update(&i.to_le_bytes()),
+                Item::Cached(row) => match self.cache.as_ref().and_then(|c| c.manifest.entries.get(*row)) {
+                    Some(entry) => h.update(entry.key.as_bytes()),
+                    None => h.update(&row.to_le_bytes()),
+                },
+            }
+            h.update(&[0]);
+        }
+        DataIdentity { name: self.name.clone(), items: self.len(), fingerprint: format!("{:08x}", h.finalize()) }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -218,6 +257,11 @@ impl Source {
 /// `size` bytes at `offset` of a file (a shard member, a cache row); a short file is a truncated shard.
 pub(crate) fn read_member(shard: &Path, offset: u64, size: u64) -> Result<Vec<u8>, Skip> {
     let mut f = File::open(shard).map_err(|_| Skip::MissingShard)?;
+    // The size comes from a header (tar, safetensors): check it against the file before allocating it.
+    let len = f.metadata().map_err(|_| Skip::Unreadable)?.len();
+    if offset.checked_add(size).is_none_or(|end| end > len) {
+        return Err(Skip::TruncatedShard);
+    }
     f.seek(SeekFrom::Start(offset)).map_err(|_| Skip::TruncatedShard)?;
     let mut buf = vec![0; size as usize];
     f.read_exact(&mut buf).map_err(|_| Skip::TruncatedShard)?;

@@ -136,6 +136,22 @@ impl StageConfig {
     }
 }
 
+/// Top-level keys a resumed run may change (see [`TrainConfig::resume_changes`]).
+pub const RESUMABLE_KEYS: [&str; 10] = [
+    "attention",
+    "grad_clip",
+    "weight_decay",
+    "workers",
+    "log_every",
+    "eval_every",
+    "eval_size",
+    "eval_data",
+    "checkpoint_every",
+    "keep_checkpoints",
+];
+/// Stage keys a resumed run may change: the learning-rate schedule.
+pub const RESUMABLE_STAGE_KEYS: [&str; 4] = ["lr", "warmup", "min_lr_ratio", "lr_decoders"];
+
 impl TrainConfig {
     /// The README's main job: the tiny preset on the embedded world, sized to finish in about 15 minutes on
     /// a 2-core CPU. Two stages at 10:1 like the paper's recipe, at 64 then 128 px (a quarter of the paper's
@@ -270,6 +286,53 @@ impl TrainConfig {
         m
     }
 
+    /// What a resumed run changes relative to the config it was started with, one line per key
+    /// (`stages[1].lr: 0.0005 -> 0.00025`). Only keys that leave the data stream, the model and the meaning
+    /// of the saved position alone may change ([`RESUMABLE_KEYS`], [`RESUMABLE_STAGE_KEYS`]: the learning
+    /// rate after a NaN stop, how often to evaluate or checkpoint...); any other difference is refused,
+    /// naming the key.
+    pub fn resume_changes(&self, saved: &TrainConfig) -> Result<Vec<String>, String> {
+        let table = |c: &TrainConfig| match toml::Value::try_from(c) {
+            Ok(toml::Value::Table(t)) => Ok(t),
+            _ => Err("the config does not serialise".to_string()),
+        };
+        let (new, old) = (table(self)?, table(saved)?);
+        let mut changes = vec![];
+        let mut compare = |key: String, a: Option<&toml::Value>, b: Option<&toml::Value>, allowed: bool| {
+            if a == b {
+                return Ok(());
+            }
+            let show = |v: Option<&toml::Value>| v.map_or("(unset)".to_string(), |v| v.to_string());
+            if !allowed {
+                return Err(format!("`{key}` differs ({} -> {})", show(b), show(a)));
+            }
+            changes.push(format!("{key}: {} -> {}", show(b), show(a)));
+            Ok(())
+        };
+        for key in new.keys().chain(old.keys()).filter(|k| *k != "stages").collect::<std::collections::BTreeSet<_>>() {
+            compare(key.clone(), new.get(key), old.get(key), RESUMABLE_KEYS.contains(&key.as_str()))?;
+        }
+        if self.stages.len() != saved.stages.len() {
+            return Err(format!("the number of stages differs ({} -> {})", saved.stages.len(), self.stages.len()));
+        }
+        let stages = |t: &toml::Table| t.get("stages").and_then(|s| s.as_array()).cloned().unwrap_or_default();
+        for (i, (a, b)) in stages(&new).iter().zip(stages(&old).iter()).enumerate() {
+            let (Some(a), Some(b)) = (a.as_table(), b.as_table()) else { continue };
+            for key in a.keys().chain(b.keys()).collect::<std::collections::BTreeSet<_>>() {
+                let allowed = RESUMABLE_STAGE_KEYS.contains(&key.as_str());
+                compare(format!("stages[{i}].{key}"), a.get(key), b.get(key), allowed)?;
+            }
+        }
+        Ok(changes)
+    }
+
+    /// Multiplies every stage's peak learning rate by `scale` (`ov3 train --lr-scale`).
+    pub fn scale_lr(&mut self, scale: f64) {
+        for s in &mut self.stages {
+            s.lr *= scale;
+        }
+    }
+
     pub fn total_steps(&self) -> u64 {
         self.stages.iter().map(|s| s.steps).sum()
     }
@@ -304,8 +367,8 @@ impl TrainConfig {
         }
         for s in &self.stages {
             let name = &s.name;
-            if s.resolution < 16 || s.resolution % 16 != 0 {
-                return Err(format!("stage `{name}`: resolution {} is not a positive multiple of 16", s.resolution));
+            if let Err(e) = crate::data::decode::check_resolution(s.resolution, 16) {
+                return Err(format!("stage `{name}`: {e}"));
             }
             if s.steps == 0 || s.batch < 2 || s.accumulate == 0 {
                 return Err(format!(

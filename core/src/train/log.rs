@@ -18,18 +18,30 @@ pub struct StepRecord {
     pub step: u64,
     pub stage: String,
     pub resolution: u32,
+    #[serde(with = "crate::json_float")]
     pub lr: f64,
+    #[serde(with = "crate::json_float")]
     pub total: f64,
+    #[serde(default, with = "crate::json_float::option")]
     pub rec: Option<f64>,
+    #[serde(default, with = "crate::json_float::option")]
     pub pixel_l1: Option<f64>,
+    #[serde(default, with = "crate::json_float::option")]
     pub latent_l1: Option<f64>,
+    #[serde(default, with = "crate::json_float::option")]
     pub lpips: Option<f64>,
+    #[serde(default, with = "crate::json_float::option")]
     pub und: Option<f64>,
+    #[serde(default, with = "crate::json_float::option")]
     pub caption: Option<f64>,
+    #[serde(default, with = "crate::json_float::option")]
     pub contrastive: Option<f64>,
+    #[serde(with = "crate::json_float")]
     pub grad_norm: f64,
     /// exp(logit_scale), the contrastive inverse temperature.
+    #[serde(with = "crate::json_float")]
     pub logit_scale: f64,
+    #[serde(with = "crate::json_float")]
     pub images_per_s: f64,
 }
 
@@ -65,13 +77,18 @@ pub enum Record {
         epoch: u64,
         counts: SkipCounts,
     },
+    /// A resume that changed settings (`stages[0].lr: 0.001 -> 0.0005`), at the step it continued from.
+    Resume {
+        step: u64,
+        changes: Vec<String>,
+    },
 }
 
 impl Record {
     pub fn step(&self) -> u64 {
         match self {
             Record::Step(r) => r.step,
-            Record::Eval { step, .. } | Record::Skips { step, .. } => *step,
+            Record::Eval { step, .. } | Record::Skips { step, .. } | Record::Resume { step, .. } => *step,
         }
     }
 }
@@ -82,20 +99,36 @@ pub struct MetricsLog {
 }
 
 impl MetricsLog {
-    /// Opens the run's log for appending. When resuming from `resumed_at`, lines of later steps (written
-    /// after that checkpoint, before a crash) are dropped first so the log matches the restored state.
+    /// Opens the run's log for appending. When resuming from `resumed_at`, records of later steps (written
+    /// after that checkpoint, before a crash) are dropped first so the log matches the restored state; a
+    /// torn last line (a crash mid-write) goes too, and any other line this version cannot read is kept
+    /// as it is. A new record never continues a torn line.
     pub fn open(run: &Path, resumed_at: Option<u64>) -> std::io::Result<Self> {
         let path = run.join(METRICS_FILE);
+        let text = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => vec![],
+            Err(e) => return Err(e),
+        };
         if let Some(step) = resumed_at {
-            let kept: Vec<Record> = read(&path)?.into_iter().filter(|r| r.step() <= step).collect();
-            let mut text = String::new();
-            for r in &kept {
-                text.push_str(&serde_json::to_string(r).expect("records serialise"));
-                text.push('\n');
+            let complete = if text.ends_with(b"\n") { &text[..] } else { &text[..text.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1)] };
+            let mut kept = String::new();
+            for line in String::from_utf8_lossy(complete).lines() {
+                match serde_json::from_str::<Record>(line) {
+                    Ok(r) if r.step() > step => continue,
+                    _ if line.trim().is_empty() => continue,
+                    _ => {
+                        kept.push_str(line);
+                        kept.push('\n');
+                    }
+                }
             }
-            crate::fsio::atomic_write(&path, text.as_bytes())?;
+            crate::fsio::atomic_write(&path, kept.as_bytes())?;
         }
-        let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        let mut file = OpenOptions::new().create(true).append(true).open(&path)?;
+        if resumed_at.is_none() && !text.is_empty() && !text.ends_with(b"\n") {
+            file.write_all(b"\n")?;
+        }
         Ok(Self { path, file })
     }
 

@@ -19,7 +19,7 @@ use crate::config::ModelConfig;
 use crate::data::decode::DecodeLimits;
 use crate::data::pipeline::{Augment, HostBatch, LoaderConfig, Position, spawn_loader};
 use crate::data::skips::SkipCounts;
-use crate::data::source::{DataError, Source, Spec};
+use crate::data::source::{DataError, DataIdentity, Source, Spec};
 use crate::eval::{EvalReport, EvalSet, evaluate};
 use crate::image_io::{grid, save_png};
 use crate::losses::Perceptual;
@@ -44,13 +44,15 @@ pub enum TrainError {
     Checkpoint(#[from] CheckpointError),
     #[error(transparent)]
     Weights(#[from] crate::weights::WeightsError),
+    #[error("held-out evaluation: {0}")]
+    Evaluation(#[from] crate::metrics::NonFiniteImage),
     #[error("{path}: {source}")]
     Io { path: String, source: std::io::Error },
     #[error(
-        "step {step}: the {term} loss is {value}; the run stopped before the optimiser used it \
-         (the last checkpoint is intact; lower the learning rate or check the data)"
+        "step {step}: {what}; the run stopped before saving it. {checkpoint} Continue at a lower learning rate \
+         with `ov3 train --out {run} --resume --lr-scale 0.5`, or check the data"
     )]
-    NonFinite { step: u64, term: &'static str, value: f64 },
+    NonFinite { step: u64, what: String, run: String, checkpoint: String },
 }
 
 fn io_err(path: &Path) -> impl Fn(std::io::Error) -> TrainError + '_ {
@@ -93,13 +95,19 @@ pub fn train(
     cfg.validate().map_err(TrainError::Refused)?;
     let tokenizer = cfg.tokenizer().map_err(TrainError::Refused)?;
     let model_cfg = cfg.model_config(&tokenizer);
-    let (model, mut optim, mut state) = prepare_run(run, cfg, &model_cfg, &tokenizer, resume, device)?;
-    let mut model = model.with_attention(cfg.attention);
+    let source = Arc::new(Source::open(&Spec::parse(&cfg.data)?)?);
+    let prepared = prepare_run(run, cfg, &model_cfg, &tokenizer, resume, source.identity(), device)?;
+    let (mut optim, mut state) = (prepared.optim, prepared.state);
+    let mut model = prepared.model.with_attention(cfg.attention);
     let mut log = MetricsLog::open(run, resume.then_some(state.step)).map_err(io_err(run))?;
+    prepared.notes.iter().for_each(|n| observer.note(n));
+    if !prepared.changes.is_empty() {
+        observer.note(&format!("resuming with changed settings: {}", prepared.changes.join(", ")));
+        log.append(&Record::Resume { step: state.step, changes: prepared.changes }).map_err(io_err(log.path()))?;
+    }
 
     let vae = Arc::new(Vae::load_or_embedded(cfg.vae.as_deref().map(Path::new), device)?);
     let eval_vae = vae.valid();
-    let source = Arc::new(Source::open(&Spec::parse(&cfg.data)?)?);
     observer.note(&format!(
         "training on {} ({} items) with the {} autoencoder; evaluating on {}",
         source.name,
@@ -157,7 +165,7 @@ pub fn train(
 
         while state.step < stage_end {
             if stop.load(Ordering::SeqCst) {
-                let dir = checkpoint::save(run, &model, &model_cfg, &optim, &state, cfg.keep_checkpoints)?;
+                let dir = save_checkpoint(run, &model, &model_cfg, &optim, &state, cfg.keep_checkpoints)?;
                 return Ok(Outcome::Interrupted { step: state.step, checkpoint: dir });
             }
             // Noise draws depend on (seed, step) only, so a resumed run draws what the straight one did.
@@ -179,7 +187,7 @@ pub fn train(
                 let out = model.losses(&batch, &weights, model_cfg.tau, frozen);
                 let terms = read_terms(&out);
                 if let Some((term, value)) = terms.terms().into_iter().find(|(_, v)| !v.is_finite()) {
-                    return Err(TrainError::NonFinite { step: state.step, term, value });
+                    return Err(diverged(run, state.step, format!("the {term} loss is {value}")));
                 }
                 add_terms(&mut sums, &terms, 1.0 / stage.accumulate as f64);
                 let grads = out.total.div_scalar(stage.accumulate as f64).backward();
@@ -188,7 +196,7 @@ pub fn train(
             let mut grads = accumulator.grads();
             let grad_norm = clip_grad_norm(&model, &mut grads, cfg.grad_clip);
             if !grad_norm.is_finite() {
-                return Err(TrainError::NonFinite { step: state.step, term: "gradient norm", value: grad_norm });
+                return Err(diverged(run, state.step, format!("the gradient norm is {grad_norm}")));
             }
             model = step_with_decoder_lr(&mut optim, model, grads, lr, stage.lr_decoders);
             state.step += 1;
@@ -229,7 +237,7 @@ pub fn train(
                 report = Some(r);
             }
             if last || state.step % cfg.checkpoint_every == 0 {
-                checkpoint::save(run, &model, &model_cfg, &optim, &state, cfg.keep_checkpoints)?;
+                save_checkpoint(run, &model, &model_cfg, &optim, &state, cfg.keep_checkpoints)?;
             }
         }
     }
@@ -248,54 +256,85 @@ pub fn train(
     Ok(Outcome::Finished { step: state.step, report: Box::new(report) })
 }
 
-/// A fresh run (refusing a folder that already holds one) or the latest checkpoint of an existing one
-/// (refusing a config that differs from the one it was started with).
+/// What [`prepare_run`] hands the loop: the model, optimizer and state to continue from, and what the
+/// observer and the log should hear about.
+struct Prepared {
+    model: Ov3,
+    optim: ModuleOptimizer,
+    state: TrainState,
+    /// Recovered or skipped checkpoints, a checkpoint without a data record.
+    notes: Vec<String>,
+    /// Settings changed on resume (`stages[0].lr: 0.001 -> 0.0005`).
+    changes: Vec<String>,
+}
+
+/// A fresh run (refusing a folder that already holds one) or the newest intact checkpoint of an existing
+/// one (refusing a config that differs from the one it was started with outside the resumable keys, and
+/// data that changed).
 fn prepare_run(
     run: &Path,
     cfg: &TrainConfig,
     model_cfg: &ModelConfig,
     tokenizer: &Tokenizer,
     resume: bool,
+    data: DataIdentity,
     device: &Device,
-) -> Result<(Ov3, ModuleOptimizer, TrainState), TrainError> {
+) -> Result<Prepared, TrainError> {
     let config_path = run.join(CONFIG_FILE);
     let make_optim = |m: &Ov3| adamw(m, cfg.weight_decay as f32);
     if resume {
         let saved = std::fs::read_to_string(&config_path).map_err(io_err(&config_path))?;
         let saved = TrainConfig::from_toml(&saved)
             .map_err(|e| TrainError::Refused(format!("{}: {e}", config_path.display())))?;
-        if &saved != cfg {
-            return Err(TrainError::Refused(format!(
-                "{} was started with a different config ({}); resume without --config/--preset, or train into a new --out",
-                run.display(),
-                first_difference(&saved, cfg)
-            )));
-        }
-        let dir = checkpoint::latest(run)
-            .ok_or_else(|| TrainError::Refused(format!("{} holds no checkpoint to resume from", run.display())))?;
-        let (model, saved_model_cfg, optim, state) = checkpoint::load(&dir, device, make_optim)?;
-        if &saved_model_cfg != model_cfg {
+        let changes = cfg.resume_changes(&saved).map_err(|difference| {
+            TrainError::Refused(format!(
+                "{} was started with a different config ({difference}); a resume may change only the learning-rate \
+                 schedule and the logging/evaluation/checkpoint settings; train into a new --out",
+                run.display()
+            ))
+        })?;
+        let mut notes = checkpoint::recover(run);
+        let loaded = checkpoint::load_latest(run, device, make_optim)?;
+        notes.extend(loaded.notes);
+        let dir = &loaded.dir;
+        if &loaded.cfg != model_cfg {
+            let (a, b) = (&loaded.cfg, model_cfg);
             return Err(TrainError::Refused(format!(
                 "{}: the checkpoint's model (encoder width {}, {} latent channels, vocabulary {}) does not match the config's \
                  (encoder width {}, {} latent channels, vocabulary {})",
                 dir.display(),
-                saved_model_cfg.encoder.width,
-                saved_model_cfg.latent_channels,
-                saved_model_cfg.vocab_size,
-                model_cfg.encoder.width,
-                model_cfg.latent_channels,
-                model_cfg.vocab_size
+                a.encoder.width,
+                a.latent_channels,
+                a.vocab_size,
+                b.encoder.width,
+                b.latent_channels,
+                b.vocab_size
             )));
         }
-        if model.tokenizer.spec() != tokenizer.spec() {
+        if loaded.model.tokenizer.spec() != tokenizer.spec() {
             return Err(TrainError::Refused(format!(
                 "{}: the checkpoint's tokenizer ({}) is not the config's ({})",
                 dir.display(),
-                model.tokenizer.describe(),
+                loaded.model.tokenizer.describe(),
                 tokenizer.describe()
             )));
         }
-        return Ok((model, optim, state));
+        match &loaded.state.data {
+            Some(saved) if *saved != data => {
+                return Err(TrainError::Refused(format!(
+                    "{}: the run was trained on {saved}, but the data is now {data}: its saved position would \
+                     continue over other images; restore the data or train into a new --out",
+                    dir.display()
+                )));
+            }
+            Some(_) => {}
+            None => notes.push(format!("{}: written before checkpoints recorded their data; not checked", dir.display())),
+        }
+        if !changes.is_empty() {
+            crate::fsio::atomic_write(&config_path, cfg.to_toml().as_bytes()).map_err(io_err(&config_path))?;
+        }
+        let state = TrainState { data: Some(data), ..loaded.state };
+        return Ok(Prepared { model: loaded.model, optim: loaded.optim, state, notes, changes });
     }
     if config_path.exists() || !checkpoint::list(run).is_empty() {
         return Err(TrainError::Refused(format!(
@@ -309,15 +348,47 @@ fn prepare_run(
     let mut model = Ov3::new(model_cfg, device);
     model.tokenizer = tokenizer.clone();
     let optim = make_optim(&model);
-    Ok((model, optim, TrainState { step: 0, position: Position::default(), seed: cfg.seed }))
+    let state = TrainState { step: 0, position: Position::default(), seed: cfg.seed, data: Some(data) };
+    Ok(Prepared { model, optim, state, notes: vec![], changes: vec![] })
 }
 
-/// The first top-level key whose value differs, for the refusal message.
-fn first_difference(a: &TrainConfig, b: &TrainConfig) -> String {
-    let (a, b) = (toml::Value::try_from(a).ok(), toml::Value::try_from(b).ok());
-    let (Some(toml::Value::Table(a)), Some(toml::Value::Table(b))) = (a, b) else { return "unknown".into() };
-    let key = a.keys().chain(b.keys()).find(|k| a.get(*k) != b.get(*k));
-    key.map_or_else(|| "unknown".into(), |k| format!("`{k}` differs"))
+/// [`checkpoint::save`], where non-finite weights or optimizer state (a step that diverged without a
+/// non-finite loss yet) stop the run like a NaN loss does.
+fn save_checkpoint(
+    run: &Path,
+    model: &Ov3,
+    cfg: &ModelConfig,
+    optim: &ModuleOptimizer,
+    state: &TrainState,
+    keep: usize,
+) -> Result<PathBuf, TrainError> {
+    use crate::weights::WeightsError;
+    match checkpoint::save(run, model, cfg, optim, state, keep) {
+        Err(CheckpointError::Weights(WeightsError::NonFinite { key, value, .. })) => {
+            Err(diverged(run, state.step, format!("the weight `{key}` is {value}")))
+        }
+        Err(CheckpointError::NonFiniteOptimizer { tensor, value, .. }) => {
+            Err(diverged(run, state.step, format!("the optimizer state of `{tensor}` is {value}")))
+        }
+        other => Ok(other?),
+    }
+}
+
+/// The error for a run that diverged at `step`. A checkpoint of that very step holds the weights that gave
+/// the non-finite value: it is moved aside, so that `--resume` continues from the one before.
+fn diverged(run: &Path, step: u64, what: String) -> TrainError {
+    let current = checkpoint::list(run).into_iter().find(|d| d.ends_with(format!("step-{step:08}")));
+    let rejected = current.map(|dir| checkpoint::reject(&dir));
+    let checkpoint = match (rejected, checkpoint::latest_intact(run).0) {
+        (Some(Err(e)), _) => format!("The checkpoint of step {step} could not be moved aside ({e})."),
+        (Some(Ok(aside)), Some(last)) => {
+            format!("Its weights were checkpointed (moved to {}); the last good checkpoint is {}.", aside.display(), last.display())
+        }
+        (Some(Ok(aside)), None) => format!("Its weights were checkpointed (moved to {}); no earlier checkpoint.", aside.display()),
+        (None, Some(last)) => format!("The last checkpoint, {}, is intact.", last.display()),
+        (None, None) => "No checkpoint was written yet.".to_string(),
+    };
+    TrainError::NonFinite { step, what, run: run.display().to_string(), checkpoint }
 }
 
 /// Every loss term as f64, read from the device in one transfer.
@@ -416,7 +487,7 @@ fn evaluate_and_draw(
     device: &Device,
 ) -> Result<EvalReport, TrainError> {
     let plain = device.clone().without_autodiff();
-    let (report, outputs) = evaluate(&model.valid(), cfg, vae, lpips, set, batch, 4, &plain);
+    let (report, outputs) = evaluate(&model.valid(), cfg, vae, lpips, set, batch, 4, &plain)?;
     let rows: Vec<Vec<_>> = (0..GRID_ROWS.min(set.len()))
         .map(|i| vec![&set.images[i], &outputs.vae_only[i], &outputs.reconstructions[i]])
         .collect();
