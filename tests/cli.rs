@@ -61,6 +61,11 @@ fn bomb_png(path: &std::path::Path) {
     png.extend(13u32.to_be_bytes());
     png.extend(&ihdr);
     png.extend(crc(&ihdr).to_be_bytes());
+    // The start of the pixel data (a decoder reads the size from IHDR once it reaches IDAT).
+    let idat = [b"IDAT".as_slice(), &[0x78, 0x9c, 0x01, 0x00]].concat();
+    png.extend(4u32.to_be_bytes());
+    png.extend(&idat);
+    png.extend(crc(&idat).to_be_bytes());
     png.extend([0, 0, 0, 0]);
     png.extend(b"IEND");
     png.extend(crc(b"IEND").to_be_bytes());

@@ -293,7 +293,19 @@ fn prepare_run(
                 run.display()
             ))
         })?;
+        // The changed settings are kept only once the resume is accepted.
+        let keep_changes = || match changes.is_empty() {
+            true => Ok(()),
+            false => crate::fsio::atomic_write(&config_path, cfg.to_toml().as_bytes()).map_err(io_err(&config_path)),
+        };
         let mut notes = checkpoint::recover(run);
+        if checkpoint::list(run).is_empty() {
+            // Stopped (killed) before its first checkpoint: nothing to lose, so start it over.
+            notes.push(format!("{} has no checkpoint yet: starting from step 0", run.display()));
+            keep_changes()?;
+            let (model, optim, state) = fresh(cfg, model_cfg, tokenizer, data, device);
+            return Ok(Prepared { model, optim, state, notes, changes });
+        }
         let loaded = checkpoint::load_latest(run, device, make_optim)?;
         notes.extend(loaded.notes);
         let dir = &loaded.dir;
@@ -330,9 +342,7 @@ fn prepare_run(
             Some(_) => {}
             None => notes.push(format!("{}: written before checkpoints recorded their data; not checked", dir.display())),
         }
-        if !changes.is_empty() {
-            crate::fsio::atomic_write(&config_path, cfg.to_toml().as_bytes()).map_err(io_err(&config_path))?;
-        }
+        keep_changes()?;
         let state = TrainState { data: Some(data), ..loaded.state };
         return Ok(Prepared { model: loaded.model, optim: loaded.optim, state, notes, changes });
     }
@@ -344,12 +354,23 @@ fn prepare_run(
     }
     std::fs::create_dir_all(run).map_err(io_err(run))?;
     crate::fsio::atomic_write(&config_path, cfg.to_toml().as_bytes()).map_err(io_err(&config_path))?;
+    let (model, optim, state) = fresh(cfg, model_cfg, tokenizer, data, device);
+    Ok(Prepared { model, optim, state, notes: vec![], changes: vec![] })
+}
+
+/// A new model (seeded by the config), its optimizer, and step 0.
+fn fresh(
+    cfg: &TrainConfig,
+    model_cfg: &ModelConfig,
+    tokenizer: &Tokenizer,
+    data: DataIdentity,
+    device: &Device,
+) -> (Ov3, ModuleOptimizer, TrainState) {
     device.seed(cfg.seed);
     let mut model = Ov3::new(model_cfg, device);
     model.tokenizer = tokenizer.clone();
-    let optim = make_optim(&model);
-    let state = TrainState { step: 0, position: Position::default(), seed: cfg.seed, data: Some(data) };
-    Ok(Prepared { model, optim, state, notes: vec![], changes: vec![] })
+    let optim = adamw(&model, cfg.weight_decay as f32);
+    (model, optim, TrainState { step: 0, position: Position::default(), seed: cfg.seed, data: Some(data) })
 }
 
 /// [`checkpoint::save`], where non-finite weights or optimizer state (a step that diverged without a
