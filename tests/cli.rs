@@ -84,7 +84,17 @@ fn oversized_images_and_resolutions_are_refused_before_any_work() {
         (vec!["reconstruct", "--backend", "cpu", "--image", bomb_s, "--out", out_s], "pixels"),
         (vec!["vae", "encode", "--backend", "cpu", "--image", bomb_s, "--out", "/tmp/x.safetensors"], "pixels"),
         (
-            vec!["reconstruct", "--backend", "cpu", "--image", photo.to_str().unwrap(), "--res", "65536", "--out", out_s],
+            vec![
+                "reconstruct",
+                "--backend",
+                "cpu",
+                "--image",
+                photo.to_str().unwrap(),
+                "--res",
+                "65536",
+                "--out",
+                out_s,
+            ],
             "4096",
         ),
         (vec!["bench", "step", "--backend", "cpu", "--res", "100000"], "4096"),
@@ -390,7 +400,8 @@ fn a_signal_writes_a_checkpoint_and_resume_finishes_the_run(signal: &str) {
     assert!(stdout.contains("interrupted at step") && stdout.contains("--resume"), "{stdout}");
     // The checkpoint is the step the signal interrupted, not the last periodic one (checkpoint_every is
     // larger than the run).
-    let step: u64 = stdout.split("interrupted at step ").nth(1).and_then(|s| s.split(';').next()).unwrap().parse().unwrap();
+    let step: u64 =
+        stdout.split("interrupted at step ").nth(1).and_then(|s| s.split(';').next()).unwrap().parse().unwrap();
     assert!(step >= 2, "{stdout}");
     assert!(run.join(format!("checkpoints/step-{step:08}/checksums.json")).is_file(), "no checkpoint of step {step}");
     // The resumed run picks up the saved config and finishes.

@@ -180,7 +180,11 @@ fn a_diverged_step_is_not_resumed_from_and_a_lower_lr_continues_the_run() {
     assert!(matches!(resumed, Ok(Outcome::Finished { step: 6, .. })), "{resumed:?}");
     assert!(notes.iter().any(|n| n.contains("stages[1].lr")), "{notes:?}");
     let logged = read(&tmp.path().join("metrics.jsonl")).expect("metrics");
-    assert!(logged.iter().any(|r| matches!(r, Record::Resume { changes, .. } if changes.iter().any(|c| c.contains("stages[1].lr")))));
+    assert!(
+        logged
+            .iter()
+            .any(|r| matches!(r, Record::Resume { changes, .. } if changes.iter().any(|c| c.contains("stages[1].lr"))))
+    );
     // What a resume may not change is still refused, naming the key.
     let mut other = lower.clone();
     other.stages[1].batch = 5;
@@ -238,7 +242,9 @@ fn a_model_file_with_a_nan_weight_is_refused_by_name() {
     }
     let views: Vec<(String, safetensors::tensor::TensorView)> = data
         .iter()
-        .map(|(n, d, s)| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d).unwrap()))
+        .map(|(n, d, s)| {
+            (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d).unwrap())
+        })
         .collect();
     let bad = tmp.path().join("bad.safetensors");
     std::fs::write(&bad, safetensors::serialize(views, meta.metadata().clone()).unwrap()).unwrap();

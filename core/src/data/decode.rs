@@ -16,7 +16,9 @@ pub const MAX_RESOLUTION: u32 = 4096;
 /// for the VAE alone) from `multiple` to [`MAX_RESOLUTION`].
 pub fn check_resolution(res: u32, multiple: u32) -> Result<(), String> {
     if res < multiple || res % multiple != 0 || res > MAX_RESOLUTION {
-        return Err(format!("resolution {res} is not a multiple of {multiple} between {multiple} and {MAX_RESOLUTION}"));
+        return Err(format!(
+            "resolution {res} is not a multiple of {multiple} between {multiple} and {MAX_RESOLUTION}"
+        ));
     }
     Ok(())
 }

@@ -299,7 +299,12 @@ fn validate(dir: &Path, m: &Manifest) -> Result<Vec<ShardLayout>, String> {
 }
 
 /// Reads and checks one shard's safetensors header.
-fn shard_layout(path: &Path, [c, h, w]: [usize; 3], r: usize, expected_bytes: Option<u64>) -> Result<ShardLayout, String> {
+fn shard_layout(
+    path: &Path,
+    [c, h, w]: [usize; 3],
+    r: usize,
+    expected_bytes: Option<u64>,
+) -> Result<ShardLayout, String> {
     use std::io::Read;
     let mut f = File::open(path).map_err(|e| e.to_string())?;
     let len = f.metadata().map_err(|e| e.to_string())?.len();
@@ -336,7 +341,10 @@ fn shard_layout(path: &Path, [c, h, w]: [usize; 3], r: usize, expected_bytes: Op
     };
     let (rows, latent_shape, latents_at) = tensor("latents", "F32", 4)?;
     let (image_rows, image_shape, images_at) = tensor("images", "U8", 1)?;
-    if latent_shape.get(1..) != Some(&[c, h, w][..]) || image_shape.get(1..) != Some(&[3, r, r][..]) || rows != image_rows {
+    if latent_shape.get(1..) != Some(&[c, h, w][..])
+        || image_shape.get(1..) != Some(&[3, r, r][..])
+        || rows != image_rows
+    {
         return Err(format!(
             "holds latents {latent_shape:?} and images {image_shape:?}, the manifest says [rows, {c}, {h}, {w}] and [rows, 3, {r}, {r}]"
         ));

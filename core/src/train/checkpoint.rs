@@ -142,9 +142,9 @@ pub fn recover(run: &Path) -> Vec<String> {
         .filter_map(Result::ok)
         .map(|e| e.path())
         .filter(|p| {
-            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
-                n.starts_with(".step-") && (n.ends_with(".tmp") || n.ends_with(".old"))
-            })
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(".step-") && (n.ends_with(".tmp") || n.ends_with(".old")))
         })
         .collect();
     // Every `.tmp` (a new copy) before any `.old` (the copy it replaces): a verified new copy wins.
@@ -305,7 +305,10 @@ pub fn verify(dir: &Path) -> Result<(), String> {
                 let expected = sums.get(file).ok_or_else(|| format!("{CHECKSUMS_FILE} does not list {file}"))?;
                 let found = checksum(&path).map_err(|e| format!("{file}: {e}"))?;
                 if found.0 != expected.0 {
-                    return Err(format!("{file} is {} bytes, {} when written (truncated or replaced)", found.0, expected.0));
+                    return Err(format!(
+                        "{file} is {} bytes, {} when written (truncated or replaced)",
+                        found.0, expected.0
+                    ));
                 }
                 if found.1 != expected.1 {
                     return Err(format!("{file} does not match its checksum (corrupt)"));
@@ -324,9 +327,15 @@ fn check_optimizer_finite(bytes: &Bytes, model: &Ov3, step: u64) -> Result<(), C
     for tensor in reader.into_tensors().map_err(|e| bad(e.to_string()))? {
         let (name, dtype, _, param, data) = tensor.into_parts().map_err(|e| bad(e.to_string()))?;
         let values: Vec<f32> = match dtype {
-            burn_pack::DType::F32 => data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-            burn_pack::DType::F16 => data.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-            burn_pack::DType::BF16 => data.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            burn_pack::DType::F32 => {
+                data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+            }
+            burn_pack::DType::F16 => {
+                data.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect()
+            }
+            burn_pack::DType::BF16 => {
+                data.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect()
+            }
             _ => continue,
         };
         if let Some(value) = values.into_iter().find(|v| !v.is_finite()) {

@@ -111,7 +111,11 @@ impl MetricsLog {
             Err(e) => return Err(e),
         };
         if let Some(step) = resumed_at {
-            let complete = if text.ends_with(b"\n") { &text[..] } else { &text[..text.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1)] };
+            let complete = if text.ends_with(b"\n") {
+                &text[..]
+            } else {
+                &text[..text.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1)]
+            };
             let mut kept = String::new();
             for line in String::from_utf8_lossy(complete).lines() {
                 match serde_json::from_str::<Record>(line) {

@@ -165,7 +165,8 @@ pub fn train(
 
         while state.step < stage_end {
             if stop.load(Ordering::SeqCst) {
-                let dir = save_checkpoint(run, &model, &model_cfg, &optim, &state, cfg.keep_checkpoints)?;
+                let dir = checkpoint::save(run, &model, &model_cfg, &optim, &state, cfg.keep_checkpoints)
+                    .map_err(|e| save_failed(run, state.step, e))?;
                 return Ok(Outcome::Interrupted { step: state.step, checkpoint: dir });
             }
             // Noise draws depend on (seed, step) only, so a resumed run draws what the straight one did.
@@ -237,7 +238,8 @@ pub fn train(
                 report = Some(r);
             }
             if last || state.step % cfg.checkpoint_every == 0 {
-                save_checkpoint(run, &model, &model_cfg, &optim, &state, cfg.keep_checkpoints)?;
+                checkpoint::save(run, &model, &model_cfg, &optim, &state, cfg.keep_checkpoints)
+                    .map_err(|e| save_failed(run, state.step, e))?;
             }
         }
     }
@@ -340,7 +342,9 @@ fn prepare_run(
                 )));
             }
             Some(_) => {}
-            None => notes.push(format!("{}: written before checkpoints recorded their data; not checked", dir.display())),
+            None => {
+                notes.push(format!("{}: written before checkpoints recorded their data; not checked", dir.display()))
+            }
         }
         keep_changes()?;
         let state = TrainState { data: Some(data), ..loaded.state };
@@ -373,25 +377,18 @@ fn fresh(
     (model, optim, TrainState { step: 0, position: Position::default(), seed: cfg.seed, data: Some(data) })
 }
 
-/// [`checkpoint::save`], where non-finite weights or optimizer state (a step that diverged without a
-/// non-finite loss yet) stop the run like a NaN loss does.
-fn save_checkpoint(
-    run: &Path,
-    model: &Ov3,
-    cfg: &ModelConfig,
-    optim: &ModuleOptimizer,
-    state: &TrainState,
-    keep: usize,
-) -> Result<PathBuf, TrainError> {
+/// A failed [`checkpoint::save`] of `step`: non-finite weights or optimizer state (a step that diverged
+/// before any loss showed it) stop the run like a NaN loss does; anything else is passed on.
+fn save_failed(run: &Path, step: u64, e: CheckpointError) -> TrainError {
     use crate::weights::WeightsError;
-    match checkpoint::save(run, model, cfg, optim, state, keep) {
-        Err(CheckpointError::Weights(WeightsError::NonFinite { key, value, .. })) => {
-            Err(diverged(run, state.step, format!("the weight `{key}` is {value}")))
+    match e {
+        CheckpointError::Weights(WeightsError::NonFinite { key, value, .. }) => {
+            diverged(run, step, format!("the weight `{key}` is {value}"))
         }
-        Err(CheckpointError::NonFiniteOptimizer { tensor, value, .. }) => {
-            Err(diverged(run, state.step, format!("the optimizer state of `{tensor}` is {value}")))
+        CheckpointError::NonFiniteOptimizer { tensor, value, .. } => {
+            diverged(run, step, format!("the optimizer state of `{tensor}` is {value}"))
         }
-        other => Ok(other?),
+        other => other.into(),
     }
 }
 
@@ -403,9 +400,15 @@ fn diverged(run: &Path, step: u64, what: String) -> TrainError {
     let checkpoint = match (rejected, checkpoint::latest_intact(run).0) {
         (Some(Err(e)), _) => format!("The checkpoint of step {step} could not be moved aside ({e})."),
         (Some(Ok(aside)), Some(last)) => {
-            format!("Its weights were checkpointed (moved to {}); the last good checkpoint is {}.", aside.display(), last.display())
+            format!(
+                "Its weights were checkpointed (moved to {}); the last good checkpoint is {}.",
+                aside.display(),
+                last.display()
+            )
         }
-        (Some(Ok(aside)), None) => format!("Its weights were checkpointed (moved to {}); no earlier checkpoint.", aside.display()),
+        (Some(Ok(aside)), None) => {
+            format!("Its weights were checkpointed (moved to {}); no earlier checkpoint.", aside.display())
+        }
         (None, Some(last)) => format!("The last checkpoint, {}, is intact.", last.display()),
         (None, None) => "No checkpoint was written yet.".to_string(),
     };
