@@ -80,6 +80,18 @@ pub fn adapters() -> Vec<AdapterSummary> {
     out
 }
 
+/// burn's name for `adapters[index]`: its index among the adapters of its type.
+fn kind_of(adapters: &[AdapterSummary], index: usize) -> DeviceKind {
+    let ty = &adapters[index].device_type;
+    let nth = adapters[..index].iter().filter(|a| &a.device_type == ty).count();
+    match ty.as_str() {
+        "DiscreteGpu" => DeviceKind::DiscreteGpu(nth),
+        "IntegratedGpu" => DeviceKind::IntegratedGpu(nth),
+        "VirtualGpu" => DeviceKind::VirtualGpu(nth),
+        _ => DeviceKind::Cpu,
+    }
+}
+
 /// The device a command runs on, and one line saying why.
 #[derive(Debug, Clone)]
 pub struct Selected {
@@ -91,10 +103,30 @@ pub struct Selected {
 
 /// Resolve `--backend` to a device. `Wgpu` without any adapter is an error, not a silent fallback.
 pub fn select(choice: BackendChoice) -> Result<Selected, String> {
+    select_for(choice, 0)
+}
+
+/// [`select`] for the process of local rank `local_rank` in a data-parallel group (src/parallel.rs): on
+/// wgpu, the machine's `local_rank`-th adapter (hardware first; a rank without an adapter of its own is an
+/// error, two ranks never share one by accident); on the CPU, one flex device per process.
+pub fn select_for(choice: BackendChoice, local_rank: usize) -> Result<Selected, String> {
     // `cpu` never touches the GPU drivers.
-    let best = if choice == BackendChoice::Cpu { None } else { adapters().into_iter().next() };
+    let all = if choice == BackendChoice::Cpu { vec![] } else { adapters() };
+    if local_rank > 0 && choice != BackendChoice::Cpu && !all.is_empty() && local_rank >= all.len() {
+        return Err(format!(
+            "local rank {local_rank} has no wgpu adapter of its own ({} on this machine); start at most {} \
+             processes per machine, or pass --backend cpu",
+            all.len(),
+            all.len()
+        ));
+    }
+    let kind = match local_rank {
+        0 => DeviceKind::DefaultDevice,
+        r => kind_of(&all, r),
+    };
+    let best = all.get(local_rank).cloned();
     let wgpu_device = |adapter: AdapterSummary, reason: String| Selected {
-        device: Device::wgpu(DeviceKind::DefaultDevice),
+        device: Device::wgpu(kind.clone()),
         kind: BackendChoice::Wgpu,
         adapter: Some(adapter),
         reason,

@@ -20,6 +20,7 @@ pub mod json_float;
 pub mod metrics;
 pub mod model_file;
 pub mod optim;
+pub mod parallel;
 pub mod random_batch;
 pub mod step;
 pub mod tokenizer;

@@ -53,6 +53,14 @@ pub fn caption_loss(logits: Tensor<3>, tokens: Tensor<2, Int>, pad_id: usize) ->
     cross_entropy(logits, targets, Some(pad_id))
 }
 
+/// How many targets [`caption_loss`] counts in `tokens` (those after the first position that are not
+/// `pad_id`).
+pub fn caption_targets(tokens: &Tensor<2, Int>, pad_id: usize) -> usize {
+    let [_, t] = tokens.dims();
+    let counted = tokens.clone().narrow(1, 1, t - 1).not_equal_elem(pad_id as i64).int().sum();
+    counted.into_scalar::<i64>().max(0) as usize
+}
+
 /// eq. 5: `L_und = L_caption + alpha * L_contrastive`.
 pub fn understanding_loss(caption: Tensor<1>, contrastive: Tensor<1>, alpha: f64) -> Tensor<1> {
     caption + contrastive.mul_scalar(alpha)

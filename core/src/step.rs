@@ -1,25 +1,203 @@
-//! One optimisation step of the whole model: forward, backward, clip, AdamW.
+//! One optimisation step of the whole model, the only one: the trainer, `ov3 bench step`, `ov3 overfit` and
+//! the tests all call [`train_step`].
+//!
+//! forward + backward over `accumulate` micro-batches -> (data parallel) the group's mean gradient and loss
+//! terms -> finite checks -> global grad-norm clipping -> AdamW, the generative decoders at their own LR.
 
-use burn::optim::{GradientsParams, ModuleOptimizer};
+use burn::module::{Module, ModuleVisitor, Param, ParamId};
+use burn::optim::{GradientsAccumulator, GradientsParams, ModuleOptimizer};
+use burn::tensor::{Tensor, TensorData};
 
 use crate::model::{Batch, Frozen, LossOutput, LossWeights, Ov3};
-use crate::optim::clip_grad_norm;
+use crate::optim::{clip_grad_norm, step_with_decoder_lr};
+use crate::parallel::{Group, GroupExt};
+use crate::train::log::StepRecord;
 
-/// Runs one step on an autodiff device and returns the updated model, its losses and the gradient norm.
-pub fn train_step(
+/// Everything a step needs besides the model, the optimiser and the data.
+#[derive(Clone, Copy)]
+pub struct StepSpec<'a> {
+    pub weights: LossWeights,
+    /// The noise bound of eq. 3.
+    pub tau: f64,
+    /// Micro-batches whose gradients are summed into one optimiser step (each weighs `1 / accumulate`).
+    pub accumulate: usize,
+    pub lr: f64,
+    /// Learning-rate multiplier of the two generative decoders.
+    pub lr_decoders: f64,
+    /// Maximum global gradient norm.
+    pub clip: f64,
+    pub frozen: Frozen<'a>,
+}
+
+impl StepSpec<'_> {
+    /// A plain step: default loss weights, no accumulation, decoders at the same LR.
+    pub fn plain(tau: f64, lr: f64, clip: f64) -> Self {
+        Self {
+            weights: LossWeights::default(),
+            tau,
+            accumulate: 1,
+            lr,
+            lr_decoders: 1.0,
+            clip,
+            frozen: Frozen::default(),
+        }
+    }
+}
+
+/// The model after the step, with the step's loss terms (the mean over micro-batches, and over the group)
+/// and gradient norm (before clipping) filled into a [`StepRecord`].
+pub struct Stepped {
+    pub model: Ov3,
+    pub record: StepRecord,
+}
+
+#[derive(Debug)]
+pub enum StepError<E> {
+    /// The batch source failed.
+    Batch(E),
+    /// A loss term or the gradient norm is NaN or infinite (the step was not applied). The same on every
+    /// rank of a group, since it is checked on the group's values.
+    NonFinite(String),
+}
+
+impl<E: std::fmt::Display> std::fmt::Display for StepError<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StepError::Batch(e) => e.fmt(f),
+            StepError::NonFinite(what) => write!(f, "{what}"),
+        }
+    }
+}
+
+/// One optimiser step on `accumulate` micro-batches from `next_batch`, as this rank of `group`.
+pub fn train_step<E>(
     model: Ov3,
     optim: &mut ModuleOptimizer,
-    batch: &Batch,
-    weights: &LossWeights,
-    tau: f64,
-    frozen: Frozen,
-    lr: f64,
-    clip: f64,
-) -> (Ov3, LossOutput, f64) {
-    let out = model.losses(batch, weights, tau, frozen);
-    let grads = out.total.backward();
-    let mut grads = GradientsParams::from_grads(grads, &model);
-    let norm = clip_grad_norm(&model, &mut grads, clip);
-    let model = optim.step(lr, model, grads);
-    (model, out, norm)
+    spec: &StepSpec,
+    group: &dyn Group,
+    mut next_batch: impl FnMut() -> Result<Batch, E>,
+) -> Result<Stepped, StepError<E>> {
+    let mut accumulator = GradientsAccumulator::<Ov3>::new();
+    let mut record = StepRecord::default();
+    for _ in 0..spec.accumulate {
+        let batch = next_batch().map_err(StepError::Batch)?;
+        let out = model.losses(&batch, &spec.weights, spec.tau, spec.frozen, group);
+        add_terms(&mut record, &read_terms(&out), 1.0 / spec.accumulate as f64);
+        let grads = out.total.div_scalar(spec.accumulate as f64).backward();
+        accumulator.accumulate(&model, GradientsParams::from_grads(grads, &model));
+    }
+    let mut grads = accumulator.grads();
+    if group.size() > 1 {
+        group_mean(&model, &mut grads, &mut record, group);
+    }
+    if let Some((term, value)) = record.terms().into_iter().find(|(_, v)| !v.is_finite()) {
+        return Err(StepError::NonFinite(format!("the {term} loss is {value}")));
+    }
+    record.grad_norm = clip_grad_norm(&model, &mut grads, spec.clip);
+    if !record.grad_norm.is_finite() {
+        return Err(StepError::NonFinite(format!("the gradient norm is {}", record.grad_norm)));
+    }
+    let model = step_with_decoder_lr(optim, model, grads, spec.lr, spec.lr_decoders);
+    Ok(Stepped { model, record })
+}
+
+/// Replaces this rank's gradients and loss terms by the group's means, in one all-reduce of one buffer.
+/// Every rank then holds the gradient of the global batch, clips it identically and takes the same step.
+fn group_mean(model: &Ov3, grads: &mut GradientsParams, record: &mut StepRecord, group: &dyn Group) {
+    struct Pack<'a>(&'a GradientsParams, Vec<f32>);
+    impl ModuleVisitor for Pack<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if let Some(g) = self.0.get::<D>(param.id) {
+                self.1.extend(g.into_data().convert::<f32>().try_to_vec::<f32>().expect("f32 gradient"));
+            }
+        }
+    }
+    struct Unpack<'a>(&'a mut GradientsParams, &'a [f32], usize);
+    impl ModuleVisitor for Unpack<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let id: ParamId = param.id;
+            if let Some(g) = self.0.remove::<D>(id) {
+                let (shape, device) = (g.shape(), g.device());
+                let n = shape.num_elements();
+                let data = TensorData::new(self.1[self.2..self.2 + n].to_vec(), shape);
+                self.0.register(id, Tensor::<D>::from_data(data, &device));
+                self.2 += n;
+            }
+        }
+    }
+    let mut pack = Pack(grads, Vec::new());
+    model.visit(&mut pack);
+    let mut buffer = pack.1;
+    let n_grads = buffer.len();
+    let slots = term_slots(record);
+    buffer.extend(slots.iter().map(|s| s.map_or(0.0, |v| v as f32)));
+    group.mean(&mut buffer);
+    model.visit(&mut Unpack(grads, &buffer[..n_grads], 0));
+    let mut reduced = buffer[n_grads..].iter().map(|&v| v as f64);
+    // Every slot was sent (absent ones as 0); an absent term stays absent.
+    let mut take = |slot: Option<f64>| reduced.next().filter(|_| slot.is_some());
+    let [total, rec, pixel_l1, latent_l1, lpips, und, caption, contrastive] = slots.map(&mut take);
+    *record = StepRecord {
+        total: total.unwrap_or(f64::NAN),
+        rec,
+        pixel_l1,
+        latent_l1,
+        lpips,
+        und,
+        caption,
+        contrastive,
+        ..std::mem::take(record)
+    };
+}
+
+/// The loss terms of a record in a fixed order, the total first (always present).
+fn term_slots(r: &StepRecord) -> [Option<f64>; 8] {
+    [Some(r.total), r.rec, r.pixel_l1, r.latent_l1, r.lpips, r.und, r.caption, r.contrastive]
+}
+
+/// Every loss term as f64, read from the device in one transfer.
+fn read_terms(out: &LossOutput) -> StepRecord {
+    let slots = [
+        Some(&out.total),
+        out.rec.as_ref(),
+        out.rec_terms.pixel_l1.as_ref(),
+        out.rec_terms.latent_l1.as_ref(),
+        out.rec_terms.lpips.as_ref(),
+        out.und.as_ref(),
+        out.caption.as_ref(),
+        out.contrastive.as_ref(),
+    ];
+    let present: Vec<Tensor<1>> = slots.iter().flatten().map(|t| (*t).clone().detach()).collect();
+    let values = Tensor::cat(present, 0).into_data().convert::<f32>().try_to_vec::<f32>().expect("f32 data");
+    let mut values = values.into_iter().map(f64::from);
+    let mut take = |slot: Option<&Tensor<1>>| slot.and_then(|_| values.next());
+    let [total, rec, pixel_l1, latent_l1, lpips, und, caption, contrastive] = slots.map(&mut take);
+    StepRecord {
+        total: total.unwrap_or(f64::NAN),
+        rec,
+        pixel_l1,
+        latent_l1,
+        lpips,
+        und,
+        caption,
+        contrastive,
+        ..StepRecord::default()
+    }
+}
+
+/// `acc += scale * terms`, term by term (accumulated micro-batches report their mean).
+fn add_terms(acc: &mut StepRecord, terms: &StepRecord, scale: f64) {
+    let add = |a: &mut Option<f64>, b: Option<f64>| {
+        if let Some(b) = b {
+            *a = Some(a.unwrap_or(0.0) + scale * b);
+        }
+    };
+    acc.total += scale * terms.total;
+    add(&mut acc.rec, terms.rec);
+    add(&mut acc.pixel_l1, terms.pixel_l1);
+    add(&mut acc.latent_l1, terms.latent_l1);
+    add(&mut acc.lpips, terms.lpips);
+    add(&mut acc.und, terms.und);
+    add(&mut acc.caption, terms.caption);
+    add(&mut acc.contrastive, terms.contrastive);
 }

@@ -13,6 +13,7 @@ use burn::tensor::{Bool, DType, Device, Distribution, Tensor, TensorData};
 use common::{after_one_step, rel_err, to_f64, wgpu_device};
 use ov3_core::flash::{self, Tiles};
 use ov3_core::model::attention::AttentionMask;
+use ov3_core::parallel::Single;
 
 type Allowed = Box<dyn Fn(usize, usize, usize) -> bool>;
 
@@ -196,7 +197,7 @@ fn model_losses_and_gradients_match_the_reference_path() {
     let batch = random_batch(&cfg, 3, 64, &device);
 
     let run = |model: &Ov3| {
-        let out = model.losses(&batch, &LossWeights::default(), 0.0, Frozen::default());
+        let out = model.losses(&batch, &LossWeights::default(), 0.0, Frozen::default(), &Single);
         let terms =
             [out.total.clone(), out.caption.clone().expect("caption"), out.contrastive.clone().expect("contrastive")];
         let grads = out.total.backward();

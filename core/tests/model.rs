@@ -9,8 +9,9 @@ use ov3_core::autoencoder::LatentDecoder;
 use ov3_core::config::AttentionImpl;
 use ov3_core::model::add_noise;
 use ov3_core::model::block::blocks;
+use ov3_core::parallel::Single;
 use ov3_core::random_batch::random_batch;
-use ov3_core::step::train_step;
+use ov3_core::step::{StepSpec, train_step};
 use ov3_core::{Batch, Frozen, LossWeights, Objective, Ov3, Preset, optim, params};
 
 fn shapes(preset: Preset, res: usize, device: &Device) {
@@ -59,7 +60,7 @@ fn no_vae_ablation_reads_and_predicts_pixels() {
     let z_u = model.encode(batch.inputs.clone());
     assert_eq!(z_u.dims(), [2, 64, 192]);
     assert_eq!(model.decode(z_u, (8, 8)).dims(), [2, 3, 128, 128]);
-    let out = model.losses(&batch, &LossWeights::default(), 0.0, Frozen::default());
+    let out = model.losses(&batch, &LossWeights::default(), 0.0, Frozen::default(), &Single);
     assert!(out.rec_terms.pixel_l1.is_some() && out.rec_terms.latent_l1.is_none());
 }
 
@@ -81,7 +82,7 @@ fn losses_at_initialisation_are_near_chance() {
     let model = Ov3::new(&cfg, &device);
     for b in [8usize, 32] {
         let batch = random_batch(&cfg, b, 128, &device);
-        let out = model.losses(&batch, &LossWeights::default(), 0.0, Frozen::default());
+        let out = model.losses(&batch, &LossWeights::default(), 0.0, Frozen::default(), &Single);
         let contrastive = out.contrastive.expect("contrastive").into_scalar::<f32>() as f64;
         let caption = out.caption.expect("caption").into_scalar::<f32>() as f64;
         let ln_b = (b as f64).ln();
@@ -101,7 +102,7 @@ fn gradients(objective: Objective) -> Vec<(String, Option<f64>)> {
     let vae = LinearPatchDecoder::new(16, &device);
     let batch = random_batch(&cfg, 4, 64, &device);
     let weights = LossWeights { objective, lambda: 0.0, ..LossWeights::default() };
-    let out = model.losses(&batch, &weights, cfg.tau, Frozen { vae_decoder: Some(&vae), perceptual: None });
+    let out = model.losses(&batch, &weights, cfg.tau, Frozen { vae_decoder: Some(&vae), perceptual: None }, &Single);
     let grads = out.total.backward();
     let mut frozen_with_grad = Vec::new();
     params::for_each_param(&vae, Some(&grads), |p, _, g| {
@@ -174,15 +175,15 @@ fn overfits_a_fixed_batch_of_eight() {
     let mut model = Ov3::new(&cfg, &device);
     let mut optim = optim::adamw(&model, 0.0);
     let frozen = Frozen { vae_decoder: Some(&vae), perceptual: None };
-    let weights = LossWeights::default();
+    let spec = StepSpec { frozen, ..StepSpec::plain(cfg.tau, 1e-3, 1.0) };
     // "Within 300 steps": stop at the first step whose loss is at most 20% of the first step's.
     let mut first = None;
     let mut last = f64::NAN;
     for step in 0..300 {
-        let (next, out, _) = train_step(model, &mut optim, &batch, &weights, cfg.tau, frozen, 1e-3, 1.0);
-        model = next;
-        last = out.total.into_scalar::<f32>() as f64;
-        assert!(last.is_finite(), "loss {last} at step {step}");
+        let stepped = train_step(model, &mut optim, &spec, &Single, || Ok::<_, ()>(batch.clone()))
+            .unwrap_or_else(|e| panic!("step {step}: {e:?}"));
+        model = stepped.model;
+        last = stepped.record.total;
         if last <= 0.2 * *first.get_or_insert(last) {
             eprintln!("80% drop reached at step {step}: {:.3} -> {last:.3}", first.unwrap_or(last));
             return;

@@ -10,6 +10,7 @@ use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::{Device, Tensor};
 use ov3_core::eval::EvalReport;
 use ov3_core::model_file::load_model;
+use ov3_core::parallel::Single;
 use ov3_core::params::named_values;
 use ov3_core::train::checkpoint::{self, MODEL_FILE};
 use ov3_core::train::log::{Record, StepRecord, read};
@@ -87,7 +88,7 @@ fn run_noted(
     let _turn = ONE_RUN_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let stop = AtomicBool::new(false);
     let mut observer = StopAt { at: stop_at, stop: &stop, notes: vec![] };
-    let out = train(dir, cfg, resume, &Device::flex().autodiff(), &stop, &mut observer);
+    let out = train(dir, cfg, resume, &Device::flex().autodiff(), &Single, &stop, &mut observer);
     (out, observer.notes)
 }
 

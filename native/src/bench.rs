@@ -5,9 +5,10 @@ use std::time::Instant;
 use burn::tensor::Tensor;
 use clap::{Args, Subcommand};
 use ov3_core::config::AttentionImpl;
+use ov3_core::parallel::{Group, GroupExt, Single};
 use ov3_core::random_batch::random_batch;
-use ov3_core::step::train_step;
-use ov3_core::{Frozen, LossWeights, Ov3, optim};
+use ov3_core::step::{StepError, StepSpec, train_step};
+use ov3_core::{Ov3, optim};
 
 use crate::Common;
 
@@ -72,9 +73,9 @@ pub struct StepArgs {
     attention: String,
 }
 
-pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
+pub fn run(cmd: BenchCommand, group: &dyn Group) -> anyhow::Result<()> {
     match cmd {
-        BenchCommand::Step(args) => step(args),
+        BenchCommand::Step(args) => step(args, group),
         BenchCommand::Data(args) => data(args),
         BenchCommand::Cache(args) => cache(args),
         BenchCommand::Attention(args) => crate::bench_attention::run(args),
@@ -122,11 +123,19 @@ fn data(args: DataArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn step(args: StepArgs) -> anyhow::Result<()> {
+/// `--batch` is the global batch: under `mpirun -np N` each rank steps on `batch / N` images, gradients are
+/// averaged over the group, and rank 0 prints images/s of the whole group.
+fn step(args: StepArgs, group: &dyn Group) -> anyhow::Result<()> {
     let res = u32::try_from(args.res).unwrap_or(u32::MAX);
     ov3_core::data::decode::check_resolution(res, 16).map_err(|e| anyhow::anyhow!("--res: {e}"))?;
     anyhow::ensure!(args.batch >= 2 && args.steps >= 1, "--batch >= 2 and --steps >= 1 are required");
-    let selected = args.common.device()?;
+    anyhow::ensure!(
+        args.batch % group.size() == 0,
+        "--batch {} is the global batch and must divide among {} processes",
+        args.batch,
+        group.size()
+    );
+    let selected = args.common.device_in(group)?;
     let device = selected.device.clone().autodiff();
     let attention = match args.attention.as_str() {
         "fused" => AttentionImpl::Fused,
@@ -134,22 +143,26 @@ fn step(args: StepArgs) -> anyhow::Result<()> {
         other => anyhow::bail!("--attention must be fused or reference, got '{other}'"),
     };
     let cfg = args.common.preset.config();
-    let batch = random_batch(&cfg, args.batch, args.res, &device);
+    // Every rank starts from the same weights (seeded before the batch draw) and steps on a batch of its own.
     let model = Ov3::new(&cfg, &device).with_attention(attention);
+    device.seed(args.common.seed.wrapping_add(group.rank() as u64 + 1));
+    let batch = random_batch(&cfg, args.batch / group.size(), args.res, &device);
     let mut optim = optim::adamw(&model, 0.2);
-    let weights = LossWeights::default();
 
     let mut model = Some(model);
     let median = median_time(args.warmup, args.steps, |_| {
-        model = Some(train_once(model.take().expect("model between steps"), &mut optim, &batch, &weights, cfg.tau)?);
+        model = Some(train_once(model.take().expect("model between steps"), &mut optim, &batch, cfg.tau, group)?);
         Ok(())
     })?;
+    if !group.is_writer() {
+        return Ok(());
+    }
     let device_mem = selected.device.memory_pool_usage().map(|u| u.bytes_reserved);
     let peak_mib = device_mem.map(|b| b as f64).unwrap_or_else(process_peak_bytes) / (1 << 20) as f64;
     let adapter = selected.adapter.as_ref().map(|a| a.to_string()).unwrap_or_else(|| "cpu (flex)".into());
     println!(
         "{{\"bench\":\"step\",\"impl\":\"ov3\",\"backend\":\"{:?}\",\"adapter\":\"{}\",\"preset\":\"{}\",\"attention\":\"{}\",\"batch\":{},\"res\":{},\
-         \"ms_per_step\":{:.1},\"images_per_s\":{:.2},\"peak_mib\":{:.0},\"peak_kind\":\"{}\",\"threads\":{}}}",
+         \"ms_per_step\":{:.1},\"images_per_s\":{:.2},\"peak_mib\":{:.0},\"peak_kind\":\"{}\",\"threads\":{},\"ranks\":{}}}",
         selected.kind,
         adapter,
         args.common.preset.name(),
@@ -161,6 +174,7 @@ fn step(args: StepArgs) -> anyhow::Result<()> {
         peak_mib,
         if device_mem.is_some() { "device pool reserved" } else { "process peak RSS" },
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        group.size(),
     );
     Ok(())
 }
@@ -218,7 +232,7 @@ fn cache(args: CacheArgs) -> anyhow::Result<()> {
                 tokens: ov3_core::tokenizer::Tokenizer::Bytes.batch(&captions, cfg.context_length, &device),
             };
             let m = model.take().expect("model between steps");
-            model = Some(train_once(m, &mut optim, &batch, &LossWeights::default(), cfg.tau)?);
+            model = Some(train_once(m, &mut optim, &batch, cfg.tau, &Single)?);
             Ok(())
         })
     };
@@ -259,18 +273,21 @@ pub fn median_time(
     Ok(times[times.len() / 2])
 }
 
-/// One training step whose loss is read back: reading waits for the device, so a timer covers the whole step.
+/// One training step (the trainer's): its loss terms are read back, which waits for the device, so a
+/// timer covers the whole step.
 fn train_once(
     model: Ov3,
     optim: &mut burn::optim::ModuleOptimizer,
     batch: &ov3_core::Batch,
-    weights: &LossWeights,
     tau: f64,
+    group: &dyn Group,
 ) -> anyhow::Result<Ov3> {
-    let (model, out, _) = train_step(model, optim, batch, weights, tau, Frozen::default(), 1e-4, 1.0);
-    let loss = out.total.into_scalar::<f32>();
-    anyhow::ensure!(loss.is_finite(), "loss is {loss}");
-    Ok(model)
+    let spec = StepSpec::plain(tau, 1e-4, 1.0);
+    match train_step(model, optim, &spec, group, || Ok::<_, std::convert::Infallible>(batch.clone())) {
+        Ok(stepped) => Ok(stepped.model),
+        Err(StepError::NonFinite(what)) => anyhow::bail!("{what}"),
+        Err(StepError::Batch(never)) => match never {},
+    }
 }
 
 /// Peak resident set size of this process (Linux `VmHWM`); 0 where unavailable.

@@ -17,6 +17,7 @@ mod vae_cmd;
 use clap::{Args, Parser, Subcommand};
 use ov3_core::Preset;
 use ov3_core::device::{self, BackendChoice, Selected};
+use ov3_core::parallel::{self, Group, Single};
 
 #[derive(Parser)]
 #[command(name = "ov3", version, about = "OpenVision 3 unified visual tokenizer on WebGPU and CPU")]
@@ -79,17 +80,44 @@ pub struct Common {
 impl Common {
     /// Resolves the backend and says which one in one line.
     pub fn device(&self) -> anyhow::Result<Selected> {
-        let selected = device::select(self.backend).map_err(anyhow::Error::msg)?;
-        eprintln!("{}", selected.reason);
+        self.device_in(&Single)
+    }
+
+    /// [`Common::device`] for this process's rank of a data-parallel `group`: its own adapter on wgpu.
+    pub fn device_in(&self, group: &dyn Group) -> anyhow::Result<Selected> {
+        let selected = device::select_for(self.backend, group.local_rank()).map_err(anyhow::Error::msg)?;
+        say_rank(group, &selected.reason);
         selected.device.seed(self.seed);
         Ok(selected)
     }
 }
 
+/// Prints `line` on stderr, prefixed with this process's rank in a data-parallel group.
+pub fn say_rank(group: &dyn Group, line: &str) {
+    match group.size() {
+        1 => eprintln!("{line}"),
+        n => eprintln!("[rank {}/{n}] {line}", group.rank()),
+    }
+}
+
 fn main() {
     let cli = Cli::parse();
+    // Under mpirun/srun (built with `--features mpi`): this process's rank of the group; else alone.
+    let group = parallel::join().unwrap_or_else(|e| {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    });
+    let parallel = matches!(cli.command, Command::Train(_) | Command::Bench(bench::BenchCommand::Step(_)));
+    if group.size() > 1 && !parallel {
+        if group.rank() == 0 {
+            eprintln!(
+                "error: only `ov3 train` and `ov3 bench step` run data-parallel; run this command as one process"
+            );
+        }
+        group.abort(2);
+    }
     let result = match cli.command {
-        Command::Train(args) => train::run(args),
+        Command::Train(args) => train::run(args, &*group),
         Command::Eval(args) => model_cmd::eval(args),
         Command::Reconstruct(args) => model_cmd::reconstruct(args),
         Command::Encode(args) => model_cmd::encode(args),
@@ -98,7 +126,7 @@ fn main() {
         Command::Export(args) => model_cmd::export(args),
         Command::Cache(args) => cache_cmd::run(args),
         Command::Info(args) => info::run(args),
-        Command::Bench(cmd) => bench::run(cmd),
+        Command::Bench(cmd) => bench::run(cmd, &*group),
         Command::Overfit(args) => overfit::run(args),
         Command::Vae(cmd) => vae_cmd::run(cmd),
         Command::TrainVae(args) => train_vae::run(args),
@@ -112,6 +140,11 @@ fn main() {
             if !line.contains(&cause) {
                 line = format!("{line}: {cause}");
             }
+        }
+        if group.size() > 1 {
+            // One rank's error ends the whole job (the others would wait for it forever).
+            eprintln!("error (rank {} of {}): {line}", group.rank(), group.size());
+            group.abort(1);
         }
         eprintln!("error: {line}");
         std::process::exit(1);

@@ -11,6 +11,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use ov3_core::Preset;
 use ov3_core::device::{self, BackendChoice};
 use ov3_core::eval::EvalReport;
+use ov3_core::parallel::{Group, GroupExt};
 use ov3_core::train::config::SYNTHETIC_WORDS;
 use ov3_core::train::log::StepRecord;
 use ov3_core::train::run::CONFIG_FILE;
@@ -70,7 +71,7 @@ pub struct TrainArgs {
     print_config: bool,
 }
 
-pub fn run(args: TrainArgs) -> anyhow::Result<()> {
+pub fn run(args: TrainArgs, group: &dyn Group) -> anyhow::Result<()> {
     let read = |path: &std::path::Path| -> anyhow::Result<TrainConfig> {
         let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
         TrainConfig::from_toml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
@@ -129,8 +130,8 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         PathBuf::from(format!("runs/{}-{secs}", cfg.preset.name()))
     });
 
-    let selected = device::select(args.backend).map_err(anyhow::Error::msg)?;
-    eprintln!("{}", selected.reason);
+    let selected = device::select_for(args.backend, group.local_rank()).map_err(anyhow::Error::msg)?;
+    crate::say_rank(group, &selected.reason);
     let device = selected.device.autodiff();
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -144,15 +145,29 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         eprintln!("\nstopping: writing a checkpoint (signal again to quit without one)");
     })?;
 
+    if !group.is_writer() {
+        // Rank 0 reports, draws the bar and writes the run folder; the others train quietly.
+        train(&out, &cfg, args.resume, &device, group, &stop, &mut Quiet)?;
+        return Ok(());
+    }
     eprintln!("run folder: {}", out.display());
+    if group.size() > 1 {
+        eprintln!(
+            "data parallel: {} processes, each with 1/{} of every global batch (images/s are global)",
+            group.size(),
+            group.size()
+        );
+    }
     let mut bar = Bar::default();
-    let outcome = train(&out, &cfg, args.resume, &device, &stop, &mut bar)?;
+    let outcome = train(&out, &cfg, args.resume, &device, group, &stop, &mut bar)?;
     bar.bar.finish_and_clear();
     let plots = crate::plots::plot_run(&out)?;
     match outcome {
         Outcome::Finished { step, report } => {
             println!("finished {step} steps in {}", out.display());
-            print_report(&report);
+            if let Some(report) = report {
+                print_report(&report);
+            }
             println!("plots: {}", plots.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "));
             println!("reconstructions: {}", out.join("grids/latest.png").display());
         }
@@ -172,6 +187,17 @@ enum Recipe {
     Quick,
     Demo,
     Paper,
+}
+
+/// The observer of ranks other than 0: it says nothing.
+struct Quiet;
+
+impl Observer for Quiet {
+    fn started(&mut self, _: u64, _: u64) {}
+    fn stage(&mut self, _: usize, _: &StageConfig) {}
+    fn step(&mut self, _: &StepRecord) {}
+    fn evaluated(&mut self, _: u64, _: &EvalReport) {}
+    fn note(&mut self, _: &str) {}
 }
 
 /// indicatif progress: one bar for the run, the latest losses in its message.

@@ -63,10 +63,19 @@ pub struct HostBatch {
 }
 
 impl HostBatch {
-    /// `[B, 3, R, R]` values in [-1, 1], row-major.
-    pub fn pixels(&self) -> Vec<f32> {
+    /// Rank `rank`'s share of this global batch in a group of `size` processes: its `1 / size` of the
+    /// examples, in order. Every rank assembles the same global batch (same order, same skips, same next
+    /// position) and converts only its share, so the data is sharded deterministically and a checkpoint's
+    /// position means the same for any number of processes.
+    pub fn share(&self, rank: usize, size: usize) -> &[Example] {
+        let per = self.examples.len() / size;
+        &self.examples[rank * per..(rank + 1) * per]
+    }
+
+    /// `[B, 3, R, R]` values in [-1, 1], row-major, of `examples`.
+    pub fn pixels(examples: &[Example]) -> Vec<f32> {
         let mut out = Vec::new();
-        for e in &self.examples {
+        for e in examples {
             let (w, h) = e.image.dimensions();
             let plane = (w * h) as usize;
             let start = out.len();

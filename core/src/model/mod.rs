@@ -14,6 +14,7 @@ use burn::tensor::{Device, Distribution, Int, Tensor};
 use crate::autoencoder::LatentDecoder;
 use crate::config::{AttentionImpl, InputSpace, ModelConfig, Objective};
 use crate::losses::{self, Perceptual, RecTerms};
+use crate::parallel::{Group, GroupExt};
 use crate::tokenizer::Tokenizer;
 use block::layer_norm;
 use text::{TextDecoder, TextEncoder, projection};
@@ -150,7 +151,19 @@ impl Ov3 {
     }
 
     /// All loss terms for a batch. `tau` is the noise bound of eq. 3 (0 at evaluation).
-    pub fn losses(&self, batch: &Batch, weights: &LossWeights, tau: f64, frozen: Frozen) -> LossOutput {
+    ///
+    /// In a data-parallel `group` the batch is this rank's share of the global batch, and every term is this
+    /// rank's share of the global term: the group's mean of each value, and of each gradient, is the value and
+    /// gradient of one process holding the whole global batch (see [`Ov3::understanding_terms`]). Alone
+    /// ([`crate::parallel::Single`]) the terms are the batch's own.
+    pub fn losses(
+        &self,
+        batch: &Batch,
+        weights: &LossWeights,
+        tau: f64,
+        frozen: Frozen,
+        group: &dyn Group,
+    ) -> LossOutput {
         let [_, _, h, w] = batch.inputs.dims();
         let patch = self.decoder.patch;
         let grid = (h / patch, w / patch);
@@ -167,17 +180,40 @@ impl Ov3 {
         let (und, caption, contrastive) = if weights.objective == Objective::RecOnly {
             (None, None, None)
         } else {
-            let image = self.image_embedding(z_u.clone());
-            let text = self.text_embedding(batch.tokens.clone());
-            let contrastive = losses::contrastive_loss(image, text, self.logit_scale.val());
-            let logits = self.caption_logits(z_u, batch.tokens.clone());
-            let caption = losses::caption_loss(logits, batch.tokens.clone(), self.pad_id);
+            let (caption, contrastive) = self.understanding_terms(z_u, &batch.tokens, group);
             let und = losses::understanding_loss(caption.clone(), contrastive.clone(), weights.alpha);
             (Some(und), Some(caption), Some(contrastive))
         };
 
         let total = losses::total_loss(rec.clone(), und.clone(), weights.w_rec, weights.w_und);
         LossOutput { total, rec, rec_terms, und, caption, contrastive }
+    }
+
+    /// The caption and contrastive terms of eq. 5 for tokens `z_u` and captions `tokens`.
+    ///
+    /// Data parallel, the contrastive loss is OpenCLIP's over the global batch: every rank gathers all
+    /// image and text embeddings (its own rows live, the others constant) and computes the same global loss;
+    /// its gradient is scaled by the group size (value unchanged), so that the group's mean gradient sums
+    /// each rank's own-row contributions, i.e. the full gradient; the logit scale, live on every rank, has
+    /// its gradient divided by the size to match. The caption loss is a mean over non-padding tokens, whose
+    /// number differs between ranks: it is weighted by this rank's share of the global token count.
+    fn understanding_terms(
+        &self,
+        z_u: Tensor<3>,
+        tokens: &Tensor<2, Int>,
+        group: &dyn Group,
+    ) -> (Tensor<1>, Tensor<1>) {
+        let n = group.size() as f64;
+        let image = group.gather_rows(self.image_embedding(z_u.clone()));
+        let text = group.gather_rows(self.text_embedding(tokens.clone()));
+        let scale = scale_grad(self.logit_scale.val(), 1.0 / n);
+        let contrastive = scale_grad(losses::contrastive_loss(image, text, scale), n);
+        let logits = self.caption_logits(z_u, tokens.clone());
+        let mut caption = losses::caption_loss(logits, tokens.clone(), self.pad_id);
+        if group.size() > 1 {
+            caption = caption.mul_scalar(group.share(losses::caption_targets(tokens, self.pad_id)));
+        }
+        (caption, contrastive)
     }
 
     /// The three terms of eq. 4 for a prediction `z_hat` of the encoder inputs.
@@ -197,6 +233,15 @@ impl Ov3 {
         };
         RecTerms { pixel_l1, latent_l1, lpips }
     }
+}
+
+/// `x` with its gradient multiplied by `k` and its value unchanged (exactly: `x - detach(x)` is 0).
+fn scale_grad<const D: usize>(x: Tensor<D>, k: f64) -> Tensor<D> {
+    if k == 1.0 {
+        return x;
+    }
+    let constant = x.clone().detach();
+    constant.clone() + (x - constant).mul_scalar(k)
 }
 
 /// eq. 3: `z~ = z_u + sigma * eps`, `eps ~ N(0, I)`, with `sigma ~ U[0, tau]` drawn once per sample.

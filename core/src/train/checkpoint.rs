@@ -76,6 +76,11 @@ fn parse_step(name: &str) -> Option<u64> {
     (digits.len() == 8 && digits.bytes().all(|b| b.is_ascii_digit())).then(|| digits.parse().ok())?
 }
 
+/// The folder [`save`] writes the checkpoint of `step` to.
+pub fn dir_of(run: &Path, step: u64) -> PathBuf {
+    checkpoints_dir(run).join(step_name(step))
+}
+
 /// Writes a checkpoint for `state.step` and keeps only the newest `keep`. Returns its folder.
 pub fn save(
     run: &Path,

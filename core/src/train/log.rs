@@ -95,7 +95,8 @@ impl Record {
 
 pub struct MetricsLog {
     path: PathBuf,
-    file: File,
+    /// `None` for a rank other than 0 of a data-parallel run: it logs nothing.
+    file: Option<File>,
 }
 
 impl MetricsLog {
@@ -133,14 +134,20 @@ impl MetricsLog {
         if resumed_at.is_none() && !text.is_empty() && !text.ends_with(b"\n") {
             file.write_all(b"\n")?;
         }
-        Ok(Self { path, file })
+        Ok(Self { path, file: Some(file) })
+    }
+
+    /// A log that writes nothing (ranks other than 0 of a data-parallel run).
+    pub fn discard(run: &Path) -> Self {
+        Self { path: run.join(METRICS_FILE), file: None }
     }
 
     pub fn append(&mut self, record: &Record) -> std::io::Result<()> {
+        let Some(file) = self.file.as_mut() else { return Ok(()) };
         let mut line = serde_json::to_string(record).expect("records serialise");
         line.push('\n');
-        self.file.write_all(line.as_bytes())?;
-        self.file.flush()
+        file.write_all(line.as_bytes())?;
+        file.flush()
     }
 
     pub fn path(&self) -> &Path {

@@ -27,21 +27,24 @@ pub struct Inputs {
     pub context_length: usize,
     pub tokenizer: Tokenizer,
     pub device: Device,
+    /// (rank, size) of the data-parallel group: which share of every global batch this process converts.
+    pub share: (usize, usize),
 }
 
 impl Inputs {
     /// Pixels, their latents (from the latent cache, else from the frozen VAE, with no gradient either way)
-    /// and caption tokens.
+    /// and caption tokens, of this process's share of `host`.
     pub fn batch(&self, host: &HostBatch) -> Batch {
-        let b = host.examples.len();
-        let (w, h) = host.examples[0].image.dimensions();
-        let images =
-            Tensor::<4>::from_data(TensorData::new(host.pixels(), [b, 3, h as usize, w as usize]), &self.device);
+        let examples = host.share(self.share.0, self.share.1);
+        let b = examples.len();
+        let (w, h) = examples[0].image.dimensions();
+        let pixels = HostBatch::pixels(examples);
+        let images = Tensor::<4>::from_data(TensorData::new(pixels, [b, 3, h as usize, w as usize]), &self.device);
         let inputs = self
             .cached
-            .and_then(|shape| cached_latents(&host.examples, shape, &self.device))
+            .and_then(|shape| cached_latents(examples, shape, &self.device))
             .unwrap_or_else(|| self.vae.encode(images.clone()).detach());
-        let captions: Vec<String> = host.examples.iter().map(|e| e.caption.clone()).collect();
+        let captions: Vec<String> = examples.iter().map(|e| e.caption.clone()).collect();
         Batch { images, inputs, tokens: self.tokenizer.batch(&captions, self.context_length, &self.device) }
     }
 }

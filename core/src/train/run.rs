@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use burn::module::Module;
-use burn::optim::{GradientsAccumulator, GradientsParams, ModuleOptimizer};
-use burn::tensor::{Device, Tensor};
+use burn::optim::ModuleOptimizer;
+use burn::tensor::Device;
 
 use super::checkpoint::{self, CheckpointError, TrainState};
 use super::config::{StageConfig, TrainConfig};
@@ -24,8 +24,10 @@ use crate::eval::{EvalReport, EvalSet, evaluate};
 use crate::image_io::{grid, save_png};
 use crate::losses::Perceptual;
 use crate::lpips::Lpips;
-use crate::model::{Frozen, LossOutput, Ov3};
-use crate::optim::{adamw, clip_grad_norm, step_with_decoder_lr};
+use crate::model::{Frozen, Ov3};
+use crate::optim::adamw;
+use crate::parallel::{Group, GroupExt};
+use crate::step::{StepError, StepSpec, Stepped, train_step};
 use crate::tokenizer::Tokenizer;
 use crate::vae::Vae;
 
@@ -64,13 +66,11 @@ fn io_err(path: &Path) -> impl Fn(std::io::Error) -> TrainError + '_ {
 pub enum Outcome {
     Finished {
         step: u64,
-        report: Box<EvalReport>,
+        /// The final held-out evaluation (rank 0 of a data-parallel run evaluates; the others get `None`).
+        report: Option<Box<EvalReport>>,
     },
     /// Stopped on request (Ctrl-C); a checkpoint at `step` holds everything to resume.
-    Interrupted {
-        step: u64,
-        checkpoint: PathBuf,
-    },
+    Interrupted { step: u64, checkpoint: PathBuf },
 }
 
 /// What the trainer reports while it runs (the CLI draws a progress bar from it).
@@ -84,22 +84,47 @@ pub trait Observer {
 
 /// Trains into `run` with `cfg` on `device` (an autodiff device). `resume` continues the latest checkpoint
 /// of `run` (with the config saved there; a different `cfg` is refused). `stop` is polled every step.
+///
+/// As one rank of a data-parallel `group` (src/parallel.rs), every rank calls this with the same arguments
+/// but its own device: each takes its share of every global batch, the step averages gradients over the
+/// group, and only rank 0 writes to `run` (config, metrics, grids, evaluations, checkpoints).
 pub fn train(
     run: &Path,
     cfg: &TrainConfig,
     resume: bool,
     device: &Device,
+    group: &dyn Group,
     stop: &AtomicBool,
     observer: &mut dyn Observer,
 ) -> Result<Outcome, TrainError> {
     cfg.validate().map_err(TrainError::Refused)?;
+    let writer = group.is_writer();
+    if let Some(s) = cfg.stages.iter().find(|s| s.batch % group.size() != 0) {
+        return Err(TrainError::Refused(format!(
+            "stage {}: batch {} is the global batch and must divide among {} processes",
+            s.name,
+            s.batch,
+            group.size()
+        )));
+    }
     let tokenizer = cfg.tokenizer().map_err(TrainError::Refused)?;
     let model_cfg = cfg.model_config(&tokenizer);
     let source = Arc::new(Source::open(&Spec::parse(&cfg.data)?)?);
-    let prepared = prepare_run(run, cfg, &model_cfg, &tokenizer, resume, source.identity(), device)?;
+    // Rank 0 prepares the run folder (creates, recovers, or refuses it); then the others read what it left.
+    let prepared = if writer {
+        let prepared = prepare_run(run, cfg, &model_cfg, &tokenizer, resume, source.identity(), device, true);
+        group.wait_for_all();
+        prepared?
+    } else {
+        group.wait_for_all();
+        prepare_run(run, cfg, &model_cfg, &tokenizer, true, source.identity(), device, false)?
+    };
     let (mut optim, mut state) = (prepared.optim, prepared.state);
     let mut model = prepared.model.with_attention(cfg.attention);
-    let mut log = MetricsLog::open(run, resume.then_some(state.step)).map_err(io_err(run))?;
+    let mut log = match writer {
+        true => MetricsLog::open(run, resume.then_some(state.step)).map_err(io_err(run))?,
+        false => MetricsLog::discard(run),
+    };
     prepared.notes.iter().for_each(|n| observer.note(n));
     if !prepared.changes.is_empty() {
         observer.note(&format!("resuming with changed settings: {}", prepared.changes.join(", ")));
@@ -156,50 +181,55 @@ pub fn train(
             context_length: model_cfg.context_length,
             tokenizer: model.tokenizer.clone(),
             device: device.clone(),
+            share: (group.rank(), group.size()),
         };
         let batches = spawn_inputs(spawn_loader(source.clone(), loader_cfg, start), inputs);
-        let weights = stage.loss_weights(cfg.objective);
+        let perceptual = lpips.as_ref().filter(|_| stage.lambda > 0.0).map(|l| l as &dyn Perceptual);
+        // LPIPS compares pixels: it needs the decoder pass, which brings the pixel L1 along.
+        let decode = stage.pixel_loss || perceptual.is_some();
+        let frozen = Frozen { vae_decoder: decode.then_some(&*vae as _), perceptual };
         let stage_end = state.step - in_stage + stage.steps;
         let mut epoch_skips = (start.epoch, SkipCounts::default());
         let mut timer = Instant::now();
 
         while state.step < stage_end {
-            if stop.load(Ordering::SeqCst) {
-                let dir = checkpoint::save(run, &model, &model_cfg, &optim, &state, cfg.keep_checkpoints)
-                    .map_err(|e| save_failed(run, state.step, e))?;
+            // Every rank stops at the same step (a signal may reach them at different times).
+            if group.any(stop.load(Ordering::SeqCst)) {
+                let dir = checkpoint::dir_of(run, state.step);
+                if writer {
+                    checkpoint::save(run, &model, &model_cfg, &optim, &state, cfg.keep_checkpoints)
+                        .map_err(|e| save_failed(run, state.step, e))?;
+                }
+                group.wait_for_all();
                 return Ok(Outcome::Interrupted { step: state.step, checkpoint: dir });
             }
-            // Noise draws depend on (seed, step) only, so a resumed run draws what the straight one did.
-            device.seed(cfg.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(state.step));
-            let lr = learning_rate(stage, state.step - (stage_end - stage.steps));
-            let mut accumulator = GradientsAccumulator::<Ov3>::new();
-            let mut sums = StepRecord::default();
-            for _ in 0..stage.accumulate {
+            // Noise draws depend on (seed, rank, step) only, so a resumed run draws what the straight one did.
+            device.seed(noise_seed(cfg.seed, group.rank(), state.step));
+            let spec = StepSpec {
+                weights: stage.loss_weights(cfg.objective),
+                tau: model_cfg.tau,
+                accumulate: stage.accumulate,
+                lr: learning_rate(stage, state.step - (stage_end - stage.steps)),
+                lr_decoders: stage.lr_decoders,
+                clip: cfg.grad_clip,
+                frozen,
+            };
+            let step = state.step;
+            let stepped = train_step(model, &mut optim, &spec, group, || {
                 let (host, batch) = batches.recv().map_err(|_| DataError::Source {
                     path: source.name.clone(),
                     reason: "the data loader stopped".into(),
                 })??;
-                count_skips(&host, &mut epoch_skips, state.step, &mut log, observer, run)?;
+                count_skips(&host, &mut epoch_skips, step, &mut log, observer, run)?;
                 state.position = host.next;
-                let perceptual = lpips.as_ref().filter(|_| stage.lambda > 0.0).map(|l| l as &dyn Perceptual);
-                // LPIPS compares pixels: it needs the decoder pass, which brings the pixel L1 along.
-                let decode = stage.pixel_loss || perceptual.is_some();
-                let frozen = Frozen { vae_decoder: decode.then_some(&*vae as _), perceptual };
-                let out = model.losses(&batch, &weights, model_cfg.tau, frozen);
-                let terms = read_terms(&out);
-                if let Some((term, value)) = terms.terms().into_iter().find(|(_, v)| !v.is_finite()) {
-                    return Err(diverged(run, state.step, format!("the {term} loss is {value}")));
-                }
-                add_terms(&mut sums, &terms, 1.0 / stage.accumulate as f64);
-                let grads = out.total.div_scalar(stage.accumulate as f64).backward();
-                accumulator.accumulate(&model, GradientsParams::from_grads(grads, &model));
-            }
-            let mut grads = accumulator.grads();
-            let grad_norm = clip_grad_norm(&model, &mut grads, cfg.grad_clip);
-            if !grad_norm.is_finite() {
-                return Err(diverged(run, state.step, format!("the gradient norm is {grad_norm}")));
-            }
-            model = step_with_decoder_lr(&mut optim, model, grads, lr, stage.lr_decoders);
+                Ok(batch)
+            });
+            let Stepped { model: next, record: terms } = match stepped {
+                Ok(s) => s,
+                Err(StepError::Batch(e)) => return Err(e),
+                Err(StepError::NonFinite(what)) => return Err(diverged(run, state.step, what, writer)),
+            };
+            model = next;
             state.step += 1;
 
             let seconds = timer.elapsed().as_secs_f64();
@@ -208,18 +238,18 @@ pub fn train(
                 step: state.step,
                 stage: stage.name.clone(),
                 resolution: stage.resolution,
-                lr,
-                grad_norm,
+                lr: spec.lr,
                 logit_scale: (model.logit_scale.val().into_scalar::<f32>() as f64).min(100f64.ln()).exp(),
                 images_per_s: stage.effective_batch() as f64 / seconds.max(1e-9),
-                ..sums
+                ..terms
             };
             observer.step(&record);
             if state.step % cfg.log_every == 0 || state.step == stage_end {
                 log.append(&Record::Step(record)).map_err(io_err(log.path()))?;
             }
             let last = state.step == total;
-            if last || (cfg.eval_every > 0 && state.step % cfg.eval_every == 0) {
+            // Rank 0 evaluates and checkpoints; the others wait for it at the next step's `group.any`.
+            if writer && (last || (cfg.eval_every > 0 && state.step % cfg.eval_every == 0)) {
                 // Periodic evaluations use `eval_size` images, the final one the whole held-out set.
                 let size = if last { usize::MAX } else { cfg.eval_size };
                 let set = eval_set(&mut eval_sets, &cfg.eval_data, stage.resolution, size)?;
@@ -237,11 +267,15 @@ pub fn train(
                 log.append(&Record::Eval { step: state.step, report: r.clone() }).map_err(io_err(log.path()))?;
                 report = Some(r);
             }
-            if last || state.step % cfg.checkpoint_every == 0 {
+            if writer && (last || state.step % cfg.checkpoint_every == 0) {
                 checkpoint::save(run, &model, &model_cfg, &optim, &state, cfg.keep_checkpoints)
                     .map_err(|e| save_failed(run, state.step, e))?;
             }
         }
+    }
+    if !writer {
+        group.wait_for_all();
+        return Ok(Outcome::Finished { step: state.step, report: None });
     }
     let report = match report {
         Some(r) => r,
@@ -255,7 +289,8 @@ pub fn train(
     let path = run.join(REPORT_FILE);
     crate::fsio::atomic_write(&path, &serde_json::to_vec_pretty(&report).expect("report serialises"))
         .map_err(io_err(&path))?;
-    Ok(Outcome::Finished { step: state.step, report: Box::new(report) })
+    group.wait_for_all();
+    Ok(Outcome::Finished { step: state.step, report: Some(Box::new(report)) })
 }
 
 /// What [`prepare_run`] hands the loop: the model, optimizer and state to continue from, and what the
@@ -272,7 +307,7 @@ struct Prepared {
 
 /// A fresh run (refusing a folder that already holds one) or the newest intact checkpoint of an existing
 /// one (refusing a config that differs from the one it was started with outside the resumable keys, and
-/// data that changed).
+/// data that changed). Only a `writer` (rank 0) creates, recovers or rewrites anything in `run`.
 fn prepare_run(
     run: &Path,
     cfg: &TrainConfig,
@@ -281,6 +316,7 @@ fn prepare_run(
     resume: bool,
     data: DataIdentity,
     device: &Device,
+    writer: bool,
 ) -> Result<Prepared, TrainError> {
     let config_path = run.join(CONFIG_FILE);
     let make_optim = |m: &Ov3| adamw(m, cfg.weight_decay as f32);
@@ -296,11 +332,11 @@ fn prepare_run(
             ))
         })?;
         // The changed settings are kept only once the resume is accepted.
-        let keep_changes = || match changes.is_empty() {
+        let keep_changes = || match changes.is_empty() || !writer {
             true => Ok(()),
             false => crate::fsio::atomic_write(&config_path, cfg.to_toml().as_bytes()).map_err(io_err(&config_path)),
         };
-        let mut notes = checkpoint::recover(run);
+        let mut notes = if writer { checkpoint::recover(run) } else { vec![] };
         if checkpoint::list(run).is_empty() {
             // Stopped (killed) before its first checkpoint: nothing to lose, so start it over.
             notes.push(format!("{} has no checkpoint yet: starting from step 0", run.display()));
@@ -383,10 +419,10 @@ fn save_failed(run: &Path, step: u64, e: CheckpointError) -> TrainError {
     use crate::weights::WeightsError;
     match e {
         CheckpointError::Weights(WeightsError::NonFinite { key, value, .. }) => {
-            diverged(run, step, format!("the weight `{key}` is {value}"))
+            diverged(run, step, format!("the weight `{key}` is {value}"), true)
         }
         CheckpointError::NonFiniteOptimizer { tensor, value, .. } => {
-            diverged(run, step, format!("the optimizer state of `{tensor}` is {value}"))
+            diverged(run, step, format!("the optimizer state of `{tensor}` is {value}"), true)
         }
         other => other.into(),
     }
@@ -394,8 +430,9 @@ fn save_failed(run: &Path, step: u64, e: CheckpointError) -> TrainError {
 
 /// The error for a run that diverged at `step`. A checkpoint of that very step holds the weights that gave
 /// the non-finite value: it is moved aside, so that `--resume` continues from the one before.
-fn diverged(run: &Path, step: u64, what: String) -> TrainError {
-    let current = checkpoint::list(run).into_iter().find(|d| d.ends_with(format!("step-{step:08}")));
+fn diverged(run: &Path, step: u64, what: String, writer: bool) -> TrainError {
+    // Only rank 0 of a data-parallel run touches the checkpoints; every rank gets the same error.
+    let current = checkpoint::list(run).into_iter().filter(|_| writer).find(|d| d.ends_with(format!("step-{step:08}")));
     let rejected = current.map(|dir| checkpoint::reject(&dir));
     let checkpoint = match (rejected, checkpoint::latest_intact(run).0) {
         (Some(Err(e)), _) => format!("The checkpoint of step {step} could not be moved aside ({e})."),
@@ -415,51 +452,11 @@ fn diverged(run: &Path, step: u64, what: String) -> TrainError {
     TrainError::NonFinite { step, what, run: run.display().to_string(), checkpoint }
 }
 
-/// Every loss term as f64, read from the device in one transfer.
-fn read_terms(out: &LossOutput) -> StepRecord {
-    let slots = [
-        Some(&out.total),
-        out.rec.as_ref(),
-        out.rec_terms.pixel_l1.as_ref(),
-        out.rec_terms.latent_l1.as_ref(),
-        out.rec_terms.lpips.as_ref(),
-        out.und.as_ref(),
-        out.caption.as_ref(),
-        out.contrastive.as_ref(),
-    ];
-    let present: Vec<Tensor<1>> = slots.iter().flatten().map(|t| (*t).clone().detach()).collect();
-    let values = Tensor::cat(present, 0).into_data().convert::<f32>().try_to_vec::<f32>().expect("f32 data");
-    let mut values = values.into_iter().map(f64::from);
-    let mut take = |slot: Option<&Tensor<1>>| slot.and_then(|_| values.next());
-    let [total, rec, pixel_l1, latent_l1, lpips, und, caption, contrastive] = slots.map(&mut take);
-    StepRecord {
-        total: total.unwrap_or(f64::NAN),
-        rec,
-        pixel_l1,
-        latent_l1,
-        lpips,
-        und,
-        caption,
-        contrastive,
-        ..StepRecord::default()
-    }
-}
-
-/// `acc += scale * terms`, term by term (accumulated micro-batches report their mean).
-fn add_terms(acc: &mut StepRecord, terms: &StepRecord, scale: f64) {
-    let add = |a: &mut Option<f64>, b: Option<f64>| {
-        if let Some(b) = b {
-            *a = Some(a.unwrap_or(0.0) + scale * b);
-        }
-    };
-    acc.total += scale * terms.total;
-    add(&mut acc.rec, terms.rec);
-    add(&mut acc.pixel_l1, terms.pixel_l1);
-    add(&mut acc.latent_l1, terms.latent_l1);
-    add(&mut acc.lpips, terms.lpips);
-    add(&mut acc.und, terms.und);
-    add(&mut acc.caption, terms.caption);
-    add(&mut acc.contrastive, terms.contrastive);
+/// The device seed of `step` on `rank`: the noise of eq. 3 differs between ranks (each noises its own
+/// share), and is the same as before for a single process (rank 0).
+fn noise_seed(seed: u64, rank: usize, step: u64) -> u64 {
+    let base = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(step);
+    base ^ (rank as u64).wrapping_mul(0xD1B5_4A32_D192_ED03)
 }
 
 /// Adds a batch's skips to its epoch's; when the stream enters a new epoch, the finished epoch's counts go

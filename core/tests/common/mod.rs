@@ -7,9 +7,10 @@ use burn::tensor::{Device, Tensor};
 use ov3_core::autoencoder::LatentDecoder;
 use ov3_core::device::{BackendChoice, select};
 use ov3_core::model::vit::unpatchify;
+use ov3_core::parallel::Single;
 use ov3_core::random_batch::random_batch;
-use ov3_core::step::train_step;
-use ov3_core::{Frozen, LossWeights, ModelConfig, Ov3, optim};
+use ov3_core::step::{StepSpec, train_step};
+use ov3_core::{ModelConfig, Ov3, optim};
 
 /// flex always; wgpu too when an adapter exists. With `OV3_TEST_WGPU=1` (CI) a missing adapter is a
 /// failure, not a skip.
@@ -71,5 +72,6 @@ pub fn wgpu_device() -> Option<Device> {
 pub fn after_one_step(model: Ov3, cfg: &ModelConfig, device: &Device) -> Ov3 {
     let mut optim = optim::adamw(&model, 0.0);
     let batch = random_batch(cfg, 2, 64, device);
-    train_step(model, &mut optim, &batch, &LossWeights::default(), cfg.tau, Frozen::default(), 1e-3, 1.0).0
+    let spec = StepSpec::plain(cfg.tau, 1e-3, 1.0);
+    train_step(model, &mut optim, &spec, &Single, || Ok::<_, ()>(batch.clone())).expect("a finite step").model
 }
