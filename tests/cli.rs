@@ -292,31 +292,7 @@ fn data_check_reports_counts_and_refuses_unusable_sources() {
 }
 
 /// A two-stage recipe small enough for CI: 32 px then 48 px, a few steps each.
-const TINY_RECIPE: &str = r#"
-preset = "tiny"
-seed = 3
-data = "synthetic:64"
-eval_data = "synthetic:8:0:heldout"
-eval_size = 4
-log_every = 1
-eval_every = 3
-checkpoint_every = 2
-[[stages]]
-name = "low"
-resolution = 32
-steps = 4
-batch = 4
-lr = 0.05
-warmup = 1
-[[stages]]
-name = "high"
-resolution = 48
-steps = 2
-batch = 4
-lr = 0.05
-warmup = 0
-pixel_loss = false
-"#;
+const TINY_RECIPE: &str = include_str!("fixtures/tiny_recipe.toml");
 
 #[test]
 fn train_then_use_the_run_end_to_end() {

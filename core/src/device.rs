@@ -121,8 +121,8 @@ pub fn select_for(choice: BackendChoice, local_rank: usize) -> Result<Selected, 
         ));
     }
     let kind = match local_rank {
-        0 => DeviceKind::DefaultDevice,
-        r => kind_of(&all, r),
+        r if r > 0 && r < all.len() => kind_of(&all, r),
+        _ => DeviceKind::DefaultDevice,
     };
     let best = all.get(local_rank).cloned();
     let wgpu_device = |adapter: AdapterSummary, reason: String| Selected {

@@ -213,7 +213,7 @@ fn a_non_finite_weight_is_never_checkpointed() {
         }
     }
     let poisoned = model.map(&mut Poison(true));
-    let state = checkpoint::TrainState { step: 3, position: Default::default(), seed: 0, data: None };
+    let state = checkpoint::TrainState { step: 3, position: Default::default(), seed: 0, data: None, ranks: None };
     let err = checkpoint::save(tmp.path(), &poisoned, &model_cfg, &optim, &state, 2).expect_err("NaN weight");
     let first = named_values(&poisoned).into_iter().find(|(_, _, v)| v.iter().any(|x| x.is_nan())).unwrap().0;
     assert!(err.to_string().contains(&first), "the message names `{first}`: {err}");

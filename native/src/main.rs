@@ -107,6 +107,14 @@ fn main() {
         eprintln!("error: {e}");
         std::process::exit(1);
     });
+    if group.size() > 1 {
+        // A rank that panics must end the job: unwinding would finalise MPI and leave the others waiting.
+        let report = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            report(info);
+            std::process::abort();
+        }));
+    }
     let parallel = matches!(cli.command, Command::Train(_) | Command::Bench(bench::BenchCommand::Step(_)));
     if group.size() > 1 && !parallel {
         if group.rank() == 0 {

@@ -44,6 +44,9 @@ pub struct TrainState {
     /// The training data the position refers to (absent in checkpoints written before it was recorded).
     #[serde(default)]
     pub data: Option<DataIdentity>,
+    /// Processes of the data-parallel run that wrote it (absent: 1, or written before it was recorded).
+    #[serde(default)]
+    pub ranks: Option<usize>,
 }
 
 #[derive(Debug, thiserror::Error)]

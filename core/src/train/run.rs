@@ -112,12 +112,13 @@ pub fn train(
     let source = Arc::new(Source::open(&Spec::parse(&cfg.data)?)?);
     // Rank 0 prepares the run folder (creates, recovers, or refuses it); then the others read what it left.
     let prepared = if writer {
-        let prepared = prepare_run(run, cfg, &model_cfg, &tokenizer, resume, source.identity(), device, true);
+        let prepared =
+            prepare_run(run, cfg, &model_cfg, &tokenizer, resume, source.identity(), device, (true, group.size()));
         group.wait_for_all();
         prepared?
     } else {
         group.wait_for_all();
-        prepare_run(run, cfg, &model_cfg, &tokenizer, true, source.identity(), device, false)?
+        prepare_run(run, cfg, &model_cfg, &tokenizer, true, source.identity(), device, (false, group.size()))?
     };
     let (mut optim, mut state) = (prepared.optim, prepared.state);
     let mut model = prepared.model.with_attention(cfg.attention);
@@ -316,7 +317,7 @@ fn prepare_run(
     resume: bool,
     data: DataIdentity,
     device: &Device,
-    writer: bool,
+    (writer, ranks): (bool, usize),
 ) -> Result<Prepared, TrainError> {
     let config_path = run.join(CONFIG_FILE);
     let make_optim = |m: &Ov3| adamw(m, cfg.weight_decay as f32);
@@ -341,7 +342,7 @@ fn prepare_run(
             // Stopped (killed) before its first checkpoint: nothing to lose, so start it over.
             notes.push(format!("{} has no checkpoint yet: starting from step 0", run.display()));
             keep_changes()?;
-            let (model, optim, state) = fresh(cfg, model_cfg, tokenizer, data, device);
+            let (model, optim, state) = fresh(cfg, model_cfg, tokenizer, data, device, ranks);
             return Ok(Prepared { model, optim, state, notes, changes });
         }
         let loaded = checkpoint::load_latest(run, device, make_optim)?;
@@ -382,8 +383,17 @@ fn prepare_run(
                 notes.push(format!("{}: written before checkpoints recorded their data; not checked", dir.display()))
             }
         }
+        let was = loaded.state.ranks.unwrap_or(1);
+        if was != ranks {
+            notes.push(format!(
+                "{}: written by {was} process(es), continuing with {ranks}: the global batch and the data order are \
+                 unchanged (every process assembles the same global batches); the noise draws of eq. 3 differ from \
+                 an uninterrupted run",
+                dir.display()
+            ));
+        }
         keep_changes()?;
-        let state = TrainState { data: Some(data), ..loaded.state };
+        let state = TrainState { data: Some(data), ranks: Some(ranks), ..loaded.state };
         return Ok(Prepared { model: loaded.model, optim: loaded.optim, state, notes, changes });
     }
     if config_path.exists() || !checkpoint::list(run).is_empty() {
@@ -394,7 +404,7 @@ fn prepare_run(
     }
     std::fs::create_dir_all(run).map_err(io_err(run))?;
     crate::fsio::atomic_write(&config_path, cfg.to_toml().as_bytes()).map_err(io_err(&config_path))?;
-    let (model, optim, state) = fresh(cfg, model_cfg, tokenizer, data, device);
+    let (model, optim, state) = fresh(cfg, model_cfg, tokenizer, data, device, ranks);
     Ok(Prepared { model, optim, state, notes: vec![], changes: vec![] })
 }
 
@@ -405,12 +415,15 @@ fn fresh(
     tokenizer: &Tokenizer,
     data: DataIdentity,
     device: &Device,
+    ranks: usize,
 ) -> (Ov3, ModuleOptimizer, TrainState) {
     device.seed(cfg.seed);
     let mut model = Ov3::new(model_cfg, device);
     model.tokenizer = tokenizer.clone();
     let optim = adamw(&model, cfg.weight_decay as f32);
-    (model, optim, TrainState { step: 0, position: Position::default(), seed: cfg.seed, data: Some(data) })
+    let state =
+        TrainState { step: 0, position: Position::default(), seed: cfg.seed, data: Some(data), ranks: Some(ranks) };
+    (model, optim, state)
 }
 
 /// A failed [`checkpoint::save`] of `step`: non-finite weights or optimizer state (a step that diverged
