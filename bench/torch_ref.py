@@ -8,7 +8,8 @@ N(0, 0.01), bias-free projections N(0, 0.02), logit scale ln(1/0.07)), the same 
 global grad-norm clipping 1.0.
 
     python bench/torch_ref.py --preset tiny --batch 8 --res 128 --threads 2
-prints one JSON line like `ov3 bench step`.
+    python bench/torch_ref.py --preset base --batch 32 --res 256 --device cuda [--amp]
+prints one JSON line like `ov3 bench step`. `--amp`: bf16 autocast (f32 weights and optimiser state).
 """
 import argparse
 import json
@@ -177,8 +178,13 @@ def main():
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--amp", action="store_true", help="bf16 autocast for the forward pass")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    # Every tensor the model and the workload create lands on the device.
+    torch.set_default_device(args.device)
+    cuda = args.device.startswith("cuda")
     torch.manual_seed(0)
     model = Ov3(args.preset)
     decay = [p for p in model.parameters() if p.ndim >= 2]
@@ -191,7 +197,8 @@ def main():
     times = []
     for i in range(args.warmup + args.steps):
         start = time.perf_counter()
-        loss = model.losses(latents, tokens)
+        with torch.autocast(device_type="cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=args.amp):
+            loss = model.losses(latents, tokens)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -200,11 +207,17 @@ def main():
         if i >= args.warmup:
             times.append(time.perf_counter() - start)
     median = sorted(times)[len(times) // 2]
-    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"bench": "step", "impl": "pytorch", "backend": "cpu", "adapter": f"torch {torch.__version__}",
+    if cuda:
+        peak_mib, peak_kind = torch.cuda.max_memory_allocated() / 2**20, "CUDA max allocated"
+        adapter = f"torch {torch.__version__} {torch.cuda.get_device_name()}"
+    else:
+        peak_mib, peak_kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process peak RSS"
+        adapter = f"torch {torch.__version__}"
+    print(json.dumps({"bench": "step", "impl": "pytorch", "backend": "cuda" if cuda else "cpu", "adapter": adapter,
+                      "precision": "bf16 autocast" if args.amp else "f32",
                       "preset": args.preset, "batch": args.batch, "res": args.res, "ms_per_step": round(median * 1e3, 1),
                       "images_per_s": round(args.batch / median, 2), "peak_mib": round(peak_mib),
-                      "peak_kind": "process peak RSS", "threads": args.threads}))
+                      "peak_kind": peak_kind, "threads": args.threads}))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@
 //! flag), all-gather rows (the contrastive loss's embeddings), and a barrier that sleeps instead of spinning
 //! (a rank waiting while rank 0 evaluates must leave the core to it).
 
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::optim::GradientsParams;
 use burn::tensor::{Tensor, TensorData};
 
 /// A group of processes training one model together; every rank calls every operation in the same order.
@@ -115,6 +117,42 @@ pub trait GroupExt: Group {
 }
 
 impl<G: Group + ?Sized> GroupExt for G {}
+
+/// Replaces `grads` of `module`'s parameters, and `extra` values riding along (loss terms, a clock), by
+/// their means over the group, in one all-reduce of one buffer. Alone, nothing happens.
+pub fn mean_gradients<M: Module>(module: &M, grads: &mut GradientsParams, extra: &mut [f32], group: &dyn Group) {
+    if group.size() == 1 {
+        return;
+    }
+    struct Pack<'a>(&'a GradientsParams, Vec<f32>);
+    impl ModuleVisitor for Pack<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if let Some(g) = self.0.get::<D>(param.id) {
+                self.1.extend(g.into_data().convert::<f32>().try_to_vec::<f32>().expect("f32 gradient"));
+            }
+        }
+    }
+    struct Unpack<'a>(&'a mut GradientsParams, &'a [f32], usize);
+    impl ModuleVisitor for Unpack<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if let Some(g) = self.0.remove::<D>(param.id) {
+                let (shape, device) = (g.shape(), g.device());
+                let n = shape.num_elements();
+                let data = TensorData::new(self.1[self.2..self.2 + n].to_vec(), shape);
+                self.0.register(param.id, Tensor::<D>::from_data(data, &device));
+                self.2 += n;
+            }
+        }
+    }
+    let mut pack = Pack(grads, Vec::new());
+    module.visit(&mut pack);
+    let mut buffer = pack.1;
+    let n = buffer.len();
+    buffer.extend_from_slice(extra);
+    group.mean(&mut buffer);
+    module.visit(&mut Unpack(grads, &buffer[..n], 0));
+    extra.copy_from_slice(&buffer[n..]);
+}
 
 /// The group this process was launched in: MPI's world under a launcher when built with `--features mpi`,
 /// else this process alone. Under a launcher without the feature it refuses to run N copies of one job.

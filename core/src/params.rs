@@ -33,6 +33,17 @@ impl<F: FnMut(&str, usize, Option<f64>)> ModuleVisitor for Collector<'_, F> {
     }
 }
 
+/// Draws every lazily initialised parameter of `module` now, in visiting order.
+pub fn materialize<M: Module>(module: &M) {
+    struct Touch;
+    impl ModuleVisitor for Touch {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let _ = param.val();
+        }
+    }
+    module.visit(&mut Touch);
+}
+
 /// Parameter count of each top-level part of a module, in visiting order.
 pub fn count_by_part<M: Module>(module: &M) -> Vec<(String, usize)> {
     let mut parts: Vec<(String, usize)> = Vec::new();

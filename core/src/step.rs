@@ -4,13 +4,12 @@
 //! forward + backward over `accumulate` micro-batches -> (data parallel) the group's mean gradient and loss
 //! terms -> finite checks -> global grad-norm clipping -> AdamW, the generative decoders at their own LR.
 
-use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::optim::{GradientsAccumulator, GradientsParams, ModuleOptimizer};
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::Tensor;
 
 use crate::model::{Batch, Frozen, LossOutput, LossWeights, Ov3};
 use crate::optim::{clip_grad_norm, step_with_decoder_lr};
-use crate::parallel::{Group, GroupExt};
+use crate::parallel::{Group, mean_gradients};
 use crate::train::log::StepRecord;
 
 /// Everything a step needs besides the model, the optimiser and the data.
@@ -101,39 +100,13 @@ pub fn train_step<E>(
     Ok(Stepped { model, record })
 }
 
-/// Replaces this rank's gradients and loss terms by the group's means, in one all-reduce of one buffer.
-/// Every rank then holds the gradient of the global batch, clips it identically and takes the same step.
+/// Replaces this rank's gradients and loss terms by the group's means, in one all-reduce. Every rank then
+/// holds the gradient of the global batch, clips it identically and takes the same step.
 fn group_mean(model: &Ov3, grads: &mut GradientsParams, record: &mut StepRecord, group: &dyn Group) {
-    struct Pack<'a>(&'a GradientsParams, Vec<f32>);
-    impl ModuleVisitor for Pack<'_> {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            if let Some(g) = self.0.get::<D>(param.id) {
-                self.1.extend(g.into_data().convert::<f32>().try_to_vec::<f32>().expect("f32 gradient"));
-            }
-        }
-    }
-    struct Unpack<'a>(&'a mut GradientsParams, &'a [f32], usize);
-    impl ModuleVisitor for Unpack<'_> {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            let id: ParamId = param.id;
-            if let Some(g) = self.0.remove::<D>(id) {
-                let (shape, device) = (g.shape(), g.device());
-                let n = shape.num_elements();
-                let data = TensorData::new(self.1[self.2..self.2 + n].to_vec(), shape);
-                self.0.register(id, Tensor::<D>::from_data(data, &device));
-                self.2 += n;
-            }
-        }
-    }
-    let mut pack = Pack(grads, Vec::new());
-    model.visit(&mut pack);
-    let mut buffer = pack.1;
-    let n_grads = buffer.len();
     let slots = term_slots(record);
-    buffer.extend(slots.iter().map(|s| s.map_or(0.0, |v| v as f32)));
-    group.mean(&mut buffer);
-    model.visit(&mut Unpack(grads, &buffer[..n_grads], 0));
-    let mut reduced = buffer[n_grads..].iter().map(|&v| v as f64);
+    let mut terms: Vec<f32> = slots.iter().map(|s| s.map_or(0.0, |v| v as f32)).collect();
+    mean_gradients(model, grads, &mut terms, group);
+    let mut reduced = terms.into_iter().map(f64::from);
     // Every slot was sent (absent ones as 0); an absent term stays absent.
     let mut take = |slot: Option<f64>| reduced.next().filter(|_| slot.is_some());
     let [total, rec, pixel_l1, latent_l1, lpips, und, caption, contrastive] = slots.map(&mut take);

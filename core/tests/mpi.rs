@@ -54,29 +54,55 @@ fn share(batch: Batch, rank: usize, size: usize) -> Batch {
 }
 
 /// `STEPS` optimiser steps of `accumulate` micro-batches each, as `group`'s rank; the parameters after.
-/// `reverse`: the global batches in reversed row order (one process only), the same step up to rounding.
-fn train(group: &dyn Group, accumulate: usize, reverse: bool) -> Vec<f32> {
+/// The order of each global batch's rows: a permutation changes nothing but rounding.
+#[derive(Clone, Copy, PartialEq)]
+enum Rows {
+    AsDrawn,
+    Reversed,
+    HalvesSwapped,
+}
+
+/// `rows`: the global batches' rows permuted (one process only), the same step up to rounding.
+fn train(group: &dyn Group, accumulate: usize, rows: Rows) -> Vec<f32> {
     let device = Device::flex().autodiff();
     let cfg = config();
     let mut model = initial_model();
     let mut optim = optim::adamw(&model, 0.1);
     let spec = StepSpec { accumulate, ..StepSpec::plain(0.0, 1e-3, 1.0) };
+    let mut batches = Vec::new();
     for step in 0..STEPS {
-        let mut k = 0;
-        let stepped = train_step(model, &mut optim, &spec, group, || {
+        for k in 0..accumulate {
             let global = global_batch(&cfg, step, k, &device);
-            k += 1;
-            let global = match reverse {
-                true => Batch {
+            let global = match rows {
+                Rows::AsDrawn => global,
+                Rows::Reversed => Batch {
                     images: global.images.flip([0]),
                     inputs: global.inputs.flip([0]),
                     tokens: global.tokens.flip([0]),
                 },
-                false => global,
+                Rows::HalvesSwapped => {
+                    let h = GLOBAL / 2;
+                    let swap = |t: Tensor<4>| Tensor::cat(vec![t.clone().narrow(0, h, h), t.narrow(0, 0, h)], 0);
+                    Batch {
+                        images: swap(global.images),
+                        inputs: swap(global.inputs),
+                        tokens: Tensor::cat(
+                            vec![global.tokens.clone().narrow(0, h, h), global.tokens.narrow(0, 0, h)],
+                            0,
+                        ),
+                    }
+                }
             };
-            Ok::<_, ()>(share(global, group.rank(), group.size()))
-        })
-        .expect("a finite step");
+            batches.push(share(global, group.rank(), group.size()));
+        }
+    }
+    // The ranks' device RNGs part here (as the trainer's do for the noise of eq. 3): any weight drawn from
+    // now on, e.g. by lazy initialisation, would differ between ranks.
+    device.seed(77 + group.rank() as u64);
+    let mut batches = batches.into_iter();
+    for _ in 0..STEPS {
+        let stepped = train_step(model, &mut optim, &spec, group, || Ok::<_, ()>(batches.next().expect("a batch")))
+            .expect("a finite step");
         model = stepped.model;
     }
     named_values(&model).into_iter().flat_map(|(_, _, v)| v).collect()
@@ -100,7 +126,7 @@ fn rank_worker() {
     let accumulate: usize = std::env::var("OV3_MPI_TEST_ACCUMULATE").expect("accumulate").parse().expect("a number");
     let group = parallel::join().expect("an MPI group");
     assert_eq!(group.size(), 2, "run with mpirun -np 2");
-    let params = train(&*group, accumulate, false);
+    let params = train(&*group, accumulate, Rows::AsDrawn);
     if group.rank() == 1 {
         write_f32(&out.join("rank1.bin"), &params);
     }
@@ -150,35 +176,42 @@ fn initial_model() -> Ov3 {
     Ov3::new(&config(), &device)
 }
 
-/// Two ranks against one process. Tolerances: the whole update within 1e-5 relative, and every tensor
+/// Two ranks against one process. Tolerances: the whole update within 1e-4 relative (L2), and every tensor
 /// within 1e-4 relative L2 -- or, for the few tensors whose f32 result is itself that uncertain, within
-/// twice what one process gets from the same batch in reversed order (mathematically the same step). Those
-/// are parameters with (near-)zero gradients, e.g. key biases (softmax ignores them) and the LayerNorm
-/// shifts before zero-initialised residual branches: AdamW scales their rounding noise up to the learning
-/// rate. Measured on this machine: whole update 4e-7; worst tensor 2.8e-4 (an encoder LayerNorm beta),
-/// where reversing the batch gives 3.0e-4.
+/// twice what one process gets from the same batches with their rows permuted (mathematically the same
+/// steps). Those are parameters with (near-)zero gradients, e.g. key biases (softmax ignores them) and the
+/// LayerNorm shifts before zero-initialised residual branches: AdamW scales their rounding noise up to the
+/// learning rate. Measured on this machine (deterministic there): whole update 2.7e-5 (permuted rows, one
+/// process: 3.1e-5); worst tensor 1.1e-4, a text-encoder LayerNorm shift.
 fn check(accumulate: usize) {
     let dir = ov3_core::fsio::ScratchDir::new().expect("scratch dir");
     run_ranks(dir.path(), accumulate);
     let (rank0, rank1) = (read_f32(&dir.path().join("rank0.bin")), read_f32(&dir.path().join("rank1.bin")));
-    let alone = train(&Single, accumulate, false);
-    let reversed = train(&Single, accumulate, true);
+    let alone = train(&Single, accumulate, Rows::AsDrawn);
+    // How far one process is from itself on the same batches in another row order: the rounding floor.
+    let permuted = [train(&Single, accumulate, Rows::Reversed), train(&Single, accumulate, Rows::HalvesSwapped)];
     let start: Vec<f32> = named_values(&initial_model()).into_iter().flat_map(|(_, _, v)| v).collect();
     assert_eq!(rank0.len(), alone.len(), "parameter count");
-    assert_eq!(rank0, rank1, "the two ranks hold different weights");
+    let apart = rank0.iter().zip(&rank1).filter(|(a, b)| a != b).count();
+    assert_eq!(apart, 0, "the two ranks hold different weights ({apart} of {} values differ)", rank0.len());
     // The steps moved the weights (a comparison of untouched weights would prove nothing).
     let moved = alone.iter().zip(&start).filter(|(a, b)| a != b).count();
     assert!(moved > alone.len() / 2, "only {moved} of {} parameters changed", alone.len());
 
     let whole = l2_diff(&rank0, &alone) / l2_diff(&alone, &start);
-    eprintln!("accumulate {accumulate}: |mpi - one process| / |update| = {whole:.2e} over the whole model");
-    assert!(whole <= 1e-5, "accumulate {accumulate}: the whole update differs by {whole:.2e} relative");
-    let floor = per_tensor(&reversed, &alone);
-    for ((name, err), (_, floor)) in per_tensor(&rank0, &alone).into_iter().zip(floor) {
+    let whole_floor = permuted.iter().map(|p| l2_diff(p, &alone)).fold(0.0, f64::max) / l2_diff(&alone, &start);
+    eprintln!(
+        "accumulate {accumulate}: |mpi - one process| / |update| = {whole:.2e} over the whole model \
+         (rows permuted, one process: {whole_floor:.2e})"
+    );
+    assert!(whole <= 1e-4, "accumulate {accumulate}: the whole update differs by {whole:.2e} relative");
+    let floors: Vec<Vec<(String, f64)>> = permuted.iter().map(|p| per_tensor(p, &alone)).collect();
+    for (i, (name, err)) in per_tensor(&rank0, &alone).into_iter().enumerate() {
+        let floor = floors.iter().map(|f| f[i].1).fold(0.0, f64::max);
         let limit = 1e-4f64.max(2.0 * floor);
         assert!(err <= limit, "accumulate {accumulate}: {name} differs by {err:.2e} relative (limit {limit:.2e})");
         if err > 1e-5 {
-            eprintln!("  {name}: {err:.2e} (reversed batch, one process: {floor:.2e})");
+            eprintln!("  {name}: {err:.2e} (rows permuted, one process: {floor:.2e})");
         }
     }
 }

@@ -115,11 +115,12 @@ fn main() {
             std::process::abort();
         }));
     }
-    let parallel = matches!(cli.command, Command::Train(_) | Command::Bench(bench::BenchCommand::Step(_)));
+    let parallel =
+        matches!(cli.command, Command::Train(_) | Command::TrainVae(_) | Command::Bench(bench::BenchCommand::Step(_)));
     if group.size() > 1 && !parallel {
         if group.rank() == 0 {
             eprintln!(
-                "error: only `ov3 train` and `ov3 bench step` run data-parallel; run this command as one process"
+                "error: only `ov3 train`, `ov3 train-vae` and `ov3 bench step` run data-parallel; run this command as one process"
             );
         }
         group.abort(2);
@@ -137,7 +138,7 @@ fn main() {
         Command::Bench(cmd) => bench::run(cmd, &*group),
         Command::Overfit(args) => overfit::run(args),
         Command::Vae(cmd) => vae_cmd::run(cmd),
-        Command::TrainVae(args) => train_vae::run(args),
+        Command::TrainVae(args) => train_vae::run(args, &*group),
         Command::Datagen(args) => datagen::run(args),
         Command::Data(cmd) => data_cmd::run(cmd),
     };

@@ -16,6 +16,8 @@ use ov3_core::metrics::psnr;
 use ov3_core::vae::embedded::{EMBEDDED_WIDTH, load_tiny, save_tiny};
 use ov3_core::vae::taef1::{TinyAutoencoder, TinyConfig};
 
+use ov3_core::parallel::{Group, GroupExt, mean_gradients};
+
 use crate::Common;
 
 #[derive(Args)]
@@ -65,7 +67,9 @@ fn batch(world: &World, first: u64, n: usize, res: u32, crop: u32, device: &Devi
     Tensor::cat(images.collect(), 0)
 }
 
-pub fn run(args: TrainVaeArgs) -> anyhow::Result<()> {
+/// Under `mpirun -np N`, `--batch` is global: each rank renders and steps on its `batch / N` scenes, the
+/// gradients are averaged over the group, and rank 0 writes the weights and reports.
+pub fn run(args: TrainVaeArgs, group: &dyn Group) -> anyhow::Result<()> {
     anyhow::ensure!(args.res >= 32 && args.res % 8 == 0, "--res must be a multiple of 8 and at least 32");
     anyhow::ensure!(
         args.crop % 8 == 0 && (8..=args.res).contains(&args.crop),
@@ -75,7 +79,15 @@ pub fn run(args: TrainVaeArgs) -> anyhow::Result<()> {
         args.batch >= 1 && args.width % 8 == 0 && args.width > 0,
         "--batch >= 1 and --width a multiple of 8"
     );
-    let device = args.common.device()?.device.autodiff();
+    anyhow::ensure!(
+        args.batch % group.size() == 0,
+        "--batch {} is the global batch and must divide among {} processes",
+        args.batch,
+        group.size()
+    );
+    let share = args.batch / group.size();
+    let writer = group.is_writer();
+    let device = args.common.device_in(group)?.device.autodiff();
     let (mut ae, cfg) = match &args.init {
         Some(path) => {
             let (ae, cfg) = load_tiny(path, &device)?;
@@ -90,32 +102,42 @@ pub fn run(args: TrainVaeArgs) -> anyhow::Result<()> {
     let world = World::new(args.common.seed, Split::Train);
     let heldout = World::new(args.common.seed, Split::Heldout);
 
-    let bar = ProgressBar::new(args.steps as u64);
+    let bar = if writer { ProgressBar::new(args.steps as u64) } else { ProgressBar::hidden() };
     bar.set_style(ProgressStyle::with_template("{bar:30} {pos} steps {msg} [{elapsed_precise}]")?);
     let start = Instant::now();
     let mut step = 0;
-    while step < args.steps && start.elapsed().as_secs_f64() < args.minutes * 60.0 {
-        let x = batch(&world, (step * args.batch) as u64, args.batch, args.res, args.crop, &device);
+    // Every rank stops at the same step and follows the same LR: both come from the group's mean clock.
+    let mut elapsed = 0.0;
+    while step < args.steps && !group.any(elapsed >= args.minutes * 60.0) {
+        let first = (step * args.batch + group.rank() * share) as u64;
+        let x = batch(&world, first, share, args.res, args.crop, &device);
         let (x_hat, z) = reconstruct(&ae, x.clone());
         // L1 reconstruction, plus a weak pull of the latents towards unit scale (the tokenizer's convention).
         let loss = (x - x_hat).abs().mean() + z.powi_scalar(2).mean().mul_scalar(1e-3);
-        let value = loss.clone().into_scalar::<f32>();
+        let local = loss.clone().into_scalar::<f32>();
+        let mut grads = GradientsParams::from_grads(loss.backward(), &ae);
+        let mut shared = [local, start.elapsed().as_secs_f32()];
+        mean_gradients(&ae, &mut grads, &mut shared, group);
+        let [value, clock] = shared;
         anyhow::ensure!(value.is_finite(), "loss became {value} at step {step}");
+        elapsed = clock as f64;
         // Cosine decay to 10% over the time budget.
-        let progress = (start.elapsed().as_secs_f64() / (args.minutes * 60.0)).min(1.0);
+        let progress = (elapsed / (args.minutes * 60.0)).min(1.0);
         let lr = args.lr * (0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()));
-        let grads = GradientsParams::from_grads(loss.backward(), &ae);
         ae = optim.step(lr, ae, grads);
         step += 1;
         bar.set_position(step as u64);
         bar.set_message(format!("L1 {value:.4} lr {lr:.1e}"));
-        if step % 200 == 0 {
+        if writer && step % 200 == 0 {
             save_tiny(&ae, &cfg, &args.out, &format!("checkpoint at step {step}"))?;
         }
     }
     bar.finish();
+    if !writer {
+        return Ok(());
+    }
     let note = format!(
-        "ov3 train-vae{}: TAEF1 architecture, width {}, {} steps of batch {} ({} px crops of {} px scenes) on synthetic seed {} ({:.1} min)",
+        "ov3 train-vae{}: TAEF1 architecture, width {}, {} steps of batch {} ({} px crops of {} px scenes) on synthetic seed {} ({:.1} min, {} process(es))",
         args.init.as_ref().map(|p| format!(" (continued from {})", p.display())).unwrap_or_default(),
         cfg.width,
         step,
@@ -123,7 +145,8 @@ pub fn run(args: TrainVaeArgs) -> anyhow::Result<()> {
         args.crop,
         args.res,
         args.common.seed,
-        start.elapsed().as_secs_f64() / 60.0
+        start.elapsed().as_secs_f64() / 60.0,
+        group.size()
     );
     save_tiny(&ae, &cfg, &args.out, &note)?;
     eprintln!("{note}\nwrote {}", args.out.display());

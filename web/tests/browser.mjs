@@ -7,7 +7,8 @@
 //     "caption": the sample's true caption, "not_an_image": PATH }
 // Checks: the page starts on the expected backend; an uploaded photo is reconstructed with the PSNR the
 // native CLI computes (within 0.5 dB); a shipped sample ranks its true caption first, as natively; a file
-// that is not an image gives a message and the page keeps working. Writes a screenshot and timings.json.
+// that is not an image gives a message and the page keeps working; an upload overtaken by a newer request is
+// never drawn over it. Writes a screenshot and timings.json.
 // --fused opens the page with ?attention=fused: every transformer runs our WGSL flash-attention kernels
 // (shaders/), compiled by Chromium's Tint, and the same checks hold.
 
@@ -110,6 +111,21 @@ try {
   await page.click(`#sample-${expected.sample}`);
   await waitRun(before);
   check((await text('#message')) === '' && (await text('#ranking li:first-child .text')) === expected.top, 'the page still works after the bad file');
+
+  // 5. Overlapping requests: an upload still in progress when a sample is picked must never be drawn over it.
+  // The photo (the slower of the two) starts first; the sample's result must be the one left on the page,
+  // and the photo's must not finish after it (data-runs counts finished images).
+  before = await runs();
+  const started = Date.now();
+  await page.setInputFiles('#file', expected.upload);
+  await page.click(`#sample-${expected.sample}`);
+  await waitRun(before);
+  // Give a straggler as long again as the whole overlapped run took, then look.
+  await page.waitForTimeout(Math.max(2000, Date.now() - started));
+  const finished = (await runs()) - before;
+  const shownTop = await text('#ranking li:first-child .text');
+  check(finished === 1, `overlap: only the newer image finished (${finished} finished)`);
+  check(shownTop === expected.top, `overlap: the page shows the sample picked last ("${shownTop}")`);
 
   writeFileSync(
     join(outDir, `timings${variant}.json`),

@@ -94,7 +94,16 @@ pub struct Frozen<'a> {
 }
 
 impl Ov3 {
+    /// A new model whose initial weights are drawn now, in module order, from the device RNG: they depend
+    /// on the seed alone. (burn initialises parameters lazily, on first use; a forward pass would then draw
+    /// them interleaved with the noise of eq. 3, which differs between data-parallel ranks.)
     pub fn new(cfg: &ModelConfig, device: &Device) -> Self {
+        let model = Self::uninitialized(cfg, device);
+        crate::params::materialize(&model);
+        model
+    }
+
+    fn uninitialized(cfg: &ModelConfig, device: &Device) -> Self {
         let d = cfg.encoder.width;
         Self {
             encoder: VitEncoder::new(cfg, device),

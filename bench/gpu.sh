@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# ov3 on a GPU through wgpu/Vulkan against PyTorch CUDA eager on the same card, in one run (issue 22).
+# Runs ON the lent GPU machine (bare: PyTorch + CUDA, no Rust), from the repo root, after
+# bench/gpu_prepare.sh here:   run(command="bash bench/gpu.sh", carry=[".gpu", ".gl"], timeout_s=560)
+# Prints and writes $OUT/gpu.jsonl (every JSON line) and $OUT/gpu.md (the table with ratios), within ~8 min.
+#   OV3_GPU_SMOKE=1 bench/gpu.sh    tiny sizes, CPU torch, lavapipe: the local end-to-end test of this script
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/ov3-gpu-out}
+mkdir -p "$OUT"
+log="$OUT/gpu.jsonl"
+: >"$log"
+start=$(date +%s)
+note() { echo "## $*"; }
+
+# The binary and, if the machine has none, the Vulkan loader.
+if [ -f .gpu/ov3.xz ]; then xz -dc .gpu/ov3.xz >/tmp/ov3 && chmod +x /tmp/ov3; ov3=/tmp/ov3
+else ov3=${OV3:-${CARGO_TARGET_DIR:-target}/debug/ov3}; fi
+if ! ldconfig -p | grep -q libvulkan.so.1 && ls .gl/*.deb >/dev/null 2>&1; then
+  for f in .gl/*.deb; do dpkg -x "$f" /; done
+  ldconfig
+fi
+export CUBECL_AUTOTUNE_LEVEL=${CUBECL_AUTOTUNE_LEVEL:-minimal}
+note "commit $(cat .gpu/commit 2>/dev/null || git rev-parse --short HEAD 2>/dev/null)"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | sed 's/^/## nvidia-smi: /'
+info=$("$ov3" info --backend wgpu 2>&1)
+if ! grep -q "wgpu on" <<<"$info" && [ -f /usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json ]; then
+  # No adapter found: point the loader at NVIDIA's ICD (the device notes' recipe).
+  export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
+  export __EGL_VENDOR_LIBRARY_FILENAMES=/usr/local/nvidia/share/glvnd/egl_vendor.d/10_nvidia.json
+  info=$("$ov3" info --backend wgpu 2>&1)
+fi
+echo "$info" | grep -iE "adapter|wgpu|backend|driver|limit|f16" | head -20
+
+if [ "${OV3_GPU_SMOKE:-0}" = 1 ]; then
+  torch_dev=cpu seqs=64 step_steps=1 warm=1
+  shapes=("tiny 2 32")
+else
+  torch_dev=cuda seqs=64,256,1024 step_steps=5 warm=3
+  shapes=("tiny 8 128" "tiny 64 128" "small 64 128" "base 32 256")
+fi
+
+# Each command has its own time limit, so one hang costs its slot, not the whole call.
+run() { # run SECONDS CMD...: JSON lines to the log and stdout, the rest to stdout
+  local secs=$1; shift
+  timeout "$secs" "$@" 2>&1 | tee -a "$log.raw" | grep -E '^\{' | tee -a "$log"
+  local rc=${PIPESTATUS[0]}
+  [ "$rc" = 0 ] || echo "## FAILED ($rc, limit ${secs}s): $*"
+}
+
+note "attention (fused WGSL vs burn unfused vs burn built-in), seq $seqs"
+run 120 "$ov3" bench attention --seq "$seqs"
+
+for shape in "${shapes[@]}"; do
+  read -r preset batch res <<<"$shape"
+  note "step: $preset batch $batch at $res px ($(( $(date +%s) - start )) s so far)"
+  run 150 python3 bench/torch_ref.py --device "$torch_dev" --preset "$preset" --batch "$batch" --res "$res" \
+    --steps "$step_steps" --warmup "$warm" --threads 16
+  run 150 python3 bench/torch_ref.py --device "$torch_dev" --amp --preset "$preset" --batch "$batch" --res "$res" \
+    --steps "$step_steps" --warmup "$warm" --threads 16
+  for attention in reference fused; do
+    run 150 "$ov3" bench step --backend wgpu --attention "$attention" --preset "$preset" --batch "$batch" \
+      --res "$res" --steps "$step_steps" --warmup "$warm"
+  done
+done
+
+python3 - "$log" "$OUT/gpu.md" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip().startswith("{")]
+out = []
+steps = [r for r in rows if r.get("bench") == "step"]
+if steps:
+    out += ["| preset | batch | res | implementation | precision | ms / step | images / s | peak MiB | vs PyTorch f32 | vs PyTorch bf16 |",
+            "|---|---:|---:|---|---|---:|---:|---:|---:|---:|"]
+    for key in sorted({(r["preset"], r["batch"], r["res"]) for r in steps}, key=lambda k: (k[0] != "tiny", k)):
+        group = [r for r in steps if (r["preset"], r["batch"], r["res"]) == key]
+        base = {r.get("precision"): r["ms_per_step"] for r in group if r["impl"] == "pytorch"}
+        for r in group:
+            impl = "PyTorch eager" if r["impl"] == "pytorch" else f'ov3 wgpu, {r.get("attention", "")} attention'
+            prec = r.get("precision", "f32")
+            ratio = lambda p: f'{r["ms_per_step"] / base[p]:.2f}x' if p in base else "-"
+            out.append(f'| {key[0]} | {key[1]} | {key[2]} | {impl} | {prec} | {r["ms_per_step"]:.1f} | '
+                       f'{r["images_per_s"]:.1f} | {r["peak_mib"]:.0f} | {ratio("f32")} | {ratio("bf16 autocast")} |')
+att = [r for r in rows if r.get("bench") == "attention"]
+if att:
+    out += ["", "| attention seq | implementation | forward ms | fwd+bwd ms | held for backward MiB | fwd+bwd vs unfused |",
+            "|---:|---|---:|---:|---:|---:|"]
+    for r in att:
+        unfused = next((u for u in att if u["seq"] == r["seq"] and u["impl"].startswith("unfused")), None)
+        speed = f'{unfused["forward_backward_ms"] / r["forward_backward_ms"]:.2f}x' if unfused else "-"
+        out.append(f'| {r["seq"]} | {r["impl"]} | {r["forward_ms"]:.2f} | {r["forward_backward_ms"]:.2f} | '
+                   f'{r["held_for_backward_mib"]:.1f} | {speed} faster |')
+text = "\n".join(out)
+print(text)
+open(sys.argv[2], "w").write(text + "\n")
+PY
+note "done in $(( $(date +%s) - start )) s; results in $OUT/gpu.jsonl and $OUT/gpu.md"
