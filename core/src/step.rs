@@ -109,18 +109,7 @@ fn group_mean(model: &Ov3, grads: &mut GradientsParams, record: &mut StepRecord,
     let mut reduced = terms.into_iter().map(f64::from);
     // Every slot was sent (absent ones as 0); an absent term stays absent.
     let mut take = |slot: Option<f64>| reduced.next().filter(|_| slot.is_some());
-    let [total, rec, pixel_l1, latent_l1, lpips, und, caption, contrastive] = slots.map(&mut take);
-    *record = StepRecord {
-        total: total.unwrap_or(f64::NAN),
-        rec,
-        pixel_l1,
-        latent_l1,
-        lpips,
-        und,
-        caption,
-        contrastive,
-        ..std::mem::take(record)
-    };
+    *record = with_terms(slots.map(&mut take), std::mem::take(record));
 }
 
 /// The loss terms of a record in a fixed order, the total first (always present).
@@ -144,7 +133,12 @@ fn read_terms(out: &LossOutput) -> StepRecord {
     let values = Tensor::cat(present, 0).into_data().convert::<f32>().try_to_vec::<f32>().expect("f32 data");
     let mut values = values.into_iter().map(f64::from);
     let mut take = |slot: Option<&Tensor<1>>| slot.and_then(|_| values.next());
-    let [total, rec, pixel_l1, latent_l1, lpips, und, caption, contrastive] = slots.map(&mut take);
+    with_terms(slots.map(&mut take), StepRecord::default())
+}
+
+/// `record` with the loss terms of [`term_slots`]' order.
+fn with_terms(slots: [Option<f64>; 8], record: StepRecord) -> StepRecord {
+    let [total, rec, pixel_l1, latent_l1, lpips, und, caption, contrastive] = slots;
     StepRecord {
         total: total.unwrap_or(f64::NAN),
         rec,
@@ -154,7 +148,7 @@ fn read_terms(out: &LossOutput) -> StepRecord {
         und,
         caption,
         contrastive,
-        ..StepRecord::default()
+        ..record
     }
 }
 
