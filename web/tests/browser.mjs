@@ -113,8 +113,7 @@ try {
   check((await text('#message')) === '' && (await text('#ranking li:first-child .text')) === expected.top, 'the page still works after the bad file');
 
   // 5. Overlapping requests: an upload still in progress when a sample is picked must never be drawn over it.
-  // The photo (the slower of the two) starts first; the sample's result must be the one left on the page,
-  // and the photo's must not finish after it (data-runs counts finished images).
+  // The photo (the slower of the two) starts first; the sample's result must be the one left on the page.
   before = await runs();
   const started = Date.now();
   await page.setInputFiles('#file', expected.upload);
@@ -122,10 +121,11 @@ try {
   await waitRun(before);
   // Give a straggler as long again as the whole overlapped run took, then look.
   await page.waitForTimeout(Math.max(2000, Date.now() - started));
+  // Whether the photo finished first (the CPU backend may complete it before the click is handled) or was
+  // abandoned (WebGPU), the page must end on the sample: an older result drawn last would show the photo's.
   const finished = (await runs()) - before;
   const shownTop = await text('#ranking li:first-child .text');
-  check(finished === 1, `overlap: only the newer image finished (${finished} finished)`);
-  check(shownTop === expected.top, `overlap: the page shows the sample picked last ("${shownTop}")`);
+  check(shownTop === expected.top, `overlap: the page shows the sample picked last ("${shownTop}"; ${finished} finished)`);
 
   writeFileSync(
     join(outDir, `timings${variant}.json`),
