@@ -1,4 +1,4 @@
-"""PyTorch reference of the ov3 model and losses (SPEC §2-3), for the step-time baseline.
+"""PyTorch reference of the ov3 model and losses (DESIGN §2-3), for the step-time baseline.
 
 Same presets, same initialisation scheme as ov3-core (xavier-uniform linears and patch conv, biases drawn
 with the same bound as burn's initializer, the residual output projections of the blocks at zero except in the text encoder,

@@ -9,12 +9,12 @@ use std::time::{Duration, Instant};
 
 const TINY_RECIPE: &str = include_str!("fixtures/tiny_recipe.toml");
 
-/// `mpirun -np N ov3 ARGS --backend cpu` (as root too, as CI runs).
+/// `mpirun -np N ov3 ARGS --backend cpu` (as root too, as CI runs); ARGS may name another backend.
 fn mpirun(n: usize, args: &[&str]) -> Command {
     let mut cmd = Command::new("mpirun");
     cmd.args(["-np", &n.to_string(), "--oversubscribe", "--bind-to", "none", env!("CARGO_BIN_EXE_ov3")])
         .args(args)
-        .args(["--backend", "cpu"])
+        .args(if args.contains(&"--backend") { &[][..] } else { &["--backend", "cpu"][..] })
         .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
         .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
     cmd
@@ -114,4 +114,17 @@ fn a_global_batch_the_ranks_cannot_share_is_refused() {
     let (ok, _, stderr) = output(mpirun(3, &["bench", "step", "--batch", "4", "--res", "32", "--steps", "1"]));
     assert!(!ok);
     assert!(stderr.contains("must divide among 3 processes"), "{stderr}");
+}
+
+#[test]
+fn auto_puts_every_rank_on_the_cpu_when_the_machine_has_no_gpu() {
+    // Only a software rasterizer (lavapipe, CI) or no adapter: `auto` means flex for every rank, as for one
+    // process. With one hardware GPU, rank 1 has none of its own and is refused with a reason.
+    let (ok, stdout, stderr) =
+        output(mpirun(2, &["bench", "step", "--backend", "auto", "--batch", "4", "--res", "32", "--steps", "1"]));
+    if stderr.contains("has no GPU of its own") {
+        return;
+    }
+    assert!(ok, "mpirun -np 2 ov3 bench step --backend auto failed: {stderr}");
+    assert!(stdout.contains("\"ranks\":2") || stdout.contains("\"ranks\": 2"), "{stdout}");
 }

@@ -1,4 +1,4 @@
-//! The frozen VAE as the tokenizer sees it. Latents follow SPEC §1: `z = posterior_mean * scaling_factor`
+//! The frozen VAE as the tokenizer sees it. Latents follow DESIGN §1: `z = posterior_mean * scaling_factor`
 //! on the way in, and decoding divides by the same factor on the way out.
 
 use burn::tensor::Tensor;

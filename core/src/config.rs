@@ -1,4 +1,4 @@
-//! Model configuration: the presets of SPEC §2 and the ablation switches of SPEC §3.
+//! Model configuration: the presets of DESIGN §2 and the ablation switches of DESIGN §3.
 
 use burn::config::Config;
 use serde::{Deserialize, Serialize};
@@ -26,14 +26,16 @@ pub enum InputSpace {
     Pixels,
 }
 
-/// Which loss terms train the model (SPEC §3, Tables 6-8 of the paper).
+/// Which loss terms train the encoder (DESIGN §3, Sec. 5.1 of the paper). Under an ablation the other branch
+/// is a probe on a detached z_u (DESIGN §3.1): its heads train and its losses are measured, the encoder gets
+/// none of its gradient.
 #[derive(Config, Debug, Copy, PartialEq, Eq)]
 pub enum Objective {
     /// eq. 6: w_rec * L_rec + w_und * L_und.
     Full,
-    /// Reconstruction only: the text towers get no gradient.
+    /// Reconstruction only: the understanding heads (image head, text towers, logit scale) are probes.
     RecOnly,
-    /// Understanding only: the ViT decoder gets no gradient.
+    /// Understanding only: the ViT decoder is a probe.
     UndOnly,
 }
 
@@ -84,7 +86,7 @@ pub struct ModelConfig {
     pub norm_eps: f64,
 }
 
-/// The named presets of SPEC §2.
+/// The named presets of DESIGN §2.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Preset {
@@ -106,7 +108,7 @@ impl Preset {
         }
     }
 
-    /// The towers of the SPEC §2 table, everything else at its default.
+    /// The towers of the DESIGN §2 table, everything else at its default.
     pub fn config(self) -> ModelConfig {
         let t = TowerConfig::of;
         let (enc, dec, txt_enc, txt_dec, embed) = match self {

@@ -108,46 +108,48 @@ pub fn select(choice: BackendChoice) -> Result<Selected, String> {
 
 /// [`select`] for the process of local rank `local_rank` in a data-parallel group (src/parallel.rs): on
 /// wgpu, the machine's `local_rank`-th adapter (hardware first; a rank without an adapter of its own is an
-/// error, two ranks never share one by accident); on the CPU, one flex device per process.
+/// error, two ranks never share one by accident); on the CPU, one flex device per process. `auto` on a machine
+/// with no hardware adapter puts every rank on the CPU.
 pub fn select_for(choice: BackendChoice, local_rank: usize) -> Result<Selected, String> {
     // `cpu` never touches the GPU drivers.
     let all = if choice == BackendChoice::Cpu { vec![] } else { adapters() };
-    if local_rank > 0 && choice != BackendChoice::Cpu && !all.is_empty() && local_rank >= all.len() {
+    let cpu = |reason: String| Selected { device: Device::flex(), kind: BackendChoice::Cpu, adapter: None, reason };
+    // `auto` on a machine without a hardware adapter: every rank on the CPU.
+    let hardware = all.iter().filter(|a| !a.software).count();
+    match (choice, all.first()) {
+        (BackendChoice::Cpu, _) => return Ok(cpu("backend: cpu (flex), as requested".into())),
+        (BackendChoice::Wgpu, None) => {
+            return Err("backend wgpu requested but no wgpu adapter was found \
+                 (install a Vulkan/Metal/DX12 driver, e.g. mesa-vulkan-drivers)"
+                .into());
+        }
+        (BackendChoice::Auto, None) => return Ok(cpu("backend: cpu (flex) — no wgpu adapter found".into())),
+        (BackendChoice::Auto, Some(a)) if hardware == 0 => {
+            return Ok(cpu(format!(
+                "backend: cpu (flex) — the only wgpu adapter is the software rasterizer {}, which is slower than \
+                 flex; --backend wgpu forces it",
+                a.name
+            )));
+        }
+        _ => {}
+    }
+    // wgpu: the `local_rank`-th adapter (hardware ones first); `auto` uses hardware adapters only.
+    let usable = if choice == BackendChoice::Auto { hardware } else { all.len() };
+    if local_rank >= usable {
         return Err(format!(
-            "local rank {local_rank} has no wgpu adapter of its own ({} on this machine); start at most {} \
+            "local rank {local_rank} has no {} of its own ({usable} on this machine); start at most {usable} \
              processes per machine, or pass --backend cpu",
-            all.len(),
-            all.len()
+            if choice == BackendChoice::Auto { "GPU" } else { "wgpu adapter" },
         ));
     }
-    let kind = match local_rank {
-        r if r > 0 && r < all.len() => kind_of(&all, r),
-        _ => DeviceKind::DefaultDevice,
-    };
-    let best = all.get(local_rank).cloned();
-    let wgpu_device = |adapter: AdapterSummary, reason: String| Selected {
-        device: Device::wgpu(kind.clone()),
-        kind: BackendChoice::Wgpu,
-        adapter: Some(adapter),
-        reason,
-    };
-    let cpu = |reason: String| Selected { device: Device::flex(), kind: BackendChoice::Cpu, adapter: None, reason };
-    match (choice, best) {
-        (BackendChoice::Cpu, _) => Ok(cpu("backend: cpu (flex), as requested".into())),
-        (BackendChoice::Wgpu, Some(a)) => {
-            let note =
-                if a.software { " — a software rasterizer, expect it to be slower than --backend cpu" } else { "" };
-            Ok(wgpu_device(a.clone(), format!("backend: wgpu on {a}, as requested{note}")))
+    let kind = if local_rank > 0 { kind_of(&all, local_rank) } else { DeviceKind::DefaultDevice };
+    let a = all[local_rank].clone();
+    let reason = match choice {
+        BackendChoice::Auto => format!("backend: wgpu on {a}"),
+        _ if a.software => {
+            format!("backend: wgpu on {a}, as requested — a software rasterizer, expect it to be slower than --backend cpu")
         }
-        (BackendChoice::Wgpu, None) => Err("backend wgpu requested but no wgpu adapter was found \
-             (install a Vulkan/Metal/DX12 driver, e.g. mesa-vulkan-drivers)"
-            .into()),
-        (BackendChoice::Auto, Some(a)) if !a.software => Ok(wgpu_device(a.clone(), format!("backend: wgpu on {a}"))),
-        (BackendChoice::Auto, Some(a)) => Ok(cpu(format!(
-            "backend: cpu (flex) — the only wgpu adapter is the software rasterizer {}, which is slower than flex; \
-             --backend wgpu forces it",
-            a.name
-        ))),
-        (BackendChoice::Auto, None) => Ok(cpu("backend: cpu (flex) — no wgpu adapter found".into())),
-    }
+        _ => format!("backend: wgpu on {a}, as requested"),
+    };
+    Ok(Selected { device: Device::wgpu(kind), kind: BackendChoice::Wgpu, adapter: Some(a), reason })
 }

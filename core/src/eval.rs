@@ -1,14 +1,13 @@
-//! Held-out evaluation of a model (SPEC §6 `ov3 eval`): reconstruction (PSNR, SSIM; the VAE alone as the
+//! Held-out evaluation of a model (DESIGN §6 `ov3 eval`): reconstruction (PSNR, SSIM; the VAE alone as the
 //! ceiling), retrieval recall@1/@5 both ways, zero-shot accuracy where labels exist, caption loss and a
 //! few greedy captions. The trainer runs the same code periodically.
 
 use burn::tensor::{Device, ExecutionError, Int, Tensor, TensorData};
 
-use crate::autoencoder::LatentDecoder;
 use image::RgbImage;
 use serde::{Deserialize, Serialize};
 
-use crate::config::ModelConfig;
+use crate::config::{InputSpace, ModelConfig};
 use crate::data::decode::DecodeLimits;
 use crate::data::pipeline::{Augment, load_example};
 use crate::data::rng::SplitMix64;
@@ -16,7 +15,7 @@ use crate::data::skips::SkipCounts;
 use crate::data::source::{DataError, Source, Spec};
 use crate::data::synthetic::{SHAPES, zero_shot_prompt};
 use crate::image_io::{from_chw, to_tensor};
-use crate::inference::normalize_rows;
+use crate::inference::{encoder_inputs, normalize_rows, to_pixels, token_grid};
 use crate::losses;
 use crate::lpips::Lpips;
 use crate::metrics::{NonFiniteImage, psnr, ssim};
@@ -149,15 +148,19 @@ pub fn evaluate(
     for start in (0..n).step_by(batch.max(1)) {
         let end = (start + batch).min(n);
         let images = Tensor::cat(set.images[start..end].iter().map(|i| to_tensor(i, device)).collect(), 0);
-        let latents = vae.encode(images.clone());
-        let z_u = model.encode(latents.clone());
-        let [_, _, h, w] = latents.dims();
-        let patch = model.decoder.patch;
+        let space = model.input_space;
+        let inputs = encoder_inputs(space, vae, images.clone());
+        let z_u = model.encode(inputs.clone());
+        let grid = token_grid(model, &inputs);
         // The two VAE decodes are most of an evaluation; on the CPU backend each thread runs its own
-        // operations, so the VAE-only one runs on a second core.
+        // operations, so the VAE-only one runs on a second core. (In pixel space the model needs no VAE; the
+        // VAE alone is still reported, as the reference a latent-space model is bounded by.)
         let (rec, vae_only) = std::thread::scope(|s| {
-            let vae_only = s.spawn(|| vae.decode(latents));
-            let rec = vae.decode(model.decode(z_u.clone(), (h / patch, w / patch)));
+            let vae_only = s.spawn(|| {
+                let latents = encoder_inputs(InputSpace::VaeLatents, vae, images.clone());
+                to_pixels(InputSpace::VaeLatents, vae, latents)
+            });
+            let rec = to_pixels(space, vae, model.decode(z_u.clone(), grid));
             (rec, vae_only.join().expect("the VAE-only decode does not panic"))
         });
         // Before the clamp below: a NaN pixel must make the PSNR an error, not a bound.

@@ -1,5 +1,5 @@
 //! Images in and out: any file the `image` crate decodes becomes RGB8, then a `[1, 3, H, W]` tensor in
-//! [-1, 1] (SPEC §1); tensors go back to PNG with clamping.
+//! [-1, 1] (DESIGN §1); tensors go back to PNG with clamping.
 
 use std::path::Path;
 

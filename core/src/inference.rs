@@ -43,7 +43,7 @@ pub struct Tokens {
 
 /// VAE encoder (unless the model reads pixels) then the ViT encoder.
 pub fn tokenize(model: &Ov3, vae: &Vae, image: Tensor<4>) -> Tokens {
-    let inputs = encoder_inputs(model, vae, image.clone());
+    let inputs = encoder_inputs(model.input_space, vae, image.clone());
     let z_u = model.encode(inputs.clone());
     let grid = token_grid(model, &inputs);
     Tokens { image, inputs, z_u, grid }
@@ -55,18 +55,20 @@ pub fn token_grid(model: &Ov3, inputs: &Tensor<4>) -> (usize, usize) {
     (h / model.decoder.patch, w / model.decoder.patch)
 }
 
-/// What the ViT encoder reads: the frozen VAE's latents, or the image itself for a pixel-space model.
-pub fn encoder_inputs(model: &Ov3, vae: &Vae, image: Tensor<4>) -> Tensor<4> {
-    match model.input_space {
-        InputSpace::VaeLatents => vae.encode(image),
-        InputSpace::Pixels => image,
+/// What the ViT encoder reads: the frozen VAE's (scaled) latents, or the image itself in pixel space. The
+/// one way from images to encoder inputs: training (prefetch), evaluation, inference and the benchmarks.
+/// No gradient flows back through it (the VAE is frozen).
+pub fn encoder_inputs(space: InputSpace, vae: &Vae, image: Tensor<4>) -> Tensor<4> {
+    match space {
+        InputSpace::VaeLatents => vae.encode(image).detach(),
+        InputSpace::Pixels => image.detach(),
     }
 }
 
 /// Back to pixels from encoder inputs (VAE decoder, or nothing for a pixel-space model), not clamped: the
 /// PSNR ([`crate::metrics::psnr`]) and the conversions to RGB8 clamp, and a NaN must reach the PSNR.
-pub fn to_pixels(model: &Ov3, vae: &Vae, inputs: Tensor<4>) -> Tensor<4> {
-    match model.input_space {
+pub fn to_pixels(space: InputSpace, vae: &Vae, inputs: Tensor<4>) -> Tensor<4> {
+    match space {
         InputSpace::VaeLatents => vae.decode(inputs),
         InputSpace::Pixels => inputs,
     }

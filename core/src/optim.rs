@@ -1,4 +1,4 @@
-//! AdamW as SPEC §4 sets it: betas (0.9, 0.95), weight decay on matrices only, global grad-norm clipping.
+//! AdamW as DESIGN §4 sets it: betas (0.9, 0.95), weight decay on matrices only, global grad-norm clipping.
 
 use burn::module::{Module, ModuleVisitor, Param, ParamGroup, ParamId};
 use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};

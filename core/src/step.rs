@@ -121,13 +121,13 @@ fn term_slots(r: &StepRecord) -> [Option<f64>; 8] {
 fn read_terms(out: &LossOutput) -> StepRecord {
     let slots = [
         Some(&out.total),
-        out.rec.as_ref(),
+        Some(&out.rec),
         out.rec_terms.pixel_l1.as_ref(),
         out.rec_terms.latent_l1.as_ref(),
         out.rec_terms.lpips.as_ref(),
-        out.und.as_ref(),
-        out.caption.as_ref(),
-        out.contrastive.as_ref(),
+        Some(&out.und),
+        Some(&out.caption),
+        Some(&out.contrastive),
     ];
     let present: Vec<Tensor<1>> = slots.iter().flatten().map(|t| (*t).clone().detach()).collect();
     let values = Tensor::cat(present, 0).into_data().convert::<f32>().try_to_vec::<f32>().expect("f32 data");

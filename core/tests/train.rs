@@ -532,3 +532,49 @@ fn the_demo_recipe_is_the_one_the_shipped_checkpoint_was_trained_with() {
     let shipped = TrainConfig::from_toml(shipped).expect("the shipped recipe parses");
     assert_eq!(shipped.to_toml(), TrainConfig::demo().to_toml());
 }
+
+#[test]
+fn the_paper_recipe_follows_its_table_1() {
+    // OpenVision 3, Table 1: (global batch, base LR, epochs, warm-up epochs, lambda) per stage.
+    let table = [(8192.0, 8e-6, 4000.0, 40.0, 0.0), (4096.0, 4e-7, 400.0, 20.0, 0.5)];
+    for preset in Preset::ALL {
+        let cfg = TrainConfig::paper(preset);
+        cfg.validate().expect("the paper recipe is valid");
+        let [s1, s2] = [&cfg.stages[0], &cfg.stages[1]];
+        assert_eq!((s1.resolution, s2.resolution), (128, 256));
+        // Base LRs are per 256 images on both sides, so they carry over; the batch halves as the paper's does.
+        for (stage, (_, lr, epochs, warmup, lambda)) in cfg.stages.iter().zip(table) {
+            assert_eq!((stage.lr, stage.lambda), (lr, lambda), "{}", stage.name);
+            let warmup_share = stage.warmup as f64 / stage.steps as f64;
+            assert!((warmup_share - warmup / epochs).abs() < 1e-9, "{}: warm-up share {warmup_share}", stage.name);
+            assert!(stage.pixel_loss && stage.lr_decoders == 1.0);
+        }
+        assert_eq!(s1.effective_batch() as f64 / s2.effective_batch() as f64, table[0].0 / table[1].0);
+        let images = |s: &StageConfig| (s.steps * s.effective_batch() as u64) as f64;
+        assert_eq!(images(s1) / images(s2), table[0].2 / table[1].2, "the 10:1 epoch ratio");
+    }
+}
+
+#[test]
+fn pixel_space_is_a_recipe_key_the_trainer_and_evaluation_honour() {
+    let mut text = config().to_toml();
+    assert!(text.contains("input_space = \"latents\""), "{text}");
+    let bad = text.replace("input_space = \"latents\"", "input_space = \"rgb\"");
+    let err = TrainConfig::from_toml(&bad).expect_err("an unknown input space is refused");
+    assert!(err.contains("\"latents\" or \"pixels\""), "{err}");
+    text = text.replace("input_space = \"latents\"", "input_space = \"pixels\"");
+    let mut cfg = TrainConfig::from_toml(&text).expect("pixels parse");
+    cfg.stages.truncate(1);
+    cfg.eval_size = 4;
+    let tmp = ov3_core::fsio::ScratchDir::new().expect("tmp");
+    let Ok(Outcome::Finished { step: 3, report: Some(report) }) = run(tmp.path(), &cfg, false, None) else {
+        panic!("the pixel-space run does not finish with a report");
+    };
+    assert!(report.psnr.is_finite() && report.psnr > 0.0 && report.i2t_recall_at_1.is_finite());
+    let last = checkpoint::latest_intact(tmp.path()).0.expect("a checkpoint");
+    let (model, model_cfg) = load_model(&last.join(MODEL_FILE), &Device::flex()).expect("loads");
+    assert_eq!(model_cfg.input_space, ov3_core::InputSpace::Pixels);
+    // 16x16 RGB patches in, 16x16 RGB patches out.
+    assert_eq!(model.encoder.patch_embed.proj.weight.val().dims(), [192, 3, 16, 16]);
+    assert_eq!(model.decoder.pred.weight.val().dims()[1], 3 * 16 * 16);
+}

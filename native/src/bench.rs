@@ -5,6 +5,7 @@ use std::time::Instant;
 use burn::tensor::Tensor;
 use clap::{Args, Subcommand};
 use ov3_core::config::AttentionImpl;
+use ov3_core::inference::encoder_inputs;
 use ov3_core::parallel::{Group, GroupExt, Single};
 use ov3_core::random_batch::random_batch;
 use ov3_core::step::{StepError, StepSpec, train_step};
@@ -223,7 +224,7 @@ fn cache(args: CacheArgs) -> anyhow::Result<()> {
             let images = Tensor::cat(examples.iter().map(|e| to_tensor(&e.image, &device)).collect(), 0);
             let inputs = match from_cache {
                 true => cached_latents(&examples, shape, &device).expect("cached rows carry latents"),
-                false => vae.encode(images.clone()).detach(),
+                false => encoder_inputs(cfg.input_space, &vae, images.clone()),
             };
             let captions: Vec<String> = examples.into_iter().map(|e| e.caption).collect();
             let batch = ov3_core::Batch {

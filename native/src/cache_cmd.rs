@@ -15,7 +15,7 @@ use crate::Common;
 pub struct CacheArgs {
     #[command(flatten)]
     common: Common,
-    /// Data to encode (SPEC §6 data spec).
+    /// Data to encode (DESIGN §6 data spec).
     #[arg(long)]
     data: String,
     /// Center crops of RES x RES (a multiple of 16): the resolution the stage will train at.

@@ -1,5 +1,6 @@
 //! `ov3`: the command line of the OpenVision 3 unified tokenizer.
 
+mod ablate;
 mod bench;
 mod bench_attention;
 mod cache_cmd;
@@ -47,6 +48,9 @@ enum Command {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// The paper's ablations at small scale: sets of training runs, one JSON and one figure each.
+    #[command(subcommand)]
+    Ablate(ablate::AblateCommand),
     /// Overfit one fixed batch of image-caption pairs: a smoke test of the whole model and optimiser.
     Overfit(overfit::OverfitArgs),
     /// Encode a data source once with the frozen VAE into a latent cache (train from `cache:DIR`).
@@ -115,12 +119,14 @@ fn main() {
             std::process::abort();
         }));
     }
-    let parallel =
-        matches!(cli.command, Command::Train(_) | Command::TrainVae(_) | Command::Bench(bench::BenchCommand::Step(_)));
+    let parallel = matches!(
+        cli.command,
+        Command::Train(_) | Command::TrainVae(_) | Command::Ablate(_) | Command::Bench(bench::BenchCommand::Step(_))
+    );
     if group.size() > 1 && !parallel {
         if group.rank() == 0 {
             eprintln!(
-                "error: only `ov3 train`, `ov3 train-vae` and `ov3 bench step` run data-parallel; run this command as one process"
+                "error: only `ov3 train`, `ov3 train-vae`, `ov3 ablate` and `ov3 bench step` run data-parallel; run this command as one process"
             );
         }
         group.abort(2);
@@ -136,6 +142,7 @@ fn main() {
         Command::Cache(args) => cache_cmd::run(args),
         Command::Info(args) => info::run(args),
         Command::Bench(cmd) => bench::run(cmd, &*group),
+        Command::Ablate(cmd) => ablate::run(cmd, &*group),
         Command::Overfit(args) => overfit::run(args),
         Command::Vae(cmd) => vae_cmd::run(cmd),
         Command::TrainVae(args) => train_vae::run(args, &*group),

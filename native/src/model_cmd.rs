@@ -1,4 +1,4 @@
-//! Commands on a trained model (SPEC §6): `ov3 eval`, `ov3 reconstruct`, `ov3 encode`, `ov3 caption`,
+//! Commands on a trained model (DESIGN §6): `ov3 eval`, `ov3 reconstruct`, `ov3 encode`, `ov3 caption`,
 //! `ov3 export`. The model comes from a run folder (its latest checkpoint), a model file, or — with
 //! neither — the demo checkpoint shipped in assets/.
 
@@ -91,7 +91,7 @@ impl ModelSource {
 pub struct EvalArgs {
     #[command(flatten)]
     source: ModelSource,
-    /// Evaluation data (SPEC §6 data spec).
+    /// Evaluation data (DESIGN §6 data spec).
     #[arg(long, default_value = "synthetic:256:0:heldout")]
     data: String,
     #[arg(long, default_value_t = 128)]
@@ -190,8 +190,8 @@ pub fn reconstruct(args: ReconstructArgs) -> anyhow::Result<()> {
     let (m, t) = args.image.tokens()?;
     m.device.seed(args.seed.unwrap_or(0));
     let eps = Tensor::<3>::random(t.z_u.dims(), Distribution::Normal(0.0, 1.0), &m.device);
-    let rec = to_pixels(&m.model, &m.vae, m.model.decode(with_noise(t.z_u, eps, args.noise), t.grid));
-    let vae_only = to_pixels(&m.model, &m.vae, t.inputs);
+    let rec = to_pixels(m.model.input_space, &m.vae, m.model.decode(with_noise(t.z_u, eps, args.noise), t.grid));
+    let vae_only = to_pixels(m.model.input_space, &m.vae, t.inputs);
     let (p, p_vae) = (psnr(t.image.clone(), rec.clone())?[0], psnr(t.image.clone(), vae_only.clone())?[0]);
     save_png(&tensor_to_rgb(&rec), &args.out)?;
     println!("psnr {p:.2} dB (VAE only {p_vae:.2} dB) at noise {}: {}", args.noise, args.out.display());

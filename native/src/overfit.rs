@@ -7,6 +7,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use ov3_core::data::synthetic::{Split, World};
 use ov3_core::image_io::to_tensor;
+use ov3_core::inference::encoder_inputs;
 use ov3_core::parallel::Single;
 use ov3_core::step::{StepSpec, train_step};
 use ov3_core::tokenizer::Tokenizer;
@@ -41,7 +42,7 @@ pub fn run(args: OverfitArgs) -> anyhow::Result<()> {
     let samples: Vec<_> = (0..args.batch as u64).map(|i| world.sample(i, args.res as u32)).collect();
     let images = Tensor::cat(samples.iter().map(|s| to_tensor(&s.image, &device)).collect(), 0);
     let vae = Vae::embedded(&device)?;
-    let inputs = vae.encode(images.clone()).detach();
+    let inputs = encoder_inputs(cfg.input_space, &vae, images.clone());
     let captions: Vec<String> = samples.iter().map(|s| s.caption.clone()).collect();
     let batch = Batch { images, inputs, tokens: Tokenizer::Bytes.batch(&captions, cfg.context_length, &device) };
     let mut model = Ov3::new(&cfg, &device);

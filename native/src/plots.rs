@@ -13,11 +13,26 @@ use ov3_core::train::log::{METRICS_FILE, Record, StepRecord};
 static FONT: &[u8] = include_bytes!("../../assets/fonts/DejaVuSansMono.ttf");
 const FONT_NAME: &str = "ov3-mono";
 
-type Series = (String, Vec<(f64, f64)>);
+/// One line of a panel: its legend name, its points, and optionally a shaded band `(x, low, high)` around it
+/// (the spread over seeds).
+pub struct Series {
+    pub name: String,
+    pub points: Vec<(f64, f64)>,
+    pub band: Vec<(f64, f64, f64)>,
+}
+
+impl Series {
+    pub fn line(name: &str, points: Vec<(f64, f64)>) -> Self {
+        Self { name: name.to_string(), points, band: vec![] }
+    }
+}
+
+fn register_font() -> anyhow::Result<()> {
+    plotters::style::register_font(FONT_NAME, FontStyle::Normal, FONT).map_err(|_| anyhow::anyhow!("bad plot font"))
+}
 
 /// Draws the run's plots and returns their paths.
 pub fn plot_run(run: &Path) -> anyhow::Result<Vec<PathBuf>> {
-    plotters::style::register_font(FONT_NAME, FontStyle::Normal, FONT).map_err(|_| anyhow::anyhow!("bad plot font"))?;
     let records = ov3_core::train::log::read(&run.join(METRICS_FILE))?;
     let steps: Vec<&StepRecord> =
         records.iter().filter_map(|r| if let Record::Step(s) = r { Some(s) } else { None }).collect();
@@ -32,12 +47,12 @@ pub fn plot_run(run: &Path) -> anyhow::Result<Vec<PathBuf>> {
             .filter_map(|s| s.terms().into_iter().find(|(n, _)| *n == name).map(|(_, v)| (s.step as f64, v)))
             .collect();
         if !points.is_empty() {
-            panels.push((format!("loss: {name}"), vec![(name.to_string(), points)]));
+            panels.push((format!("loss: {name}"), vec![Series::line(name, points)]));
         }
     }
     let per_step = |f: fn(&StepRecord) -> f64| steps.iter().map(|s| (s.step as f64, f(s))).collect::<Vec<_>>();
-    panels.push(("learning rate".into(), vec![("lr".into(), per_step(|s| s.lr))]));
-    panels.push(("gradient norm (before clipping)".into(), vec![("norm".into(), per_step(|s| s.grad_norm))]));
+    panels.push(("learning rate".into(), vec![Series::line("lr", per_step(|s| s.lr))]));
+    panels.push(("gradient norm (before clipping)".into(), vec![Series::line("norm", per_step(|s| s.grad_norm))]));
     written.push(draw(&dir.join("training.png"), &panels)?);
 
     let evals: Vec<(u64, &ov3_core::eval::EvalReport)> = records
@@ -46,7 +61,7 @@ pub fn plot_run(run: &Path) -> anyhow::Result<Vec<PathBuf>> {
         .collect();
     if !evals.is_empty() {
         let series = |name: &str, f: fn(&ov3_core::eval::EvalReport) -> Option<f64>| -> Series {
-            (name.to_string(), evals.iter().filter_map(|(s, r)| f(r).map(|v| (*s as f64, v))).collect())
+            Series::line(name, evals.iter().filter_map(|(s, r)| f(r).map(|v| (*s as f64, v))).collect())
         };
         let panels = vec![
             (
@@ -77,7 +92,8 @@ pub fn plot_run(run: &Path) -> anyhow::Result<Vec<PathBuf>> {
 }
 
 /// Panels in a grid of two columns, each a line chart over steps.
-fn draw(path: &Path, panels: &[(String, Vec<Series>)]) -> anyhow::Result<PathBuf> {
+pub fn draw(path: &Path, panels: &[(String, Vec<Series>)]) -> anyhow::Result<PathBuf> {
+    register_font()?;
     let rows = panels.len().div_ceil(2).max(1);
     let (w, h) = (1200u32, 300 * rows as u32);
     let mut buffer = vec![255u8; (w * h * 3) as usize];
@@ -103,9 +119,10 @@ fn panel<DB: DrawingBackend>(
 where
     DB::ErrorType: 'static,
 {
-    let points = series.iter().flat_map(|(_, p)| p.iter()).filter(|(_, y)| y.is_finite());
+    let lines = series.iter().flat_map(|s| s.points.iter().copied());
+    let bands = series.iter().flat_map(|s| s.band.iter().flat_map(|&(x, lo, hi)| [(x, lo), (x, hi)]));
     let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
-    for &(x, y) in points {
+    for (x, y) in lines.chain(bands).filter(|(_, y)| y.is_finite()) {
         (x0, x1, y0, y1) = (x0.min(x), x1.max(x), y0.min(y), y1.max(y));
     }
     if x0 > x1 {
@@ -120,8 +137,16 @@ where
         .build_cartesian_2d(x0..x1.max(x0 + 1.0), (y0 - pad)..(y1 + pad))?;
     chart.configure_mesh().label_style((FONT_NAME, 11)).x_desc("step").axis_desc_style((FONT_NAME, 11)).draw()?;
     let colours = [BLUE, RED, BLACK, GREEN];
-    for (i, (name, pts)) in series.iter().enumerate() {
+    for (i, s) in series.iter().enumerate() {
         let colour = colours[i % colours.len()];
+        if !s.band.is_empty() {
+            // The band's outline: along the highs, back along the lows.
+            let highs = s.band.iter().map(|&(x, _, hi)| (x, hi));
+            let lows = s.band.iter().rev().map(|&(x, lo, _)| (x, lo));
+            let outline: Vec<(f64, f64)> = highs.chain(lows).filter(|(_, y)| y.is_finite()).collect();
+            chart.draw_series(std::iter::once(Polygon::new(outline, colour.mix(0.2).filled())))?;
+        }
+        let (name, pts) = (&s.name, &s.points);
         chart
             .draw_series(LineSeries::new(pts.iter().copied().filter(|(_, y)| y.is_finite()), colour.stroke_width(2)))?
             .label(name.as_str())

@@ -1,13 +1,14 @@
 //! `ov3 train`: the main job. A TOML config or the built-in quick recipe, optional overrides, a progress
 //! bar, Ctrl-C that checkpoints and exits, plots and a report in the run folder at the end.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
+use burn::tensor::Device;
 use ov3_core::Preset;
 use ov3_core::device::{self, BackendChoice};
 use ov3_core::eval::EvalReport;
@@ -21,12 +22,13 @@ use crate::report::print_report;
 
 #[derive(Args)]
 pub struct TrainArgs {
-    /// Training recipe (TOML, SPEC §4). Without it: the quick recipe (tiny preset, embedded data, ~15 min on
+    /// Training recipe (TOML, DESIGN §4). Without it: the quick recipe (tiny preset, embedded data, ~15 min on
     /// a 2-core CPU); `ov3 train --print-config` shows it.
     #[arg(long)]
     config: Option<PathBuf>,
     /// Built-in recipe when no --config is given: quick (the main job, ~15 min on 2 CPU cores), demo (the
-    /// shipped checkpoint's, ~1 h) or paper (128 px then 256 px, 10:1, batch 256; use with --preset).
+    /// shipped checkpoint's, ~1 h) or paper (Table 1 of the paper at a batch one machine holds: 128 px at
+    /// batch 256, then 256 px at batch 128, base LR 8e-6 then 4e-7 per 256 images; use with --preset).
     #[arg(long, conflicts_with = "config", default_value = "quick")]
     recipe: Recipe,
     /// Overrides of the recipe.
@@ -133,42 +135,28 @@ pub fn run(args: TrainArgs, group: &dyn Group) -> anyhow::Result<()> {
     let selected = device::select_for(args.backend, group.local_rank()).map_err(anyhow::Error::msg)?;
     crate::say_rank(group, &selected.reason);
     let device = selected.device.autodiff();
-
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = stop.clone();
-    // Ctrl-C, and SIGTERM/SIGHUP (`docker stop`, `kill`, Slurm preemption): finish the step, write a
-    // checkpoint, exit 0. A second signal leaves at once.
-    ctrlc::set_handler(move || {
-        if flag.swap(true, Ordering::SeqCst) {
-            std::process::exit(130);
+    let stop = stop_on_signal()?;
+    if group.is_writer() {
+        eprintln!("run folder: {}", out.display());
+        if group.size() > 1 {
+            eprintln!(
+                "data parallel: {} processes, each with 1/{} of every global batch (images/s are global)",
+                group.size(),
+                group.size()
+            );
         }
-        eprintln!("\nstopping: writing a checkpoint (signal again to quit without one)");
-    })?;
-
+    }
+    let outcome = train_with_progress(&out, &cfg, args.resume, &device, group, &stop)?;
     if !group.is_writer() {
-        // Rank 0 reports, draws the bar and writes the run folder; the others train quietly.
-        train(&out, &cfg, args.resume, &device, group, &stop, &mut Quiet)?;
         return Ok(());
     }
-    eprintln!("run folder: {}", out.display());
-    if group.size() > 1 {
-        eprintln!(
-            "data parallel: {} processes, each with 1/{} of every global batch (images/s are global)",
-            group.size(),
-            group.size()
-        );
-    }
-    let mut bar = Bar::default();
-    let outcome = train(&out, &cfg, args.resume, &device, group, &stop, &mut bar)?;
-    bar.bar.finish_and_clear();
-    let plots = crate::plots::plot_run(&out)?;
     match outcome {
         Outcome::Finished { step, report } => {
             println!("finished {step} steps in {}", out.display());
             if let Some(report) = report {
                 print_report(&report);
             }
-            println!("plots: {}", plots.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "));
+            println!("plots: {}", out.join("plots").display());
             println!("reconstructions: {}", out.join("grids/latest.png").display());
         }
         Outcome::Interrupted { step, checkpoint } => {
@@ -180,6 +168,39 @@ pub fn run(args: TrainArgs, group: &dyn Group) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// A flag raised by Ctrl-C, SIGTERM or SIGHUP (`docker stop`, `kill`, Slurm preemption): the trainer finishes
+/// the step, writes a checkpoint and returns. A second signal leaves at once. Call once per process.
+pub fn stop_on_signal() -> anyhow::Result<Arc<AtomicBool>> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("\nstopping: writing a checkpoint (signal again to quit without one)");
+    })?;
+    Ok(stop)
+}
+
+/// [`train`] with a progress bar on rank 0 (the other ranks train quietly), then the run's plots.
+pub fn train_with_progress(
+    out: &Path,
+    cfg: &TrainConfig,
+    resume: bool,
+    device: &Device,
+    group: &dyn Group,
+    stop: &AtomicBool,
+) -> anyhow::Result<Outcome> {
+    if !group.is_writer() {
+        return Ok(train(out, cfg, resume, device, group, stop, &mut Quiet)?);
+    }
+    let mut bar = Bar::default();
+    let outcome = train(out, cfg, resume, device, group, stop, &mut bar)?;
+    bar.bar.finish_and_clear();
+    crate::plots::plot_run(out)?;
+    Ok(outcome)
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]

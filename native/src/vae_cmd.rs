@@ -1,4 +1,4 @@
-//! `ov3 vae encode|decode`: the frozen autoencoder alone (SPEC §6).
+//! `ov3 vae encode|decode`: the frozen autoencoder alone (DESIGN §6).
 
 use std::path::{Path, PathBuf};
 

@@ -289,7 +289,7 @@ impl App {
         let mut timings = view::Timings::default();
 
         let t = now_ms();
-        let inputs = encoder_inputs(&self.model, &self.vae, image.clone());
+        let inputs = encoder_inputs(self.model.input_space, &self.vae, image.clone());
         read_any(inputs.clone().sum().into_data_async()).await?;
         timings.vae_encoder = now_ms() - t;
 
@@ -315,7 +315,7 @@ impl App {
         *self.current.borrow_mut() = Some(Current { tokens: tokens.clone(), eps, embedding, generation });
 
         let t = now_ms();
-        let vae_only = to_pixels(&self.model, &self.vae, tokens.inputs.clone());
+        let vae_only = to_pixels(self.model.input_space, &self.vae, tokens.inputs.clone());
         let (pixels, mse) =
             (read_any(vae_only.clone().into_data_async()).await?, read(mse_01(tokens.image.clone(), vae_only)).await?);
         timings.vae_only = now_ms() - t;
@@ -353,7 +353,7 @@ impl App {
         read_any(predicted.clone().sum().into_data_async()).await?;
         timings.vit_decoder = now_ms() - t;
         let t = now_ms();
-        let rec = to_pixels(&self.model, &self.vae, predicted);
+        let rec = to_pixels(self.model.input_space, &self.vae, predicted);
         let pixels = read_any(rec.clone().into_data_async()).await?;
         timings.vae_decoder = now_ms() - t;
         let mse = read(mse_01(cur.tokens.image, rec)).await?;

@@ -1,4 +1,4 @@
-//! The latent cache (SPEC §4): the VAE is frozen, so each image's latents at one resolution and crop never
+//! The latent cache (DESIGN §4): the VAE is frozen, so each image's latents at one resolution and crop never
 //! change. `ov3 cache` encodes a source once — center crop, optionally its mirror image too — into
 //! safetensors shards (`latents` f32 `[n, C, R/8, R/8]`, `images` u8 `[n, 3, R, R]`) with a `manifest.json`
 //! naming the VAE by a hash of its weights. Training from `cache:DIR` reads rows by offset (no VAE pass);

@@ -1,4 +1,4 @@
-//! Where image-caption pairs come from (SPEC §6 data SPEC): a folder of `name.{jpg,png,...}` + `name.txt`,
+//! Where image-caption pairs come from (DESIGN §6 data SPEC): a folder of `name.{jpg,png,...}` + `name.txt`,
 //! a `.jsonl` / `.csv` table with `image` and `caption` fields, WebDataset `.tar` shards (brace ranges,
 //! members `key.jpg` + `key.txt` / `key.json`, read in place, never unpacked), or `synthetic:N[:seed]`.
 //!

@@ -45,7 +45,7 @@ pub struct Ov3 {
     pub tokenizer: Tokenizer,
 }
 
-/// One training batch. `inputs` are what the encoder reads: VAE latents (scaled, SPEC §1) or, in the
+/// One training batch. `inputs` are what the encoder reads: VAE latents (scaled, DESIGN §1) or, in the
 /// no-VAE ablation, the images themselves.
 #[derive(Debug, Clone)]
 pub struct Batch {
@@ -74,15 +74,16 @@ impl Default for LossWeights {
     }
 }
 
-/// Every loss term of one forward pass; `None` where the objective or the setup switches a term off.
+/// Every loss term of one forward pass. Both branches are always computed (DESIGN §3.1); only the pixel and
+/// LPIPS terms can be absent (no VAE decoder in the loop, no LPIPS weights, or lambda 0).
 #[derive(Debug, Clone)]
 pub struct LossOutput {
     pub total: Tensor<1>,
-    pub rec: Option<Tensor<1>>,
+    pub rec: Tensor<1>,
     pub rec_terms: RecTerms,
-    pub und: Option<Tensor<1>>,
-    pub caption: Option<Tensor<1>>,
-    pub contrastive: Option<Tensor<1>>,
+    pub und: Tensor<1>,
+    pub caption: Tensor<1>,
+    pub contrastive: Tensor<1>,
 }
 
 /// The frozen parts the reconstruction branch needs beyond the model itself.
@@ -161,6 +162,11 @@ impl Ov3 {
 
     /// All loss terms for a batch. `tau` is the noise bound of eq. 3 (0 at evaluation).
     ///
+    /// Both branches are always computed. With `RecOnly` or `UndOnly` the switched-off branch is a *probe*
+    /// (DESIGN §3.1): it reads a detached copy of z_u, so its heads still train on their own loss (which is
+    /// thereby measured every step) while none of its gradient reaches the encoder. `total` is what the
+    /// training step differentiates: the objective of eq. 6 plus, under an ablation, the probe's loss.
+    ///
     /// In a data-parallel `group` the batch is this rank's share of the global batch, and every term is this
     /// rank's share of the global term: the group's mean of each value, and of each gradient, is the value and
     /// gradient of one process holding the whole global batch (see [`Ov3::understanding_terms`]). Alone
@@ -177,22 +183,16 @@ impl Ov3 {
         let patch = self.decoder.patch;
         let grid = (h / patch, w / patch);
         let z_u = self.encode(batch.inputs.clone());
+        // What each branch reads: z_u itself, or a detached copy where that branch is only probed.
+        let read = |probe_only: bool| if probe_only { z_u.clone().detach() } else { z_u.clone() };
 
-        let (rec, rec_terms) = if weights.objective == Objective::UndOnly {
-            (None, RecTerms { pixel_l1: None, latent_l1: None, lpips: None })
-        } else {
-            let z_hat = self.decode(add_noise(z_u.clone(), tau), grid);
-            let terms = self.reconstruction_terms(batch, z_hat, weights.lambda, frozen);
-            (Some(losses::reconstruction_loss(&terms, weights.beta, weights.lambda)), terms)
-        };
+        let z_hat = self.decode(add_noise(read(weights.objective == Objective::UndOnly), tau), grid);
+        let rec_terms = self.reconstruction_terms(batch, z_hat, weights.lambda, frozen);
+        let rec = losses::reconstruction_loss(&rec_terms, weights.beta, weights.lambda);
 
-        let (und, caption, contrastive) = if weights.objective == Objective::RecOnly {
-            (None, None, None)
-        } else {
-            let (caption, contrastive) = self.understanding_terms(z_u, &batch.tokens, group);
-            let und = losses::understanding_loss(caption.clone(), contrastive.clone(), weights.alpha);
-            (Some(und), Some(caption), Some(contrastive))
-        };
+        let (caption, contrastive) =
+            self.understanding_terms(read(weights.objective == Objective::RecOnly), &batch.tokens, group);
+        let und = losses::understanding_loss(caption.clone(), contrastive.clone(), weights.alpha);
 
         let total = losses::total_loss(rec.clone(), und.clone(), weights.w_rec, weights.w_und);
         LossOutput { total, rec, rec_terms, und, caption, contrastive }

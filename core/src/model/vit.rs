@@ -34,7 +34,7 @@ impl VitEncoder {
         Self { patch_embed: PatchEmbed { proj }, blocks: identity_blocks(t, cfg, device) }
     }
 
-    /// `[B, C, H', W']` -> `z_u` `[B, (H'/p)(W'/p), D]`: the final block outputs, with no final norm (SPEC §2).
+    /// `[B, C, H', W']` -> `z_u` `[B, (H'/p)(W'/p), D]`: the final block outputs, with no final norm (DESIGN §2).
     pub fn forward(&self, input: Tensor<4>) -> Tensor<3> {
         let tokens = self.patch_embed.proj.forward(input);
         let [b, d, h, w] = tokens.dims();

@@ -1,10 +1,10 @@
-//! The training recipe as a TOML file (SPEC §4, §6): model, data, optimiser and a list of stages, each with
+//! The training recipe as a TOML file (DESIGN §4, §6): model, data, optimiser and a list of stages, each with
 //! its own resolution, length, batch, learning rate and loss weights. Unknown keys are errors, so a typo
 //! never trains silently with a default.
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{AttentionImpl, ModelConfig, Objective, Preset};
+use crate::config::{AttentionImpl, InputSpace, ModelConfig, Objective, Preset};
 use crate::model::LossWeights;
 use crate::tokenizer::Tokenizer;
 
@@ -15,13 +15,17 @@ pub const SYNTHETIC_WORDS: &str = "synthetic-words";
 #[serde(deny_unknown_fields)]
 pub struct TrainConfig {
     pub preset: Preset,
-    /// Noise bound of eq. 3 (SPEC §2; not published, so a knob).
+    /// Noise bound of eq. 3 (DESIGN §2; not published, so a knob).
     #[serde(default = "default_tau")]
     pub tau: f64,
     #[serde(default = "default_objective")]
     pub objective: Objective,
+    /// What the ViT encoder reads: `"latents"` of the frozen VAE (the paper) or `"pixels"`, the no-VAE
+    /// ablation (16x16 pixel patches, the decoder predicts pixels; DESIGN §2).
+    #[serde(default = "default_input_space", with = "input_space_key")]
+    pub input_space: InputSpace,
     pub seed: u64,
-    /// Training data (SPEC §6 data spec); `synthetic:N` is the embedded world.
+    /// Training data (DESIGN §6 data spec); `synthetic:N` is the embedded world.
     pub data: String,
     /// Held-out evaluation data.
     pub eval_data: String,
@@ -119,7 +123,7 @@ impl StageConfig {
         self.batch * self.accumulate
     }
 
-    /// Peak learning rate after the batch/256 scaling of SPEC §4.
+    /// Peak learning rate after the batch/256 scaling of DESIGN §4.
     pub fn peak_lr(&self) -> f64 {
         self.lr * self.effective_batch() as f64 / 256.0
     }
@@ -211,6 +215,7 @@ impl TrainConfig {
             preset: Preset::Tiny,
             tau: default_tau(),
             objective: Objective::Full,
+            input_space: InputSpace::VaeLatents,
             seed: 0,
             data: "synthetic:50000".into(),
             eval_data: "synthetic:256:0:heldout".into(),
@@ -232,8 +237,14 @@ impl TrainConfig {
         }
     }
 
-    /// The paper's recipe for a preset: 128 px with lambda 0, then 256 px with lambda 0.5, 10:1, batch 256,
-    /// the pixel L1 through the frozen VAE decoder on.
+    /// The paper's recipe (Table 1 of OpenVision 3) for a preset, at a batch one machine can hold. The paper
+    /// trains 128 px at global batch 8192 with base LR 8e-6 for 4000 epochs (40 of warm-up, lambda 0), then
+    /// 256 px at batch 4096 with base LR 4e-7 for 400 epochs (20 of warm-up, lambda 0.5). "Base" LRs are per
+    /// 256 images, as ours are (peak = lr * batch / 256: the linear scaling rule), so they carry over
+    /// unchanged to any batch; here stage 1 uses batch 256 and stage 2 half of it, as the paper halves it.
+    /// Steps keep the paper's 10:1 epoch ratio (stage 2 sees a tenth of the images at half the batch: a fifth
+    /// of the steps) and warm-ups keep their share (1% and 5% of each stage). The pixel L1 through the frozen
+    /// VAE decoder is on in both stages, the paper's loss weights and one learning rate for the whole model.
     pub fn paper(preset: Preset) -> Self {
         let mut cfg = Self::quick();
         cfg.preset = preset;
@@ -241,15 +252,15 @@ impl TrainConfig {
         cfg.eval_size = 256;
         cfg.eval_every = 2000;
         cfg.checkpoint_every = 1000;
-        for (stage, (res, steps, lambda)) in cfg.stages.iter_mut().zip([(128, 100_000, 0.0), (256, 10_000, 0.5)]) {
+        let stages = [(128, 100_000, 256, 8e-6, 100, 0.0), (256, 20_000, 128, 4e-7, 20, 0.5)];
+        for (stage, (res, steps, batch, lr, warmup_div, lambda)) in cfg.stages.iter_mut().zip(stages) {
             stage.resolution = res;
             stage.steps = steps;
-            stage.batch = 256;
-            stage.lr = 1e-3;
-            stage.warmup = steps / 20;
+            stage.batch = batch;
+            stage.lr = lr;
+            stage.warmup = steps / warmup_div;
             stage.lambda = lambda;
             stage.pixel_loss = true;
-            // The paper's loss weights and one learning rate for the whole model.
             stage.w_rec = default_w_rec();
             stage.lr_decoders = 1.0;
         }
@@ -279,6 +290,7 @@ impl TrainConfig {
     pub fn model_config(&self, tokenizer: &Tokenizer) -> ModelConfig {
         let mut m = self.preset.config();
         m.tau = self.tau;
+        m.input_space = self.input_space;
         if let Some(n) = self.context_length {
             m.context_length = n;
         }
@@ -414,6 +426,32 @@ fn default_clip() -> f64 {
 fn default_workers() -> usize {
     2
 }
+fn default_input_space() -> InputSpace {
+    InputSpace::VaeLatents
+}
+
+/// `input_space` in a recipe: `"latents"` or `"pixels"`.
+mod input_space_key {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use crate::config::InputSpace;
+
+    pub fn serialize<S: Serializer>(space: &InputSpace, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(match space {
+            InputSpace::VaeLatents => "latents",
+            InputSpace::Pixels => "pixels",
+        })
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<InputSpace, D::Error> {
+        match String::deserialize(d)?.as_str() {
+            "latents" => Ok(InputSpace::VaeLatents),
+            "pixels" => Ok(InputSpace::Pixels),
+            other => Err(serde::de::Error::custom(format!("input_space `{other}`: expected \"latents\" or \"pixels\""))),
+        }
+    }
+}
+
 fn default_log_every() -> u64 {
     10
 }

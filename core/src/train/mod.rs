@@ -1,4 +1,4 @@
-//! Training ov3 end to end (SPEC §4): stages of resolutions, AdamW with warmup + cosine, gradient
+//! Training ov3 end to end (DESIGN §4): stages of resolutions, AdamW with warmup + cosine, gradient
 //! accumulation, periodic evaluation and reconstruction grids, atomic checkpoints with resume, and a stop
 //! on the first non-finite loss term.
 

@@ -11,9 +11,11 @@ use std::sync::mpsc::{Receiver, sync_channel};
 
 use burn::tensor::{Device, Tensor, TensorData};
 
+use crate::config::InputSpace;
 use crate::data::latent_cache::cached_latents;
 use crate::data::pipeline::HostBatch;
 use crate::data::source::DataError;
+use crate::inference::encoder_inputs;
 use crate::model::Batch;
 use crate::tokenizer::Tokenizer;
 use crate::vae::Vae;
@@ -21,6 +23,8 @@ use crate::vae::Vae;
 /// What turns a host batch into tensors.
 pub struct Inputs {
     pub vae: Arc<Vae>,
+    /// What the encoder reads (latents, or the pixels in the no-VAE ablation).
+    pub space: InputSpace,
     /// The latent shape of the source's latent cache, if it has one (then the VAE is not run).
     pub cached: Option<[usize; 3]>,
     /// Caption length in tokens.
@@ -32,18 +36,18 @@ pub struct Inputs {
 }
 
 impl Inputs {
-    /// Pixels, their latents (from the latent cache, else from the frozen VAE, with no gradient either way)
-    /// and caption tokens, of this process's share of `host`.
+    /// Pixels, the encoder's inputs (latents from the latent cache, else [`encoder_inputs`]: the frozen VAE, or
+    /// the pixels themselves), with no gradient either way, and caption tokens, of this process's share of `host`.
     pub fn batch(&self, host: &HostBatch) -> Batch {
         let examples = host.share(self.share.0, self.share.1);
         let b = examples.len();
         let (w, h) = examples[0].image.dimensions();
         let pixels = HostBatch::pixels(examples);
         let images = Tensor::<4>::from_data(TensorData::new(pixels, [b, 3, h as usize, w as usize]), &self.device);
-        let inputs = self
-            .cached
+        let cached = self.cached.filter(|_| self.space == InputSpace::VaeLatents);
+        let inputs = cached
             .and_then(|shape| cached_latents(examples, shape, &self.device))
-            .unwrap_or_else(|| self.vae.encode(images.clone()).detach());
+            .unwrap_or_else(|| encoder_inputs(self.space, &self.vae, images.clone()));
         let captions: Vec<String> = examples.iter().map(|e| e.caption.clone()).collect();
         Batch { images, inputs, tokens: self.tokenizer.batch(&captions, self.context_length, &self.device) }
     }

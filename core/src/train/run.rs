@@ -178,6 +178,7 @@ pub fn train(
         let start = if in_stage == 0 { Position::default() } else { state.position };
         let inputs = Inputs {
             vae: vae.clone(),
+            space: model_cfg.input_space,
             cached: source.cache.as_ref().map(|c| c.manifest.latent_shape),
             context_length: model_cfg.context_length,
             tokenizer: model.tokenizer.clone(),

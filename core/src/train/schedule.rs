@@ -1,4 +1,4 @@
-//! Learning rate: linear warmup from 0, then cosine decay to a floor, per stage (SPEC §4).
+//! Learning rate: linear warmup from 0, then cosine decay to a floor, per stage (DESIGN §4).
 
 use std::f64::consts::PI;
 

@@ -11,7 +11,7 @@ use burn::tensor::activation::softmax;
 use super::layers::{Loader, swish, upsample_nearest_2x};
 use crate::weights::{Weights, WeightsError};
 
-/// The FLUX.1 latent scale (SPEC §1 applies it without the shift).
+/// The FLUX.1 latent scale (DESIGN §1 applies it without the shift).
 pub const FLUX_SCALING_FACTOR: f64 = 0.3611;
 
 /// Architecture hyper-parameters, read off the weights.

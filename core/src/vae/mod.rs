@@ -1,5 +1,5 @@
 //! The frozen VAE: FLUX.1 AutoencoderKL or TAEF1, loaded from the files users downloaded, and the
-//! tokenizer's latent convention on top (SPEC §1: `z = posterior_mean * 0.3611`, no shift).
+//! tokenizer's latent convention on top (DESIGN §1: `z = posterior_mean * 0.3611`, no shift).
 
 pub mod embedded;
 pub mod flux;
