@@ -71,8 +71,19 @@ impl Observer for StopAt<'_> {
 }
 
 /// The device RNG (initialisation, eq. 3 noise) is process-wide on flex: runs in parallel test threads
-/// would re-seed each other's draws, so they take turns.
+/// would re-seed each other's draws, so they take turns. So does every test that builds a model (`Ov3::new`
+/// draws all its weights at once).
 static ONE_RUN_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn turn() -> std::sync::MutexGuard<'static, ()> {
+    ONE_RUN_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// `load_model` on flex, in turn: filling a new model's parameters draws their (discarded) initial values.
+fn load(path: &Path) -> (Ov3, ov3_core::ModelConfig) {
+    let _turn = turn();
+    load_model(path, &Device::flex()).expect("the model file loads")
+}
 
 fn run(dir: &Path, cfg: &TrainConfig, resume: bool, stop_at: Option<u64>) -> Result<Outcome, TrainError> {
     run_noted(dir, cfg, resume, stop_at).0
@@ -85,7 +96,7 @@ fn run_noted(
     resume: bool,
     stop_at: Option<u64>,
 ) -> (Result<Outcome, TrainError>, Vec<String>) {
-    let _turn = ONE_RUN_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let _turn = turn();
     let stop = AtomicBool::new(false);
     let mut observer = StopAt { at: stop_at, stop: &stop, notes: vec![] };
     let out = train(dir, cfg, resume, &Device::flex().autodiff(), &Single, &stop, &mut observer);
@@ -102,7 +113,7 @@ fn steps(dir: &Path) -> Vec<StepRecord> {
 
 fn final_weights(dir: &Path) -> Vec<(String, Vec<usize>, Vec<f32>)> {
     let last = checkpoint::latest_intact(dir).0.expect("a checkpoint");
-    named_values(&load_model(&last.join(MODEL_FILE), &Device::flex()).expect("loads").0)
+    named_values(&load(&last.join(MODEL_FILE)).0)
 }
 
 #[test]
@@ -138,7 +149,7 @@ fn resume_after_interrupt_matches_a_straight_run() {
 
 /// The largest |weight| of a checkpoint.
 fn max_abs_weight(dir: &Path) -> f32 {
-    named_values(&load_model(&dir.join(MODEL_FILE), &Device::flex()).expect("loads").0)
+    named_values(&load(&dir.join(MODEL_FILE)).0)
         .iter()
         .flat_map(|(_, _, v)| v.iter().map(|x| x.abs()))
         .fold(0f32, f32::max)
@@ -197,6 +208,7 @@ fn a_diverged_step_is_not_resumed_from_and_a_lower_lr_continues_the_run() {
 /// tensor, and nothing appears under the step's name.
 #[test]
 fn a_non_finite_weight_is_never_checkpointed() {
+    let _turn = turn();
     use burn::module::ModuleMapper;
     let tmp = ov3_core::fsio::ScratchDir::new().expect("tmp");
     let device = Device::flex();
@@ -224,6 +236,7 @@ fn a_non_finite_weight_is_never_checkpointed() {
 /// reconstructions and captions).
 #[test]
 fn a_model_file_with_a_nan_weight_is_refused_by_name() {
+    let _turn = turn();
     let tmp = ov3_core::fsio::ScratchDir::new().expect("tmp");
     let device = Device::flex();
     let cfg = Preset::Tiny.config();
@@ -381,7 +394,7 @@ fn an_interrupted_checkpoint_write_leaves_the_previous_one_loadable() {
     std::fs::create_dir_all(&torn).unwrap();
     std::fs::write(torn.join(MODEL_FILE), b"half a safetensors header").unwrap();
     assert!(checkpoint::latest_intact(tmp.path()).0.unwrap().ends_with("step-00000002"));
-    load_model(&root.join("step-00000002").join(MODEL_FILE), &Device::flex()).expect("previous checkpoint loads");
+    load(&root.join("step-00000002").join(MODEL_FILE));
     // Resume starts from step 2 and finishes; the torn folder is cleared when step 4 is written.
     let out = run(tmp.path(), &cfg, true, None).expect("resume past a torn write");
     assert!(matches!(out, Outcome::Finished { step: 6, .. }));
@@ -414,7 +427,7 @@ fn a_run_with_a_tokenizer_json_trains_saves_it_and_refuses_another_on_resume() {
     cfg.context_length = Some(24);
     run(tmp.path(), &cfg, false, Some(2)).expect("short run with a HuggingFace tokenizer");
     let last = checkpoint::latest_intact(tmp.path()).0.expect("a checkpoint");
-    let (model, model_cfg) = load_model(&last.join(MODEL_FILE), &Device::flex()).expect("loads");
+    let (model, model_cfg) = load(&last.join(MODEL_FILE));
     let tokenizer = cfg.tokenizer().expect("tokenizer");
     assert_eq!(model.tokenizer.spec(), tokenizer.spec(), "the checkpoint carries the tokenizer");
     assert_eq!((model_cfg.vocab_size, model_cfg.context_length), (tokenizer.vocab_size(), 24));
@@ -441,6 +454,7 @@ fn a_run_with_a_tokenizer_json_trains_saves_it_and_refuses_another_on_resume() {
 
 #[test]
 fn weight_decay_skips_exactly_the_vectors_and_scalars() {
+    let _turn = turn();
     let model = Ov3::new(&Preset::Tiny.config(), &Device::flex());
     let skipped = optim::no_decay_ids(&model);
     struct Ranks(Vec<(burn::module::ParamId, usize)>);
@@ -461,6 +475,7 @@ fn weight_decay_skips_exactly_the_vectors_and_scalars() {
 
 #[test]
 fn lr_decoders_scales_the_first_step_of_the_two_decoders_only() {
+    let _turn = turn();
     use burn::optim::GradientsParams;
     use burn::tensor::TensorData;
     // The optimiser updates autodiff parameters; gradients live on the inner device.
@@ -572,7 +587,7 @@ fn pixel_space_is_a_recipe_key_the_trainer_and_evaluation_honour() {
     };
     assert!(report.psnr.is_finite() && report.psnr > 0.0 && report.i2t_recall_at_1.is_finite());
     let last = checkpoint::latest_intact(tmp.path()).0.expect("a checkpoint");
-    let (model, model_cfg) = load_model(&last.join(MODEL_FILE), &Device::flex()).expect("loads");
+    let (model, model_cfg) = load(&last.join(MODEL_FILE));
     assert_eq!(model_cfg.input_space, ov3_core::InputSpace::Pixels);
     // 16x16 RGB patches in, 16x16 RGB patches out.
     assert_eq!(model.encoder.patch_embed.proj.weight.val().dims(), [192, 3, 16, 16]);
