@@ -147,7 +147,9 @@ pub fn select_for(choice: BackendChoice, local_rank: usize) -> Result<Selected, 
     let reason = match choice {
         BackendChoice::Auto => format!("backend: wgpu on {a}"),
         _ if a.software => {
-            format!("backend: wgpu on {a}, as requested — a software rasterizer, expect it to be slower than --backend cpu")
+            format!(
+                "backend: wgpu on {a}, as requested — a software rasterizer, expect it to be slower than --backend cpu"
+            )
         }
         _ => format!("backend: wgpu on {a}, as requested"),
     };

@@ -198,8 +198,7 @@ fn model_losses_and_gradients_match_the_reference_path() {
 
     let run = |model: &Ov3| {
         let out = model.losses(&batch, &LossWeights::default(), 0.0, Frozen::default(), &Single);
-        let terms =
-            [out.total.clone(), out.caption.clone(), out.contrastive.clone()];
+        let terms = [out.total.clone(), out.caption.clone(), out.contrastive.clone()];
         let grads = out.total.backward();
         let weights = [
             &model.encoder.blocks[0].attn.qkv.weight,

@@ -88,4 +88,3 @@ fn rec_only_probes_understanding_on_detached_tokens() {
 fn und_only_probes_reconstruction_on_detached_tokens() {
     check_probe(Objective::UndOnly, full(0.0, 1.0));
 }
-

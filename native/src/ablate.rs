@@ -16,8 +16,8 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use ov3_core::config::{InputSpace, Objective};
-use ov3_core::eval::EvalReport;
 use ov3_core::device::{self, BackendChoice};
+use ov3_core::eval::EvalReport;
 use ov3_core::parallel::{Group, GroupExt};
 use ov3_core::train::log::{METRICS_FILE, Record, StepRecord};
 use ov3_core::train::run::{CONFIG_FILE, REPORT_FILE};
@@ -78,27 +78,31 @@ pub struct AblationArgs {
 pub const SYNERGY_RUNS: [(&str, Objective); 3] =
     [("full", Objective::Full), ("rec_only", Objective::RecOnly), ("und_only", Objective::UndOnly)];
 
-
 pub fn run(cmd: AblateCommand, group: &dyn Group) -> anyhow::Result<()> {
-    let (args, name, variants): (&AblationArgs, &str, Vec<(String, Box<dyn Fn(u64) -> TrainConfig + '_>)>) =
-        match &cmd {
-            AblateCommand::Synergy(a) => (a, "synergy", {
-                SYNERGY_RUNS.iter().map(|&(n, o)| (n.to_string(), Box::new(move |s| synergy_recipe(a, o, s)) as _)).collect()
-            }),
-            AblateCommand::InputSpace(a) => (a, "input_space", {
-                [("latents", InputSpace::VaeLatents), ("pixels", InputSpace::Pixels)]
-                    .into_iter()
-                    .map(|(n, space)| {
-                        let recipe = move |s| TrainConfig { input_space: space, ..scaled_quick(a, s) };
-                        (n.to_string(), Box::new(recipe) as _)
-                    })
-                    .collect()
-            }),
-            AblateCommand::Tau { args: a, taus } => (a, "tau", {
-                anyhow::ensure!(taus.iter().all(|t| t.is_finite() && *t >= 0.0), "--taus must be >= 0");
-                taus.iter().map(|&t| (format!("tau-{t}"), Box::new(move |s| TrainConfig { tau: t, ..scaled_quick(a, s) }) as _)).collect()
-            }),
-        };
+    let (args, name, variants): (&AblationArgs, &str, Vec<(String, Box<dyn Fn(u64) -> TrainConfig + '_>)>) = match &cmd
+    {
+        AblateCommand::Synergy(a) => (a, "synergy", {
+            SYNERGY_RUNS
+                .iter()
+                .map(|&(n, o)| (n.to_string(), Box::new(move |s| synergy_recipe(a, o, s)) as _))
+                .collect()
+        }),
+        AblateCommand::InputSpace(a) => (a, "input_space", {
+            [("latents", InputSpace::VaeLatents), ("pixels", InputSpace::Pixels)]
+                .into_iter()
+                .map(|(n, space)| {
+                    let recipe = move |s| TrainConfig { input_space: space, ..scaled_quick(a, s) };
+                    (n.to_string(), Box::new(recipe) as _)
+                })
+                .collect()
+        }),
+        AblateCommand::Tau { args: a, taus } => (a, "tau", {
+            anyhow::ensure!(taus.iter().all(|t| t.is_finite() && *t >= 0.0), "--taus must be >= 0");
+            taus.iter()
+                .map(|&t| (format!("tau-{t}"), Box::new(move |s| TrainConfig { tau: t, ..scaled_quick(a, s) }) as _))
+                .collect()
+        }),
+    };
     anyhow::ensure!(
         args.steps > 0 && args.seeds > 0 && args.eval_size > 0,
         "--steps, --seeds and --eval-size must be positive"
@@ -117,7 +121,9 @@ pub fn run(cmd: AblateCommand, group: &dyn Group) -> anyhow::Result<()> {
             }
             let resume = run.join(CONFIG_FILE).exists();
             crate::say_rank(group, &format!("{}: {}", run.display(), if resume { "continuing" } else { "starting" }));
-            if let Outcome::Interrupted { .. } = train_with_progress(&run, &recipe(seed), resume, &device, group, &stop)? {
+            if let Outcome::Interrupted { .. } =
+                train_with_progress(&run, &recipe(seed), resume, &device, group, &stop)?
+            {
                 anyhow::bail!("interrupted; rerun the same command to continue");
             }
         }
@@ -269,7 +275,11 @@ fn panels(summary: &Value, names: &[&str], terms: &[Term]) -> Vec<(String, Vec<S
                     *e = (e.0.min(y), e.1.max(y));
                 }
             }
-            let band = if each.len() > 1 { band.into_iter().map(|(x, (lo, hi))| (x as f64, lo, hi)).collect() } else { vec![] };
+            let band = if each.len() > 1 {
+                band.into_iter().map(|(x, (lo, hi))| (x as f64, lo, hi)).collect()
+            } else {
+                vec![]
+            };
             lines.push(Series { name: name.replace('_', "-"), points, band });
         }
         panels.push((title.to_string(), lines));

@@ -6,9 +6,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context;
+use burn::tensor::Device;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use burn::tensor::Device;
 use ov3_core::Preset;
 use ov3_core::device::{self, BackendChoice};
 use ov3_core::eval::EvalReport;

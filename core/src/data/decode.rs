@@ -2,7 +2,7 @@
 
 use std::io::Cursor;
 
-use image::{ImageReader, Limits, RgbImage};
+use image::{DynamicImage, ImageReader, Limits, RgbImage, RgbaImage};
 
 use super::skips::Skip;
 
@@ -38,7 +38,27 @@ impl Default for DecodeLimits {
 }
 
 /// Any format and mode the `image` crate reads (grayscale, alpha, 16-bit, palette, CMYK JPEG) -> RGB8.
+/// Transparent pixels are composited onto white (what a page behind the image shows), not dropped to
+/// whatever colour the file stores under alpha 0.
 pub fn decode_rgb(bytes: &[u8], limits: DecodeLimits) -> Result<RgbImage, Skip> {
+    let img = decode(bytes, limits)?;
+    if !img.color().has_alpha() {
+        return Ok(img.into_rgb8());
+    }
+    let rgba = img.into_rgba8();
+    Ok(RgbImage::from_fn(rgba.width(), rgba.height(), |x, y| {
+        let p = rgba.get_pixel(x, y).0;
+        let a = p[3] as u32;
+        image::Rgb(std::array::from_fn(|c| ((p[c] as u32 * a + 255 * (255 - a) + 127) / 255) as u8))
+    }))
+}
+
+/// Like [`decode_rgb`] but keeping the alpha channel (opaque formats get alpha 255): cut-outs to composite.
+pub fn decode_rgba(bytes: &[u8], limits: DecodeLimits) -> Result<RgbaImage, Skip> {
+    Ok(decode(bytes, limits)?.into_rgba8())
+}
+
+fn decode(bytes: &[u8], limits: DecodeLimits) -> Result<DynamicImage, Skip> {
     if bytes.is_empty() {
         return Err(Skip::CorruptImage);
     }
@@ -59,8 +79,7 @@ pub fn decode_rgb(bytes: &[u8], limits: DecodeLimits) -> Result<RgbImage, Skip> 
     l.max_image_height = Some(h);
     l.max_alloc = Some(limits.max_pixels.saturating_mul(16).max(1 << 26));
     reader.limits(l);
-    let img = reader.decode().map_err(classify)?;
-    Ok(img.into_rgb8())
+    reader.decode().map_err(classify)
 }
 
 fn classify(e: image::ImageError) -> Skip {

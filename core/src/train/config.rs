@@ -447,7 +447,9 @@ mod input_space_key {
         match String::deserialize(d)?.as_str() {
             "latents" => Ok(InputSpace::VaeLatents),
             "pixels" => Ok(InputSpace::Pixels),
-            other => Err(serde::de::Error::custom(format!("input_space `{other}`: expected \"latents\" or \"pixels\""))),
+            other => {
+                Err(serde::de::Error::custom(format!("input_space `{other}`: expected \"latents\" or \"pixels\"")))
+            }
         }
     }
 }
