@@ -2,6 +2,8 @@
 //! embedded captioned world, then freeze it into a safetensors file.
 
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::mpsc::Receiver;
 use std::time::Instant;
 
 use burn::module::Module;
@@ -9,7 +11,10 @@ use burn::optim::{AdamWConfig, GradientsParams};
 use burn::tensor::{Device, Tensor};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
+use ov3_core::data::decode::DecodeLimits;
+use ov3_core::data::pipeline::{Augment, HostBatch, LoaderConfig, Position, spawn_loader};
 use ov3_core::data::rng::SplitMix64;
+use ov3_core::data::source::{DataError, Source, Spec};
 use ov3_core::data::synthetic::{Split, World};
 use ov3_core::image_io::to_tensor;
 use ov3_core::metrics::psnr;
@@ -48,12 +53,36 @@ pub struct TrainVaeArgs {
     /// Continue from weights written by an earlier `ov3 train-vae` (their width wins over --width).
     #[arg(long)]
     init: Option<PathBuf>,
+    /// Real images to train on as well (a data SPEC, e.g. DIR/train from `ov3 data prepare real`): random
+    /// crops at random scales, mixed with the embedded world's scenes.
+    #[arg(long)]
+    data: Option<String>,
+    /// With --data, the share of each batch drawn from the embedded world.
+    #[arg(long, default_value_t = 0.25)]
+    world_share: f64,
+    /// Real images to score at the end (a data SPEC, e.g. DIR/heldout), beside 8x block averaging.
+    #[arg(long)]
+    heldout: Option<String>,
 }
 
 /// Images in [-1, 1] through the encoder and decoder; returns (reconstruction, latents).
 fn reconstruct(ae: &TinyAutoencoder, x: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
     let z = ae.encoder.forward(x.add_scalar(1.0).div_scalar(2.0));
     (ae.decoder.forward(z.clone()).mul_scalar(2.0).sub_scalar(1.0), z)
+}
+
+/// Batches of `batch` real images at `res` px: random-resized crops of 20–100% of the area at any aspect
+/// in [3/4, 4/3], flipped half the time, so a few hundred photographs give many scales and views.
+fn real_loader(
+    spec: &str,
+    batch: usize,
+    res: u32,
+    seed: u64,
+) -> anyhow::Result<Receiver<Result<HostBatch, DataError>>> {
+    let source = Arc::new(Source::open(&Spec::parse(spec)?)?);
+    let augment = Augment { resolution: res, random_crop: true, min_scale: 0.2, hflip: true };
+    let cfg = LoaderConfig { batch, seed, workers: 2, prefetch: 4, augment, limits: DecodeLimits::default() };
+    Ok(spawn_loader(source, cfg, Position::default()))
 }
 
 /// `n` scenes from index `first`, each cropped to `crop` px at a position drawn from its index.
@@ -85,7 +114,19 @@ pub fn run(args: TrainVaeArgs, group: &dyn Group) -> anyhow::Result<()> {
         args.batch,
         group.size()
     );
+    anyhow::ensure!((0.0..=1.0).contains(&args.world_share), "--world-share must be between 0 and 1");
     let share = args.batch / group.size();
+    // Per rank: scenes from the world, the rest real crops from --data.
+    let n_world = match args.data {
+        Some(_) => (share as f64 * args.world_share).round() as usize,
+        None => share,
+    };
+    let real = match &args.data {
+        Some(spec) if n_world < share => {
+            Some(real_loader(spec, (share - n_world) * group.size(), args.res, args.common.seed)?)
+        }
+        _ => None,
+    };
     let writer = group.is_writer();
     let device = args.common.device_in(group)?.device.autodiff();
     let (mut ae, cfg) = match &args.init {
@@ -110,7 +151,23 @@ pub fn run(args: TrainVaeArgs, group: &dyn Group) -> anyhow::Result<()> {
     let mut elapsed = 0.0;
     while step < args.steps && !group.any(elapsed >= args.minutes * 60.0) {
         let first = (step * args.batch + group.rank() * share) as u64;
-        let x = batch(&world, first, share, args.res, args.crop, &device);
+        let mut parts = Vec::new();
+        if n_world > 0 {
+            parts.push(batch(&world, first, n_world, args.res, args.crop, &device));
+        }
+        if let Some(loader) = &real {
+            let host = loader.recv().map_err(|_| anyhow::anyhow!("the data loader stopped"))??;
+            let mut g = SplitMix64::new(0xC20A, first);
+            let crops = host.share(group.rank(), group.size()).iter().map(|e| {
+                let (cx, cy) = (
+                    g.below((args.res - args.crop + 1) as usize) as u32,
+                    g.below((args.res - args.crop + 1) as usize) as u32,
+                );
+                to_tensor(&image::imageops::crop_imm(&e.image, cx, cy, args.crop, args.crop).to_image(), &device)
+            });
+            parts.extend(crops);
+        }
+        let x = Tensor::cat(parts, 0);
         let (x_hat, z) = reconstruct(&ae, x.clone());
         // L1 reconstruction, plus a weak pull of the latents towards unit scale (the tokenizer's convention).
         let loss = (x - x_hat).abs().mean() + z.powi_scalar(2).mean().mul_scalar(1e-3);
@@ -137,7 +194,7 @@ pub fn run(args: TrainVaeArgs, group: &dyn Group) -> anyhow::Result<()> {
         return Ok(());
     }
     let note = format!(
-        "ov3 train-vae{}: TAEF1 architecture, width {}, {} steps of batch {} ({} px crops of {} px scenes) on synthetic seed {} ({:.1} min, {} process(es))",
+        "ov3 train-vae{}: TAEF1 architecture, width {}, {} steps of batch {} ({} px crops of {} px scenes) on synthetic seed {}{} ({:.1} min, {} process(es))",
         args.init.as_ref().map(|p| format!(" (continued from {})", p.display())).unwrap_or_default(),
         cfg.width,
         step,
@@ -145,6 +202,10 @@ pub fn run(args: TrainVaeArgs, group: &dyn Group) -> anyhow::Result<()> {
         args.crop,
         args.res,
         args.common.seed,
+        args.data
+            .as_ref()
+            .map(|d| format!(" and {d} ({:.0}% world)", 100.0 * n_world as f64 / share as f64))
+            .unwrap_or_default(),
         start.elapsed().as_secs_f64() / 60.0,
         group.size()
     );
@@ -161,5 +222,17 @@ pub fn run(args: TrainVaeArgs, group: &dyn Group) -> anyhow::Result<()> {
         scores.len(),
         args.res
     );
+    if let Some(spec) = &args.heldout {
+        let images = crate::vae_cmd::spec_images(spec, args.res)?;
+        let s = crate::vae_cmd::score_images(&images, |x| reconstruct(&ae, x).0, &device)?;
+        println!(
+            "{spec}: PSNR {:.2} dB over {} images at {} px; 8x block average {:.2} dB; worst margin {:+.2} dB",
+            s.mean_ours(),
+            images.len(),
+            args.res,
+            s.mean_block(),
+            s.worst_margin()
+        );
+    }
     Ok(())
 }
