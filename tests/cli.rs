@@ -253,7 +253,8 @@ fn embedded_check(res: &str) -> (f64, f64, f64) {
     assert!(out.status.success(), "vae check: {stderr}");
     let row = stdout.lines().find(|l| l.starts_with("held-out synthetic")).expect("synthetic row");
     let nums: Vec<f64> = row.split_whitespace().filter_map(|w| w.parse().ok()).collect();
-    (nums[nums.len() - 3], nums[nums.len() - 2], nums[nums.len() - 1])
+    // Columns: autoencoder, 8x block average, mean colour, worst margin.
+    (nums[nums.len() - 4], nums[nums.len() - 3], nums[nums.len() - 2])
 }
 
 #[test]
@@ -334,6 +335,16 @@ fn train_then_use_the_run_end_to_end() {
     let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(report["n"], 4);
     assert!(report["psnr"].as_f64().unwrap().is_finite() && report["zero_shot_accuracy"].as_f64().is_some());
+
+    // The model file names its VAE (the embedded one here): another autoencoder is refused, both named.
+    let other = fixture("taef1_original");
+    let out = ov3(&["eval", "--model", exported_s, "--vae", other.to_str().unwrap(), "--n", "4", "--res", "32"]);
+    let (_, stderr) = text(&out);
+    assert!(!out.status.success(), "a model evaluated with another VAE must fail");
+    assert!(
+        stderr.contains("ov3 embedded autoencoder") && stderr.contains("TAEF1 (width") && !stderr.contains("panicked"),
+        "the refusal names both autoencoders: {stderr}"
+    );
 }
 
 #[test]

@@ -84,6 +84,9 @@ pub struct ModelConfig {
     pub tau: f64,
     #[config(default = 1e-6)]
     pub norm_eps: f64,
+    /// The frozen VAE the model was trained with (DESIGN §8): a model decodes only through the latent space
+    /// it learned, so `ov3` and the page refuse another. `None` in files written before it was recorded.
+    pub vae: Option<crate::vae::VaeRecord>,
 }
 
 /// The named presets of DESIGN §2.

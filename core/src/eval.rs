@@ -18,7 +18,7 @@ use crate::image_io::{from_chw, to_tensor};
 use crate::inference::{encoder_inputs, normalize_rows, to_pixels, token_grid};
 use crate::losses;
 use crate::lpips::Lpips;
-use crate::metrics::{NonFiniteImage, psnr, ssim};
+use crate::metrics::{NonFiniteImage, block_average_8x, psnr, ssim};
 use crate::model::Ov3;
 use crate::vae::Vae;
 
@@ -96,6 +96,12 @@ pub struct EvalReport {
     pub psnr_vae: f64,
     #[serde(with = "crate::json_float")]
     pub ssim_vae: f64,
+    /// The naive baseline: each 8x8 block replaced by its mean (3 numbers per block, where the VAE keeps 16).
+    #[serde(default, with = "crate::json_float::option")]
+    pub psnr_block8: Option<f64>,
+    /// The smallest per-image margin of ov3's PSNR over the 8x block average (negative: worse on some image).
+    #[serde(default, with = "crate::json_float::option")]
+    pub psnr_min_margin_block8: Option<f64>,
     /// LPIPS of ov3's reconstruction, when LPIPS weights were given.
     #[serde(default, with = "crate::json_float::option")]
     pub lpips: Option<f64>,
@@ -141,7 +147,7 @@ pub fn evaluate(
 ) -> Result<(EvalReport, Outputs), NonFiniteImage> {
     let n = set.len();
     let mut out = Outputs { reconstructions: vec![], vae_only: vec![] };
-    let (mut image_emb, mut psnrs, mut psnrs_vae) = (vec![], vec![], vec![]);
+    let (mut image_emb, mut psnrs, mut psnrs_vae, mut psnrs_block) = (vec![], vec![], vec![], vec![]);
     let (mut caption_nll, mut caption_count) = (0.0, 0.0);
     let mut lpips_values: Vec<f32> = vec![];
     let mut samples = vec![];
@@ -166,6 +172,7 @@ pub fn evaluate(
         // Before the clamp below: a NaN pixel must make the PSNR an error, not a bound.
         psnrs.extend(psnr(images.clone(), rec.clone())?);
         psnrs_vae.extend(psnr(images.clone(), vae_only.clone())?);
+        psnrs_block.extend(psnr(images.clone(), block_average_8x(images.clone()))?);
         let (rec, vae_only) = (rec.clamp(-1.0, 1.0), vae_only.clamp(-1.0, 1.0));
         if let Some(l) = lpips {
             lpips_values.extend(
@@ -218,6 +225,8 @@ pub fn evaluate(
         psnr: mean(&psnrs),
         ssim: mean(&ssims),
         psnr_vae: mean(&psnrs_vae),
+        psnr_block8: Some(mean(&psnrs_block)),
+        psnr_min_margin_block8: psnrs.iter().zip(&psnrs_block).map(|(a, b)| a - b).reduce(f64::min),
         ssim_vae: mean(&ssims_vae),
         lpips: lpips.map(|_| lpips_values.iter().map(|&v| v as f64).sum::<f64>() / n as f64),
         i2t_recall_at_1: i2t1,

@@ -81,7 +81,13 @@ impl ModelSource {
         eprintln!("{}", selected.reason);
         let device = selected.device;
         let (model, cfg) = load_model(&path, &device)?;
-        let vae = Vae::load_or_embedded(self.vae.as_deref().or(run_vae.as_deref()), &device)?;
+        // The VAE: --vae, the run's, else the file the model names when it is still there, else the
+        // embedded one; then it must be the one the model was trained with (DESIGN §8).
+        let named = cfg.vae.as_ref().map(|r| PathBuf::from(&r.source)).filter(|p| p.exists());
+        let vae = Vae::load_or_embedded(self.vae.as_deref().or(run_vae.as_deref()).or(named.as_deref()), &device)?;
+        if let Some(record) = &cfg.vae {
+            record.check(&vae).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        }
         eprintln!("model: {} ({} VAE)", path.display(), vae.source);
         Ok(Loaded { model, cfg, vae, device, path })
     }

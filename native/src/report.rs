@@ -5,7 +5,16 @@ use ov3_core::eval::EvalReport;
 pub fn print_report(r: &EvalReport) {
     println!("evaluation on {} ({} images at {} px)", r.data, r.n, r.resolution);
     let rows: Vec<(&str, String)> = vec![
-        ("PSNR (dB), ov3 / VAE only", format!("{:.2} / {:.2}", r.psnr, r.psnr_vae)),
+        (
+            "PSNR (dB), ov3 / VAE only / 8x block average",
+            format!(
+                "{:.2} / {:.2} / {} (worst image {})",
+                r.psnr,
+                r.psnr_vae,
+                r.psnr_block8.map_or("-".into(), |v| format!("{v:.2}")),
+                r.psnr_min_margin_block8.map_or("-".into(), |v| format!("{v:+.2} dB against it"))
+            ),
+        ),
         ("SSIM, ov3 / VAE only", format!("{:.4} / {:.4}", r.ssim, r.ssim_vae)),
         ("LPIPS, ov3", r.lpips.map_or("- (no LPIPS weights)".into(), |v| format!("{v:.4}"))),
         ("image->text recall@1 / @5", format!("{:.3} / {:.3}", r.i2t_recall_at_1, r.i2t_recall_at_5)),

@@ -80,6 +80,10 @@ pub async fn run() -> Result<(), String> {
     // compiled in).
     let (ae, _) = fetch_bytes(AE_FILE, true, |d, t| view::download_progress("the autoencoder", d, t)).await?;
     let vae = Vae::from_bytes(ae, "embedded", &device).map_err(|e| e.to_string())?;
+    // The page decodes with the embedded autoencoder only: a model trained on another one is refused, named.
+    if let Some(record) = &cfg.vae {
+        record.check(&vae).map_err(|e| format!("{url}: {e}"))?;
+    }
     view::model_loaded(&url, size, cached, now_ms() - start, cfg.tau);
     let app = Rc::new(App {
         model,

@@ -108,7 +108,8 @@ pub fn train(
         )));
     }
     let tokenizer = cfg.tokenizer().map_err(TrainError::Refused)?;
-    let model_cfg = cfg.model_config(&tokenizer);
+    let vae = Arc::new(Vae::load_or_embedded(cfg.vae.as_deref().map(Path::new), device)?);
+    let model_cfg = ModelConfig { vae: Some(vae.record()), ..cfg.model_config(&tokenizer) };
     let source = Arc::new(Source::open(&Spec::parse(&cfg.data)?)?);
     // Rank 0 prepares the run folder (creates, recovers, or refuses it); then the others read what it left.
     let prepared = if writer {
@@ -132,7 +133,6 @@ pub fn train(
         log.append(&Record::Resume { step: state.step, changes: prepared.changes }).map_err(io_err(log.path()))?;
     }
 
-    let vae = Arc::new(Vae::load_or_embedded(cfg.vae.as_deref().map(Path::new), device)?);
     let eval_vae = vae.valid();
     observer.note(&format!(
         "training on {} ({} items) with the {} autoencoder; evaluating on {}",
@@ -349,7 +349,22 @@ fn prepare_run(
         let loaded = checkpoint::load_latest(run, device, make_optim)?;
         notes.extend(loaded.notes);
         let dir = &loaded.dir;
-        if &loaded.cfg != model_cfg {
+        if let (Some(saved), Some(now)) = (&loaded.cfg.vae, &model_cfg.vae)
+            && saved.identity != now.identity
+        {
+            return Err(TrainError::Refused(format!(
+                "{}: the checkpoint was trained with the VAE {} ({}, from {}), the config gives {} ({}, from {})",
+                dir.display(),
+                saved.kind,
+                saved.identity,
+                saved.source,
+                now.kind,
+                now.identity,
+                now.source
+            )));
+        }
+        // A checkpoint from before models recorded their VAE resumes; its next save records it.
+        if (ModelConfig { vae: None, ..loaded.cfg.clone() }) != (ModelConfig { vae: None, ..model_cfg.clone() }) {
             let (a, b) = (&loaded.cfg, model_cfg);
             return Err(TrainError::Refused(format!(
                 "{}: the checkpoint's model (encoder width {}, {} latent channels, vocabulary {}) does not match the config's \

@@ -22,6 +22,39 @@ pub const FLUX_SHIFT_FACTOR: f64 = 0.1159;
 /// safetensors metadata key marking ov3's own embedded autoencoder (latents already in our convention).
 pub const EMBEDDED_MARK: &str = "ov3_embedded_autoencoder";
 
+/// What a model file records about its frozen VAE: what it is, a fingerprint of its weights
+/// ([`Vae::identity`]) and where it was loaded from (a hint for the message when it is missing).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct VaeRecord {
+    pub kind: String,
+    pub identity: String,
+    pub source: String,
+}
+
+impl VaeRecord {
+    /// `Ok` when `vae` has the recorded weights; otherwise a message naming both and how to fix it.
+    pub fn check(&self, vae: &Vae) -> Result<(), String> {
+        let identity = vae.identity();
+        if identity == self.identity {
+            return Ok(());
+        }
+        let hint = if self.source == "embedded" {
+            "this model was trained with an earlier embedded autoencoder: retrain it, or use the ov3 build it was made with".to_string()
+        } else {
+            format!("pass the autoencoder it was trained with: --vae {}", self.source)
+        };
+        Err(format!(
+            "this model was trained with the VAE {} ({}, from {}), not with {} ({}, from {}); its latents mean nothing to another autoencoder: {hint}",
+            self.kind,
+            self.identity,
+            self.source,
+            vae.kind(),
+            identity,
+            vae.source
+        ))
+    }
+}
+
 /// How a weight file lays out its keys.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Layout {
@@ -121,6 +154,24 @@ impl Vae {
         }
         eat(&self.latent_offset.to_le_bytes());
         format!("fnv64:{h:016x}")
+    }
+
+    /// What the autoencoder is, in words: "FLUX.1 AutoencoderKL (BFL keys)", "TAEF1 (width 64)", "ov3
+    /// embedded autoencoder (TAEF1 architecture, width 32)".
+    pub fn kind(&self) -> String {
+        match (&self.arch, self.layout) {
+            (Architecture::Flux(..), Layout::FluxDiffusers) => "FLUX.1 AutoencoderKL (diffusers keys)".into(),
+            (Architecture::Flux(..), _) => "FLUX.1 AutoencoderKL (BFL keys)".into(),
+            (Architecture::Tiny(_, c), _) if self.latent_offset == 0.0 => {
+                format!("ov3 embedded autoencoder (TAEF1 architecture, width {})", c.width)
+            }
+            (Architecture::Tiny(_, c), _) => format!("TAEF1 (width {})", c.width),
+        }
+    }
+
+    /// What a model file trained on this VAE records ([`VaeRecord`]).
+    pub fn record(&self) -> VaeRecord {
+        VaeRecord { kind: self.kind(), identity: self.identity(), source: self.source.clone() }
     }
 
     /// A copy on the plain (non-autodiff) device, for evaluation next to training.
