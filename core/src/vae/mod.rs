@@ -38,8 +38,11 @@ impl VaeRecord {
         if identity == self.identity {
             return Ok(());
         }
-        let hint = if self.source == "embedded" {
-            "this model was trained with an earlier embedded autoencoder: retrain it, or use the ov3 build it was made with".to_string()
+        let hint = if self.source == "embedded" && vae.source == "embedded" {
+            "it was trained with another build's embedded autoencoder: retrain it, or use the ov3 build it was made with"
+                .to_string()
+        } else if self.source == "embedded" {
+            "leave out --vae to use the embedded autoencoder".to_string()
         } else {
             format!("pass the autoencoder it was trained with: --vae {}", self.source)
         };
