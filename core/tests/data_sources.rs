@@ -150,7 +150,7 @@ fn jsonl_and_csv_tables_resolve_paths_relative_to_the_file() {
     let s =
         Source::open(&Spec::parse(dir.path().join("pairs.csv").to_str().expect("p")).expect("spec")).expect("opens");
     let Item::Stored { caption, .. } = &s.items[0] else { panic!("stored item") };
-    assert_eq!(s.caption(caption).expect("caption"), "from csv, with a comma");
+    assert_eq!(s.caption(caption, &mut SplitMix64::new(0, 0)).expect("caption"), "from csv, with a comma");
     let (usable, skips) = check_all(&s);
     assert_eq!((usable, skips.get(Skip::CorruptImage)), (1, 1));
 }
@@ -203,7 +203,7 @@ fn webdataset_shards_from_python_tarfile_read_back_identically() {
             .expect("known key");
         assert!(matches!(image, Bytes::Member { .. }), "read in place, not unpacked");
         assert_eq!(source.read(image).expect("member bytes"), file.1, "{key}: image bytes differ");
-        if let (Ok(text), Some(expected)) = (source.caption(caption), file.2.clone()) {
+        if let (Ok(text), Some(expected)) = (source.caption(caption, &mut SplitMix64::new(0, 0)), file.2.clone()) {
             assert_eq!(text, String::from_utf8(expected).expect("utf-8").trim(), "{key}: caption differs");
         }
     }
@@ -323,4 +323,104 @@ fn a_panicking_decoder_skips_the_item_and_the_loader_goes_on() {
     assert_eq!(skips.total(), skips.get(Skip::DecoderPanic), "{skips}");
     assert_eq!(keys.len(), 5, "every other item was used: {keys:?}");
     assert!(!keys.iter().any(|k| k.starts_with('3')));
+}
+
+fn load(source: &Source, i: usize, seed: u64) -> ov3_core::data::pipeline::Example {
+    load_example(source, i, &Augment::eval(32), DecodeLimits::default(), &mut SplitMix64::new(seed, i as u64))
+        .unwrap_or_else(|s| panic!("item {i}: {s:?}"))
+}
+
+#[test]
+fn image_folder_captions_come_from_the_class_folder_through_the_templates() {
+    let dir = ov3_core::fsio::ScratchDir::new().expect("temp dir");
+    for (class, n) in [("golden_retriever", 2), ("tabby cat", 1)] {
+        std::fs::create_dir_all(dir.path().join(class)).expect("mkdir");
+        for i in 0..n {
+            std::fs::write(dir.path().join(class).join(format!("{i}.png")), rgb(32, 32)).expect("write");
+        }
+    }
+    std::fs::write(dir.path().join("stray.png"), rgb(32, 32)).expect("a file at the top is not a class");
+    let spec = format!("imagefolder:{}", dir.path().display());
+    let source = Source::open(&Spec::parse(&spec).expect("spec")).expect("opens");
+    assert_eq!(source.len(), 3);
+    // Default templates; the class name with underscores as spaces; the template drawn from the item's RNG.
+    let captions: std::collections::BTreeSet<String> = (0..40).map(|seed| load(&source, 0, seed).caption).collect();
+    assert!(captions.len() > 1, "several templates are drawn: {captions:?}");
+    assert!(captions.iter().all(|c| c.contains("golden retriever") && c.starts_with('a')), "{captions:?}");
+    assert_eq!(load(&source, 2, 3).caption, load(&source, 2, 3).caption, "deterministic per (seed, index)");
+    assert!(load(&source, 2, 0).caption.contains("tabby cat"));
+
+    std::fs::write(dir.path().join("templates.txt"), "itap of a {}\n\n").expect("write");
+    let source = Source::open(&Spec::parse(&spec).expect("spec")).expect("opens");
+    assert_eq!(load(&source, 0, 5).caption, "itap of a golden retriever");
+    std::fs::write(dir.path().join("templates.txt"), "no placeholder\n").expect("write");
+    let err = Source::open(&Spec::parse(&spec).expect("spec")).err().expect("a template without {} is refused");
+    assert!(err.to_string().contains("exactly one {}"), "{err}");
+}
+
+#[test]
+fn first_line_folders_drop_the_translations_below() {
+    let dir = ov3_core::fsio::ScratchDir::new().expect("temp dir");
+    std::fs::write(dir.path().join("pelican.png"), rgb(32, 32)).expect("write");
+    std::fs::write(dir.path().join("pelican.txt"), "\nA pelican.\nfr.utf8=Un pélican.\n").expect("write");
+    let plain = Source::open(&Spec::parse(dir.path().to_str().expect("p")).expect("spec")).expect("opens");
+    assert!(load(&plain, 0, 0).caption.contains("fr.utf8"), "a plain folder keeps the whole file");
+    let spec = format!("firstline:{}", dir.path().display());
+    let first = Source::open(&Spec::parse(&spec).expect("spec")).expect("opens");
+    assert_eq!(load(&first, 0, 0).caption, "A pelican.");
+}
+
+/// IDX bytes (unsigned bytes) with the given dimensions, gzipped when `gz`.
+fn idx_file(path: &Path, dims: &[u32], data: &[u8]) {
+    use std::io::Write;
+    let mut bytes = vec![0, 0, 8, dims.len() as u8];
+    for d in dims {
+        bytes.extend(d.to_be_bytes());
+    }
+    bytes.extend_from_slice(data);
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&bytes).expect("gzip");
+    std::fs::write(path, gz.finish().expect("gzip")).expect("write");
+}
+
+#[test]
+fn idx_files_give_grey_images_captioned_by_class() {
+    let dir = ov3_core::fsio::ScratchDir::new().expect("temp dir");
+    let (images, labels, classes) =
+        (dir.path().join("imgs-idx3-ubyte.gz"), dir.path().join("labels-idx1-ubyte.gz"), dir.path().join("c.txt"));
+    // Two 20x20 images: a horizontal ramp and a constant 200.
+    let mut data: Vec<u8> = (0..400).map(|i| (i % 20 * 10) as u8).collect();
+    data.extend([200u8; 400]);
+    idx_file(&images, &[2, 20, 20], &data);
+    idx_file(&labels, &[2], &[1, 0]);
+    std::fs::write(&classes, "boot\nsandal\n").expect("write");
+    let spec = format!("idx:{},{},{}", images.display(), labels.display(), classes.display());
+    let source = Source::open(&Spec::parse(&spec).expect("spec")).expect("opens");
+    assert_eq!(source.len(), 2);
+    let (a, b) = (load(&source, 0, 0), load(&source, 1, 0));
+    assert!(a.caption.contains("sandal") && b.caption.contains("boot"), "{} / {}", a.caption, b.caption);
+    let p = b.image.get_pixel(10, 10).0;
+    assert_eq!(p, [200, 200, 200], "grey replicated to RGB");
+    assert!(a.image.get_pixel(31, 16).0[0] > a.image.get_pixel(0, 16).0[0], "the ramp survives resizing");
+
+    // Without class names, and with names that do not say (fashion-)mnist: refused, with what to give.
+    let spec = format!("idx:{},{}", images.display(), labels.display());
+    let err = Source::open(&Spec::parse(&spec).expect("spec")).err().expect("no class names");
+    assert!(err.to_string().contains("CLASSES"), "{err}");
+    // A label beyond the class list, and a count mismatch, are refused naming the file.
+    idx_file(&labels, &[2], &[1, 2]);
+    let spec = format!("idx:{},{},{}", images.display(), labels.display(), classes.display());
+    assert!(Source::open(&Spec::parse(&spec).expect("spec")).err().expect("label 2").to_string().contains("label 2"));
+    idx_file(&labels, &[3], &[0, 0, 0]);
+    assert!(Source::open(&Spec::parse(&spec).expect("spec")).is_err(), "3 labels for 2 images");
+}
+
+#[test]
+fn transparent_pixels_become_white_not_their_stored_colour() {
+    let rgba: image::DynamicImage =
+        ImageBuffer::from_fn(20, 20, |x, _| if x < 10 { Rgba([0u8, 0, 0, 0]) } else { Rgba([255u8, 0, 0, 255]) })
+            .into();
+    let img = ov3_core::data::decode::decode_rgb(&png_bytes(rgba), DecodeLimits::default()).expect("decodes");
+    assert_eq!(img.get_pixel(2, 2).0, [255, 255, 255]);
+    assert_eq!(img.get_pixel(15, 2).0, [255, 0, 0]);
 }

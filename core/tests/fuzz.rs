@@ -210,7 +210,7 @@ fn tar_index_never_panics_or_reads_past_the_file() {
                     assert!(data.len() <= bytes.len(), "read more bytes than the shard holds");
                     let _ = decode_rgb(&data, DecodeLimits::default());
                 }
-                let _ = source.caption(caption);
+                let _ = source.caption(caption, &mut ov3_core::data::rng::SplitMix64::new(0, 0));
             }
         }
     });

@@ -2,7 +2,7 @@
 //! a big-endian header (two zero bytes, a type code, the number of dimensions, each dimension as u32) and
 //! then the values. ov3 reads unsigned-byte files (type 0x08) only: images `[N, H, W]` and labels `[N]`.
 //!
-//! As a data source (`idx:IMAGES,LABELS[?classes=FILE]`, DESIGN §6) each image becomes an RGB image and
+//! As a data source (`idx:IMAGES,LABELS[,CLASSES]`, DESIGN §6) each image becomes an RGB image and
 //! its caption comes from its class name through the source's caption templates.
 
 use std::io::Read;
@@ -106,10 +106,9 @@ impl IdxDataset {
                 } else if name.contains("mnist") {
                     &MNIST_CLASSES
                 } else {
-                    return Err(format!(
-                        "{}: no class names; give a file with one name per line: idx:IMAGES,LABELS?classes=FILE",
-                        images.display()
-                    ));
+                    return Err(
+                        "no class names (the file names do not say MNIST or Fashion-MNIST); give a file with one name per line: idx:IMAGES,LABELS,CLASSES".to_string()
+                    );
                 };
                 known.iter().map(|s| s.to_string()).collect()
             }

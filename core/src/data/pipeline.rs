@@ -136,8 +136,15 @@ fn load_uncaught(
         }
         // Cached crops are fixed: the cache was made for one resolution and crop.
         Item::Cached(row) => source.cache.as_ref().expect("a cache source has a cache").example(*row),
+        Item::Idx(i) => {
+            let set = source.idx.as_ref().expect("an IDX source has its files");
+            let (img, class) = set.get(*i);
+            let caption = source.class_caption(class, g);
+            // `label` is the embedded world's shape (zero-shot prompts are written for it), not any class id.
+            Ok(Example { key: format!("idx-{i}"), image: prepare(&img, aug, g), caption, label: None, latents: None })
+        }
         Item::Stored { key, image, caption } => {
-            let caption = source.caption(caption)?;
+            let caption = source.caption(caption, g)?;
             let img = (source.decode)(&source.read(image)?, limits)?;
             Ok(Example { key: key.clone(), image: prepare(&img, aug, g), caption, label: None, latents: None })
         }

@@ -11,7 +11,9 @@ use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use super::decode::{DecodeLimits, decode_rgb};
+use super::idx::IdxDataset;
 use super::latent_cache::LatentCache;
+use super::rng::SplitMix64;
 use super::skips::{Skip, SkipCounts};
 use super::synthetic::{Split, World};
 
@@ -27,10 +29,32 @@ pub enum DataError {
     Empty { source_name: String, skips: String },
 }
 
+/// Caption templates for class-labelled sources when the folder has no `templates.txt`: OpenCLIP's
+/// "a photo of a {}." and a few of its ImageNet variants (`{}` is the class name).
+pub const DEFAULT_TEMPLATES: [&str; 6] = [
+    "a photo of a {}.",
+    "a picture of a {}.",
+    "a close-up photo of a {}.",
+    "a bright photo of a {}.",
+    "a cropped photo of a {}.",
+    "a good photo of a {}.",
+];
+
 /// A parsed data SPEC.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Spec {
+    /// `name.jpg` + `name.txt`; with `first_line` only the caption file's first line (`firstline:DIR`:
+    /// Tux Paint keeps translations below it).
     Folder(PathBuf),
+    FolderFirstLine(PathBuf),
+    /// `imagefolder:DIR`: `DIR/<class name>/*.jpg`, captions from templates (torchvision's ImageFolder).
+    ImageFolder(PathBuf),
+    /// `idx:IMAGES,LABELS[,CLASSES]`: MNIST-format files, class names from CLASSES (one per line) or known.
+    Idx {
+        images: PathBuf,
+        labels: PathBuf,
+        classes: Option<PathBuf>,
+    },
     Table(PathBuf),
     Shards(Vec<PathBuf>),
     Synthetic {
@@ -62,6 +86,27 @@ impl Spec {
         }
         if let Some(dir) = spec.strip_prefix("cache:") {
             return Ok(Spec::Cache(PathBuf::from(dir)));
+        }
+        let folder = |dir: &str| {
+            let path = PathBuf::from(dir);
+            if path.is_dir() { Ok(path) } else { Err(bad("no such folder")) }
+        };
+        if let Some(dir) = spec.strip_prefix("imagefolder:") {
+            return Ok(Spec::ImageFolder(folder(dir)?));
+        }
+        if let Some(dir) = spec.strip_prefix("firstline:") {
+            return Ok(Spec::FolderFirstLine(folder(dir)?));
+        }
+        if let Some(files) = spec.strip_prefix("idx:") {
+            let parts: Vec<&str> = files.split(',').collect();
+            return match parts[..] {
+                [images, labels] | [images, labels, _] => Ok(Spec::Idx {
+                    images: images.into(),
+                    labels: labels.into(),
+                    classes: parts.get(2).map(PathBuf::from),
+                }),
+                _ => Err(bad("expected idx:IMAGES,LABELS[,CLASSES]")),
+            };
         }
         if spec.ends_with(".tar") {
             return Ok(Spec::Shards(
@@ -112,7 +157,16 @@ pub enum Bytes {
 pub enum CaptionSource {
     Text(String),
     File(PathBuf),
-    Member { shard: usize, offset: u64, size: u64, json: bool },
+    /// The first non-empty line of a file.
+    FirstLine(PathBuf),
+    /// A class name, put into one of the source's templates at random.
+    Class(String),
+    Member {
+        shard: usize,
+        offset: u64,
+        size: u64,
+        json: bool,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -125,6 +179,8 @@ pub enum Item {
     Synthetic(u64),
     /// A row of the source's latent cache.
     Cached(usize),
+    /// Image `i` of the source's IDX files.
+    Idx(usize),
 }
 
 /// Which data a run was trained on: recorded in every checkpoint and compared on resume, so that a folder
@@ -151,6 +207,9 @@ pub struct Source {
     pub shards: Vec<PathBuf>,
     pub world: Option<World>,
     pub cache: Option<LatentCache>,
+    pub idx: Option<IdxDataset>,
+    /// Caption templates for [`CaptionSource::Class`] (`{}` = the class name).
+    pub templates: Vec<String>,
     /// What indexing skipped.
     pub index_skips: SkipCounts,
     /// Image bytes -> RGB8 ([`decode_rgb`] unless a test swaps in another).
@@ -161,7 +220,45 @@ impl Source {
     pub fn open(spec: &Spec) -> Result<Self, DataError> {
         let mut skips = SkipCounts::default();
         let mut cache = None;
+        let mut idx = None;
+        let mut templates: Vec<String> = DEFAULT_TEMPLATES.iter().map(|t| t.to_string()).collect();
         let (name, items, shards, world) = match spec {
+            Spec::FolderFirstLine(dir) => {
+                let mut items = index_folder(dir, &mut skips)?;
+                for item in &mut items {
+                    if let Item::Stored { caption: caption @ CaptionSource::File(_), .. } = item
+                        && let CaptionSource::File(p) = caption.clone()
+                    {
+                        *caption = CaptionSource::FirstLine(p);
+                    }
+                }
+                (format!("firstline:{}", dir.display()), items, vec![], None)
+            }
+            Spec::ImageFolder(dir) => {
+                if let Some(t) = read_templates(dir)? {
+                    templates = t;
+                }
+                (format!("imagefolder:{}", dir.display()), index_image_folder(dir, &mut skips)?, vec![], None)
+            }
+            Spec::Idx { images, labels, classes } => {
+                let names = match classes {
+                    Some(p) => Some(
+                        std::fs::read_to_string(p)
+                            .map_err(|e| DataError::Source { path: p.display().to_string(), reason: e.to_string() })?
+                            .lines()
+                            .map(str::trim)
+                            .filter(|l| !l.is_empty())
+                            .map(str::to_string)
+                            .collect(),
+                    ),
+                    None => None,
+                };
+                let set = IdxDataset::open(images, labels, names)
+                    .map_err(|reason| DataError::Source { path: images.display().to_string(), reason })?;
+                let items = (0..set.len()).map(Item::Idx).collect();
+                idx = Some(set);
+                (format!("idx:{}", images.display()), items, vec![], None)
+            }
             Spec::Cache(dir) => {
                 let c = LatentCache::open(dir)?;
                 let items = (0..c.manifest.entries.len()).map(Item::Cached).collect();
@@ -191,7 +288,7 @@ impl Source {
         if items.is_empty() {
             return Err(DataError::Empty { source_name: name, skips: skips.summary() });
         }
-        Ok(Self { name, items, shards, world, cache, index_skips: skips, decode: decode_rgb })
+        Ok(Self { name, items, shards, world, cache, idx, templates, index_skips: skips, decode: decode_rgb })
     }
 
     pub fn len(&self) -> usize {
@@ -207,6 +304,7 @@ impl Source {
             match item {
                 Item::Stored { key, .. } => h.update(key.as_bytes()),
                 Item::Synthetic(i) => h.update(&i.to_le_bytes()),
+                Item::Idx(i) => h.update(&(*i as u64).to_le_bytes()),
                 Item::Cached(row) => match self.cache.as_ref().and_then(|c| c.manifest.entries.get(*row)) {
                     Some(entry) => h.update(entry.key.as_bytes()),
                     None => h.update(&row.to_le_bytes()),
@@ -229,11 +327,17 @@ impl Source {
         }
     }
 
-    /// The caption text: UTF-8, trimmed, non-empty.
-    pub fn caption(&self, caption: &CaptionSource) -> Result<String, Skip> {
+    /// The caption text: UTF-8, trimmed, non-empty. `g` picks a class caption's template.
+    pub fn caption(&self, caption: &CaptionSource, g: &mut SplitMix64) -> Result<String, Skip> {
         let raw = match caption {
             CaptionSource::Text(t) => t.clone().into_bytes(),
             CaptionSource::File(p) => std::fs::read(p).map_err(|_| Skip::MissingCaption)?,
+            CaptionSource::FirstLine(p) => {
+                let text = String::from_utf8(std::fs::read(p).map_err(|_| Skip::MissingCaption)?)
+                    .map_err(|_| Skip::NonUtf8Caption)?;
+                text.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or_default().as_bytes().to_vec()
+            }
+            CaptionSource::Class(name) => self.class_caption(name, g).into_bytes(),
             CaptionSource::Member { shard, offset, size, json } => {
                 let bytes = read_member(&self.shards[*shard], *offset, *size)?;
                 if *json {
@@ -252,6 +356,55 @@ impl Source {
         }
         Ok(text.to_string())
     }
+}
+
+impl Source {
+    /// A class name in one of the templates, drawn by `g`.
+    pub fn class_caption(&self, class: &str, g: &mut SplitMix64) -> String {
+        let template = &self.templates[g.below(self.templates.len())];
+        template.replace("{}", class)
+    }
+}
+
+/// `DIR/templates.txt`: one caption template per line, each with one `{}`; `None` when there is none.
+fn read_templates(dir: &Path) -> Result<Option<Vec<String>>, DataError> {
+    let path = dir.join("templates.txt");
+    let Ok(text) = std::fs::read_to_string(&path) else { return Ok(None) };
+    let templates: Vec<String> = text.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_string).collect();
+    match templates.iter().find(|t| t.matches("{}").count() != 1) {
+        Some(bad) => Err(DataError::Source {
+            path: path.display().to_string(),
+            reason: format!("template '{bad}' must hold exactly one {{}} (where the class name goes)"),
+        }),
+        None if templates.is_empty() => {
+            Err(DataError::Source { path: path.display().to_string(), reason: "no templates in it".into() })
+        }
+        None => Ok(Some(templates)),
+    }
+}
+
+/// `DIR/<class>/<image>`: every image file one level down, its folder's name (underscores as spaces) the class.
+fn index_image_folder(dir: &Path, skips: &mut SkipCounts) -> Result<Vec<Item>, DataError> {
+    let err = |e: std::io::Error| DataError::Source { path: dir.display().to_string(), reason: e.to_string() };
+    let mut classes: Vec<PathBuf> =
+        std::fs::read_dir(dir).map_err(err)?.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.is_dir()).collect();
+    classes.sort();
+    let mut items = Vec::new();
+    for class_dir in classes {
+        let class = class_dir.file_name().map(|s| s.to_string_lossy().replace('_', " ")).unwrap_or_default();
+        let Ok(entries) = std::fs::read_dir(&class_dir) else {
+            skips.add(Skip::Unreadable);
+            continue;
+        };
+        let mut images: Vec<PathBuf> =
+            entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| is_image(p)).collect();
+        images.sort();
+        for image in images {
+            let key = image.strip_prefix(dir).unwrap_or(&image).display().to_string();
+            items.push(Item::Stored { key, image: Bytes::File(image), caption: CaptionSource::Class(class.clone()) });
+        }
+    }
+    Ok(items)
 }
 
 /// `size` bytes at `offset` of a file (a shard member, a cache row); a short file is a truncated shard.
