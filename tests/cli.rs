@@ -462,6 +462,36 @@ fn the_shipped_demo_checkpoint_works_without_training() {
     assert!(!ov3_ok(&["caption", "--image", photo]).trim().is_empty());
 }
 
+/// An installed binary (`R/bin/ov3` with the model copied to `R/share/ov3/`) finds the demo checkpoint there
+/// before the source tree; `OV3_DEMO_MODEL` wins over both, and a missing one is named in the error.
+#[test]
+fn an_installed_binary_finds_the_demo_checkpoint_in_its_share_folder() {
+    let tmp = ov3_core::fsio::ScratchDir::new().expect("tmp");
+    let (bin, share) = (tmp.path().join("bin"), tmp.path().join("share/ov3"));
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::create_dir_all(&share).unwrap();
+    std::fs::copy(env!("CARGO_BIN_EXE_ov3"), bin.join("ov3")).unwrap();
+    let demo = concat!(env!("CARGO_MANIFEST_DIR"), "/../assets/demo/ov3-tiny-demo.safetensors");
+    std::fs::copy(demo, share.join("ov3-tiny-demo.safetensors")).unwrap();
+    let photo = concat!(env!("CARGO_MANIFEST_DIR"), "/../assets/photos/rocket.jpg");
+    let run = |env: Option<&str>| {
+        let mut c = Command::new(bin.join("ov3"));
+        c.args(["caption", "--image", photo, "--backend", "cpu"]).env_remove("OV3_DEMO_MODEL");
+        if let Some(v) = env {
+            c.env("OV3_DEMO_MODEL", v);
+        }
+        c.output().expect("runs")
+    };
+    let out = run(None);
+    let (_, stderr) = text(&out);
+    assert!(out.status.success() && stderr.contains("share/ov3/ov3-tiny-demo.safetensors"), "{stderr}");
+    let out = run(Some("/no/such/model.safetensors"));
+    assert!(out.status.success(), "a missing OV3_DEMO_MODEL falls through to the next place");
+    std::fs::remove_file(share.join("ov3-tiny-demo.safetensors")).unwrap();
+    let out = run(Some(demo));
+    assert!(text(&out).1.contains(&format!("model: {demo}")), "{}", text(&out).1);
+}
+
 /// `kill -9` at moments spread over a run that checkpoints every step (so many kills land inside a
 /// checkpoint write): every resume finds an intact checkpoint, the run finishes with the step count of a
 /// straight run, and no temporary folder of an interrupted write is left behind.

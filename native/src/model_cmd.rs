@@ -2,7 +2,7 @@
 //! `ov3 export`. The model comes from a run folder (its latest checkpoint), a model file, or — with
 //! neither — the demo checkpoint shipped in assets/.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use burn::tensor::{Device, Distribution, Tensor};
@@ -27,6 +27,29 @@ use crate::report::print_report;
 
 /// The demo checkpoint committed in the repository (tiny preset, embedded data and autoencoder).
 pub const DEMO_CHECKPOINT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../assets/demo/ov3-tiny-demo.safetensors");
+/// The demo checkpoint's file name wherever it is installed.
+pub const DEMO_FILE: &str = "ov3-tiny-demo.safetensors";
+
+/// Where the default model is looked for, in order: `$OV3_DEMO_MODEL`; `<dir of the ov3 binary>/../share/ov3/`
+/// (what `cargo install --root R` plus a copy to `R/share/ov3/` gives, and the usual Unix layout);
+/// `$XDG_DATA_HOME/ov3/` or `~/.local/share/ov3/`; the source tree this binary was built from.
+pub fn demo_places() -> Vec<PathBuf> {
+    let mut places = Vec::new();
+    if let Some(p) = std::env::var_os("OV3_DEMO_MODEL") {
+        places.push(PathBuf::from(p));
+    }
+    if let Some(bin) = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)) {
+        places.push(bin.join("../share/ov3").join(DEMO_FILE));
+    }
+    let data_home = std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")));
+    if let Some(d) = data_home {
+        places.push(d.join("ov3").join(DEMO_FILE));
+    }
+    places.push(PathBuf::from(DEMO_CHECKPOINT));
+    places
+}
 
 /// Where the model (and its VAE) come from.
 #[derive(Args, Clone)]
@@ -67,13 +90,16 @@ impl ModelSource {
             }
             (None, Some(model)) => (model.clone(), None),
             (None, None) => {
-                let demo = PathBuf::from(DEMO_CHECKPOINT);
-                anyhow::ensure!(
-                    demo.is_file(),
-                    "no --run or --model given, and the demo checkpoint is missing from this checkout ({}); \
-                     train a model with `ov3 train` first",
-                    demo.display()
-                );
+                let places = demo_places();
+                let demo = places.iter().find(|p| p.is_file()).cloned().with_context(|| {
+                    let list: Vec<String> = places.iter().map(|p| p.display().to_string()).collect();
+                    format!(
+                        "no --run or --model given, and the demo checkpoint ({DEMO_FILE}) is in none of: {}; \
+                         copy it from the repository's assets/demo/ to one of them, set OV3_DEMO_MODEL, or train a \
+                         model with `ov3 train`",
+                        list.join(", ")
+                    )
+                })?;
                 (demo, None)
             }
         };
