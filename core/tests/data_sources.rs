@@ -1,6 +1,8 @@
 //! Every source type and every kind of bad input, with the bad files made here. The WebDataset shards are
 //! written by Python's `tarfile`, the reference writer, and must read back byte for byte.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -370,19 +372,6 @@ fn first_line_folders_drop_the_translations_below() {
     assert_eq!(load(&first, 0, 0).caption, "A pelican.");
 }
 
-/// IDX bytes (unsigned bytes) with the given dimensions, gzipped when `gz`.
-fn idx_file(path: &Path, dims: &[u32], data: &[u8]) {
-    use std::io::Write;
-    let mut bytes = vec![0, 0, 8, dims.len() as u8];
-    for d in dims {
-        bytes.extend(d.to_be_bytes());
-    }
-    bytes.extend_from_slice(data);
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    gz.write_all(&bytes).expect("gzip");
-    std::fs::write(path, gz.finish().expect("gzip")).expect("write");
-}
-
 #[test]
 fn idx_files_give_grey_images_captioned_by_class() {
     let dir = ov3_core::fsio::ScratchDir::new().expect("temp dir");
@@ -391,8 +380,8 @@ fn idx_files_give_grey_images_captioned_by_class() {
     // Two 20x20 images: a horizontal ramp and a constant 200.
     let mut data: Vec<u8> = (0..400).map(|i| (i % 20 * 10) as u8).collect();
     data.extend([200u8; 400]);
-    idx_file(&images, &[2, 20, 20], &data);
-    idx_file(&labels, &[2], &[1, 0]);
+    common::idx_gz(&images, &[2, 20, 20], &data);
+    common::idx_gz(&labels, &[2], &[1, 0]);
     std::fs::write(&classes, "boot\nsandal\n").expect("write");
     let spec = format!("idx:{},{},{}", images.display(), labels.display(), classes.display());
     let source = Source::open(&Spec::parse(&spec).expect("spec")).expect("opens");
@@ -408,10 +397,10 @@ fn idx_files_give_grey_images_captioned_by_class() {
     let err = Source::open(&Spec::parse(&spec).expect("spec")).err().expect("no class names");
     assert!(err.to_string().contains("CLASSES"), "{err}");
     // A label beyond the class list, and a count mismatch, are refused naming the file.
-    idx_file(&labels, &[2], &[1, 2]);
+    common::idx_gz(&labels, &[2], &[1, 2]);
     let spec = format!("idx:{},{},{}", images.display(), labels.display(), classes.display());
     assert!(Source::open(&Spec::parse(&spec).expect("spec")).err().expect("label 2").to_string().contains("label 2"));
-    idx_file(&labels, &[3], &[0, 0, 0]);
+    common::idx_gz(&labels, &[3], &[0, 0, 0]);
     assert!(Source::open(&Spec::parse(&spec).expect("spec")).is_err(), "3 labels for 2 images");
 }
 

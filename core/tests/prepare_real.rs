@@ -2,24 +2,17 @@
 //! every source found is used, the split is by source image, the manifest counts what was written, and a
 //! machine without any of the packages gets one error naming what to install.
 
-use std::io::Write;
+mod common;
+
 use std::path::Path;
 
+use common::idx_gz;
 use image::{ImageBuffer, Rgb, Rgba};
 use ov3_core::data::prepare::{PrepareOptions, RealPaths, is_heldout, prepare_real};
 
 fn png(path: &Path, img: image::DynamicImage) {
     std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
     img.save(path).expect("save png");
-}
-
-fn idx_gz(path: &Path, dims: &[u32], data: &[u8]) {
-    let mut bytes = vec![0, 0, 8, dims.len() as u8];
-    dims.iter().for_each(|d| bytes.extend(d.to_be_bytes()));
-    bytes.extend_from_slice(data);
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    gz.write_all(&bytes).expect("gzip");
-    std::fs::write(path, gz.finish().expect("gzip")).expect("write");
 }
 
 #[test]

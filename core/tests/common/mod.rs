@@ -75,3 +75,14 @@ pub fn after_one_step(model: Ov3, cfg: &ModelConfig, device: &Device) -> Ov3 {
     let spec = StepSpec::plain(cfg.tau, 1e-3, 1.0);
     train_step(model, &mut optim, &spec, &Single, || Ok::<_, ()>(batch.clone())).expect("a finite step").model
 }
+
+/// A gzipped IDX file (unsigned bytes) with the given dimensions: the MNIST / Fashion-MNIST format.
+pub fn idx_gz(path: &std::path::Path, dims: &[u32], data: &[u8]) {
+    use std::io::Write;
+    let mut bytes = vec![0, 0, 8, dims.len() as u8];
+    dims.iter().for_each(|d| bytes.extend(d.to_be_bytes()));
+    bytes.extend_from_slice(data);
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&bytes).expect("gzip");
+    std::fs::write(path, gz.finish().expect("gzip")).expect("write");
+}
