@@ -11,7 +11,9 @@ Objective (as `ov3 train-vae`): L1(x, x_hat) + 1e-3 * mean(z^2), images in [0, 1
 
 Data: folders of name.png (+ name.txt, ignored here), e.g. DIR/train from `ov3 data prepare real` and world
 scenes from `ov3 datagen`. Each step draws random square crops (45-100% of the shorter side, flipped half
-the time), resized to --res with antialiasing, then random --crop px windows.
+the time), resized to --res with antialiasing, then random --crop px windows; half of them with their RGB
+channels permuted and a third with their saturation scaled (--no-colour-jitter turns it off), plus a share of
+plain colours and gradients (--plain-share).
 
 Output: safetensors in TAEF1's original layout (`encoder.{i}.conv.{j}.weight`, ...), stored as f16 or f32,
 with the `ov3_embedded_autoencoder` note that ov3 reads as "already in the tokenizer's convention".
@@ -78,7 +80,7 @@ def load_folder(path, limit=None):
     return [np.asarray(Image.open(f).convert("RGB")) for f in files]
 
 
-def random_crops(images, n, res, crop, g):
+def random_crops(images, n, res, crop, g, jitter=False):
     """n crops: a random square of 45-100% of the shorter side, resized to res, a random crop x crop window."""
     out = []
     for _ in range(n):
@@ -92,8 +94,34 @@ def random_crops(images, n, res, crop, g):
         t = t[..., cy:cy + crop, cx:cx + crop]
         if g.random() < 0.5:
             t = t.flip(-1)
-        out.append(t)
+        out.append(colour_jitter(t, g) if jitter else t)
     return torch.cat(out).clamp(0, 1)
+
+
+def colour_jitter(t, g):
+    """Half the crops get their RGB channels permuted, a third their saturation scaled by 0.5-1.8: without
+    it the network desaturates colours it saw rarely (a plain green or purple came back grey)."""
+    if g.random() < 0.5:
+        t = t[:, g.permutation(3)]
+    if g.random() < 0.33:
+        grey = t.mean(1, keepdim=True)
+        t = grey + g.uniform(0.5, 1.8) * (t - grey)
+    return t
+
+
+def plain_crops(n, crop, g):
+    """n crops of a plain colour or a linear gradient between two random colours (saturated ones included)."""
+    out = []
+    for _ in range(n):
+        a, b = torch.tensor(g.random(3)).float(), torch.tensor(g.random(3)).float()
+        if g.random() < 0.5:
+            b = a
+        angle = g.uniform(0, 2 * math.pi)
+        ramp = torch.linspace(0, 1, crop)
+        w = (math.cos(angle) * ramp[None, :] + math.sin(angle) * ramp[:, None]).clamp(0, 1)
+        w = (w - w.min()) / (w.max() - w.min() + 1e-6)
+        out.append((a[:, None, None] * (1 - w) + b[:, None, None] * w)[None])
+    return torch.cat(out)
 
 
 def center(images, res):
@@ -127,6 +155,9 @@ def main():
     p.add_argument("--data", required=True, help="folder of real training images")
     p.add_argument("--world", help="folder of world scenes (ov3 datagen)")
     p.add_argument("--world-share", type=float, default=0.25)
+    p.add_argument("--plain-share", type=float, default=0.0625, help="share of plain colours and gradients")
+    p.add_argument("--colour-jitter", action=argparse.BooleanOptionalAction, default=True,
+                   help="permute channels / scale saturation of some crops")
     p.add_argument("--heldout", help="folder of held-out images, scored at the end against 8x block averaging")
     p.add_argument("--out", required=True)
     p.add_argument("--init", help="continue from a file this script or ov3 wrote")
@@ -145,19 +176,21 @@ def main():
     torch.manual_seed(a.seed)
     g = np.random.default_rng(a.seed)
 
+    sd = load_file(a.init) if a.init else None
+    if sd is not None:
+        a.width = sd["encoder.0.weight"].shape[0]  # the file's width, whatever --width says
     enc, dec = encoder(a.width), decoder(a.width)
-    if a.init:
-        sd = load_file(a.init)
+    if sd is not None:
         enc.load_state_dict({k[8:]: v.float() for k, v in sd.items() if k.startswith("encoder.")})
         dec.load_state_dict({k[8:]: v.float() for k, v in sd.items() if k.startswith("decoder.")})
-        a.width = enc[0].out_channels
     params = list(enc.parameters()) + list(dec.parameters())
     opt = torch.optim.AdamW(params, lr=a.lr, betas=(0.9, 0.99), weight_decay=0.0)
     real = load_folder(a.data)
     world = load_folder(a.world) if a.world else []
     n_world = round(a.batch * a.world_share) if world else 0
+    n_plain = round(a.batch * a.plain_share)
     print(f"{len(real)} real + {len(world)} world images; width {a.width}, "
-          f"{sum(p.numel() for p in params) / 1e6:.2f} M parameters; batch {a.batch} ({n_world} world)", flush=True)
+          f"{sum(p.numel() for p in params) / 1e6:.2f} M parameters; batch {a.batch} ({n_world} world, {n_plain} plain)", flush=True)
 
     start, step, last = time.time(), 0, 0.0
     while step < a.steps and time.time() - start < a.minutes * 60:
@@ -165,9 +198,11 @@ def main():
         lr = a.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
         for group in opt.param_groups:
             group["lr"] = lr
-        parts = [random_crops(real, a.batch - n_world, a.res, a.crop, g)]
+        parts = [random_crops(real, a.batch - n_world - n_plain, a.res, a.crop, g, jitter=a.colour_jitter)]
         if n_world:
-            parts.append(random_crops(world, n_world, a.res, a.crop, g))
+            parts.append(random_crops(world, n_world, a.res, a.crop, g, jitter=a.colour_jitter))
+        if n_plain:
+            parts.append(plain_crops(n_plain, a.crop, g))
         x = torch.cat(parts)
         z = enc(x)
         loss = (dec(z) - x).abs().mean() + 1e-3 * z.pow(2).mean()

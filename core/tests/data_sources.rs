@@ -413,3 +413,40 @@ fn transparent_pixels_become_white_not_their_stored_colour() {
     assert_eq!(img.get_pixel(2, 2).0, [255, 255, 255]);
     assert_eq!(img.get_pixel(15, 2).0, [255, 0, 0]);
 }
+
+#[test]
+fn a_mix_indexes_every_part_and_each_item_keeps_its_own_kind() {
+    let dir = ov3_core::fsio::ScratchDir::new().expect("temp dir");
+    for (name, caption) in [("a", "a red kite."), ("b", "a blue boat.")] {
+        std::fs::write(dir.path().join(format!("{name}.png")), rgb(40, 40)).expect("write");
+        std::fs::write(dir.path().join(format!("{name}.txt")), caption).expect("write");
+    }
+    let folder = dir.path().display().to_string();
+    let source = Source::open(&Spec::parse(&format!("{folder}+synthetic:3:7")).expect("spec")).expect("opens");
+    assert_eq!(source.len(), 5, "2 photos + 3 scenes");
+    assert_eq!(source.name, format!("{folder}+synthetic:3:7"));
+    assert_eq!(load(&source, 1, 0).caption, "a blue boat.");
+    // The scenes are the same as those of synthetic:3:7 alone: the same world, the same indices.
+    let world = Source::open(&Spec::parse("synthetic:3:7").expect("spec")).expect("opens");
+    for i in 0..3 {
+        let (mixed, alone) = (load(&source, 2 + i, 1), load(&world, i, 1));
+        assert_eq!((mixed.caption, mixed.image), (alone.caption, alone.image), "scene {i}");
+    }
+    // The identity (recorded for resume) changes with either part.
+    let other = Source::open(&Spec::parse(&format!("{folder}+synthetic:4:7")).expect("spec")).expect("opens");
+    assert_ne!(source.identity().fingerprint, other.identity().fingerprint);
+
+    for (bad, why) in [
+        ("synthetic:3+synthetic:4", "at most one synthetic:"),
+        (&format!("{folder}+"), "each part non-empty"),
+        (&format!("cache:{folder}+synthetic:3"), "latent cache"),
+        (&format!("{folder}+/no/such/folder"), "no such file"),
+    ] {
+        let err = Spec::parse(bad).err().unwrap_or_else(|| panic!("{bad} parsed"));
+        assert!(err.to_string().contains(why), "{bad}: {err}");
+    }
+    // A folder whose own name has a '+' is that folder, not a mix.
+    let plus = dir.path().join("c+d");
+    std::fs::create_dir(&plus).expect("mkdir");
+    assert_eq!(Spec::parse(plus.to_str().expect("p")).expect("spec"), Spec::Folder(plus.clone()));
+}

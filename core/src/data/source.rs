@@ -64,11 +64,37 @@ pub enum Spec {
     },
     /// A latent cache made by `ov3 cache`.
     Cache(PathBuf),
+    /// `A+B+...`: the items of every part in one index (e.g. real photographs + the embedded world; the
+    /// share of each is its item count, so `synthetic:N` sets the world's). At most one `synthetic:`, one
+    /// `idx:` and one set of shards; no latent cache.
+    Mix(Vec<Spec>),
 }
 
 impl Spec {
     pub fn parse(spec: &str) -> Result<Self, DataError> {
         let bad = |reason: &str| DataError::Spec { spec: spec.to_string(), reason: reason.to_string() };
+        // `A+B`, unless the whole SPEC names an existing file or folder with a '+' in it.
+        if spec.contains('+') && !Path::new(spec).exists() {
+            let parts = spec.split('+').map(str::trim).collect::<Vec<_>>();
+            if parts.iter().any(|p| p.is_empty()) {
+                return Err(bad("expected SPEC+SPEC[+...], each part non-empty"));
+            }
+            let parts = parts.into_iter().map(Spec::parse).collect::<Result<Vec<_>, _>>()?;
+            let count = |f: fn(&Spec) -> bool| parts.iter().filter(|p| f(p)).count();
+            if count(|p| matches!(p, Spec::Cache(_))) > 0 {
+                return Err(bad("a latent cache cannot be mixed with other sources"));
+            }
+            for (kind, n) in [
+                ("synthetic:", count(|p| matches!(p, Spec::Synthetic { .. }))),
+                ("idx:", count(|p| matches!(p, Spec::Idx { .. }))),
+                (".tar shards", count(|p| matches!(p, Spec::Shards(_)))),
+            ] {
+                if n > 1 {
+                    return Err(bad(&format!("at most one {kind} part in a mix")));
+                }
+            }
+            return Ok(Spec::Mix(parts));
+        }
         if let Some(rest) = spec.strip_prefix("synthetic:") {
             let mut parts = rest.split(':');
             let n = parts.next().and_then(|n| n.parse::<u64>().ok()).filter(|&n| n > 0);
@@ -218,6 +244,31 @@ pub struct Source {
 
 impl Source {
     pub fn open(spec: &Spec) -> Result<Self, DataError> {
+        let Spec::Mix(parts) = spec else { return Self::open_one(spec) };
+        let mut parts = parts.iter().map(Self::open_one).collect::<Result<Vec<_>, _>>()?.into_iter();
+        let mut mix = parts.next().ok_or_else(|| DataError::Spec { spec: "".into(), reason: "an empty mix".into() })?;
+        for part in parts {
+            let custom = |s: &Source| s.templates.iter().ne(DEFAULT_TEMPLATES.iter());
+            if custom(&part) {
+                if custom(&mix) && mix.templates != part.templates {
+                    return Err(DataError::Spec {
+                        spec: format!("{}+{}", mix.name, part.name),
+                        reason: "two image folders with different templates.txt".into(),
+                    });
+                }
+                mix.templates = part.templates;
+            }
+            mix.name = format!("{}+{}", mix.name, part.name);
+            mix.items.extend(part.items);
+            mix.shards.extend(part.shards);
+            mix.world = mix.world.or(part.world);
+            mix.idx = mix.idx.or(part.idx);
+            mix.index_skips.merge(&part.index_skips);
+        }
+        Ok(mix)
+    }
+
+    fn open_one(spec: &Spec) -> Result<Self, DataError> {
         let mut skips = SkipCounts::default();
         let mut cache = None;
         let mut idx = None;
@@ -283,6 +334,9 @@ impl Source {
                     n => format!("{} (+{} shards)", paths[0].display(), n - 1),
                 };
                 (name, items, paths.clone(), None)
+            }
+            Spec::Mix(_) => {
+                return Err(DataError::Spec { spec: format!("{spec:?}"), reason: "a mix inside a mix".into() });
             }
         };
         if items.is_empty() {
