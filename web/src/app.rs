@@ -11,6 +11,7 @@ use image::RgbImage;
 use ov3_core::ModelConfig;
 use ov3_core::config::AttentionImpl;
 use ov3_core::data::decode::{DecodeLimits, decode_rgb};
+use ov3_core::data::skips::Skip;
 use ov3_core::eval::generate_captions_async;
 use ov3_core::flash;
 use ov3_core::image_io::to_tensor;
@@ -39,6 +40,12 @@ pub const RESOLUTION: u32 = 128;
 const MAX_FILE_BYTES: f64 = 50e6;
 /// Images with more pixels than this are refused from their header, before decoding.
 const MAX_PIXELS: u64 = 40_000_000;
+/// Photos with more pixels than this (a phone's 4000x3000 JPEG) are decoded and shrunk by the browser
+/// (`createImageBitmap`, off the page's thread) to [`BROWSER_SHORT_SIDE`] before ov3's own crop and resize;
+/// the wasm decoder and resize would hold the page for seconds. Smaller ones take the CLI's exact path.
+const BROWSER_DECODE_PIXELS: u64 = 4_000_000;
+/// Four times the model's side, so that ov3's resize (`inference::prepare`) still does the final filtering.
+const BROWSER_SHORT_SIDE: u32 = 4 * RESOLUTION;
 
 pub struct App {
     model: Ov3,
@@ -215,6 +222,62 @@ async fn file_bytes(file: &web_sys::File) -> Result<Vec<u8>, String> {
     Ok(js_sys::Uint8Array::new(&buffer).to_vec())
 }
 
+/// Image bytes -> RGB, and how: ov3's decoder (as the CLI) unless the header says the photo is large, then the
+/// browser's, shrunk on the way ([`BROWSER_DECODE_PIXELS`]). Either way alpha is composited onto white.
+async fn decode(bytes: &[u8]) -> Result<(RgbImage, String), Skip> {
+    let limits = DecodeLimits { max_pixels: MAX_PIXELS, ..DecodeLimits::default() };
+    let dims = image::ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .ok()
+        .and_then(|r| r.into_dimensions().ok());
+    if let Some((w, h)) = dims {
+        let pixels = w as u64 * h as u64;
+        if pixels > BROWSER_DECODE_PIXELS && pixels <= MAX_PIXELS {
+            match browser_decode(bytes, w, h).await {
+                Ok(img) => {
+                    let how = format!("{w}x{h}, shrunk to {}x{} by the browser", img.width(), img.height());
+                    return Ok((img, how));
+                }
+                // The browser could not: ov3's decoder says why (or manages).
+                Err(e) => web_sys::console::warn_1(&format!("the browser could not decode the image: {e}").into()),
+            }
+        }
+    }
+    let img = decode_rgb(bytes, limits)?;
+    let how = format!("{}x{}, decoded by ov3", img.width(), img.height());
+    Ok((img, how))
+}
+
+/// `createImageBitmap` with a resize to a shorter side of [`BROWSER_SHORT_SIDE`] (decoded off the page's
+/// thread), drawn onto white and read back as RGB.
+async fn browser_decode(bytes: &[u8], w: u32, h: u32) -> Result<RgbImage, String> {
+    let window = web_sys::window().ok_or("no window")?;
+    let parts = js_sys::Array::of1(&js_sys::Uint8Array::from(bytes));
+    let blob = web_sys::Blob::new_with_u8_array_sequence(&parts).map_err(js_error)?;
+    let scale = BROWSER_SHORT_SIDE as f64 / w.min(h) as f64;
+    let (tw, th) = (((w as f64 * scale).round() as u32).max(1), ((h as f64 * scale).round() as u32).max(1));
+    let options = web_sys::ImageBitmapOptions::new();
+    options.set_resize_width(tw);
+    options.set_resize_height(th);
+    options.set_resize_quality(web_sys::ResizeQuality::High);
+    let promise = window.create_image_bitmap_with_blob_and_image_bitmap_options(&blob, &options).map_err(js_error)?;
+    let bitmap: web_sys::ImageBitmap =
+        JsFuture::from(promise).await.map_err(js_error)?.dyn_into().map_err(|_| "not an ImageBitmap")?;
+    let canvas: web_sys::HtmlCanvasElement =
+        dom::document().create_element("canvas").map_err(js_error)?.dyn_into().map_err(|_| "not a canvas")?;
+    canvas.set_width(tw);
+    canvas.set_height(th);
+    let ctx: web_sys::CanvasRenderingContext2d =
+        canvas.get_context("2d").map_err(js_error)?.ok_or("no 2d context")?.dyn_into().map_err(|_| "not a 2d context")?;
+    ctx.set_fill_style_str("white");
+    ctx.fill_rect(0.0, 0.0, tw as f64, th as f64);
+    ctx.draw_image_with_image_bitmap(&bitmap, 0.0, 0.0).map_err(js_error)?;
+    bitmap.close();
+    let rgba = ctx.get_image_data(0.0, 0.0, tw as f64, th as f64).map_err(js_error)?.data();
+    let rgb: Vec<u8> = rgba.chunks_exact(4).flat_map(|p| [p[0], p[1], p[2]]).collect();
+    RgbImage::from_raw(tw, th, rgb).ok_or_else(|| "unexpected pixel count from the canvas".to_string())
+}
+
 async fn read(t: Tensor<1>) -> Result<Vec<f32>, String> {
     read_any(t.into_data_async()).await
 }
@@ -266,12 +329,18 @@ impl App {
         }
         dom::set_attr("app", "data-state", "working");
         message("");
-        let limits = DecodeLimits { max_pixels: MAX_PIXELS, ..DecodeLimits::default() };
-        let prepared = decode_rgb(&bytes, limits)
-            .map_err(|skip| format!("{name}: not an image this page can use ({})", skip.name()))
-            .and_then(|img| prepare(&img, RESOLUTION).map_err(|e| format!("{name}: {e}")));
+        set_text("status", &format!("{name}: decoding…"));
+        let t = now_ms();
+        let prepared = match decode(&bytes).await {
+            Ok((img, how)) => prepare(&img, RESOLUTION).map(|img| (img, how)).map_err(|e| format!("{name}: {e}")),
+            Err(skip) => Err(format!("{name}: not an image this page can use ({})", skip.name())),
+        };
         let result = match prepared {
-            Ok(img) => self.clone().run_pipeline(name, img, generation).await,
+            Ok((img, how)) => {
+                dom::set_attr("original", "data-decoded", &how);
+                let decode_ms = now_ms() - t;
+                self.clone().run_pipeline(name, img, decode_ms, generation).await
+            }
             Err(e) => Err(e),
         };
         if !self.superseded(generation) {
@@ -286,11 +355,17 @@ impl App {
         }
     }
 
-    async fn run_pipeline(self: Rc<Self>, name: &str, img: RgbImage, generation: u64) -> Result<(), String> {
+    async fn run_pipeline(
+        self: Rc<Self>,
+        name: &str,
+        img: RgbImage,
+        decode_ms: f64,
+        generation: u64,
+    ) -> Result<(), String> {
         set_text("status", &format!("{name}: encoding…"));
         view::image("original", &img);
         let image = to_tensor(&img, &self.device);
-        let mut timings = view::Timings::default();
+        let mut timings = view::Timings { decode: decode_ms, ..view::Timings::default() };
 
         let t = now_ms();
         let inputs = encoder_inputs(self.model.input_space, &self.vae, image.clone());

@@ -92,6 +92,8 @@ pub fn ranking(texts: &[String], ranked: &[(usize, f32)]) {
 /// Milliseconds per stage of the last run (each up to the read-back that ends it).
 #[derive(Default)]
 pub struct Timings {
+    /// Decoding, cropping and resizing the file.
+    pub decode: f64,
     pub vae_encoder: f64,
     pub vit_encoder: f64,
     pub vae_only: f64,
@@ -102,6 +104,7 @@ pub struct Timings {
 
 pub fn timings(t: &Timings) {
     let rows = [
+        ("decode", t.decode),
         ("VAE encoder", t.vae_encoder),
         ("ViT encoder", t.vit_encoder),
         ("VAE decoder (VAE only)", t.vae_only),

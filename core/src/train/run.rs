@@ -97,41 +97,16 @@ pub fn train(
     stop: &AtomicBool,
     observer: &mut dyn Observer,
 ) -> Result<Outcome, TrainError> {
-    cfg.validate().map_err(TrainError::Refused)?;
+    check_config(cfg, group)?;
     let writer = group.is_writer();
-    if let Some(s) = cfg.stages.iter().find(|s| s.batch % group.size() != 0) {
-        return Err(TrainError::Refused(format!(
-            "stage {}: batch {} is the global batch and must divide among {} processes",
-            s.name,
-            s.batch,
-            group.size()
-        )));
-    }
     let tokenizer = cfg.tokenizer().map_err(TrainError::Refused)?;
     let vae = Arc::new(Vae::load_or_embedded(cfg.vae.as_deref().map(Path::new), device)?);
     let model_cfg = ModelConfig { vae: Some(vae.record()), ..cfg.model_config(&tokenizer) };
     let source = Arc::new(Source::open(&Spec::parse(&cfg.data)?)?);
-    // Rank 0 prepares the run folder (creates, recovers, or refuses it); then the others read what it left.
-    let prepared = if writer {
-        let prepared =
-            prepare_run(run, cfg, &model_cfg, &tokenizer, resume, source.identity(), device, (true, group.size()));
-        group.wait_for_all();
-        prepared?
-    } else {
-        group.wait_for_all();
-        prepare_run(run, cfg, &model_cfg, &tokenizer, true, source.identity(), device, (false, group.size()))?
-    };
+    let prepared = prepare_on_every_rank(run, cfg, &model_cfg, &tokenizer, resume, source.identity(), device, group)?;
     let (mut optim, mut state) = (prepared.optim, prepared.state);
     let mut model = prepared.model.with_attention(cfg.attention);
-    let mut log = match writer {
-        true => MetricsLog::open(run, resume.then_some(state.step)).map_err(io_err(run))?,
-        false => MetricsLog::discard(run),
-    };
-    prepared.notes.iter().for_each(|n| observer.note(n));
-    if !prepared.changes.is_empty() {
-        observer.note(&format!("resuming with changed settings: {}", prepared.changes.join(", ")));
-        log.append(&Record::Resume { step: state.step, changes: prepared.changes }).map_err(io_err(log.path()))?;
-    }
+    let mut log = open_log(run, writer, resume, state.step, prepared.notes, prepared.changes, observer)?;
 
     let eval_vae = vae.valid();
     observer.note(&format!(
@@ -141,14 +116,8 @@ pub fn train(
         vae.source,
         cfg.eval_data
     ));
-    let lpips = match (&cfg.lpips_trunk, &cfg.lpips_heads) {
-        (Some(trunk), Some(heads)) => Some(Lpips::load(Path::new(trunk), Path::new(heads), device)?),
-        _ => None,
-    };
+    let lpips = load_lpips(cfg, device, observer)?;
     let eval_lpips = lpips.as_ref().map(Module::valid);
-    if lpips.is_none() && cfg.stages.iter().any(|s| s.lambda > 0.0) {
-        observer.note("no LPIPS weights given: the LPIPS term of eq. 4 is absent (lambda acts as 0)");
-    }
     observer.started(cfg.total_steps(), state.step);
 
     let total = cfg.total_steps();
@@ -161,19 +130,6 @@ pub fn train(
         if let Some(cache) = &source.cache {
             cache.check(&vae, stage.resolution).map_err(TrainError::Refused)?;
         }
-        let loader_cfg = LoaderConfig {
-            batch: stage.batch,
-            seed: cfg.seed.wrapping_add(index as u64),
-            workers: cfg.workers,
-            prefetch: 2 * stage.accumulate,
-            augment: Augment {
-                resolution: stage.resolution,
-                random_crop: stage.random_crop,
-                min_scale: 0.8,
-                hflip: stage.hflip,
-            },
-            limits: DecodeLimits::default(),
-        };
         // A stage starts its data stream at the beginning; a resumed one where its checkpoint left it.
         let start = if in_stage == 0 { Position::default() } else { state.position };
         let inputs = Inputs {
@@ -185,7 +141,7 @@ pub fn train(
             device: device.clone(),
             share: (group.rank(), group.size()),
         };
-        let batches = spawn_inputs(spawn_loader(source.clone(), loader_cfg, start), inputs);
+        let batches = spawn_inputs(spawn_loader(source.clone(), loader_config(cfg, index), start), inputs);
         let perceptual = lpips.as_ref().filter(|_| stage.lambda > 0.0).map(|l| l as &dyn Perceptual);
         // LPIPS compares pixels: it needs the decoder pass, which brings the pixel L1 along.
         let decode = stage.pixel_loss || perceptual.is_some();
@@ -293,6 +249,95 @@ pub fn train(
         .map_err(io_err(&path))?;
     group.wait_for_all();
     Ok(Outcome::Finished { step: state.step, report: Some(Box::new(report)) })
+}
+
+/// The checks that need the process group: every stage's global batch divides among the ranks.
+fn check_config(cfg: &TrainConfig, group: &dyn Group) -> Result<(), TrainError> {
+    cfg.validate().map_err(TrainError::Refused)?;
+    match cfg.stages.iter().find(|s| s.batch % group.size() != 0) {
+        Some(s) => Err(TrainError::Refused(format!(
+            "stage {}: batch {} is the global batch and must divide among {} processes",
+            s.name,
+            s.batch,
+            group.size()
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Stage `index`'s data loader: its batch, augmentation and a seed of its own.
+fn loader_config(cfg: &TrainConfig, index: usize) -> LoaderConfig {
+    let stage = &cfg.stages[index];
+    LoaderConfig {
+        batch: stage.batch,
+        seed: cfg.seed.wrapping_add(index as u64),
+        workers: cfg.workers,
+        prefetch: 2 * stage.accumulate,
+        augment: Augment {
+            resolution: stage.resolution,
+            random_crop: stage.random_crop,
+            min_scale: 0.8,
+            hflip: stage.hflip,
+        },
+        limits: DecodeLimits::default(),
+    }
+}
+
+/// The LPIPS network when the config names its weights; without them a lambda > 0 is noted, not an error.
+fn load_lpips(cfg: &TrainConfig, device: &Device, observer: &mut dyn Observer) -> Result<Option<Lpips>, TrainError> {
+    let lpips = match (&cfg.lpips_trunk, &cfg.lpips_heads) {
+        (Some(trunk), Some(heads)) => Some(Lpips::load(Path::new(trunk), Path::new(heads), device)?),
+        _ => None,
+    };
+    if lpips.is_none() && cfg.stages.iter().any(|s| s.lambda > 0.0) {
+        observer.note("no LPIPS weights given: the LPIPS term of eq. 4 is absent (lambda acts as 0)");
+    }
+    Ok(lpips)
+}
+
+/// The metrics log (rank 0's; the others discard), after telling the observer the preparation's notes and
+/// recording the settings a resume changed.
+fn open_log(
+    run: &Path,
+    writer: bool,
+    resume: bool,
+    step: u64,
+    notes: Vec<String>,
+    changes: Vec<String>,
+    observer: &mut dyn Observer,
+) -> Result<MetricsLog, TrainError> {
+    let mut log = match writer {
+        true => MetricsLog::open(run, resume.then_some(step)).map_err(io_err(run))?,
+        false => MetricsLog::discard(run),
+    };
+    notes.iter().for_each(|n| observer.note(n));
+    if !changes.is_empty() {
+        observer.note(&format!("resuming with changed settings: {}", changes.join(", ")));
+        log.append(&Record::Resume { step, changes }).map_err(io_err(log.path()))?;
+    }
+    Ok(log)
+}
+
+/// Rank 0 prepares the run folder (creates, recovers, or refuses it); then the others read what it left.
+#[allow(clippy::too_many_arguments)]
+fn prepare_on_every_rank(
+    run: &Path,
+    cfg: &TrainConfig,
+    model_cfg: &ModelConfig,
+    tokenizer: &Tokenizer,
+    resume: bool,
+    data: DataIdentity,
+    device: &Device,
+    group: &dyn Group,
+) -> Result<Prepared, TrainError> {
+    if group.is_writer() {
+        let prepared = prepare_run(run, cfg, model_cfg, tokenizer, resume, data, device, (true, group.size()));
+        group.wait_for_all();
+        prepared
+    } else {
+        group.wait_for_all();
+        prepare_run(run, cfg, model_cfg, tokenizer, true, data, device, (false, group.size()))
+    }
 }
 
 /// What [`prepare_run`] hands the loop: the model, optimizer and state to continue from, and what the
