@@ -73,8 +73,12 @@ def decoder(c, latent=16):
                          Block(c), nn.Conv2d(c, 3, 3, padding=1))
 
 
+def image_files(path):
+    return sorted(glob.glob(os.path.join(path, "*.png")) + glob.glob(os.path.join(path, "*.jpg")))
+
+
 def load_folder(path, limit=None):
-    files = sorted(glob.glob(os.path.join(path, "*.png")) + glob.glob(os.path.join(path, "*.jpg")))[:limit]
+    files = image_files(path)[:limit]
     if not files:
         raise SystemExit(f"{path}: no .png or .jpg files")
     return [np.asarray(Image.open(f).convert("RGB")) for f in files]
@@ -219,12 +223,15 @@ def main():
 
     if a.heldout:
         with torch.no_grad():
+            files = image_files(a.heldout)
             x = center(load_folder(a.heldout), a.res)
             rec = torch.cat([dec(enc(x[i:i + 16])) for i in range(0, len(x), 16)])
             ours, naive = psnr(x, rec), psnr(x, block8(x))
             margins = [o - b for o, b in zip(ours, naive)]
+            w = int(np.argmin(margins))
             print(f"{a.heldout}: PSNR {np.mean(ours):.2f} dB over {len(ours)} images at {a.res} px; "
-                  f"8x block average {np.mean(naive):.2f} dB; worst margin {min(margins):+.2f} dB")
+                  f"8x block average {np.mean(naive):.2f} dB; worst margin {margins[w]:+.2f} dB "
+                  f"({os.path.basename(files[w])}: {ours[w]:.2f} vs {naive[w]:.2f} dB)")
 
 
 def save(enc, dec, a, step, start):

@@ -224,14 +224,16 @@ pub fn run(args: TrainVaeArgs, group: &dyn Group) -> anyhow::Result<()> {
     );
     if let Some(spec) = &args.heldout {
         let images = crate::vae_cmd::spec_images(spec, args.res)?;
-        let s = crate::vae_cmd::score_images(&images, |x| reconstruct(&ae, x).0, &device)?;
+        let pixels: Vec<_> = images.iter().map(|(_, img)| img.clone()).collect();
+        let s = crate::vae_cmd::score_images(&pixels, |x| reconstruct(&ae, x).0, &device)?;
         println!(
-            "{spec}: PSNR {:.2} dB over {} images at {} px; 8x block average {:.2} dB; worst margin {:+.2} dB",
+            "{spec}: PSNR {:.2} dB over {} images at {} px; 8x block average {:.2} dB; worst margin {:+.2} dB, {}",
             s.mean_ours(),
             images.len(),
             args.res,
             s.mean_block(),
-            s.worst_margin()
+            s.worst_margin(),
+            s.worst_image(&images)
         );
     }
     Ok(())

@@ -90,17 +90,19 @@ fn check(args: CheckArgs) -> anyhow::Result<()> {
     let device = args.common.device()?.device;
     let vae = Vae::load_or_embedded(args.vae.as_deref(), &device)?;
     let world = World::new(args.common.seed, Split::Heldout);
-    let mut rows: Vec<(String, Vec<RgbImage>)> = vec![(
+    let mut rows: Vec<(String, Vec<(String, RgbImage)>)> = vec![(
         format!("held-out synthetic ({} scenes)", args.n),
-        (0..args.n).map(|i| world.sample(i, args.res).image).collect(),
+        (0..args.n).map(|i| (format!("synthetic-{i}"), world.sample(i, args.res).image)).collect(),
     )];
     for path in &args.images {
-        rows.push((path.display().to_string(), vec![resize_center_crop(&load_rgb(path)?, args.res)]));
+        let name = path.display().to_string();
+        rows.push((name.clone(), vec![(name, resize_center_crop(&load_rgb(path)?, args.res))]));
     }
     if let Some(spec) = &args.data {
         let images = spec_images(spec, args.res)?;
         rows.push((format!("{spec} ({} images)", images.len()), images));
     }
+    let mut worst = vec![];
     println!(
         "{:<48} {:>12} {:>16} {:>12} {:>14}",
         format!("PSNR at {} px (dB)", args.res),
@@ -110,7 +112,11 @@ fn check(args: CheckArgs) -> anyhow::Result<()> {
         "worst margin"
     );
     for (name, images) in rows {
-        let s = score_images(&images, |x| LatentDecoder::decode(&vae, vae.encode(x)), &device)?;
+        let pixels: Vec<RgbImage> = images.iter().map(|(_, img)| img.clone()).collect();
+        let s = score_images(&pixels, |x| LatentDecoder::decode(&vae, vae.encode(x)), &device)?;
+        if images.len() > 1 {
+            worst.push(format!("{name}: {}", s.worst_image(&images)));
+        }
         println!(
             "{name:<48} {:>12.2} {:>16.2} {:>12.2} {:>14.2}",
             s.mean_ours(),
@@ -119,6 +125,7 @@ fn check(args: CheckArgs) -> anyhow::Result<()> {
             s.worst_margin()
         );
     }
+    worst.iter().for_each(|w| println!("worst image of {w}"));
     Ok(())
 }
 
@@ -147,6 +154,13 @@ impl Scores {
     pub fn worst_margin(&self) -> f64 {
         self.ours.iter().zip(&self.block).map(|(a, b)| a - b).fold(f64::INFINITY, f64::min)
     }
+
+    /// The image with the smallest margin, named by its key: "KEY (autoencoder A dB, block average B dB)".
+    pub fn worst_image<T>(&self, named: &[(String, T)]) -> String {
+        let margins = self.ours.iter().zip(&self.block).map(|(a, b)| a - b);
+        let Some((i, _)) = margins.enumerate().min_by(|a, b| a.1.total_cmp(&b.1)) else { return "none".into() };
+        format!("{} (autoencoder {:.2} dB, 8x block average {:.2} dB)", named[i].0, self.ours[i], self.block[i])
+    }
 }
 
 /// Reconstructs each image with `reconstruct` (images in [-1, 1] in and out) and scores it against the
@@ -166,18 +180,18 @@ pub fn score_images(
     Ok(s)
 }
 
-/// Every usable item of a data SPEC, resized and center-cropped to `res` (as evaluation sees them).
-pub fn spec_images(spec: &str, res: u32) -> anyhow::Result<Vec<RgbImage>> {
+/// Every usable item of a data SPEC with its key, resized and center-cropped to `res` (as evaluation sees them).
+pub fn spec_images(spec: &str, res: u32) -> anyhow::Result<Vec<(String, RgbImage)>> {
     use ov3_core::data::decode::DecodeLimits;
     use ov3_core::data::pipeline::{Augment, load_example};
     use ov3_core::data::rng::SplitMix64;
     use ov3_core::data::source::{Source, Spec};
     let source = Source::open(&Spec::parse(spec)?)?;
-    let images: Vec<RgbImage> = (0..source.len())
+    let images: Vec<(String, RgbImage)> = (0..source.len())
         .filter_map(|i| {
             load_example(&source, i, &Augment::eval(res), DecodeLimits::default(), &mut SplitMix64::new(0, i as u64))
                 .ok()
-                .map(|e| e.image)
+                .map(|e| (e.key, e.image))
         })
         .collect();
     anyhow::ensure!(!images.is_empty(), "{spec}: no usable image");
