@@ -103,7 +103,10 @@ pub fn train(
     let vae = Arc::new(Vae::load_or_embedded(cfg.vae.as_deref().map(Path::new), device)?);
     let model_cfg = ModelConfig { vae: Some(vae.record()), ..cfg.model_config(&tokenizer) };
     let source = Arc::new(Source::open(&Spec::parse(&cfg.data)?)?);
-    let prepared = prepare_on_every_rank(run, cfg, &model_cfg, &tokenizer, resume, source.identity(), device, group)?;
+    let prepared = writer_first(group, |writer| {
+        let ranks = (writer, group.size());
+        prepare_run(run, cfg, &model_cfg, &tokenizer, resume || !writer, source.identity(), device, ranks)
+    })?;
     let (mut optim, mut state) = (prepared.optim, prepared.state);
     let mut model = prepared.model.with_attention(cfg.attention);
     let mut log = open_log(run, writer, resume, state.step, prepared.notes, prepared.changes, observer)?;
@@ -318,25 +321,16 @@ fn open_log(
     Ok(log)
 }
 
-/// Rank 0 prepares the run folder (creates, recovers, or refuses it); then the others read what it left.
-#[allow(clippy::too_many_arguments)]
-fn prepare_on_every_rank(
-    run: &Path,
-    cfg: &TrainConfig,
-    model_cfg: &ModelConfig,
-    tokenizer: &Tokenizer,
-    resume: bool,
-    data: DataIdentity,
-    device: &Device,
-    group: &dyn Group,
-) -> Result<Prepared, TrainError> {
+/// Rank 0 runs `f(true)` first (it creates, recovers or refuses the run folder); then the others run
+/// `f(false)`, which reads what it left.
+fn writer_first<T>(group: &dyn Group, f: impl Fn(bool) -> Result<T, TrainError>) -> Result<T, TrainError> {
     if group.is_writer() {
-        let prepared = prepare_run(run, cfg, model_cfg, tokenizer, resume, data, device, (true, group.size()));
+        let result = f(true);
         group.wait_for_all();
-        prepared
+        result
     } else {
         group.wait_for_all();
-        prepare_run(run, cfg, model_cfg, tokenizer, true, data, device, (false, group.size()))
+        f(false)
     }
 }
 
