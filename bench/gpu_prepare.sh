@@ -3,6 +3,7 @@
 # compresses it into .gpu/ (16 MB instead of 141), and downloads the Vulkan loader packages into .gl/ (the
 # lent machine is bare and may lack libvulkan). Both folders are git-ignored locally and travel with `carry`.
 # Then, through the device tool:  run(command="bash bench/gpu.sh", carry=[".gpu", ".gl"], timeout_s=560)
+# and, in the device time left, run(command="bash bench/gpu_ae.sh", carry=[".gpu-ae"], timeout_s=...)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 grep -qx '/.gl/' .git/info/exclude 2>/dev/null || echo /.gl/ >>.git/info/exclude
@@ -17,3 +18,19 @@ apt-get "${o[@]}" update -qq
 (cd .gl && apt-get "${o[@]}" download libvulkan1 >/dev/null)
 git rev-parse --short HEAD >.gpu/commit
 ls -l .gpu .gl
+
+# The autoencoder's training images for bench/gpu_ae.sh (issue 23), if `ov3 data prepare real` can run here
+# (it needs the Debian/PyPI packages the README names): real photographs + 1200 world scenes, shrunk to
+# ~27 MB of JPEG (tools/pack_ae_data.py) so that they travel with the tree (64 MiB in all per call).
+grep -qx '/.gpu-ae/' .git/info/exclude 2>/dev/null || echo /.gpu-ae/ >>.git/info/exclude
+real=${OV3_REAL:-/tmp/ov3-real}
+ov3=${CARGO_TARGET_DIR:-target}/debug/ov3
+if [ -d "$real/train" ] || "$ov3" data prepare real --out "$real"; then
+  [ -d /tmp/ov3-world ] || "$ov3" datagen --n 1200 --res 128 --out /tmp/ov3-world
+  rm -rf .gpu-ae
+  python3 tools/pack_ae_data.py --out .gpu-ae "$real/train" /tmp/ov3-world
+  mv .gpu-ae/ov3-world .gpu-ae/world
+  du -sh .gpu-ae
+else
+  echo "no real photographs here: bench/gpu_ae.sh cannot run (bench/gpu.sh can)"
+fi

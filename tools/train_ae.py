@@ -81,7 +81,7 @@ def load_folder(path, limit=None):
     files = image_files(path)[:limit]
     if not files:
         raise SystemExit(f"{path}: no .png or .jpg files")
-    return [np.asarray(Image.open(f).convert("RGB")) for f in files]
+    return [np.array(Image.open(f).convert("RGB")) for f in files]
 
 
 def random_crops(images, n, res, crop, g, jitter=False):
@@ -151,7 +151,7 @@ def block8(x):
 def state(enc, dec, dtype):
     sd = {f"encoder.{k}": v for k, v in enc.state_dict().items()}
     sd.update({f"decoder.{k}": v for k, v in dec.state_dict().items()})
-    return {k: v.detach().to(dtype).contiguous() for k, v in sd.items()}
+    return {k: v.detach().cpu().to(dtype).contiguous() for k, v in sd.items()}
 
 
 def main():
@@ -175,6 +175,7 @@ def main():
     p.add_argument("--f16", action="store_true", help="store the weights as f16 (half the file)")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu, or cuda on a lent GPU machine (bench/gpu_ae.sh)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
@@ -187,6 +188,7 @@ def main():
     if sd is not None:
         enc.load_state_dict({k[8:]: v.float() for k, v in sd.items() if k.startswith("encoder.")})
         dec.load_state_dict({k[8:]: v.float() for k, v in sd.items() if k.startswith("decoder.")})
+    enc, dec = enc.to(a.device), dec.to(a.device)
     params = list(enc.parameters()) + list(dec.parameters())
     opt = torch.optim.AdamW(params, lr=a.lr, betas=(0.9, 0.99), weight_decay=0.0)
     real = load_folder(a.data)
@@ -207,7 +209,7 @@ def main():
             parts.append(random_crops(world, n_world, a.res, a.crop, g, jitter=a.colour_jitter))
         if n_plain:
             parts.append(plain_crops(n_plain, a.crop, g))
-        x = torch.cat(parts)
+        x = torch.cat(parts).to(a.device, non_blocking=True)
         z = enc(x)
         loss = (dec(z) - x).abs().mean() + 1e-3 * z.pow(2).mean()
         opt.zero_grad(set_to_none=True)
@@ -225,7 +227,7 @@ def main():
         with torch.no_grad():
             files = image_files(a.heldout)
             x = center(load_folder(a.heldout), a.res)
-            rec = torch.cat([dec(enc(x[i:i + 16])) for i in range(0, len(x), 16)])
+            rec = torch.cat([dec(enc(x[i:i + 16].to(a.device))).cpu() for i in range(0, len(x), 16)])
             ours, naive = psnr(x, rec), psnr(x, block8(x))
             margins = [o - b for o, b in zip(ours, naive)]
             w = int(np.argmin(margins))
