@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use ov3_core::config::{InputSpace, Objective};
+use ov3_core::config::{InputSpace, Objective, TowerConfig};
 use ov3_core::device::{self, BackendChoice};
 use ov3_core::eval::EvalReport;
 use ov3_core::parallel::{Group, GroupExt};
@@ -36,7 +36,16 @@ pub enum AblateCommand {
     /// Tables 6-8: latents of the frozen VAE vs pixels as the ViT's input; writes DIR/input_space.json and
     /// DIR/input_space.png (held-out PSNR, SSIM, retrieval over training).
     InputSpace(AblationArgs),
-    /// Fig. 6: the noise bound tau of eq. 3; writes DIR/tau.json and DIR/tau.png.
+    /// Fig. 6: the size of the ViT decoder (WIDTHxDEPTH, heads of 64 channels), one stage like synergy,
+    /// every loss term at every logged step; writes DIR/decoder.json and DIR/decoder.png.
+    Decoder {
+        #[command(flatten)]
+        args: AblationArgs,
+        /// Decoder sizes as WIDTHxDEPTH (the tiny preset's is 192x4).
+        #[arg(long, value_delimiter = ',', default_value = "128x2,192x4,256x8")]
+        sizes: Vec<String>,
+    },
+    /// The noise bound tau of eq. 3; writes DIR/tau.json and DIR/tau.png.
     Tau {
         #[command(flatten)]
         args: AblationArgs,
@@ -96,6 +105,16 @@ pub fn run(cmd: AblateCommand, group: &dyn Group) -> anyhow::Result<()> {
                 })
                 .collect()
         }),
+        AblateCommand::Decoder { args: a, sizes } => (a, "decoder", {
+            let mut variants: Vec<(String, Box<dyn Fn(u64) -> TrainConfig + '_>)> = vec![];
+            for size in sizes {
+                let decoder = parse_decoder(size)?;
+                let recipe =
+                    move |s| TrainConfig { decoder: Some(decoder.clone()), ..synergy_recipe(a, Objective::Full, s) };
+                variants.push((format!("decoder-{size}"), Box::new(recipe)));
+            }
+            variants
+        }),
         AblateCommand::Tau { args: a, taus } => (a, "tau", {
             anyhow::ensure!(taus.iter().all(|t| t.is_finite() && *t >= 0.0), "--taus must be >= 0");
             taus.iter()
@@ -132,7 +151,10 @@ pub fn run(cmd: AblateCommand, group: &dyn Group) -> anyhow::Result<()> {
         return Ok(());
     }
     let names: Vec<&str> = variants.iter().map(|(n, _)| n.as_str()).collect();
-    let terms: &[Term] = if matches!(cmd, AblateCommand::Synergy(_)) { &LOSS_TERMS } else { &EVAL_TERMS };
+    let terms: &[Term] = match cmd {
+        AblateCommand::Synergy(_) | AblateCommand::Decoder { .. } => &LOSS_TERMS,
+        _ => &EVAL_TERMS,
+    };
     let summary = summarise(&args.out, &names, &seeds, terms)?;
     let json_path = args.out.join(format!("{name}.json"));
     let text = serde_json::to_string_pretty(&summary)? + "\n";
@@ -141,6 +163,17 @@ pub fn run(cmd: AblateCommand, group: &dyn Group) -> anyhow::Result<()> {
     println!("{}\n{}", json_path.display(), png.display());
     print_table(&summary, &names, terms);
     Ok(())
+}
+
+/// `WIDTHxDEPTH` -> a decoder tower with heads of 64 channels (the presets' head size).
+fn parse_decoder(size: &str) -> anyhow::Result<TowerConfig> {
+    let parsed = size.split_once('x').and_then(|(w, d)| Some((w.parse::<usize>().ok()?, d.parse::<usize>().ok()?)));
+    match parsed {
+        Some((width, depth)) if width >= 64 && width % 64 == 0 && depth > 0 => {
+            Ok(TowerConfig { width, depth, heads: width / 64 })
+        }
+        _ => anyhow::bail!("--sizes: '{size}' is not WIDTHxDEPTH with WIDTH a multiple of 64 and DEPTH > 0"),
+    }
 }
 
 /// The recipe of one synergy run: the quick recipe's first stage, `steps` long, logged ~100 times.

@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{AttentionImpl, InputSpace, ModelConfig, Objective, Preset};
+use crate::config::{AttentionImpl, InputSpace, ModelConfig, Objective, Preset, TowerConfig};
 use crate::model::LossWeights;
 use crate::tokenizer::Tokenizer;
 
@@ -24,6 +24,10 @@ pub struct TrainConfig {
     /// ablation (16x16 pixel patches, the decoder predicts pixels; DESIGN §2).
     #[serde(default = "default_input_space", with = "input_space_key")]
     pub input_space: InputSpace,
+    /// The ViT decoder's `width`, `depth` and `heads` when not the preset's: the decoder-size ablation
+    /// (the paper's Fig. 6, `ov3 ablate decoder`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decoder: Option<TowerConfig>,
     pub seed: u64,
     /// Training data (DESIGN §6 data spec); `synthetic:N` is the embedded world.
     pub data: String,
@@ -216,6 +220,7 @@ impl TrainConfig {
             tau: default_tau(),
             objective: Objective::Full,
             input_space: InputSpace::VaeLatents,
+            decoder: None,
             seed: 0,
             data: "synthetic:50000".into(),
             eval_data: "synthetic:256:0:heldout".into(),
@@ -291,6 +296,9 @@ impl TrainConfig {
         let mut m = self.preset.config();
         m.tau = self.tau;
         m.input_space = self.input_space;
+        if let Some(d) = &self.decoder {
+            m.decoder = d.clone();
+        }
         if let Some(n) = self.context_length {
             m.context_length = n;
         }
