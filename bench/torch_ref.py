@@ -7,7 +7,7 @@ N(0, 0.01), bias-free projections N(0, 0.02), logit scale ln(1/0.07)), the same 
 `ov3 bench step` (random latents, byte-tokenized captions) and AdamW (0.9, 0.95, wd 0.2 on matrices) with
 global grad-norm clipping 1.0.
 
-    python bench/torch_ref.py --preset tiny --batch 8 --res 128 --threads 2
+    python bench/torch_ref.py --preset tiny --batch 8 --res 128 --threads 2 [--context 24]
     python bench/torch_ref.py --preset base --batch 32 --res 256 --device cuda [--amp]
 prints one JSON line like `ov3 bench step`. `--amp`: bf16 autocast (f32 weights and optimiser state).
 """
@@ -180,7 +180,10 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--amp", action="store_true", help="bf16 autocast for the forward pass")
+    ap.add_argument("--context", type=int, default=CONTEXT, help="caption tokens (24: the quick recipe's)")
     args = ap.parse_args()
+    global CONTEXT
+    CONTEXT = args.context
     torch.set_num_threads(args.threads)
     # Every tensor the model and the workload create lands on the device.
     torch.set_default_device(args.device)
@@ -215,7 +218,8 @@ def main():
         adapter = f"torch {torch.__version__}"
     print(json.dumps({"bench": "step", "impl": "pytorch", "backend": "cuda" if cuda else "cpu", "adapter": adapter,
                       "precision": "bf16 autocast" if args.amp else "f32",
-                      "preset": args.preset, "batch": args.batch, "res": args.res, "ms_per_step": round(median * 1e3, 1),
+                      "preset": args.preset, "batch": args.batch, "res": args.res, "context": CONTEXT,
+                      "ms_per_step": round(median * 1e3, 1),
                       "images_per_s": round(args.batch / median, 2), "peak_mib": round(peak_mib),
                       "peak_kind": peak_kind, "threads": args.threads}))
 

@@ -4,6 +4,7 @@
 //! takes wgpu only when a hardware adapter exists.
 
 use std::fmt;
+use std::sync::Mutex;
 
 use burn::tensor::wgpu::wgpu;
 use burn::tensor::{Device, DeviceKind};
@@ -154,4 +155,17 @@ pub fn select_for(choice: BackendChoice, local_rank: usize) -> Result<Selected, 
         _ => format!("backend: wgpu on {a}, as requested"),
     };
     Ok(Selected { device: Device::wgpu(kind), kind: BackendChoice::Wgpu, adapter: Some(a), reason })
+}
+
+/// The device RNG is one per process (burn's backends keep it in a global), so seeding it and drawing from it
+/// must not interleave with another thread doing the same: test threads (or any threads of one process) would
+/// re-seed each other's draws.
+static DEVICE_RNG: Mutex<()> = Mutex::new(());
+
+/// `draw()` run right after seeding `device`'s RNG with `seed`, with no other thread's seeding or drawing in
+/// between: what it draws depends on `seed` alone. The one way ov3 seeds a device.
+pub fn seeded<T>(device: &Device, seed: u64, draw: impl FnOnce() -> T) -> T {
+    let _turn = DEVICE_RNG.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    device.seed(seed);
+    draw()
 }

@@ -7,7 +7,7 @@
 use burn::optim::{GradientsAccumulator, GradientsParams, ModuleOptimizer};
 use burn::tensor::Tensor;
 
-use crate::model::{Batch, Frozen, LossOutput, LossWeights, Ov3};
+use crate::model::{Batch, Frozen, LossOutput, LossWeights, Noise, Ov3};
 use crate::optim::{clip_grad_norm, step_with_decoder_lr};
 use crate::parallel::{Group, mean_gradients};
 use crate::train::log::StepRecord;
@@ -18,6 +18,8 @@ pub struct StepSpec<'a> {
     pub weights: LossWeights,
     /// The noise bound of eq. 3.
     pub tau: f64,
+    /// The seed of the step's eq. 3 noise (micro-batch `i > 0` draws from a seed derived from it and `i`).
+    pub noise_seed: u64,
     /// Micro-batches whose gradients are summed into one optimiser step (each weighs `1 / accumulate`).
     pub accumulate: usize,
     pub lr: f64,
@@ -34,6 +36,7 @@ impl StepSpec<'_> {
         Self {
             weights: LossWeights::default(),
             tau,
+            noise_seed: 0,
             accumulate: 1,
             lr,
             lr_decoders: 1.0,
@@ -78,9 +81,10 @@ pub fn train_step<E>(
 ) -> Result<Stepped, StepError<E>> {
     let mut accumulator = GradientsAccumulator::<Ov3>::new();
     let mut record = StepRecord::default();
-    for _ in 0..spec.accumulate {
+    for micro in 0..spec.accumulate {
         let batch = next_batch().map_err(StepError::Batch)?;
-        let out = model.losses(&batch, &spec.weights, spec.tau, spec.frozen, group);
+        let noise = Noise { tau: spec.tau, seed: micro_batch_seed(spec.noise_seed, micro) };
+        let out = model.losses(&batch, &spec.weights, noise, spec.frozen, group);
         add_terms(&mut record, &read_terms(&out), 1.0 / spec.accumulate as f64);
         let grads = out.total.div_scalar(spec.accumulate as f64).backward();
         accumulator.accumulate(&model, GradientsParams::from_grads(grads, &model));
@@ -98,6 +102,11 @@ pub fn train_step<E>(
     }
     let model = step_with_decoder_lr(optim, model, grads, spec.lr, spec.lr_decoders);
     Ok(Stepped { model, record })
+}
+
+/// The noise seed of micro-batch `micro` of a step seeded `seed`: the step's own for the first.
+fn micro_batch_seed(seed: u64, micro: usize) -> u64 {
+    if micro == 0 { seed } else { seed ^ (micro as u64).wrapping_mul(0xA24B_AED4_963E_E407) }
 }
 
 /// Replaces this rank's gradients and loss terms by the group's means, in one all-reduce. Every rank then

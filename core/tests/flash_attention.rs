@@ -9,6 +9,7 @@
 
 mod common;
 
+use ov3_core::model::Noise;
 use burn::tensor::{Bool, DType, Device, Distribution, Tensor, TensorData};
 use common::{after_one_step, rel_err, to_f64, wgpu_device};
 use ov3_core::flash::{self, Tiles};
@@ -197,7 +198,7 @@ fn model_losses_and_gradients_match_the_reference_path() {
     let batch = random_batch(&cfg, 3, 64, &device);
 
     let run = |model: &Ov3| {
-        let out = model.losses(&batch, &LossWeights::default(), 0.0, Frozen::default(), &Single);
+        let out = model.losses(&batch, &LossWeights::default(), Noise::NONE, Frozen::default(), &Single);
         let terms = [out.total.clone(), out.caption.clone(), out.contrastive.clone()];
         let grads = out.total.backward();
         let weights = [

@@ -7,7 +7,7 @@ use burn::tensor::{Device, Tensor};
 use common::{LinearPatchDecoder, rel_err, to_f64};
 use ov3_core::autoencoder::LatentDecoder;
 use ov3_core::config::AttentionImpl;
-use ov3_core::model::add_noise;
+use ov3_core::model::{Noise, add_noise};
 use ov3_core::model::block::blocks;
 use ov3_core::parallel::Single;
 use ov3_core::random_batch::random_batch;
@@ -60,7 +60,7 @@ fn no_vae_ablation_reads_and_predicts_pixels() {
     let z_u = model.encode(batch.inputs.clone());
     assert_eq!(z_u.dims(), [2, 64, 192]);
     assert_eq!(model.decode(z_u, (8, 8)).dims(), [2, 3, 128, 128]);
-    let out = model.losses(&batch, &LossWeights::default(), 0.0, Frozen::default(), &Single);
+    let out = model.losses(&batch, &LossWeights::default(), Noise::NONE, Frozen::default(), &Single);
     assert!(out.rec_terms.pixel_l1.is_some() && out.rec_terms.latent_l1.is_none());
 }
 
@@ -82,7 +82,7 @@ fn losses_at_initialisation_are_near_chance() {
     let model = Ov3::new(&cfg, &device);
     for b in [8usize, 32] {
         let batch = random_batch(&cfg, b, 128, &device);
-        let out = model.losses(&batch, &LossWeights::default(), 0.0, Frozen::default(), &Single);
+        let out = model.losses(&batch, &LossWeights::default(), Noise::NONE, Frozen::default(), &Single);
         let contrastive = out.contrastive.into_scalar::<f32>() as f64;
         let caption = out.caption.into_scalar::<f32>() as f64;
         let ln_b = (b as f64).ln();
@@ -95,12 +95,18 @@ fn losses_at_initialisation_are_near_chance() {
 #[test]
 fn noise_is_per_sample_and_off_at_tau_zero() {
     let device = Device::flex();
-    device.seed(11);
     let z = Tensor::<3>::zeros([64, 16, 8], &device);
-    let same = add_noise(z.clone(), 0.0);
+    let same = add_noise(z.clone(), Noise::NONE);
     assert_eq!(same.abs().sum().into_scalar::<f32>(), 0.0);
+    // The draws depend on the noise's seed alone (whatever the device RNG did in between).
+    let noise = Noise { tau: 0.5, seed: 11 };
+    let once = common::to_f64(&add_noise(z.clone(), noise));
+    device.seed(99);
+    let _ = Tensor::<3>::random([4, 4, 4], burn::tensor::Distribution::Default, &device);
+    assert_eq!(once, common::to_f64(&add_noise(z.clone(), noise)), "same seed, same noise");
+    assert_ne!(once, common::to_f64(&add_noise(z.clone(), Noise { seed: 12, ..noise })), "another seed, other noise");
     // Each sample's noise std is its own sigma ~ U[0, 0.5]: the per-sample stds spread over that range.
-    let noisy = add_noise(z, 0.5);
+    let noisy = add_noise(z, noise);
     let stds: Vec<f64> = common::to_f64(&noisy.powi_scalar(2).mean_dim(2).mean_dim(1).sqrt().reshape([64, 1, 1]));
     let (lo, hi) = stds.iter().fold((f64::MAX, 0f64), |(l, h), s| (l.min(*s), h.max(*s)));
     assert!(lo < 0.1 && hi > 0.4 && hi < 0.6, "per-sample noise stds span [{lo:.3}, {hi:.3}], expected ~[0, 0.5]");

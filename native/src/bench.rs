@@ -72,6 +72,9 @@ pub struct StepArgs {
     /// Attention implementation: reference (the default) or fused (our WGSL kernels on wgpu).
     #[arg(long, default_value = "reference")]
     attention: String,
+    /// Caption tokens per image (byte-level; 24 gives the quick recipe's shapes); the preset's by default.
+    #[arg(long)]
+    context: Option<usize>,
 }
 
 pub fn run(cmd: BenchCommand, group: &dyn Group) -> anyhow::Result<()> {
@@ -143,11 +146,18 @@ fn step(args: StepArgs, group: &dyn Group) -> anyhow::Result<()> {
         "reference" => AttentionImpl::Reference,
         other => anyhow::bail!("--attention must be fused or reference, got '{other}'"),
     };
-    let cfg = args.common.preset.config();
+    let mut cfg = args.common.preset.config();
+    if let Some(context) = args.context {
+        anyhow::ensure!(context >= 4, "--context must be at least 4 tokens");
+        cfg.context_length = context;
+    }
     // Every rank starts from the same weights (seeded before the batch draw) and steps on a batch of its own.
-    let model = Ov3::new(&cfg, &device).with_attention(attention);
-    device.seed(args.common.seed.wrapping_add(group.rank() as u64 + 1));
-    let batch = random_batch(&cfg, args.batch / group.size(), args.res, &device);
+    let seed = args.common.seed;
+    let model = ov3_core::device::seeded(&device, seed, || Ov3::new(&cfg, &device)).with_attention(attention);
+    let share = args.batch / group.size();
+    let batch = ov3_core::device::seeded(&device, seed.wrapping_add(group.rank() as u64 + 1), || {
+        random_batch(&cfg, share, args.res, &device)
+    });
     let mut optim = optim::adamw(&model, 0.2);
 
     let mut model = Some(model);
@@ -162,7 +172,7 @@ fn step(args: StepArgs, group: &dyn Group) -> anyhow::Result<()> {
     let peak_mib = device_mem.map(|b| b as f64).unwrap_or_else(process_peak_bytes) / (1 << 20) as f64;
     let adapter = selected.adapter.as_ref().map(|a| a.to_string()).unwrap_or_else(|| "cpu (flex)".into());
     println!(
-        "{{\"bench\":\"step\",\"impl\":\"ov3\",\"backend\":\"{:?}\",\"adapter\":\"{}\",\"preset\":\"{}\",\"attention\":\"{}\",\"batch\":{},\"res\":{},\
+        "{{\"bench\":\"step\",\"impl\":\"ov3\",\"backend\":\"{:?}\",\"adapter\":\"{}\",\"preset\":\"{}\",\"attention\":\"{}\",\"batch\":{},\"res\":{},\"context\":{},\
          \"ms_per_step\":{:.1},\"images_per_s\":{:.2},\"peak_mib\":{:.0},\"peak_kind\":\"{}\",\"threads\":{},\"ranks\":{}}}",
         selected.kind,
         adapter,
@@ -170,6 +180,7 @@ fn step(args: StepArgs, group: &dyn Group) -> anyhow::Result<()> {
         args.attention,
         args.batch,
         args.res,
+        cfg.context_length,
         median * 1e3,
         args.batch as f64 / median,
         peak_mib,
@@ -208,8 +219,7 @@ fn cache(args: CacheArgs) -> anyhow::Result<()> {
 
     // The same model, optimiser and batches both ways; only where the latents come from differs.
     let time = |from_cache: bool| -> anyhow::Result<f64> {
-        device.seed(args.common.seed);
-        let mut model = Some(Ov3::new(&cfg, &device));
+        let mut model = Some(ov3_core::device::seeded(&device, args.common.seed, || Ov3::new(&cfg, &device)));
         let mut optim = optim::adamw(model.as_ref().expect("model"), 0.2);
         median_time(args.warmup, args.steps, |i| {
             let rows = i * args.batch..(i + 1) * args.batch;

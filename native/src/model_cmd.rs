@@ -220,8 +220,9 @@ pub struct ReconstructArgs {
 pub fn reconstruct(args: ReconstructArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.noise >= 0.0 && args.noise.is_finite(), "--noise must be finite and >= 0");
     let (m, t) = args.image.tokens()?;
-    m.device.seed(args.seed.unwrap_or(0));
-    let eps = Tensor::<3>::random(t.z_u.dims(), Distribution::Normal(0.0, 1.0), &m.device);
+    let eps = ov3_core::device::seeded(&m.device, args.seed.unwrap_or(0), || {
+        Tensor::<3>::random(t.z_u.dims(), Distribution::Normal(0.0, 1.0), &m.device)
+    });
     let rec = to_pixels(m.model.input_space, &m.vae, m.model.decode(with_noise(t.z_u, eps, args.noise), t.grid));
     let vae_only = to_pixels(m.model.input_space, &m.vae, t.inputs);
     let (p, p_vae) = (psnr(t.image.clone(), rec.clone())?[0], psnr(t.image.clone(), vae_only.clone())?[0]);

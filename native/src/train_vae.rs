@@ -136,7 +136,7 @@ pub fn run(args: TrainVaeArgs, group: &dyn Group) -> anyhow::Result<()> {
         }
         None => {
             let cfg = TinyConfig::taef1(args.width);
-            (TinyAutoencoder::new(&cfg, &device), cfg)
+            (ov3_core::device::seeded(&device, args.common.seed, || TinyAutoencoder::new(&cfg, &device)), cfg)
         }
     };
     let mut optim = AdamWConfig::new().with_beta_2(0.99).with_weight_decay(0.0).init();

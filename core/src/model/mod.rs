@@ -160,7 +160,7 @@ impl Ov3 {
         self.text_decoder.forward(z_u, tokens)
     }
 
-    /// All loss terms for a batch. `tau` is the noise bound of eq. 3 (0 at evaluation).
+    /// All loss terms for a batch. `noise` is eq. 3's ([`Noise::NONE`] at evaluation).
     ///
     /// Both branches are always computed. With `RecOnly` or `UndOnly` the switched-off branch is a *probe*
     /// (DESIGN §3.1): it reads a detached copy of z_u, so its heads still train on their own loss (which is
@@ -175,7 +175,7 @@ impl Ov3 {
         &self,
         batch: &Batch,
         weights: &LossWeights,
-        tau: f64,
+        noise: Noise,
         frozen: Frozen,
         group: &dyn Group,
     ) -> LossOutput {
@@ -186,7 +186,7 @@ impl Ov3 {
         // What each branch reads: z_u itself, or a detached copy where that branch is only probed.
         let read = |probe_only: bool| if probe_only { z_u.clone().detach() } else { z_u.clone() };
 
-        let z_hat = self.decode(add_noise(read(weights.objective == Objective::UndOnly), tau), grid);
+        let z_hat = self.decode(add_noise(read(weights.objective == Objective::UndOnly), noise), grid);
         let rec_terms = self.reconstruction_terms(batch, z_hat, weights.lambda, frozen);
         let rec = losses::reconstruction_loss(&rec_terms, weights.beta, weights.lambda);
 
@@ -253,14 +253,29 @@ fn scale_grad<const D: usize>(x: Tensor<D>, k: f64) -> Tensor<D> {
     constant.clone() + (x - constant).mul_scalar(k)
 }
 
+/// The noise of eq. 3 for one forward pass: its bound `tau` and the seed its draws come from (the trainer
+/// derives it from the run's seed, the rank and the step, so a resumed run draws what the straight one did).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Noise {
+    pub tau: f64,
+    pub seed: u64,
+}
+
+impl Noise {
+    /// No noise: the decoder reads z_u itself.
+    pub const NONE: Noise = Noise { tau: 0.0, seed: 0 };
+}
+
 /// eq. 3: `z~ = z_u + sigma * eps`, `eps ~ N(0, I)`, with `sigma ~ U[0, tau]` drawn once per sample.
-pub fn add_noise(z_u: Tensor<3>, tau: f64) -> Tensor<3> {
-    if tau <= 0.0 {
+pub fn add_noise(z_u: Tensor<3>, noise: Noise) -> Tensor<3> {
+    if noise.tau <= 0.0 {
         return z_u;
     }
     let [b, n, d] = z_u.dims();
     let device = z_u.device();
-    let sigma = Tensor::<3>::random([b, 1, 1], Distribution::Uniform(0.0, tau), &device);
-    let eps = Tensor::<3>::random([b, n, d], Distribution::Normal(0.0, 1.0), &device);
+    let (sigma, eps) = crate::device::seeded(&device, noise.seed, || {
+        let sigma = Tensor::<3>::random([b, 1, 1], Distribution::Uniform(0.0, noise.tau), &device);
+        (sigma, Tensor::<3>::random([b, n, d], Distribution::Normal(0.0, 1.0), &device))
+    });
     z_u + eps * sigma
 }

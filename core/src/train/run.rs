@@ -164,11 +164,11 @@ pub fn train(
                 group.wait_for_all();
                 return Ok(Outcome::Interrupted { step: state.step, checkpoint: dir });
             }
-            // Noise draws depend on (seed, rank, step) only, so a resumed run draws what the straight one did.
-            device.seed(noise_seed(cfg.seed, group.rank(), state.step));
             let spec = StepSpec {
                 weights: stage.loss_weights(cfg.objective),
                 tau: model_cfg.tau,
+                // Noise draws depend on (seed, rank, step) only: a resumed run draws what the straight one did.
+                noise_seed: noise_seed(cfg.seed, group.rank(), state.step),
                 accumulate: stage.accumulate,
                 lr: learning_rate(stage, state.step - (stage_end - stage.steps)),
                 lr_decoders: stage.lr_decoders,
@@ -472,8 +472,7 @@ fn fresh(
     device: &Device,
     ranks: usize,
 ) -> (Ov3, ModuleOptimizer, TrainState) {
-    device.seed(cfg.seed);
-    let mut model = Ov3::new(model_cfg, device);
+    let mut model = crate::device::seeded(device, cfg.seed, || Ov3::new(model_cfg, device));
     model.tokenizer = tokenizer.clone();
     let optim = adamw(&model, cfg.weight_decay as f32);
     let state =

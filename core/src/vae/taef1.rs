@@ -214,7 +214,8 @@ pub fn original_key(path: &str, cfg: &TinyConfig) -> Option<String> {
 }
 
 impl TinyAutoencoder {
-    /// A randomly initialised (PyTorch-style Kaiming-uniform) trainable model of this shape.
+    /// A randomly initialised (PyTorch-style Kaiming-uniform) trainable model of this shape, its weights drawn
+    /// now from the device RNG (see [`crate::model::Ov3::new`]).
     pub fn new(cfg: &TinyConfig, device: &Device) -> Self {
         let conv = |c_in: usize, c_out: usize, k: usize, stride: usize, bias: bool| {
             Conv2dConfig::new([c_in, c_out], [k, k])
@@ -257,7 +258,9 @@ impl TinyAutoencoder {
                 .collect(),
             conv_out: conv(c, 3, 3, 1, true),
         };
-        Self { encoder, decoder }
+        let model = Self { encoder, decoder };
+        crate::params::materialize(&model);
+        model
     }
 
     pub fn load(weights: &Weights, layout: TinyLayout, device: &Device) -> Result<(Self, TinyConfig), WeightsError> {
