@@ -171,6 +171,7 @@ def tokens_for(b):
 
 
 def main():
+    global CONTEXT
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="tiny", choices=PRESETS)
     ap.add_argument("--batch", type=int, default=8)
@@ -182,7 +183,6 @@ def main():
     ap.add_argument("--amp", action="store_true", help="bf16 autocast for the forward pass")
     ap.add_argument("--context", type=int, default=CONTEXT, help="caption tokens (24: the quick recipe's)")
     args = ap.parse_args()
-    global CONTEXT
     CONTEXT = args.context
     torch.set_num_threads(args.threads)
     # Every tensor the model and the workload create lands on the device.
