@@ -183,6 +183,8 @@ def main():
     ap.add_argument("--amp", action="store_true", help="bf16 autocast for the forward pass")
     ap.add_argument("--context", type=int, default=CONTEXT, help="caption tokens (24: the quick recipe's)")
     args = ap.parse_args()
+    if args.context < 4:
+        ap.error("--context must be at least 4 tokens")
     CONTEXT = args.context
     torch.set_num_threads(args.threads)
     # Every tensor the model and the workload create lands on the device.

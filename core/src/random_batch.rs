@@ -16,7 +16,7 @@ pub fn caption(i: usize) -> String {
 }
 
 /// `batch` images at `resolution` px: images U[-1, 1], inputs N(0, 1) in the config's input space.
-/// Draws from the device RNG, so seed it (`device.seed`) for a repeatable batch.
+/// Draws from the device RNG: call it inside [`crate::device::seeded`] for a repeatable batch.
 pub fn random_batch(cfg: &ModelConfig, batch: usize, resolution: usize, device: &Device) -> Batch {
     let (channels, _) = cfg.patch_geometry();
     let side = resolution / cfg.input_stride();

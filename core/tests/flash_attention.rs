@@ -9,10 +9,10 @@
 
 mod common;
 
-use ov3_core::model::Noise;
 use burn::tensor::{Bool, DType, Device, Distribution, Tensor, TensorData};
 use common::{after_one_step, rel_err, to_f64, wgpu_device};
 use ov3_core::flash::{self, Tiles};
+use ov3_core::model::Noise;
 use ov3_core::model::attention::AttentionMask;
 use ov3_core::parallel::Single;
 

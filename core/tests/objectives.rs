@@ -5,9 +5,9 @@
 
 mod common;
 
-use ov3_core::model::Noise;
 use burn::tensor::Device;
 use common::{LinearPatchDecoder, after_one_step};
+use ov3_core::model::Noise;
 use ov3_core::parallel::Single;
 use ov3_core::random_batch::random_batch;
 use ov3_core::{Frozen, LossWeights, Objective, Ov3, Preset, params};
@@ -25,7 +25,13 @@ fn gradients(weights: LossWeights) -> Vec<(String, Option<f64>)> {
     let model = after_one_step(Ov3::new(&cfg, &device), &cfg, &device);
     let vae = LinearPatchDecoder::new(16, &device);
     let batch = random_batch(&cfg, 4, 64, &device);
-    let out = model.losses(&batch, &weights, Noise { tau: cfg.tau, seed: 0 }, Frozen { vae_decoder: Some(&vae), perceptual: None }, &Single);
+    let out = model.losses(
+        &batch,
+        &weights,
+        Noise { tau: cfg.tau, seed: 0 },
+        Frozen { vae_decoder: Some(&vae), perceptual: None },
+        &Single,
+    );
     let grads = out.total.backward();
     let mut frozen_with_grad = Vec::new();
     params::for_each_param(&vae, Some(&grads), |p, _, g| {
