@@ -172,6 +172,8 @@ def main():
     p.add_argument("--res", type=int, default=128)
     p.add_argument("--crop", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=0,
+                   help="steps of linear learning-rate warm-up (fresh AdamW moments jolt a continued network)")
     p.add_argument("--f16", action="store_true", help="store the weights as f16 (half the file)")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--seed", type=int, default=0)
@@ -201,7 +203,7 @@ def main():
     start, step, last = time.time(), 0, 0.0
     while step < a.steps and time.time() - start < a.minutes * 60:
         progress = min((time.time() - start) / (a.minutes * 60), 1.0)
-        lr = a.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+        lr = a.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))) * min(1.0, (step + 1) / (a.warmup + 1))
         for group in opt.param_groups:
             group["lr"] = lr
         parts = [random_crops(real, a.batch - n_world - n_plain, a.res, a.crop, g, jitter=a.colour_jitter)]
