@@ -58,9 +58,11 @@ for shape in "${shapes[@]}"; do
     --steps "$step_steps" --warmup "$warm" --threads 16
   run 150 python3 bench/torch_ref.py --device "$torch_dev" --amp --preset "$preset" --batch "$batch" --res "$res" \
     --steps "$step_steps" --warmup "$warm" --threads 16
-  for attention in reference fused; do
-    run 150 "$ov3" bench step --backend wgpu --attention "$attention" --preset "$preset" --batch "$batch" \
-      --res "$res" --steps "$step_steps" --warmup "$warm"
+  # f32 with both attention paths, then mixed precision (f16 blocks, loss scaling) on the reference path.
+  for variant in "reference f32" "fused f32" "reference f16"; do
+    read -r attention precision <<<"$variant"
+    run 150 "$ov3" bench step --backend wgpu --attention "$attention" --precision "$precision" --preset "$preset" \
+      --batch "$batch" --res "$res" --steps "$step_steps" --warmup "$warm"
   done
 done
 

@@ -52,6 +52,55 @@ pub enum AttentionImpl {
     Reference,
 }
 
+/// The arithmetic of the transformer blocks in training: a runtime choice (`Ov3::with_precision`, the
+/// training TOML's `precision`), not part of the model or its files. Parameters, optimiser state, layer norms,
+/// softmax, losses and everything outside the blocks stay f32 (master weights); under `F16` / `Bf16` the
+/// blocks' matmuls, GELU and attention products run in half precision, as PyTorch's autocast does
+/// (`crate::model::precision`). f16 needs loss scaling (`crate::step::LossScale`); bf16 has f32's range.
+#[derive(Config, Debug, Copy, PartialEq, Eq)]
+pub enum Precision {
+    F32,
+    /// IEEE half: wgpu's `shader-f16` (most Vulkan, Metal and DX12 GPUs; lavapipe too).
+    F16,
+    /// bfloat16, where the backend has it (not wgpu today; flex on the CPU).
+    Bf16,
+}
+
+impl Precision {
+    pub fn dtype(self) -> burn::tensor::DType {
+        match self {
+            Precision::F32 => burn::tensor::DType::F32,
+            Precision::F16 => burn::tensor::DType::F16,
+            Precision::Bf16 => burn::tensor::DType::BF16,
+        }
+    }
+
+    /// Whether `device` computes in this precision: a clear refusal, not a panic inside a kernel launch.
+    pub fn check(self, device: &burn::tensor::Device) -> Result<(), String> {
+        if device.supports_dtype(self.dtype()) {
+            Ok(())
+        } else {
+            let name = format!("{self:?}").to_ascii_lowercase();
+            Err(format!(
+                "precision {name} is not available on this device; use f16 or f32 (bf16 needs a backend with \
+                 bfloat16 matmuls: the CPU's flex has them, wgpu does not)"
+            ))
+        }
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" => Ok(Precision::F32),
+            "f16" => Ok(Precision::F16),
+            "bf16" => Ok(Precision::Bf16),
+            _ => Err(format!("precision must be f32, f16 or bf16, got '{s}'")),
+        }
+    }
+}
+
 /// The whole model: towers, token geometry, text vocabulary and the noise of eq. 3.
 #[derive(Config, Debug, PartialEq)]
 pub struct ModelConfig {

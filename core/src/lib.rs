@@ -8,7 +8,7 @@ pub mod lpips;
 pub mod model;
 pub mod params;
 
-pub use config::{InputSpace, ModelConfig, Objective, Preset, TowerConfig};
+pub use config::{InputSpace, ModelConfig, Objective, Precision, Preset, TowerConfig};
 pub use model::{Batch, Frozen, LossOutput, LossWeights, Ov3};
 pub mod data;
 pub mod eval;

@@ -29,8 +29,9 @@ pub fn no_decay_ids<M: Module>(model: &M) -> Vec<ParamId> {
 }
 
 /// Scales all gradients together so their global L2 norm is at most `max_norm` (as PyTorch's
-/// `clip_grad_norm_`; burn's own clipping works per tensor). Returns the norm before clipping.
-pub fn clip_grad_norm<M: Module>(model: &M, grads: &mut GradientsParams, max_norm: f64) -> f64 {
+/// `clip_grad_norm_`; burn's own clipping works per tensor), after dividing them by `loss_scale` (the f16
+/// loss scale they were computed at; 1 otherwise). Returns the unscaled norm before clipping.
+pub fn clip_grad_norm<M: Module>(model: &M, grads: &mut GradientsParams, max_norm: f64, loss_scale: f64) -> f64 {
     struct SumSq<'a>(&'a GradientsParams, Option<Tensor<1>>);
     impl ModuleVisitor for SumSq<'_> {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
@@ -53,9 +54,10 @@ pub fn clip_grad_norm<M: Module>(model: &M, grads: &mut GradientsParams, max_nor
     }
     let mut sum = SumSq(grads, None);
     model.visit(&mut sum);
-    let norm = sum.1.map(|s| (s.into_scalar::<f32>() as f64).sqrt()).unwrap_or(0.0);
-    if norm.is_finite() && norm > max_norm {
-        model.visit(&mut Scale(grads, max_norm / (norm + 1e-6)));
+    let norm = sum.1.map(|s| (s.into_scalar::<f32>() as f64).sqrt()).unwrap_or(0.0) / loss_scale;
+    let clip = if norm > max_norm { max_norm / (norm + 1e-6) } else { 1.0 };
+    if norm.is_finite() && (clip != 1.0 || loss_scale != 1.0) {
+        model.visit(&mut Scale(grads, clip / loss_scale));
     }
     norm
 }

@@ -2,11 +2,14 @@
 //! the tests all call [`train_step`].
 //!
 //! forward + backward over `accumulate` micro-batches -> (data parallel) the group's mean gradient and loss
-//! terms -> finite checks -> global grad-norm clipping -> AdamW, the generative decoders at their own LR.
+//! terms -> finite checks -> global grad-norm clipping (and f16 loss unscaling) -> AdamW, the generative
+//! decoders at their own LR.
 
 use burn::optim::{GradientsAccumulator, GradientsParams, ModuleOptimizer};
 use burn::tensor::Tensor;
+use serde::{Deserialize, Serialize};
 
+use crate::config::Precision;
 use crate::model::{Batch, Frozen, LossOutput, LossWeights, Noise, Ov3};
 use crate::optim::{clip_grad_norm, step_with_decoder_lr};
 use crate::parallel::{Group, mean_gradients};
@@ -28,6 +31,8 @@ pub struct StepSpec<'a> {
     /// Maximum global gradient norm.
     pub clip: f64,
     pub frozen: Frozen<'a>,
+    /// The loss scale to start from: [`LossScale::NONE`] unless the blocks compute in f16.
+    pub loss_scale: LossScale,
 }
 
 impl StepSpec<'_> {
@@ -42,15 +47,69 @@ impl StepSpec<'_> {
             lr_decoders: 1.0,
             clip,
             frozen: Frozen::default(),
+            loss_scale: LossScale::NONE,
         }
     }
 }
 
+/// Dynamic loss scaling for f16 (mixed precision, [`Precision::F16`]): the loss is multiplied by `scale`
+/// before the backward pass so that small gradients survive in f16, and the gradients are divided by it
+/// before clipping and AdamW. PyTorch's `GradScaler` policy: start at 2^16; a step whose gradient is not
+/// finite is computed again at half the scale (on the same micro-batches and noise, so nothing is skipped);
+/// after 2000 steps without an overflow the scale doubles. The trainer checkpoints it with the run state.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct LossScale {
+    pub scale: f64,
+    /// Steps since the last overflow or growth.
+    pub good_steps: u64,
+    /// False: a fixed scale of 1 (f32, bf16), never adjusted.
+    pub dynamic: bool,
+}
+
+impl LossScale {
+    pub const NONE: Self = Self { scale: 1.0, good_steps: 0, dynamic: false };
+    const INITIAL: f64 = 65536.0;
+    const GROWTH_INTERVAL: u64 = 2000;
+
+    /// Where a run computing in `precision` starts.
+    pub fn for_precision(precision: Precision) -> Self {
+        match precision {
+            Precision::F16 => Self { scale: Self::INITIAL, good_steps: 0, dynamic: true },
+            Precision::F32 | Precision::Bf16 => Self::NONE,
+        }
+    }
+
+    /// The scale a run computing in `precision` continues with: the checkpointed one if it was computing in
+    /// f16 too, else where `precision` starts. `None` outside f16.
+    pub fn continued(precision: Precision, saved: Option<Self>) -> Option<Self> {
+        let start = Self::for_precision(precision);
+        start.dynamic.then(|| saved.filter(|s| s.dynamic).unwrap_or(start))
+    }
+
+    /// After a step whose gradients were finite.
+    fn after_good_step(self) -> Self {
+        if !self.dynamic {
+            return self;
+        }
+        match self.good_steps + 1 {
+            Self::GROWTH_INTERVAL => Self { scale: self.scale * 2.0, good_steps: 0, ..self },
+            n => Self { good_steps: n, ..self },
+        }
+    }
+
+    /// The scale to retry an overflowed step at, if there is one left (a scale below 1 would not help:
+    /// the overflow is then in the forward pass or the model itself).
+    fn backed_off(self) -> Option<Self> {
+        (self.dynamic && self.scale >= 2.0).then_some(Self { scale: self.scale / 2.0, good_steps: 0, ..self })
+    }
+}
+
 /// The model after the step, with the step's loss terms (the mean over micro-batches, and over the group)
-/// and gradient norm (before clipping) filled into a [`StepRecord`].
+/// and gradient norm (before clipping) filled into a [`StepRecord`], and the loss scale for the next step.
 pub struct Stepped {
     pub model: Ov3,
     pub record: StepRecord,
+    pub loss_scale: LossScale,
 }
 
 #[derive(Debug)]
@@ -79,29 +138,42 @@ pub fn train_step<E>(
     group: &dyn Group,
     mut next_batch: impl FnMut() -> Result<Batch, E>,
 ) -> Result<Stepped, StepError<E>> {
-    let mut accumulator = GradientsAccumulator::<Ov3>::new();
-    let mut record = StepRecord::default();
-    for micro in 0..spec.accumulate {
-        let batch = next_batch().map_err(StepError::Batch)?;
-        let noise = Noise { tau: spec.tau, seed: micro_batch_seed(spec.noise_seed, micro) };
-        let out = model.losses(&batch, &spec.weights, noise, spec.frozen, group);
-        add_terms(&mut record, &read_terms(&out), 1.0 / spec.accumulate as f64);
-        let grads = out.total.div_scalar(spec.accumulate as f64).backward();
-        accumulator.accumulate(&model, GradientsParams::from_grads(grads, &model));
+    let mut batches = Vec::with_capacity(spec.accumulate);
+    let mut scale = spec.loss_scale;
+    loop {
+        let mut accumulator = GradientsAccumulator::<Ov3>::new();
+        let mut record = StepRecord::default();
+        for micro in 0..spec.accumulate {
+            if batches.len() == micro {
+                batches.push(next_batch().map_err(StepError::Batch)?);
+            }
+            let noise = Noise { tau: spec.tau, seed: micro_batch_seed(spec.noise_seed, micro) };
+            let out = model.losses(&batches[micro], &spec.weights, noise, spec.frozen, group);
+            add_terms(&mut record, &read_terms(&out), 1.0 / spec.accumulate as f64);
+            let loss = out.total.div_scalar(spec.accumulate as f64);
+            let grads = if scale.dynamic { loss.mul_scalar(scale.scale) } else { loss }.backward();
+            accumulator.accumulate(&model, GradientsParams::from_grads(grads, &model));
+        }
+        let mut grads = accumulator.grads();
+        if group.size() > 1 {
+            group_mean(&model, &mut grads, &mut record, group);
+        }
+        if let Some((term, value)) = record.terms().into_iter().find(|(_, v)| !v.is_finite()) {
+            return Err(StepError::NonFinite(format!("the {term} loss is {value}")));
+        }
+        record.grad_norm = clip_grad_norm(&model, &mut grads, spec.clip, scale.scale);
+        record.loss_scale = scale.dynamic.then_some(scale.scale);
+        if !record.grad_norm.is_finite() {
+            // An f16 gradient overflowed (the same on every rank: the norm is the group's): again, at half the scale.
+            match scale.backed_off() {
+                Some(lower) => scale = lower,
+                None => return Err(StepError::NonFinite(format!("the gradient norm is {}", record.grad_norm))),
+            }
+            continue;
+        }
+        let model = step_with_decoder_lr(optim, model, grads, spec.lr, spec.lr_decoders);
+        return Ok(Stepped { model, record, loss_scale: scale.after_good_step() });
     }
-    let mut grads = accumulator.grads();
-    if group.size() > 1 {
-        group_mean(&model, &mut grads, &mut record, group);
-    }
-    if let Some((term, value)) = record.terms().into_iter().find(|(_, v)| !v.is_finite()) {
-        return Err(StepError::NonFinite(format!("the {term} loss is {value}")));
-    }
-    record.grad_norm = clip_grad_norm(&model, &mut grads, spec.clip);
-    if !record.grad_norm.is_finite() {
-        return Err(StepError::NonFinite(format!("the gradient norm is {}", record.grad_norm)));
-    }
-    let model = step_with_decoder_lr(optim, model, grads, spec.lr, spec.lr_decoders);
-    Ok(Stepped { model, record })
 }
 
 /// The noise seed of micro-batch `micro` of a step seeded `seed`: the step's own for the first.

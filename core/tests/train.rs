@@ -225,7 +225,14 @@ fn a_non_finite_weight_is_never_checkpointed() {
         }
     }
     let poisoned = model.map(&mut Poison(true));
-    let state = checkpoint::TrainState { step: 3, position: Default::default(), seed: 0, data: None, ranks: None };
+    let state = checkpoint::TrainState {
+        step: 3,
+        position: Default::default(),
+        seed: 0,
+        data: None,
+        ranks: None,
+        loss_scale: None,
+    };
     let err = checkpoint::save(tmp.path(), &poisoned, &model_cfg, &optim, &state, 2).expect_err("NaN weight");
     let first = named_values(&poisoned).into_iter().find(|(_, _, v)| v.iter().any(|x| x.is_nan())).unwrap().0;
     assert!(err.to_string().contains(&first), "the message names `{first}`: {err}");
@@ -592,4 +599,40 @@ fn pixel_space_is_a_recipe_key_the_trainer_and_evaluation_honour() {
     // 16x16 RGB patches in, 16x16 RGB patches out.
     assert_eq!(model.encoder.patch_embed.proj.weight.val().dims(), [192, 3, 16, 16]);
     assert_eq!(model.decoder.pred.weight.val().dims()[1], 3 * 16 * 16);
+}
+
+/// `precision = "f16"` is a recipe key: the run trains with its blocks in f16, logs the loss scale of every
+/// step, checkpoints the scaler in `state.json`, and a resume continues it (same steps, same scaler state:
+/// without it a resumed run would start again at 2^16 with its clean-step count at zero). An unknown
+/// precision is refused with the choices.
+#[test]
+fn f16_is_a_recipe_key_and_its_loss_scale_survives_a_resume() {
+    let text = config().to_toml();
+    assert!(text.contains("precision = \"f32\""), "{text}");
+    let err = TrainConfig::from_toml(&text.replace("precision = \"f32\"", "precision = \"f8\"")).expect_err("f8");
+    assert!(err.contains("f32, f16 or bf16"), "{err}");
+    let mut cfg = TrainConfig::from_toml(&text.replace("precision = \"f32\"", "precision = \"f16\"")).expect("f16");
+    cfg.stages[0].lr = 1e-3;
+    cfg.stages[1].lr = 1e-3;
+    let tmp = ov3_core::fsio::ScratchDir::new().expect("tmp");
+    let (straight, split) = (tmp.path().join("straight"), tmp.path().join("split"));
+    assert!(matches!(run(&straight, &cfg, false, None), Ok(Outcome::Finished { step: 6, .. })));
+    assert!(matches!(run(&split, &cfg, false, Some(4)), Ok(Outcome::Interrupted { step: 4, .. })));
+    assert!(matches!(run(&split, &cfg, true, None), Ok(Outcome::Finished { step: 6, .. })));
+    let (a, b) = (steps(&straight), steps(&split));
+    assert!(a.iter().all(|r| r.loss_scale.is_some_and(|s| s >= 1.0 && s.log2().fract() == 0.0)), "{a:?}");
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(x.loss_scale, y.loss_scale, "step {}", x.step);
+        for ((name, u), (_, v)) in x.terms().into_iter().zip(y.terms()) {
+            assert!((u - v).abs() <= 1e-5 * u.abs().max(1.0), "step {} {name}: {u} vs {v}", x.step);
+        }
+    }
+    let scaler = |dir: &Path| {
+        let last = checkpoint::latest_intact(dir).0.expect("a checkpoint");
+        let state: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(last.join(checkpoint::STATE_FILE)).expect("state")).expect("json");
+        state["loss_scale"].clone()
+    };
+    assert!(scaler(&straight)["good_steps"].as_u64().is_some_and(|n| n > 0), "{}", scaler(&straight));
+    assert_eq!(scaler(&straight), scaler(&split), "the resumed run continues the scaler");
 }

@@ -4,11 +4,11 @@ use std::time::Instant;
 
 use burn::tensor::Tensor;
 use clap::{Args, Subcommand};
-use ov3_core::config::AttentionImpl;
+use ov3_core::config::{AttentionImpl, Precision};
 use ov3_core::inference::encoder_inputs;
 use ov3_core::parallel::{Group, GroupExt, Single};
 use ov3_core::random_batch::random_batch;
-use ov3_core::step::{StepError, StepSpec, train_step};
+use ov3_core::step::{LossScale, StepError, StepSpec, train_step};
 use ov3_core::{Ov3, optim};
 
 use crate::Common;
@@ -75,6 +75,9 @@ pub struct StepArgs {
     /// Caption tokens per image (byte-level; 24 gives the quick recipe's shapes); the preset's by default.
     #[arg(long)]
     context: Option<usize>,
+    /// What the transformer blocks compute in: f32, f16 (mixed precision with loss scaling) or bf16.
+    #[arg(long, default_value = "f32")]
+    precision: Precision,
 }
 
 pub fn run(cmd: BenchCommand, group: &dyn Group) -> anyhow::Result<()> {
@@ -153,7 +156,10 @@ fn step(args: StepArgs, group: &dyn Group) -> anyhow::Result<()> {
     }
     // Every rank starts from the same weights (seeded before the batch draw) and steps on a batch of its own.
     let seed = args.common.seed;
-    let model = ov3_core::device::seeded(&device, seed, || Ov3::new(&cfg, &device)).with_attention(attention);
+    args.precision.check(&device).map_err(anyhow::Error::msg)?;
+    let model = ov3_core::device::seeded(&device, seed, || Ov3::new(&cfg, &device))
+        .with_attention(attention)
+        .with_precision(args.precision);
     let share = args.batch / group.size();
     let batch = ov3_core::device::seeded(&device, seed.wrapping_add(group.rank() as u64 + 1), || {
         random_batch(&cfg, share, args.res, &device)
@@ -161,8 +167,10 @@ fn step(args: StepArgs, group: &dyn Group) -> anyhow::Result<()> {
     let mut optim = optim::adamw(&model, 0.2);
 
     let mut model = Some(model);
+    let mut scale = LossScale::for_precision(args.precision);
     let median = median_time(args.warmup, args.steps, |_| {
-        model = Some(train_once(model.take().expect("model between steps"), &mut optim, &batch, cfg.tau, group)?);
+        let m = model.take().expect("model between steps");
+        model = Some(train_once(m, &mut optim, &batch, cfg.tau, &mut scale, group)?);
         Ok(())
     })?;
     if !group.is_writer() {
@@ -172,12 +180,13 @@ fn step(args: StepArgs, group: &dyn Group) -> anyhow::Result<()> {
     let peak_mib = device_mem.map(|b| b as f64).unwrap_or_else(process_peak_bytes) / (1 << 20) as f64;
     let adapter = selected.adapter.as_ref().map(|a| a.to_string()).unwrap_or_else(|| "cpu (flex)".into());
     println!(
-        "{{\"bench\":\"step\",\"impl\":\"ov3\",\"backend\":\"{:?}\",\"adapter\":\"{}\",\"preset\":\"{}\",\"attention\":\"{}\",\"batch\":{},\"res\":{},\"context\":{},\
+        "{{\"bench\":\"step\",\"impl\":\"ov3\",\"backend\":\"{:?}\",\"adapter\":\"{}\",\"preset\":\"{}\",\"attention\":\"{}\",\"precision\":\"{}\",\"batch\":{},\"res\":{},\"context\":{},\
          \"ms_per_step\":{:.1},\"images_per_s\":{:.2},\"peak_mib\":{:.0},\"peak_kind\":\"{}\",\"threads\":{},\"ranks\":{}}}",
         selected.kind,
         adapter,
         args.common.preset.name(),
         args.attention,
+        format!("{:?}", args.precision).to_ascii_lowercase(),
         args.batch,
         args.res,
         cfg.context_length,
@@ -243,7 +252,7 @@ fn cache(args: CacheArgs) -> anyhow::Result<()> {
                 tokens: ov3_core::tokenizer::Tokenizer::Bytes.batch(&captions, cfg.context_length, &device),
             };
             let m = model.take().expect("model between steps");
-            model = Some(train_once(m, &mut optim, &batch, cfg.tau, &Single)?);
+            model = Some(train_once(m, &mut optim, &batch, cfg.tau, &mut { LossScale::NONE }, &Single)?);
             Ok(())
         })
     };
@@ -291,11 +300,15 @@ fn train_once(
     optim: &mut burn::optim::ModuleOptimizer,
     batch: &ov3_core::Batch,
     tau: f64,
+    scale: &mut LossScale,
     group: &dyn Group,
 ) -> anyhow::Result<Ov3> {
-    let spec = StepSpec::plain(tau, 1e-4, 1.0);
+    let spec = StepSpec { loss_scale: *scale, ..StepSpec::plain(tau, 1e-4, 1.0) };
     match train_step(model, optim, &spec, group, || Ok::<_, std::convert::Infallible>(batch.clone())) {
-        Ok(stepped) => Ok(stepped.model),
+        Ok(stepped) => {
+            *scale = stepped.loss_scale;
+            Ok(stepped.model)
+        }
         Err(StepError::NonFinite(what)) => anyhow::bail!("{what}"),
         Err(StepError::Batch(never)) => match never {},
     }

@@ -9,7 +9,6 @@ use anyhow::Context;
 use burn::tensor::Device;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use ov3_core::Preset;
 use ov3_core::device::{self, BackendChoice};
 use ov3_core::eval::EvalReport;
 use ov3_core::parallel::{Group, GroupExt};
@@ -17,6 +16,7 @@ use ov3_core::train::config::SYNTHETIC_WORDS;
 use ov3_core::train::log::StepRecord;
 use ov3_core::train::run::CONFIG_FILE;
 use ov3_core::train::{Observer, Outcome, StageConfig, TrainConfig, train};
+use ov3_core::{Precision, Preset};
 
 use crate::report::print_report;
 
@@ -55,6 +55,10 @@ pub struct TrainArgs {
     context_length: Option<usize>,
     #[arg(long)]
     seed: Option<u64>,
+    /// What the transformer blocks compute in: f32, f16 (mixed precision with dynamic loss scaling; GPUs
+    /// through wgpu) or bf16 (where the backend has it). Weights and optimiser state stay f32.
+    #[arg(long)]
+    precision: Option<Precision>,
     /// Multiplies every stage's peak learning rate. With --resume it continues a run at another rate (after
     /// a NaN stop, say); the change is logged in metrics.jsonl and config.toml. A resume may change only the
     /// learning-rate schedule and the logging, evaluation and checkpoint settings.
@@ -111,6 +115,9 @@ pub fn run(args: TrainArgs, group: &dyn Group) -> anyhow::Result<()> {
     }
     if let Some(s) = args.seed {
         cfg.seed = s;
+    }
+    if let Some(p) = args.precision {
+        cfg.precision = p;
     }
     if let Some(scale) = args.lr_scale {
         anyhow::ensure!(scale.is_finite() && scale > 0.0, "--lr-scale must be positive and finite, got {scale}");

@@ -267,8 +267,12 @@ async fn browser_decode(bytes: &[u8], w: u32, h: u32) -> Result<RgbImage, String
         dom::document().create_element("canvas").map_err(js_error)?.dyn_into().map_err(|_| "not a canvas")?;
     canvas.set_width(tw);
     canvas.set_height(th);
-    let ctx: web_sys::CanvasRenderingContext2d =
-        canvas.get_context("2d").map_err(js_error)?.ok_or("no 2d context")?.dyn_into().map_err(|_| "not a 2d context")?;
+    let ctx: web_sys::CanvasRenderingContext2d = canvas
+        .get_context("2d")
+        .map_err(js_error)?
+        .ok_or("no 2d context")?
+        .dyn_into()
+        .map_err(|_| "not a 2d context")?;
     ctx.set_fill_style_str("white");
     ctx.fill_rect(0.0, 0.0, tw as f64, th as f64);
     ctx.draw_image_with_image_bitmap(&bitmap, 0.0, 0.0).map_err(js_error)?;

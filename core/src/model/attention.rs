@@ -8,6 +8,7 @@ use burn::nn::{Initializer, Linear, LinearConfig};
 use burn::tensor::activation::softmax;
 use burn::tensor::{Bool, Device, Int, Tensor};
 
+use super::precision::{linear, to_f32};
 use crate::config::AttentionImpl;
 use crate::flash;
 
@@ -74,7 +75,9 @@ fn causal(n: usize, device: &Device) -> Tensor<2, Bool> {
 
 /// softmax(Q K^T * scale + mask) V for `q`, `k`, `v` of shape `[B, H, N, Dh]`.
 ///
-/// Masked logits are set to a large negative finite value rather than -inf, so a row is never NaN.
+/// Masked logits are set to a large negative finite value rather than -inf, so a row is never NaN. The two
+/// products run in the inputs' dtype; the scaled logits, the mask and the softmax in f32 (as autocast does:
+/// -1e9 and exp() overflow half precision).
 pub fn scaled_dot_product_attention(
     q: Tensor<4>,
     k: Tensor<4>,
@@ -83,12 +86,13 @@ pub fn scaled_dot_product_attention(
 ) -> Tensor<4> {
     let head_dim = q.dims()[3];
     let scale = (head_dim as f64).powf(-0.5);
-    let mut logits = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale);
+    let dtype = q.dtype();
+    let mut logits = to_f32(q.matmul(k.swap_dims(2, 3))).mul_scalar(scale);
     if let Some(mask) = mask {
         let [b, h, n, m] = logits.dims();
         logits = logits.mask_fill(mask.expand([b, h, n, m]), -1.0e9);
     }
-    softmax(logits, 3).matmul(v)
+    softmax(logits, 3).cast(dtype).matmul(v)
 }
 
 /// One attention layer's keys and values `[B, H, T, Dh]` for the tokens it has seen so far (incremental
@@ -117,7 +121,7 @@ impl Attention {
         }
     }
 
-    /// `x`: `[B, N, D]` -> `[B, N, D]`.
+    /// `x`: `[B, N, D]` -> `[B, N, D]`, in `x`'s dtype.
     pub fn forward(&self, x: Tensor<3>, mask: &Masks) -> Tensor<3> {
         let [b, n, d] = x.dims();
         let (q, k, v) = self.split_heads(x);
@@ -143,17 +147,19 @@ impl Attention {
         let [b, n, d] = x.dims();
         let dh = d / self.heads;
         // [B, N, 3, H, Dh] -> [3, B, H, N, Dh]
-        let qkv = self.qkv.forward(x).reshape([b, n, 3, self.heads, dh]).permute([2, 0, 3, 1, 4]);
+        let qkv = linear(&self.qkv, x).reshape([b, n, 3, self.heads, dh]).permute([2, 0, 3, 1, 4]);
         let part = |i: usize| qkv.clone().narrow(0, i, 1).reshape([b, self.heads, n, dh]);
         (part(0), part(1), part(2))
     }
 
     /// The fused kernels take as many queries as keys; a cached step (fewer queries) takes the reference path.
+    /// The fused kernels are f32: half-precision inputs are cast to f32 and back around them.
     fn attend(&self, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, mask: &Masks) -> Tensor<4> {
         let [_, _, n_q, dh] = q.dims();
         let square = n_q == k.dims()[2];
         if self.implementation == AttentionImpl::Fused && square && flash::supports(&q.device(), dh) {
-            flash::flash_attention(q, k, v, &mask.rule)
+            let dtype = q.dtype();
+            flash::flash_attention(to_f32(q), to_f32(k), to_f32(v), &mask.rule).cast(dtype)
         } else {
             scaled_dot_product_attention(q, k, v, mask.dense.clone())
         }
@@ -161,6 +167,6 @@ impl Attention {
 
     /// `[B, H, N, Dh]` -> `[B, N, D]`, projected.
     fn merge_heads(&self, out: Tensor<4>, [b, n, d]: [usize; 3]) -> Tensor<3> {
-        self.proj.forward(out.swap_dims(1, 2).reshape([b, n, d]))
+        linear(&self.proj, out.swap_dims(1, 2).reshape([b, n, d]))
     }
 }

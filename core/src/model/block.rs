@@ -6,9 +6,10 @@ use burn::tensor::activation::gelu;
 use burn::tensor::{Device, Tensor};
 
 use super::attention::{Attention, AttentionMask, KeyValues, Masks};
-use crate::config::{ModelConfig, TowerConfig};
+use super::precision::{linear, to_f32};
+use crate::config::{ModelConfig, Precision, TowerConfig};
 
-/// MLP with ratio 4 and exact (erf) GELU, no dropout.
+/// MLP with ratio 4 and exact (erf) GELU, no dropout; computes in its input's dtype.
 #[derive(Module, Debug)]
 pub struct Mlp {
     pub fc1: Linear,
@@ -25,7 +26,7 @@ impl Mlp {
     }
 
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        self.fc2.forward(gelu(self.fc1.forward(x)))
+        linear(&self.fc2, gelu(linear(&self.fc1, x)))
     }
 }
 
@@ -35,6 +36,9 @@ pub struct Block {
     pub attn: Attention,
     pub norm2: LayerNorm,
     pub mlp: Mlp,
+    /// The dtype both residual branches compute in (`Ov3::with_precision`); the residual stream stays f32.
+    #[module(skip)]
+    pub precision: Precision,
 }
 
 impl Block {
@@ -45,6 +49,7 @@ impl Block {
             attn: Attention::new(width, t.heads, device),
             norm2: layer_norm(width, eps, device),
             mlp: Mlp::new(width, device),
+            precision: Precision::F32,
         }
     }
 
@@ -57,9 +62,11 @@ impl Block {
         self.residuals(x, |h| self.attn.forward_cached(h, mask, cache))
     }
 
+    /// The layer norms in f32, each branch in `precision`, its output back in f32 for the residual add.
     fn residuals(&self, x: Tensor<3>, attn: impl FnOnce(Tensor<3>) -> Tensor<3>) -> Tensor<3> {
-        let x = x.clone() + attn(self.norm1.forward(x));
-        x.clone() + self.mlp.forward(self.norm2.forward(x))
+        let compute = self.precision.dtype();
+        let x = x.clone() + to_f32(attn(self.norm1.forward(x).cast(compute)));
+        x.clone() + to_f32(self.mlp.forward(self.norm2.forward(x).cast(compute)))
     }
 }
 

@@ -4,6 +4,7 @@
 pub mod attention;
 pub mod block;
 pub mod posemb;
+pub mod precision;
 pub mod text;
 pub mod vit;
 
@@ -12,7 +13,7 @@ use burn::nn::LayerNorm;
 use burn::tensor::{Device, Distribution, Int, Tensor};
 
 use crate::autoencoder::LatentDecoder;
-use crate::config::{AttentionImpl, InputSpace, ModelConfig, Objective};
+use crate::config::{AttentionImpl, InputSpace, ModelConfig, Objective, Precision};
 use crate::losses::{self, Perceptual, RecTerms};
 use crate::parallel::{Group, GroupExt};
 use crate::tokenizer::Tokenizer;
@@ -124,16 +125,28 @@ impl Ov3 {
 
     /// The same weights with every transformer block on `implementation` (see [`AttentionImpl`]).
     pub fn with_attention(mut self, implementation: AttentionImpl) -> Self {
+        for block in self.blocks_mut() {
+            block.attn.implementation = implementation;
+        }
+        self
+    }
+
+    /// The same weights with every transformer block computing in `precision` (see [`Precision`]).
+    pub fn with_precision(mut self, precision: Precision) -> Self {
+        for block in self.blocks_mut() {
+            block.precision = precision;
+        }
+        self
+    }
+
+    fn blocks_mut(&mut self) -> impl Iterator<Item = &mut block::Block> {
         let towers = [
             &mut self.encoder.blocks,
             &mut self.decoder.blocks,
             &mut self.text_encoder.blocks,
             &mut self.text_decoder.blocks,
         ];
-        for block in towers.into_iter().flatten() {
-            block.attn.implementation = implementation;
-        }
-        self
+        towers.into_iter().flatten()
     }
 
     /// Unified tokens z_u `[B, N, D]` from encoder inputs `[B, C, H', W']`.

@@ -47,6 +47,9 @@ pub struct TrainState {
     /// Processes of the data-parallel run that wrote it (absent: 1, or written before it was recorded).
     #[serde(default)]
     pub ranks: Option<usize>,
+    /// The f16 loss scale to continue with (absent: the run does not compute in f16, or was written before).
+    #[serde(default)]
+    pub loss_scale: Option<crate::step::LossScale>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{AttentionImpl, InputSpace, ModelConfig, Objective, Preset, TowerConfig};
+use crate::config::{AttentionImpl, InputSpace, ModelConfig, Objective, Precision, Preset, TowerConfig};
 use crate::model::LossWeights;
 use crate::tokenizer::Tokenizer;
 
@@ -73,6 +73,10 @@ pub struct TrainConfig {
     /// `Reference` (default) or `Fused`: our WGSL attention kernels on wgpu (see shaders/README.md).
     #[serde(default = "default_attention")]
     pub attention: AttentionImpl,
+    /// `"f32"` (default), `"f16"` or `"bf16"`: what the transformer blocks compute in (mixed precision, master
+    /// weights and optimiser state in f32; `config::Precision`). f16 runs with dynamic loss scaling.
+    #[serde(default = "default_precision", with = "precision_key")]
+    pub precision: Precision,
     pub stages: Vec<StageConfig>,
 }
 
@@ -145,8 +149,9 @@ impl StageConfig {
 }
 
 /// Top-level keys a resumed run may change (see [`TrainConfig::resume_changes`]).
-pub const RESUMABLE_KEYS: [&str; 10] = [
+pub const RESUMABLE_KEYS: [&str; 11] = [
     "attention",
+    "precision",
     "grad_clip",
     "weight_decay",
     "workers",
@@ -238,6 +243,7 @@ impl TrainConfig {
             tokenizer: None,
             context_length: None,
             attention: default_attention(),
+            precision: default_precision(),
             stages: vec![stage("low-res", 64, low_res_steps), high_res],
         }
     }
@@ -436,6 +442,24 @@ fn default_workers() -> usize {
 }
 fn default_input_space() -> InputSpace {
     InputSpace::VaeLatents
+}
+fn default_precision() -> Precision {
+    Precision::F32
+}
+
+/// `precision` in a recipe: `"f32"`, `"f16"` or `"bf16"`.
+mod precision_key {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use crate::config::Precision;
+
+    pub fn serialize<S: Serializer>(p: &Precision, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{p:?}").to_ascii_lowercase())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Precision, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 /// `input_space` in a recipe: `"latents"` or `"pixels"`.

@@ -43,6 +43,9 @@ pub struct StepRecord {
     pub logit_scale: f64,
     #[serde(with = "crate::json_float")]
     pub images_per_s: f64,
+    /// The f16 loss scale the step's gradients were computed at (`step::LossScale`); absent in f32/bf16.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "crate::json_float::option")]
+    pub loss_scale: Option<f64>,
 }
 
 impl StepRecord {

@@ -27,7 +27,7 @@ use crate::lpips::Lpips;
 use crate::model::{Frozen, Ov3};
 use crate::optim::adamw;
 use crate::parallel::{Group, GroupExt};
-use crate::step::{StepError, StepSpec, Stepped, train_step};
+use crate::step::{LossScale, StepError, StepSpec, Stepped, train_step};
 use crate::tokenizer::Tokenizer;
 use crate::vae::Vae;
 
@@ -108,7 +108,9 @@ pub fn train(
         prepare_run(run, cfg, &model_cfg, &tokenizer, resume || !writer, source.identity(), device, ranks)
     })?;
     let (mut optim, mut state) = (prepared.optim, prepared.state);
-    let mut model = prepared.model.with_attention(cfg.attention);
+    cfg.precision.check(device).map_err(TrainError::Refused)?;
+    state.loss_scale = LossScale::continued(cfg.precision, state.loss_scale);
+    let mut model = prepared.model.with_attention(cfg.attention).with_precision(cfg.precision);
     let mut log = open_log(run, writer, resume, state.step, prepared.notes, prepared.changes, observer)?;
 
     let eval_vae = vae.valid();
@@ -164,17 +166,7 @@ pub fn train(
                 group.wait_for_all();
                 return Ok(Outcome::Interrupted { step: state.step, checkpoint: dir });
             }
-            let spec = StepSpec {
-                weights: stage.loss_weights(cfg.objective),
-                tau: model_cfg.tau,
-                // Noise draws depend on (seed, rank, step) only: a resumed run draws what the straight one did.
-                noise_seed: noise_seed(cfg.seed, group.rank(), state.step),
-                accumulate: stage.accumulate,
-                lr: learning_rate(stage, state.step - (stage_end - stage.steps)),
-                lr_decoders: stage.lr_decoders,
-                clip: cfg.grad_clip,
-                frozen,
-            };
+            let spec = step_spec(cfg, index, stage_end, &state, group.rank(), frozen);
             let step = state.step;
             let stepped = train_step(model, &mut optim, &spec, group, || {
                 let (host, batch) = batches.recv().map_err(|_| DataError::Source {
@@ -185,13 +177,14 @@ pub fn train(
                 state.position = host.next;
                 Ok(batch)
             });
-            let Stepped { model: next, record: terms } = match stepped {
+            let Stepped { model: next, record: terms, loss_scale } = match stepped {
                 Ok(s) => s,
                 Err(StepError::Batch(e)) => return Err(e),
                 Err(StepError::NonFinite(what)) => return Err(diverged(run, state.step, what, writer)),
             };
             model = next;
             state.step += 1;
+            state.loss_scale = Some(loss_scale).filter(|s| s.dynamic);
 
             let seconds = timer.elapsed().as_secs_f64();
             timer = Instant::now();
@@ -475,8 +468,9 @@ fn fresh(
     let mut model = crate::device::seeded(device, cfg.seed, || Ov3::new(model_cfg, device));
     model.tokenizer = tokenizer.clone();
     let optim = adamw(&model, cfg.weight_decay as f32);
+    let position = Position::default();
     let state =
-        TrainState { step: 0, position: Position::default(), seed: cfg.seed, data: Some(data), ranks: Some(ranks) };
+        TrainState { step: 0, position, seed: cfg.seed, data: Some(data), ranks: Some(ranks), loss_scale: None };
     (model, optim, state)
 }
 
@@ -517,6 +511,30 @@ fn diverged(run: &Path, step: u64, what: String, writer: bool) -> TrainError {
         (None, None) => "No checkpoint was written yet.".to_string(),
     };
     TrainError::NonFinite { step, what, run: run.display().to_string(), checkpoint }
+}
+
+/// What the step after `state` does, in stage `index` (which ends at step `stage_end`).
+fn step_spec<'a>(
+    cfg: &TrainConfig,
+    index: usize,
+    stage_end: u64,
+    state: &TrainState,
+    rank: usize,
+    frozen: Frozen<'a>,
+) -> StepSpec<'a> {
+    let stage = &cfg.stages[index];
+    StepSpec {
+        weights: stage.loss_weights(cfg.objective),
+        tau: cfg.tau,
+        // Noise draws depend on (seed, rank, step) only: a resumed run draws what the straight one did.
+        noise_seed: noise_seed(cfg.seed, rank, state.step),
+        accumulate: stage.accumulate,
+        lr: learning_rate(stage, state.step - (stage_end - stage.steps)),
+        lr_decoders: stage.lr_decoders,
+        clip: cfg.grad_clip,
+        frozen,
+        loss_scale: state.loss_scale.unwrap_or(LossScale::NONE),
+    }
 }
 
 /// The device seed of `step` on `rank`: the noise of eq. 3 differs between ranks (each noises its own
