@@ -11,7 +11,7 @@
 mod common;
 
 use burn::tensor::Device;
-use ov3_core::config::Precision;
+use ov3_core::config::{AttentionImpl, Precision};
 use ov3_core::device::seeded;
 use ov3_core::parallel::Single;
 use ov3_core::random_batch::random_batch;
@@ -35,9 +35,9 @@ struct Curve {
 
 /// `steps` AdamW steps (lr 5e-4) of the tiny preset on random batches of 4 at 64 px (batch and noise seeded
 /// per step: the same stream for every precision).
-fn curve(device: &Device, precision: Precision, steps: usize) -> Curve {
+fn curve(device: &Device, precision: Precision, attention: AttentionImpl, steps: usize) -> Curve {
     let cfg = config();
-    let model = seeded(device, 3, || Ov3::new(&cfg, device)).with_precision(precision);
+    let model = seeded(device, 3, || Ov3::new(&cfg, device)).with_precision(precision).with_attention(attention);
     let mut optim = optim::adamw(&model, 0.0);
     let mut model = Some(model);
     let mut scale = LossScale::for_precision(precision);
@@ -71,18 +71,26 @@ fn half_precision_follows_the_f32_loss_curve() {
     for (name, device) in common::devices() {
         let device = device.autodiff();
         let steps = steps_env.unwrap_or(if name == "wgpu" { WGPU_STEPS } else { STEPS });
-        let reference = curve(&device, Precision::F32, steps);
+        let reference = curve(&device, Precision::F32, AttentionImpl::Reference, steps);
         let first = reference.totals[0];
         let last = *reference.totals.last().expect("steps");
         eprintln!("{name} f32, {steps} steps: total {first:.4} -> {last:.4}");
         assert!(reference.scales.iter().all(Option::is_none), "f32 has no loss scale");
         assert!(last < 0.8 * first, "{name}: the f32 loss must fall for the comparison to mean something");
-        for (precision, tol_loss, tol_norm) in [(Precision::F16, 0.015, 0.005), (Precision::Bf16, 0.03, 0.01)] {
+        // On wgpu, f16 through our fused attention kernels too (they read and write f16 where the adapter has it).
+        let fused = (name == "wgpu").then_some((Precision::F16, AttentionImpl::Fused, 0.015, 0.005));
+        let variants = [(Precision::F16, AttentionImpl::Reference, 0.015, 0.005)].into_iter().chain(fused).chain([(
+            Precision::Bf16,
+            AttentionImpl::Reference,
+            0.03,
+            0.01,
+        )]);
+        for (precision, attention, tol_loss, tol_norm) in variants {
             if let Err(refusal) = precision.check(&device) {
                 eprintln!("{name}: {refusal}; skipped");
                 continue;
             }
-            let half = curve(&device, precision, steps);
+            let half = curve(&device, precision, attention, steps);
             if std::env::var_os("OV3_PRECISION_PRINT").is_some() {
                 for (i, (h, r)) in half.totals.iter().zip(&reference.totals).enumerate() {
                     eprintln!("{i} {r:.4} {h:.4} {:.4} {:.4}", reference.grad_norms[i], half.grad_norms[i]);
@@ -91,7 +99,7 @@ fn half_precision_follows_the_f32_loss_curve() {
             let (dev, at) = max_rel_dev(&half.totals, &reference.totals);
             let norm_dev = (half.grad_norms[0] - reference.grad_norms[0]).abs() / reference.grad_norms[0];
             eprintln!(
-                "{name} {precision:?}: total {:.4} -> {:.4}; max deviation from f32 {:.3}% (step {at}); first grad \
+                "{name} {precision:?} {attention:?}: total {:.4} -> {:.4}; max deviation from f32 {:.3}% (step {at}); first grad \
                  norm {:.4} vs {:.4} ({:.3}%); loss scale {:?} -> {:?}",
                 half.totals[0],
                 half.totals.last().expect("steps"),

@@ -153,13 +153,12 @@ impl Attention {
     }
 
     /// The fused kernels take as many queries as keys; a cached step (fewer queries) takes the reference path.
-    /// The fused kernels are f32: half-precision inputs are cast to f32 and back around them.
+    /// Both keep the inputs' dtype (the kernels read and write f16 where the adapter has it, f32 inside).
     fn attend(&self, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, mask: &Masks) -> Tensor<4> {
         let [_, _, n_q, dh] = q.dims();
         let square = n_q == k.dims()[2];
         if self.implementation == AttentionImpl::Fused && square && flash::supports(&q.device(), dh) {
-            let dtype = q.dtype();
-            flash::flash_attention(to_f32(q), to_f32(k), to_f32(v), &mask.rule).cast(dtype)
+            flash::flash_attention(q, k, v, &mask.rule)
         } else {
             scaled_dot_product_attention(q, k, v, mask.dense.clone())
         }
