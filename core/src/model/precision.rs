@@ -7,12 +7,21 @@
 use burn::nn::Linear;
 use burn::tensor::{DType, Tensor};
 
-/// `layer.forward(x)` in `x`'s dtype: `W` and `b` cast from their f32 parameters (the same op as
-/// `Linear::forward`, which is what this computes under f32).
+/// `layer.forward(x)` in `x`'s dtype: `W` and `b` cast from their f32 parameters.
+///
+/// The leading dims of `x` are folded into rows first, so the product is one `[rows, d_in] @ [d_in, d_out]`
+/// matmul and the weight's gradient one `[d_in, rows] @ [rows, d_out]`, whatever the batch. (Left
+/// `[B, N, d_in]`, burn keeps a batched matmul when N fills its row tiles, and the weight gradient becomes
+/// B small matmuls and a sum: the largest item of the CPU step's backward pass, docs/PERFORMANCE.md.)
 pub fn linear<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
     let dtype = x.dtype();
+    let dims = x.dims();
+    let rows = dims[..D - 1].iter().product::<usize>();
     let bias = layer.bias.as_ref().map(|b| b.val().cast(dtype));
-    burn::tensor::module::linear(x, layer.weight.val().cast(dtype), bias)
+    let y = burn::tensor::module::linear(x.reshape([rows, dims[D - 1]]), layer.weight.val().cast(dtype), bias);
+    let mut out = dims;
+    out[D - 1] = y.dims()[1];
+    y.reshape(out)
 }
 
 /// Back to f32, the dtype of the residual stream and of everything outside the blocks.
