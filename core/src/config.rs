@@ -67,6 +67,17 @@ pub enum Precision {
 }
 
 impl Precision {
+    pub const ALL: [Precision; 3] = [Precision::F32, Precision::F16, Precision::Bf16];
+
+    /// The name recipes, flags and benchmark output use: `f32`, `f16`, `bf16`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::F16 => "f16",
+            Precision::Bf16 => "bf16",
+        }
+    }
+
     pub fn dtype(self) -> burn::tensor::DType {
         match self {
             Precision::F32 => burn::tensor::DType::F32,
@@ -80,10 +91,10 @@ impl Precision {
         if device.supports_dtype(self.dtype()) {
             Ok(())
         } else {
-            let name = format!("{self:?}").to_ascii_lowercase();
             Err(format!(
-                "precision {name} is not available on this device; use f16 or f32 (bf16 needs a backend with \
-                 bfloat16 matmuls: the CPU's flex has them, wgpu does not)"
+                "precision {} is not available on this device; use f16 or f32 (bf16 needs a backend with \
+                 bfloat16 matmuls: the CPU's flex has them, wgpu does not)",
+                self.name()
             ))
         }
     }
@@ -92,12 +103,8 @@ impl Precision {
 impl std::str::FromStr for Precision {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        match s.to_ascii_lowercase().as_str() {
-            "f32" => Ok(Precision::F32),
-            "f16" => Ok(Precision::F16),
-            "bf16" => Ok(Precision::Bf16),
-            _ => Err(format!("precision must be f32, f16 or bf16, got '{s}'")),
-        }
+        let name = s.to_ascii_lowercase();
+        Self::ALL.into_iter().find(|p| p.name() == name).ok_or(format!("precision must be f32, f16 or bf16, got '{s}'"))
     }
 }
 

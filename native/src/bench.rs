@@ -186,7 +186,7 @@ fn step(args: StepArgs, group: &dyn Group) -> anyhow::Result<()> {
         adapter,
         args.common.preset.name(),
         args.attention,
-        format!("{:?}", args.precision).to_ascii_lowercase(),
+        args.precision.name(),
         args.batch,
         args.res,
         cfg.context_length,

@@ -454,7 +454,7 @@ mod precision_key {
     use crate::config::Precision;
 
     pub fn serialize<S: Serializer>(p: &Precision, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&format!("{p:?}").to_ascii_lowercase())
+        s.serialize_str(p.name())
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Precision, D::Error> {
