@@ -272,6 +272,26 @@ fn embedded_autoencoder_beats_block_averaging() {
     assert!(ours > naive, "embedded autoencoder {ours:.2} dB does not beat 8x block averaging {naive:.2} dB");
 }
 
+/// The shipped autoencoder on the four photographs of assets/photos, which no training set contains (issue 23
+/// asks >= 2 dB over 8x block averaging on every photograph): each row's margin over block averaging.
+#[test]
+fn embedded_autoencoder_beats_block_averaging_on_every_photograph() {
+    let photos = concat!(env!("CARGO_MANIFEST_DIR"), "/../assets/photos");
+    let images: Vec<String> =
+        ["astronaut", "chelsea", "coffee", "rocket"].iter().map(|name| format!("{photos}/{name}.jpg")).collect();
+    let mut args = vec!["vae", "check", "--backend", "cpu", "--n", "1", "--res", "128", "--images"];
+    args.extend(images.iter().map(String::as_str));
+    let out = ov3(&args);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "vae check: {stderr}");
+    for image in &images {
+        let row = stdout.lines().find(|l| l.starts_with(image.as_str())).unwrap_or_else(|| panic!("{image}: {stdout}"));
+        let nums: Vec<f64> = row.split_whitespace().filter_map(|w| w.parse().ok()).collect();
+        let (ours, naive) = (nums[nums.len() - 4], nums[nums.len() - 3]);
+        assert!(ours > naive + 2.0, "{image}: embedded autoencoder {ours:.2} dB, 8x block averaging {naive:.2} dB");
+    }
+}
+
 #[test]
 fn data_check_reports_counts_and_refuses_unusable_sources() {
     let out = ov3(&["data", "check", "synthetic:6:2", "--show", "2"]);
@@ -485,6 +505,20 @@ fn the_shipped_demo_checkpoint_works_without_training() {
     let out = ov3_ok(&["reconstruct", "--image", photo, "--noise", "0.25", "--out", rec.to_str().unwrap()]);
     assert!(out.contains("psnr") && rec.is_file(), "{out}");
     assert!(!ov3_ok(&["caption", "--image", photo]).trim().is_empty());
+}
+
+/// The shipped demo checkpoint on the four photographs of assets/photos (in no training set): it was trained
+/// on real photographs too, so it reconstructs them at 18.3 dB on average (deterministic on one machine; the
+/// world-only checkpoint before it gave 14.8 dB and the issue that replaced it 12.1 dB on a portrait).
+#[test]
+fn the_shipped_demo_checkpoint_reconstructs_photographs() {
+    let tmp = ov3_core::fsio::ScratchDir::new().expect("tmp");
+    let json = tmp.path().join("eval.json");
+    let photos = concat!(env!("CARGO_MANIFEST_DIR"), "/../assets/photos");
+    ov3_ok(&["eval", "--data", photos, "--res", "128", "--captions", "0", "--json", json.to_str().unwrap()]);
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let (ours, vae) = (report["psnr"].as_f64().unwrap(), report["psnr_vae"].as_f64().unwrap());
+    assert!(ours > 17.0, "the demo checkpoint reconstructs the photographs at {ours:.2} dB (VAE alone {vae:.2} dB)");
 }
 
 /// An installed binary (`R/bin/ov3` with the model copied to `R/share/ov3/`) finds the demo checkpoint there

@@ -113,9 +113,13 @@ pub struct EvalReport {
     pub t2i_recall_at_1: f64,
     #[serde(with = "crate::json_float")]
     pub t2i_recall_at_5: f64,
-    /// Recall@1 of a random ranking: 1 / n.
+    /// Recall@1 of a random ranking: 1 / `retrieval_items`.
     #[serde(with = "crate::json_float")]
     pub chance_recall_at_1: f64,
+    /// Items the retrieval figures rank: the first of each distinct caption ([`distinct_captions`]); absent
+    /// in reports written before 2026-11-27, which ranked all n with tied duplicates counted as misses.
+    #[serde(default)]
+    pub retrieval_items: Option<usize>,
     #[serde(default, with = "crate::json_float::option")]
     pub zero_shot_accuracy: Option<f64>,
     #[serde(default, with = "crate::json_float::option")]
@@ -199,8 +203,10 @@ pub fn evaluate(
             }
         }
     }
-    let text_emb = text_embeddings(model, cfg, &set.captions, batch, device);
-    let sim = similarity(&image_emb, &text_emb);
+    let keep = distinct_captions(&set.captions);
+    let texts: Vec<String> = keep.iter().map(|&i| set.captions[i].clone()).collect();
+    let text_emb = text_embeddings(model, cfg, &texts, batch, device);
+    let sim = similarity(&keep.iter().map(|&i| image_emb[i].clone()).collect::<Vec<_>>(), &text_emb);
     let (i2t1, i2t5) = (recall_at(&sim, 1), recall_at(&sim, 5));
     let sim_t = transpose(&sim);
     let (t2i1, t2i5) = (recall_at(&sim_t, 1), recall_at(&sim_t, 5));
@@ -233,7 +239,8 @@ pub fn evaluate(
         i2t_recall_at_5: i2t5,
         t2i_recall_at_1: t2i1,
         t2i_recall_at_5: t2i5,
-        chance_recall_at_1: 1.0 / n as f64,
+        chance_recall_at_1: 1.0 / keep.len() as f64,
+        retrieval_items: Some(keep.len()),
         zero_shot_accuracy,
         zero_shot_chance,
         caption_loss: caption_nll / caption_count.max(1.0),
@@ -376,6 +383,16 @@ fn transpose(m: &[Vec<f32>]) -> Vec<Vec<f32>> {
     (0..cols).map(|j| m.iter().map(|row| row[j]).collect()).collect()
 }
 
+/// The items image-text retrieval ranks: the first item of each distinct caption. A set with class captions
+/// ("a photo of a pullover" for ten pullovers) or several crops of one photo under one caption has identical
+/// texts, whose embeddings tie exactly: ranked as they are, no pullover could ever find "its" caption, and
+/// recall would measure the duplicates, not the model. Ranking one item per caption keeps the question
+/// "which of these different captions belongs to this image" well posed (chance 1 / distinct captions).
+pub fn distinct_captions(captions: &[String]) -> Vec<usize> {
+    let mut seen = std::collections::HashSet::new();
+    (0..captions.len()).filter(|&i| seen.insert(captions[i].as_str())).collect()
+}
+
 /// Fraction of queries `i` whose match `i` is among the `k` most similar keys. Ties count against the
 /// query (a key scoring equal to the match ranks above it), so a constant model scores 0, not 1.
 pub fn recall_at(sim: &[Vec<f32>], k: usize) -> f64 {
@@ -399,6 +416,14 @@ pub fn zero_shot_accuracy(sim: &[Vec<f32>], labels: &[usize]) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retrieval_ranks_one_item_per_distinct_caption() {
+        let captions: Vec<String> =
+            ["a pullover", "a red apple", "a pullover", "a cat", "a red apple"].iter().map(|s| s.to_string()).collect();
+        assert_eq!(distinct_captions(&captions), vec![0, 1, 3]);
+        assert!(distinct_captions(&[]).is_empty());
+    }
 
     #[test]
     fn recall_counts_ranks_and_penalises_ties() {

@@ -81,6 +81,10 @@ pub struct AblationArgs {
     eval_size: usize,
     #[arg(long, default_value = "auto")]
     backend: BackendChoice,
+    /// The frozen VAE (a FLUX.1 / TAEF1 file or folder); default: the embedded autoencoder. The figures in
+    /// docs/TUTORIAL.md were made with `assets/ae/world-only-w32.safetensors`, the one embedded before 2026-11-27.
+    #[arg(long)]
+    vae: Option<PathBuf>,
 }
 
 /// The runs of the synergy ablation: (name in synergy.json and on disk, objective).
@@ -190,6 +194,7 @@ pub fn synergy_recipe(args: &AblationArgs, objective: Objective, seed: u64) -> T
 fn scaled_quick(args: &AblationArgs, seed: u64) -> TrainConfig {
     let mut cfg = TrainConfig::quick();
     (cfg.preset, cfg.seed, cfg.eval_size) = (args.preset, seed, args.eval_size);
+    cfg.vae = args.vae.as_ref().map(|p| p.display().to_string());
     for (stage, steps) in cfg.stages.iter_mut().zip([args.steps, (args.steps / 10).max(1)]) {
         stage.steps = steps;
         stage.warmup = steps / 10;

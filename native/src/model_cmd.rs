@@ -19,7 +19,7 @@ use ov3_core::model_file::{Dtype, load_model, save_model_as};
 use ov3_core::train::TrainConfig;
 use ov3_core::train::checkpoint::{self, MODEL_FILE};
 use ov3_core::train::run::CONFIG_FILE;
-use ov3_core::vae::Vae;
+use ov3_core::vae::{Vae, VaeRecord};
 use ov3_core::weights::save_f32;
 use ov3_core::{ModelConfig, Ov3};
 
@@ -111,8 +111,10 @@ impl ModelSource {
         // embedded one; then it must be the one the model was trained with (DESIGN §8).
         let named = cfg.vae.as_ref().map(|r| PathBuf::from(&r.source)).filter(|p| p.exists());
         let vae = Vae::load_or_embedded(self.vae.as_deref().or(run_vae.as_deref()).or(named.as_deref()), &device)?;
-        if let Some(record) = &cfg.vae {
-            record.check(&vae).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        match &cfg.vae {
+            Some(record) => record.check(&vae).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
+            None if self.vae.is_none() => eprintln!("{}: {}", path.display(), VaeRecord::unnamed(&vae)),
+            None => {}
         }
         eprintln!("model: {} ({} VAE)", path.display(), vae.source);
         Ok(Loaded { model, cfg, vae, device, path })

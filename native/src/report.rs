@@ -19,7 +19,15 @@ pub fn print_report(r: &EvalReport) {
         ("LPIPS, ov3", r.lpips.map_or("- (no LPIPS weights)".into(), |v| format!("{v:.4}"))),
         ("image->text recall@1 / @5", format!("{:.3} / {:.3}", r.i2t_recall_at_1, r.i2t_recall_at_5)),
         ("text->image recall@1 / @5", format!("{:.3} / {:.3}", r.t2i_recall_at_1, r.t2i_recall_at_5)),
-        ("recall@1 by chance", format!("{:.3}", r.chance_recall_at_1)),
+        (
+            "recall@1 by chance",
+            match r.retrieval_items {
+                Some(k) if k < r.n => {
+                    format!("{:.3} (over the {k} items with distinct captions)", r.chance_recall_at_1)
+                }
+                _ => format!("{:.3}", r.chance_recall_at_1),
+            },
+        ),
         (
             "zero-shot accuracy (chance)",
             match (r.zero_shot_accuracy, r.zero_shot_chance) {

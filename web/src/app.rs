@@ -21,7 +21,7 @@ use ov3_core::inference::{
 use ov3_core::metrics::{mse_01, psnr_db};
 use ov3_core::model::Ov3;
 use ov3_core::model_file::load_model_bytes;
-use ov3_core::vae::Vae;
+use ov3_core::vae::{Vae, VaeRecord};
 use wasm_bindgen::JsCast;
 use wasm_bindgen_futures::{JsFuture, spawn_local};
 use web_sys::{HtmlInputElement, HtmlTextAreaElement};
@@ -88,8 +88,9 @@ pub async fn run() -> Result<(), String> {
     let (ae, _) = fetch_bytes(AE_FILE, true, |d, t| view::download_progress("the autoencoder", d, t)).await?;
     let vae = Vae::from_bytes(ae, "embedded", &device).map_err(|e| e.to_string())?;
     // The page decodes with the embedded autoencoder only: a model trained on another one is refused, named.
-    if let Some(record) = &cfg.vae {
-        record.check(&vae).map_err(|e| format!("{url}: {e}"))?;
+    match &cfg.vae {
+        Some(record) => record.check(&vae).map_err(|e| format!("{url}: {e}"))?,
+        None => message(&format!("{url}: {}", VaeRecord::unnamed(&vae))),
     }
     view::model_loaded(&url, size, cached, now_ms() - start, cfg.tau);
     let app = Rc::new(App {

@@ -1,6 +1,8 @@
-//! ov3's embedded default autoencoder: TAEF1's architecture at reduced width, trained by `ov3 train-vae` on
-//! the embedded captioned world and shipped in `assets/`, so a fresh clone runs with no weights downloaded.
-//! Its latents are in the tokenizer's convention already (no shift).
+//! ov3's embedded default autoencoder: TAEF1's architecture at reduced width, trained by `tools/train_ae.py`
+//! on real photographs from Debian/PyPI packages (`ov3 data prepare real`) plus the embedded captioned world,
+//! and shipped in `assets/` as f16, so a fresh clone runs with no weights downloaded. Its latents are in the
+//! tokenizer's convention already (no shift). The world-only predecessor is kept as
+//! `assets/ae/world-only-w32.safetensors` (the ablations of docs/ablations were measured with it).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -12,7 +14,7 @@ use super::{EMBEDDED_MARK, Vae};
 use crate::params::named_values;
 use crate::weights::{Weights, WeightsError, save_f32_with_metadata};
 
-/// The shipped weights, compiled into the native binary. The wasm module leaves them out (2.5 MB that gzip
+/// The shipped weights, compiled into the native binary. The wasm module leaves them out (2.8 MB that gzip
 /// cannot shrink); the web page fetches the same file and calls [`Vae::from_bytes`].
 #[cfg(not(target_arch = "wasm32"))]
 pub const EMBEDDED_WEIGHTS: &[u8] = include_bytes!("../../../assets/ae/ov3_tiny_ae.safetensors");
@@ -22,8 +24,12 @@ pub const EMBEDDED_WEIGHTS: &[u8] = &[];
 /// Where the embedded autoencoder's file lives in the repository (and, by name, in the web bundle).
 pub const EMBEDDED_FILE: &str = "assets/ae/ov3_tiny_ae.safetensors";
 
-/// Width of the embedded autoencoder (TAEF1 uses 64; 32 is ~4x cheaper and trains on a CPU).
-pub const EMBEDDED_WIDTH: usize = 32;
+/// The embedded autoencoder before 2026-11-27 (TAEF1 at width 32, trained on the embedded world only): models
+/// trained with it, the ablations of docs/ablations among them, decode with `--vae` and this file.
+pub const WORLD_ONLY_FILE: &str = "assets/ae/world-only-w32.safetensors";
+
+/// Width of the embedded autoencoder (TAEF1 uses 64; 48 is ~1.8x cheaper and fits the browser budget).
+pub const EMBEDDED_WIDTH: usize = 48;
 
 impl Vae {
     /// The embedded default autoencoder.

@@ -13,6 +13,7 @@ use burn::tensor::{Device, Tensor};
 
 use crate::autoencoder::LatentDecoder;
 use crate::weights::{Weights, WeightsError};
+use embedded::WORLD_ONLY_FILE;
 use flux::{FLUX_SCALING_FACTOR, FluxAeConfig, FluxAutoencoder, diffusers_to_bfl};
 use taef1::{TinyAutoencoder, TinyConfig, TinyLayout};
 
@@ -32,6 +33,19 @@ pub struct VaeRecord {
 }
 
 impl VaeRecord {
+    /// The warning for a model file that names no VAE (written before model files recorded theirs, as every
+    /// model before 2026-11-25 was): its latents may belong to another autoencoder than `vae`, and nothing
+    /// can tell, so the user is told what is used and what the likely other one is.
+    pub fn unnamed(vae: &Vae) -> String {
+        format!(
+            "warning: this model file does not name the VAE it was trained with (it predates model files \
+             recording it); decoding with {} ({}). If it was trained with the autoencoder embedded before \
+             2026-11-27, pass --vae {WORLD_ONLY_FILE}, or its reconstructions are wrong",
+            vae.kind(),
+            vae.source
+        )
+    }
+
     /// `Ok` when `vae` has the recorded weights; otherwise a message naming both and how to fix it.
     pub fn check(&self, vae: &Vae) -> Result<(), String> {
         let identity = vae.identity();
@@ -39,8 +53,10 @@ impl VaeRecord {
             return Ok(());
         }
         let hint = if self.source == "embedded" && vae.source == "embedded" {
-            "it was trained with another build's embedded autoencoder: retrain it, or use the ov3 build it was made with"
-                .to_string()
+            format!(
+                "it was trained with another build's embedded autoencoder: retrain it, or pass that autoencoder's file \
+                 with --vae (the one embedded before 2026-11-27, trained on the world only, is {WORLD_ONLY_FILE})"
+            )
         } else if self.source == "embedded" {
             "leave out --vae to use the embedded autoencoder".to_string()
         } else {
