@@ -89,7 +89,10 @@ pub async fn run() -> Result<(), String> {
     let vae = Vae::from_bytes(ae, "embedded", &device).map_err(|e| e.to_string())?;
     // The page decodes with the embedded autoencoder only: a model trained on another one is refused, named.
     match &cfg.vae {
-        Some(record) => record.check(&vae).map_err(|e| format!("{url}: {e}"))?,
+        Some(record) => {
+            let identity = vae.identity_async().await.map_err(|e| format!("reading the autoencoder back: {e:?}"))?;
+            record.check_identity(&vae, &identity).map_err(|e| format!("{url}: {e}"))?
+        }
         None => message(&format!("{url}: {}", VaeRecord::unnamed(&vae))),
     }
     view::model_loaded(&url, size, cached, now_ms() - start, cfg.tau);

@@ -9,7 +9,7 @@ pub mod taef1;
 use std::path::Path;
 
 use burn::module::Module;
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{Device, ExecutionError, Tensor};
 
 use crate::autoencoder::LatentDecoder;
 use crate::weights::{Weights, WeightsError};
@@ -48,7 +48,11 @@ impl VaeRecord {
 
     /// `Ok` when `vae` has the recorded weights; otherwise a message naming both and how to fix it.
     pub fn check(&self, vae: &Vae) -> Result<(), String> {
-        let identity = vae.identity();
+        self.check_identity(vae, &vae.identity())
+    }
+
+    /// [`VaeRecord::check`] with `vae`'s identity already computed ([`Vae::identity_async`] in the browser).
+    pub fn check_identity(&self, vae: &Vae, identity: &str) -> Result<(), String> {
         if identity == self.identity {
             return Ok(());
         }
@@ -155,9 +159,14 @@ impl Vae {
     /// A fingerprint of the weights (FNV-1a over every parameter's name and f32 values): what a latent cache
     /// records, so latents from another VAE are never mixed in.
     pub fn identity(&self) -> String {
+        futures_lite::future::block_on(self.identity_async()).expect("reading the VAE's weights back from the device")
+    }
+
+    /// [`Vae::identity`] awaiting each weight's read-back, for the browser where WebGPU cannot block.
+    pub async fn identity_async(&self) -> Result<String, ExecutionError> {
         let params = match &self.arch {
-            Architecture::Flux(m, _) => crate::params::named_values(m),
-            Architecture::Tiny(m, _) => crate::params::named_values(m),
+            Architecture::Flux(m, _) => crate::params::named_flat(m),
+            Architecture::Tiny(m, _) => crate::params::named_flat(m),
         };
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
         let mut eat = |bytes: &[u8]| {
@@ -165,14 +174,15 @@ impl Vae {
                 h = (h ^ *b as u64).wrapping_mul(0x0100_0000_01b3);
             }
         };
-        for (name, _, values) in params {
+        for (name, values) in params {
             eat(name.as_bytes());
+            let values = values.into_data_async().await?.convert::<f32>().try_to_vec::<f32>().expect("f32 weights");
             for v in values {
                 eat(&v.to_le_bytes());
             }
         }
         eat(&self.latent_offset.to_le_bytes());
-        format!("fnv64:{h:016x}")
+        Ok(format!("fnv64:{h:016x}"))
     }
 
     /// What the autoencoder is, in words: "FLUX.1 AutoencoderKL (BFL keys)", "TAEF1 (width 64)", "ov3
