@@ -57,10 +57,10 @@ pub fn count_by_part<M: Module>(module: &M) -> Vec<(String, usize)> {
     parts
 }
 
-/// Every float parameter as (path, its values flattened in row-major order), left on the device: for reading
-/// them back asynchronously (the browser cannot block on WebGPU).
-pub fn named_flat<M: Module>(module: &M) -> Vec<(String, Tensor<1>)> {
-    struct Flat(Vec<String>, Vec<(String, Tensor<1>)>);
+/// Every float parameter as (path, shape, its values flattened in row-major order), left on the device: for
+/// reading them back asynchronously too (the browser cannot block on WebGPU).
+pub fn named_flat<M: Module>(module: &M) -> Vec<(String, Vec<usize>, Tensor<1>)> {
+    struct Flat(Vec<String>, Vec<(String, Vec<usize>, Tensor<1>)>);
     impl ModuleVisitor for Flat {
         fn enter_module(&mut self, name: &str, _container_type: &str) {
             self.0.push(name.to_string());
@@ -70,8 +70,9 @@ pub fn named_flat<M: Module>(module: &M) -> Vec<(String, Tensor<1>)> {
         }
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
             let t = param.val();
-            let n = t.dims().iter().product::<usize>();
-            self.1.push((dotted(&self.0), t.reshape([n])));
+            let shape = t.dims().to_vec();
+            let n = shape.iter().product::<usize>();
+            self.1.push((dotted(&self.0), shape, t.reshape([n])));
         }
     }
     let mut v = Flat(Vec::new(), Vec::new());
@@ -81,24 +82,13 @@ pub fn named_flat<M: Module>(module: &M) -> Vec<(String, Tensor<1>)> {
 
 /// Every float parameter as (path, shape, values): for exporting weights under checkpoint names.
 pub fn named_values<M: Module>(module: &M) -> Vec<(String, Vec<usize>, Vec<f32>)> {
-    struct Values(Vec<String>, Vec<(String, Vec<usize>, Vec<f32>)>);
-    impl ModuleVisitor for Values {
-        fn enter_module(&mut self, name: &str, _container_type: &str) {
-            self.0.push(name.to_string());
-        }
-        fn exit_module(&mut self, _name: &str, _container_type: &str) {
-            self.0.pop();
-        }
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            let t = param.val();
-            let path = dotted(&self.0);
+    named_flat(module)
+        .into_iter()
+        .map(|(path, shape, t)| {
             let values = t.to_data().convert::<f32>().try_to_vec::<f32>().expect("f32 parameter data");
-            self.1.push((path, t.dims().to_vec(), values));
-        }
-    }
-    let mut v = Values(Vec::new(), Vec::new());
-    module.visit(&mut v);
-    v.1
+            (path, shape, values)
+        })
+        .collect()
 }
 
 /// The checkpoint key of a visitor's module stack (`Option` and the root add empty names).

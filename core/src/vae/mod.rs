@@ -174,7 +174,7 @@ impl Vae {
                 h = (h ^ *b as u64).wrapping_mul(0x0100_0000_01b3);
             }
         };
-        for (name, values) in params {
+        for (name, _, values) in params {
             eat(name.as_bytes());
             let values = values.into_data_async().await?.convert::<f32>().try_to_vec::<f32>().expect("f32 weights");
             for v in values {
