@@ -169,3 +169,12 @@ pub fn seeded<T>(device: &Device, seed: u64, draw: impl FnOnce() -> T) -> T {
     device.seed(seed);
     draw()
 }
+
+/// Threads burn's CPU backend runs its kernels on (rayon's global pool: every core, `RAYON_NUM_THREADS`, or a
+/// data-parallel rank's share, `parallel::share_cores`); 1 in the browser.
+pub fn cpu_threads() -> usize {
+    #[cfg(not(target_arch = "wasm32"))]
+    return rayon::current_num_threads();
+    #[cfg(target_arch = "wasm32")]
+    return 1;
+}

@@ -180,6 +180,22 @@ fn launched_size() -> Option<usize> {
         .find_map(|k| std::env::var(k).ok()?.parse::<usize>().ok())
 }
 
+/// Gives each of the `ranks_here` processes on this machine its share of the cores for burn's CPU kernels
+/// (flex's matmuls and reductions run on rayon's global pool, which takes every core by default: two ranks
+/// on two cores would run four busy threads). `RAYON_NUM_THREADS`, when set, wins. Call before the first
+/// tensor op.
+#[cfg_attr(not(feature = "mpi"), allow(dead_code))]
+fn share_cores(ranks_here: usize) {
+    if ranks_here <= 1 || std::env::var_os("RAYON_NUM_THREADS").is_some() {
+        return;
+    }
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let threads = (cores / ranks_here).max(1);
+    if let Err(e) = rayon::ThreadPoolBuilder::new().num_threads(threads).build_global() {
+        eprintln!("warning: could not limit the CPU threads to {threads} per process ({e})");
+    }
+}
+
 #[cfg(feature = "mpi")]
 mod mpi_group {
     use mpi::collective::{CommunicatorCollectives, SystemOperation};
@@ -204,6 +220,7 @@ mod mpi_group {
                 .ok_or("MPI was already initialised in this process")?;
             let world = universe.world();
             let local = world.split_shared(world.rank());
+            super::share_cores(local.size() as usize);
             Ok(Self {
                 rank: world.rank() as usize,
                 size: world.size() as usize,

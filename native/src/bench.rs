@@ -194,7 +194,7 @@ fn step(args: StepArgs, group: &dyn Group) -> anyhow::Result<()> {
         args.batch as f64 / median,
         peak_mib,
         if device_mem.is_some() { "device pool reserved" } else { "process peak RSS" },
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        ov3_core::device::cpu_threads(),
         group.size(),
     );
     Ok(())

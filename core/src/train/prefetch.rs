@@ -1,8 +1,9 @@
 //! Host batches -> model inputs on a thread of their own, one batch ahead of the training step.
 //!
 //! Encoding a batch with the frozen VAE is a large share of a step (on the CPU backend at 64 px, batch 32:
-//! 1.5 s of 3.6 s). burn's CPU backend runs each thread's operations on that thread, so on a 2-core machine
-//! the encoder of the next batch runs on one core while the step runs on the other (docs/PERFORMANCE.md).
+//! 1.5 s of 3.6 s). burn's CPU backend runs each thread's operations on that thread (apart from large matmuls
+//! and reductions, which it spreads over its rayon pool), so on a 2-core machine the encoder of the next batch
+//! keeps one core busy while the step runs on the other (docs/PERFORMANCE.md).
 //! The encoder is deterministic and draws no random numbers, so the device RNG the step seeds is untouched
 //! and a resumed run sees the same inputs as a straight one.
 
