@@ -184,7 +184,7 @@ fn launched_size() -> Option<usize> {
 /// (flex's matmuls and reductions run on rayon's global pool, which takes every core by default: two ranks
 /// on two cores would run four busy threads). `RAYON_NUM_THREADS`, when set, wins. Call before the first
 /// tensor op.
-#[cfg_attr(not(feature = "mpi"), allow(dead_code))]
+#[cfg(feature = "mpi")]
 fn share_cores(ranks_here: usize) {
     if ranks_here <= 1 || std::env::var_os("RAYON_NUM_THREADS").is_some() {
         return;
