@@ -2,6 +2,7 @@
 
 pub mod autoencoder;
 pub mod config;
+pub mod cpu_ops;
 pub mod device;
 pub mod losses;
 pub mod lpips;

@@ -87,9 +87,8 @@ fn block_ref(
     block: &Block,
     allowed: &dyn Fn(usize, usize) -> bool,
 ) -> Vec<f64> {
-    let ln = |x: &[f64], norm: &burn::nn::LayerNorm| {
-        let beta = norm.beta.as_ref().map(param_f64).expect("LayerNorm with bias");
-        layer_norm(x, d, &param_f64(&norm.gamma), &beta, 1e-6)
+    let ln = |x: &[f64], norm: &ov3_core::model::norm::LayerNorm| {
+        layer_norm(x, d, &param_f64(&norm.gamma), &param_f64(&norm.beta), norm.epsilon)
     };
     let a = attention_ref(&ln(x, &block.norm1), n, d, heads, &block.attn, allowed);
     let x1: Vec<f64> = x.iter().zip(&a).map(|(u, v)| u + v).collect();

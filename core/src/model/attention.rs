@@ -5,7 +5,6 @@
 
 use burn::module::Module;
 use burn::nn::{Initializer, Linear, LinearConfig};
-use burn::tensor::activation::softmax;
 use burn::tensor::{Bool, Device, Int, Tensor};
 
 use super::precision::{linear, to_f32};
@@ -92,7 +91,7 @@ pub fn scaled_dot_product_attention(
         let [b, h, n, m] = logits.dims();
         logits = logits.mask_fill(mask.expand([b, h, n, m]), -1.0e9);
     }
-    softmax(logits, 3).cast(dtype).matmul(v)
+    crate::cpu_ops::softmax_last(logits).cast(dtype).matmul(v)
 }
 
 /// One attention layer's keys and values `[B, H, T, Dh]` for the tokens it has seen so far (incremental

@@ -1,11 +1,11 @@
 //! The pre-LayerNorm transformer block (ViT / CLIP): x + attn(norm1(x)), then x + mlp(norm2(x)).
 
 use burn::module::Module;
-use burn::nn::{Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig};
-use burn::tensor::activation::gelu;
+use burn::nn::{Initializer, Linear, LinearConfig};
 use burn::tensor::{Device, Tensor};
 
 use super::attention::{Attention, AttentionMask, KeyValues, Masks};
+use super::norm::LayerNorm;
 use super::precision::{linear, to_f32};
 use crate::config::{ModelConfig, Precision, TowerConfig};
 
@@ -26,7 +26,7 @@ impl Mlp {
     }
 
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        linear(&self.fc2, gelu(linear(&self.fc1, x)))
+        linear(&self.fc2, crate::cpu_ops::gelu(linear(&self.fc1, x)))
     }
 }
 
@@ -45,9 +45,9 @@ impl Block {
     pub fn new(t: &TowerConfig, cfg: &ModelConfig, device: &Device) -> Self {
         let (width, eps) = (t.width, cfg.norm_eps);
         Self {
-            norm1: layer_norm(width, eps, device),
+            norm1: LayerNorm::new(width, eps, device),
             attn: Attention::new(width, t.heads, device),
-            norm2: layer_norm(width, eps, device),
+            norm2: LayerNorm::new(width, eps, device),
             mlp: Mlp::new(width, device),
             precision: Precision::F32,
         }
@@ -101,8 +101,4 @@ pub fn identity_blocks(t: &TowerConfig, cfg: &ModelConfig, device: &Device) -> V
             block
         })
         .collect()
-}
-
-pub fn layer_norm(width: usize, eps: f64, device: &Device) -> LayerNorm {
-    LayerNormConfig::new(width).with_epsilon(eps).init(device)
 }

@@ -3,13 +3,13 @@
 
 pub mod attention;
 pub mod block;
+pub mod norm;
 pub mod posemb;
 pub mod precision;
 pub mod text;
 pub mod vit;
 
 use burn::module::{Module, Param};
-use burn::nn::LayerNorm;
 use burn::tensor::{Device, Distribution, Int, Tensor};
 
 use crate::autoencoder::LatentDecoder;
@@ -17,7 +17,7 @@ use crate::config::{AttentionImpl, InputSpace, ModelConfig, Objective, Precision
 use crate::losses::{self, Perceptual, RecTerms};
 use crate::parallel::{Group, GroupExt};
 use crate::tokenizer::Tokenizer;
-use block::layer_norm;
+use norm::LayerNorm;
 use text::{TextDecoder, TextEncoder, projection};
 use vit::{VitDecoder, VitEncoder};
 
@@ -111,7 +111,7 @@ impl Ov3 {
             encoder: VitEncoder::new(cfg, device),
             decoder: VitDecoder::new(cfg, device),
             image_head: ImageHead {
-                norm: layer_norm(d, cfg.norm_eps, device),
+                norm: LayerNorm::new(d, cfg.norm_eps, device),
                 proj: projection(d, cfg.embed_dim, device),
             },
             text_encoder: TextEncoder::new(cfg, device),

@@ -3,11 +3,12 @@
 //! `positional_embedding`, `ln_final`, `text_projection`).
 
 use burn::module::{Module, Param};
-use burn::nn::{Embedding, EmbeddingConfig, Initializer, LayerNorm, Linear, LinearConfig};
+use burn::nn::{Embedding, EmbeddingConfig, Initializer, Linear, LinearConfig};
 use burn::tensor::{Device, Int, Tensor};
 
 use super::attention::{AttentionMask, KeyValues};
-use super::block::{Block, blocks, identity_blocks, layer_norm, run_blocks};
+use super::block::{Block, blocks, identity_blocks, run_blocks};
+use super::norm::LayerNorm;
 use crate::config::{ModelConfig, TowerConfig};
 
 /// Token + learned position embedding for `[B, T]` token ids -> `[B, T, W]`.
@@ -59,7 +60,7 @@ impl TextEncoder {
         Self {
             input: TokenInput::new(t, cfg, device),
             blocks: blocks(t, cfg, device),
-            ln_final: layer_norm(t.width, cfg.norm_eps, device),
+            ln_final: LayerNorm::new(t.width, cfg.norm_eps, device),
             text_projection: projection(t.width, cfg.embed_dim, device),
             eos_id: cfg.eos_id,
             pad_id: cfg.pad_id,
@@ -100,7 +101,7 @@ impl TextDecoder {
                 .init(device),
             input: TokenInput::new(t, cfg, device),
             blocks: identity_blocks(t, cfg, device),
-            ln_final: layer_norm(t.width, cfg.norm_eps, device),
+            ln_final: LayerNorm::new(t.width, cfg.norm_eps, device),
             lm_head: projection(t.width, cfg.vocab_size, device),
         }
     }

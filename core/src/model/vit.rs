@@ -2,11 +2,12 @@
 
 use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
-use burn::nn::{Initializer, LayerNorm, Linear, LinearConfig};
+use burn::nn::{Initializer, Linear, LinearConfig};
 use burn::tensor::{Device, Tensor};
 
 use super::attention::AttentionMask;
-use super::block::{Block, identity_blocks, layer_norm, run_blocks};
+use super::block::{Block, identity_blocks, run_blocks};
+use super::norm::LayerNorm;
 use super::posemb::sincos_2d;
 use crate::config::ModelConfig;
 
@@ -66,7 +67,7 @@ impl VitDecoder {
         Self {
             decoder_embed: LinearConfig::new(cfg.encoder.width, t.width).with_initializer(init.clone()).init(device),
             blocks: identity_blocks(t, cfg, device),
-            norm: layer_norm(t.width, cfg.norm_eps, device),
+            norm: LayerNorm::new(t.width, cfg.norm_eps, device),
             pred: LinearConfig::new(t.width, patch * patch * channels).with_initializer(init).init(device),
             channels,
             patch,

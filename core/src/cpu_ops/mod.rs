@@ -1,0 +1,140 @@
+//! Fused layer norm, softmax and GELU on burn's `flex` CPU backend, each a differentiable burn op with a
+//! one-pass forward and a one-pass backward over rows, spread over flex's rayon pool.
+//!
+//! burn 0.22's autodiff builds a layer norm out of about eight elementwise ops forward (and more backward)
+//! and a softmax out of five, each a separate pass on one thread with its own allocation; these were the
+//! largest cost of the CPU training step after the matmuls (docs/PERFORMANCE.md). The kernels are in
+//! [`kernels`]; they are checked against float64 code in `core/tests/cpu_ops.rs`.
+//!
+//! The model calls [`layer_norm`], [`softmax_last`] and [`gelu`]; on other devices (wgpu) and dtypes
+//! (mixed precision) these are burn's own ops, so there is one model code path for every device.
+
+mod autodiff;
+pub mod kernels;
+
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Backend, Dispatch, DispatchDevice, backend_extension};
+use burn::tensor::{DType, Device, Tensor};
+
+#[backend_extension(Flex, Autodiff)]
+pub trait FusedCpuBackend: Backend {
+    /// Layer norm over the last dim of `x` with `gamma`, `beta` `[d]`.
+    fn fused_layer_norm(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        eps: f64,
+    ) -> FloatTensor<Self>;
+    /// Softmax over the last dim.
+    fn fused_softmax(x: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// Exact (erf) GELU.
+    fn fused_gelu(x: FloatTensor<Self>) -> FloatTensor<Self>;
+}
+
+/// Whether `x` takes the fused path: an f32 tensor on the flex device, with or without autodiff.
+pub fn fused<const D: usize>(x: &Tensor<D>) -> bool {
+    x.dtype() == DType::F32 && is_flex(&x.device())
+}
+
+fn is_flex(device: &Device) -> bool {
+    matches!(device.clone().inner().as_dispatch(), DispatchDevice::Flex(_))
+}
+
+/// Layer norm over the last dim: `(x - mean) / sqrt(var + eps) * gamma + beta`, the biased variance.
+/// Half-precision inputs are normalised in f32 and cast back (as burn's `LayerNorm` does).
+pub fn layer_norm<const D: usize>(x: Tensor<D>, gamma: Tensor<1>, beta: Tensor<1>, eps: f64) -> Tensor<D> {
+    let dtype = x.dtype();
+    if matches!(dtype, DType::F16 | DType::BF16) {
+        return layer_norm(x.cast(DType::F32), gamma.cast(DType::F32), beta.cast(DType::F32), eps).cast(dtype);
+    }
+    if !fused(&x) || gamma.dtype() != DType::F32 || beta.dtype() != DType::F32 {
+        return burn::tensor::module::layer_norm(x, gamma, Some(beta), eps);
+    }
+    Tensor::from_dispatch(<Dispatch as FusedCpuBackend>::fused_layer_norm(
+        x.into_dispatch(),
+        gamma.into_dispatch(),
+        beta.into_dispatch(),
+        eps,
+    ))
+}
+
+/// `burn::tensor::activation::softmax(x, D - 1)`.
+pub fn softmax_last<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    if !fused(&x) {
+        return burn::tensor::activation::softmax(x, D - 1);
+    }
+    Tensor::from_dispatch(<Dispatch as FusedCpuBackend>::fused_softmax(x.into_dispatch()))
+}
+
+/// `burn::tensor::activation::gelu(x)`, the exact (erf) form.
+pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    if !fused(&x) {
+        return burn::tensor::activation::gelu(x);
+    }
+    Tensor::from_dispatch(<Dispatch as FusedCpuBackend>::fused_gelu(x.into_dispatch()))
+}
+
+use burn::backend::Flex;
+use burn::backend::flex::FlexTensor;
+
+/// A flex tensor's values as one contiguous f32 slice (copied only when it is a strided view).
+fn values(t: &FlexTensor) -> FlexTensor {
+    t.to_contiguous()
+}
+
+fn slice(t: &FlexTensor) -> &[f32] {
+    t.as_slice::<f32>().expect("cpu_ops: a contiguous f32 tensor")
+}
+
+/// A new contiguous flex tensor of `shape` holding `data`.
+fn tensor(data: Vec<f32>, shape: burn::tensor::Shape) -> FlexTensor {
+    FlexTensor::from_data(burn::tensor::TensorData::new(data, shape))
+}
+
+fn last_dim(t: &FlexTensor) -> usize {
+    *t.layout().shape().last().expect("cpu_ops: a tensor of rank >= 1")
+}
+
+/// The forward passes, shared by the plain and the autodiff implementations.
+pub(crate) mod forward {
+    use super::*;
+
+    /// `(y, x, stats)`: the output, the contiguous input and the per-row `(mean, rstd)`.
+    pub fn layer_norm(
+        x: FlexTensor,
+        gamma: FlexTensor,
+        beta: FlexTensor,
+        eps: f64,
+    ) -> (FlexTensor, FlexTensor, Vec<[f32; 2]>) {
+        let (x, gamma, beta) = (values(&x), values(&gamma), values(&beta));
+        let d = last_dim(&x);
+        assert!(slice(&gamma).len() == d && slice(&beta).len() == d, "layer norm: gamma and beta must be [{d}]");
+        let (y, stats) = kernels::layer_norm_forward(slice(&x), slice(&gamma), slice(&beta), d, eps as f32);
+        (tensor(y, x.layout().shape().clone()), x, stats)
+    }
+
+    pub fn softmax(x: FlexTensor) -> FlexTensor {
+        let x = values(&x);
+        tensor(kernels::softmax_forward(slice(&x), last_dim(&x)), x.layout().shape().clone())
+    }
+
+    /// `(y, x)`: the output and the contiguous input.
+    pub fn gelu(x: FlexTensor) -> (FlexTensor, FlexTensor) {
+        let x = values(&x);
+        (tensor(kernels::gelu_forward(slice(&x)), x.layout().shape().clone()), x)
+    }
+}
+
+impl FusedCpuBackend for Flex {
+    fn fused_layer_norm(x: FlexTensor, gamma: FlexTensor, beta: FlexTensor, eps: f64) -> FlexTensor {
+        forward::layer_norm(x, gamma, beta, eps).0
+    }
+
+    fn fused_softmax(x: FlexTensor) -> FlexTensor {
+        forward::softmax(x)
+    }
+
+    fn fused_gelu(x: FlexTensor) -> FlexTensor {
+        forward::gelu(x).0
+    }
+}

@@ -1,0 +1,240 @@
+//! The fused CPU ops (`ov3_core::cpu_ops`): the row kernels against float64 code (forward values against
+//! the textbook formulas, gradients against central differences of those formulas), and the burn ops
+//! (autodiff on flex) against burn's own composite ops. Tolerances are stated per test.
+
+mod common;
+
+use burn::tensor::{Device, Distribution, Tensor};
+use common::{rel_err, to_f64};
+use ov3_core::cpu_ops::{self, kernels};
+
+/// A deterministic pseudo-random sequence in [-1, 1) (splitmix64), so the kernels' inputs need no device.
+fn noise(n: usize, seed: u64) -> Vec<f64> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = s;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 52) as f64 - 1.0
+        })
+        .collect()
+}
+
+fn f32s(v: &[f64]) -> Vec<f32> {
+    v.iter().map(|&x| x as f32).collect()
+}
+
+fn f64s(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&x| f64::from(x)).collect()
+}
+
+fn layer_norm_f64(x: &[f64], gamma: &[f64], beta: &[f64], d: usize, eps: f64) -> Vec<f64> {
+    x.chunks(d)
+        .flat_map(|row| {
+            let mean = row.iter().sum::<f64>() / d as f64;
+            let var = row.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / d as f64;
+            (0..d).map(move |j| (row[j] - mean) / (var + eps).sqrt() * gamma[j] + beta[j])
+        })
+        .collect()
+}
+
+fn softmax_f64(x: &[f64], d: usize) -> Vec<f64> {
+    x.chunks(d)
+        .flat_map(|row| {
+            let max = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let sum: f64 = row.iter().map(|v| (v - max).exp()).sum();
+            row.iter().map(move |v| (v - max).exp() / sum)
+        })
+        .collect()
+}
+
+fn gelu_f64(x: f64) -> f64 {
+    0.5 * x * (1.0 + libm::erf(x / std::f64::consts::SQRT_2))
+}
+
+/// d/dv_i of `sum(w * f(v))` by central differences in f64 (step 1e-5: error ~1e-10 for these smooth
+/// functions), for every i: the gradient a backward pass must return for upstream gradient `w`.
+fn numeric_grad(v: &[f64], w: &[f64], f: &dyn Fn(&[f64]) -> Vec<f64>) -> Vec<f64> {
+    let h = 1e-5;
+    let loss = |v: &[f64]| f(v).iter().zip(w).map(|(a, b)| a * b).sum::<f64>();
+    (0..v.len())
+        .map(|i| {
+            let (mut up, mut down) = (v.to_vec(), v.to_vec());
+            up[i] += h;
+            down[i] -= h;
+            (loss(&up) - loss(&down)) / (2.0 * h)
+        })
+        .collect()
+}
+
+// 70 rows: two full chunks of kernels::ROW_CHUNK and a partial one.
+const ROWS: usize = 70;
+const D: usize = 24;
+
+/// Forward against f64 to 1e-5 relative (f32 rounding over a 24-long row); the three gradients against
+/// f64 central differences to 1e-4 relative (the gradient of a normalisation sums cancelling terms).
+#[test]
+fn layer_norm_kernels_match_f64() {
+    let eps = 1e-6;
+    // Rows of different scales and offsets, one nearly constant (where rstd is large).
+    let mut x = noise(ROWS * D, 1);
+    for (r, row) in x.chunks_mut(D).enumerate() {
+        let (scale, shift) = (0.1 + r as f64 * 0.3, r as f64 - 30.0);
+        row.iter_mut().for_each(|v| *v = *v * scale + shift);
+    }
+    x[5 * D..6 * D].iter_mut().enumerate().for_each(|(j, v)| *v = 2.0 + 1e-3 * j as f64);
+    let x = f64s(&f32s(&x)); // the f32 inputs, exactly
+    let gamma = f64s(&f32s(&noise(D, 2).iter().map(|v| 1.0 + v).collect::<Vec<_>>()));
+    let beta = f64s(&f32s(&noise(D, 3)));
+    let w = f64s(&f32s(&noise(ROWS * D, 4)));
+
+    let (y, stats) = kernels::layer_norm_forward(&f32s(&x), &f32s(&gamma), &f32s(&beta), D, eps as f32);
+    let want = layer_norm_f64(&x, &gamma, &beta, D, eps);
+    let err = rel_err(&f64s(&y), &want);
+    assert!(err < 1e-5, "layer norm forward: relative error {err:.2e}");
+
+    let (dx, dgamma, dbeta) = kernels::layer_norm_backward(&f32s(&x), &f32s(&gamma), &stats, &f32s(&w), D);
+    // dx row by row (each row's gradient has its own scale: rstd differs by 1000x between rows).
+    for r in 0..ROWS {
+        let span = r * D..(r + 1) * D;
+        let want = numeric_grad(&x[span.clone()], &w[span.clone()], &|v| layer_norm_f64(v, &gamma, &beta, D, eps));
+        let err = rel_err(&f64s(&dx[span]), &want);
+        assert!(err < 1e-4, "layer norm dx, row {r}: relative error {err:.2e}");
+    }
+    let want = numeric_grad(&gamma, &w, &|g| layer_norm_f64(&x, g, &beta, D, eps));
+    let err = rel_err(&f64s(&dgamma), &want);
+    assert!(err < 1e-4, "layer norm dgamma: relative error {err:.2e}");
+    let want = numeric_grad(&beta, &w, &|b| layer_norm_f64(&x, &gamma, b, D, eps));
+    let err = rel_err(&f64s(&dbeta), &want);
+    assert!(err < 1e-4, "layer norm dbeta: relative error {err:.2e}");
+}
+
+/// Forward to 1e-6 relative, gradient to 1e-5 relative, with the model's masked logits (-1e9) in some
+/// rows and a row of large logits (where an unshifted exp overflows).
+#[test]
+fn softmax_kernels_match_f64() {
+    let mut x: Vec<f64> = noise(ROWS * D, 5).iter().map(|v| 4.0 * v).collect();
+    for r in (0..ROWS).step_by(7) {
+        x[r * D + D / 2..(r + 1) * D].iter_mut().for_each(|v| *v = -1.0e9);
+    }
+    x[3 * D..4 * D].iter_mut().for_each(|v| *v += 500.0);
+    let x = f64s(&f32s(&x));
+    let w = f64s(&f32s(&noise(ROWS * D, 6)));
+
+    let y = kernels::softmax_forward(&f32s(&x), D);
+    let err = rel_err(&f64s(&y), &softmax_f64(&x, D));
+    assert!(err < 1e-6, "softmax forward: relative error {err:.2e}");
+    for (r, row) in y.chunks(D).enumerate() {
+        let sum: f32 = row.iter().sum();
+        assert!((sum - 1.0).abs() < 1e-5, "softmax row {r} sums to {sum}");
+    }
+
+    let dx = kernels::softmax_backward(&y, &f32s(&w), D);
+    for r in 0..ROWS {
+        let span = r * D..(r + 1) * D;
+        // Central differences cannot step a -1e9 logit usefully; those entries' gradient is exactly 0.
+        let want = numeric_grad(&x[span.clone()], &w[span.clone()], &|v| softmax_f64(v, D));
+        let err = rel_err(&f64s(&dx[span]), &want);
+        assert!(err < 1e-5, "softmax dx, row {r}: relative error {err:.2e}");
+    }
+}
+
+/// erf to 3e-7 absolute over [-8, 8] against libm's f64 erf (the approximation's 1.5e-7 plus f32
+/// rounding); GELU and its derivative to 1e-6 relative (scale: max |value| over the grid).
+#[test]
+fn erf_and_gelu_kernels_match_f64() {
+    let grid: Vec<f64> = (0..=16_000).map(|i| -8.0 + i as f64 * 1e-3).collect();
+    let worst = grid
+        .iter()
+        .map(|&v| (f64::from(kernels::erf(v as f32)) - libm::erf(f64::from(v as f32))).abs())
+        .fold(0.0, f64::max);
+    eprintln!("erf: max absolute error {worst:.2e}");
+    assert!(worst < 3e-7, "erf: max absolute error {worst:.2e}");
+    assert_eq!(kernels::erf(f32::INFINITY), 1.0);
+    assert_eq!(kernels::erf(f32::NEG_INFINITY), -1.0);
+    assert!(kernels::erf(f32::NAN).is_nan());
+
+    let x = f64s(&f32s(&grid));
+    let y = kernels::gelu_forward(&f32s(&x));
+    let want: Vec<f64> = x.iter().map(|&v| gelu_f64(v)).collect();
+    let err = rel_err(&f64s(&y), &want);
+    assert!(err < 1e-6, "gelu forward: relative error {err:.2e}");
+
+    let w = f64s(&f32s(&noise(x.len(), 7)));
+    let dx = kernels::gelu_backward(&f32s(&x), &f32s(&w));
+    let want: Vec<f64> =
+        x.iter().zip(&w).map(|(&v, &g)| g * (gelu_f64(v + 1e-6) - gelu_f64(v - 1e-6)) / 2e-6).collect();
+    let err = rel_err(&f64s(&dx), &want);
+    assert!(err < 1e-6, "gelu backward: relative error {err:.2e}");
+}
+
+/// The kernels give the same bits on one thread and on several: sums over rows are taken per fixed chunk.
+#[test]
+fn kernels_do_not_depend_on_the_thread_count() {
+    let (rows, d) = (1000, 48);
+    let x = f32s(&noise(rows * d, 8));
+    let gamma = f32s(&noise(d, 9));
+    let beta = f32s(&noise(d, 10));
+    let g = f32s(&noise(rows * d, 11));
+    let run = || {
+        let (y, stats) = kernels::layer_norm_forward(&x, &gamma, &beta, d, 1e-6);
+        let (dx, dgamma, dbeta) = kernels::layer_norm_backward(&x, &gamma, &stats, &g, d);
+        let s = kernels::softmax_forward(&x, d);
+        (y, dx, dgamma, dbeta, kernels::softmax_backward(&s, &g, d), kernels::gelu_backward(&x, &g))
+    };
+    let pool = |n| rayon::ThreadPoolBuilder::new().num_threads(n).build().expect("thread pool");
+    let one = pool(1).install(run);
+    let three = pool(3).install(run);
+    assert!(one == three, "results differ between 1 and 3 threads");
+}
+
+/// The burn ops on flex with autodiff against burn's composite ops on the same device, values and
+/// gradients, on a non-contiguous input (a transposed view): relative error < 1e-5.
+#[test]
+fn fused_ops_match_burn_ops_through_autodiff() {
+    let device = Device::flex().autodiff();
+    let base = Tensor::<3>::random([2, 24, 9], Distribution::Normal(0.0, 2.0), &device);
+    let gamma = Tensor::<1>::random([9], Distribution::Normal(1.0, 0.5), &device);
+    let beta = Tensor::<1>::random([9], Distribution::Normal(0.0, 0.5), &device);
+    let upstream = Tensor::<3>::random([2, 9, 24], Distribution::Normal(0.0, 1.0), &device);
+    // Each op reads x = base^T ([2, 9, 24], strided); its last dim is 24 wide.
+    let run = |fused: bool| {
+        let x = base.clone().require_grad();
+        let (g, b) = (gamma.clone().require_grad(), beta.clone().require_grad());
+        let xt = x.clone().swap_dims(1, 2);
+        let (ln, sm, ge) = if fused {
+            let norm_in = xt.clone().swap_dims(1, 2); // [2, 24, 9]: last dim 9, strided
+            (
+                cpu_ops::layer_norm(norm_in, g.clone(), b.clone(), 1e-5).swap_dims(1, 2),
+                cpu_ops::softmax_last(xt.clone()),
+                cpu_ops::gelu(xt.clone()),
+            )
+        } else {
+            let norm_in = xt.clone().swap_dims(1, 2);
+            (
+                burn::tensor::module::layer_norm(norm_in, g.clone(), Some(b.clone()), 1e-5).swap_dims(1, 2),
+                burn::tensor::activation::softmax(xt.clone(), 2),
+                burn::tensor::activation::gelu(xt.clone()),
+            )
+        };
+        let outputs = [to_f64(&ln), to_f64(&sm), to_f64(&ge)];
+        let loss = ((ln + sm * 3.0 + ge) * upstream.clone()).sum();
+        let grads = loss.backward();
+        let grad = |t: &Tensor<1>| to_f64(&t.grad(&grads).expect("gradient"));
+        (outputs, to_f64(&x.grad(&grads).expect("gradient")), grad(&g), grad(&b))
+    };
+    assert!(cpu_ops::fused(&base), "flex with autodiff must take the fused path");
+    let (fused, reference) = (run(true), run(false));
+    for (what, a, b) in [("layer norm", 0, 0), ("softmax", 1, 1), ("gelu", 2, 2)] {
+        let err = rel_err(&fused.0[a], &reference.0[b]);
+        assert!(err < 1e-5, "{what} forward: relative error {err:.2e}");
+    }
+    for (what, a, b) in
+        [("dx", &fused.1, &reference.1), ("dgamma", &fused.2, &reference.2), ("dbeta", &fused.3, &reference.3)]
+    {
+        let err = rel_err(a, b);
+        assert!(err < 1e-5, "{what}: relative error {err:.2e}");
+    }
+}
