@@ -41,15 +41,15 @@ impl Backward<Flex, 3> for LayerNormBackward {
 struct SoftmaxBackward;
 
 impl Backward<Flex, 1> for SoftmaxBackward {
-    /// The output.
-    type State = FlexTensor;
+    /// The output and the scale.
+    type State = (FlexTensor, f32);
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
         let [node_x] = ops.parents;
         let g = values(&grads.consume::<Flex>(&ops.node));
-        let y = ops.state;
+        let (y, scale) = ops.state;
         if let Some(node) = node_x {
-            let dx = kernels::softmax_backward(slice(&y), slice(&g), last_dim(&y));
+            let dx = kernels::softmax_backward(slice(&y), slice(&g), last_dim(&y), scale);
             grads.register::<Flex>(node.id, tensor(dx, y.layout().shape().clone()));
         }
     }
@@ -92,13 +92,13 @@ impl<C: CheckpointStrategy> FusedCpuBackend for Autodiff<Flex, C> {
         }
     }
 
-    fn fused_softmax(x: FloatTensor<Self>) -> FloatTensor<Self> {
+    fn fused_softmax(x: FloatTensor<Self>, scale: f64) -> FloatTensor<Self> {
         match SoftmaxBackward.prepare::<C>([x.node()]).compute_bound().stateful() {
             OpsKind::Tracked(prep) => {
-                let y = forward::softmax(x.primitive().clone());
-                prep.finish(y.clone(), y)
+                let y = forward::softmax(x.primitive().clone(), scale);
+                prep.finish((y.clone(), scale as f32), y)
             }
-            OpsKind::UnTracked(prep) => prep.finish(forward::softmax(x.into_primitive())),
+            OpsKind::UnTracked(prep) => prep.finish(forward::softmax(x.into_primitive(), scale)),
         }
     }
 

@@ -4,13 +4,15 @@
 //! burn 0.22's autodiff builds a layer norm out of about eight elementwise ops forward (and more backward)
 //! and a softmax out of five, each a separate pass on one thread with its own allocation; these were the
 //! largest cost of the CPU training step after the matmuls (docs/PERFORMANCE.md). The kernels are in
-//! [`kernels`]; they are checked against float64 code in `core/tests/cpu_ops.rs`.
+//! [`kernels`], the `ov3-kernels` crate (kernels/), compiled
+//! optimised in every profile; they are checked against float64 code in `core/tests/cpu_ops.rs`.
 //!
 //! The model calls [`layer_norm`], [`softmax_last`] and [`gelu`]; on other devices (wgpu) and dtypes
 //! (mixed precision) these are burn's own ops, so there is one model code path for every device.
 
 mod autodiff;
-pub mod kernels;
+
+pub use ov3_kernels as kernels;
 
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Backend, Dispatch, DispatchDevice, backend_extension};
@@ -25,8 +27,8 @@ pub trait FusedCpuBackend: Backend {
         beta: FloatTensor<Self>,
         eps: f64,
     ) -> FloatTensor<Self>;
-    /// Softmax over the last dim.
-    fn fused_softmax(x: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// `softmax(scale * x)` over the last dim.
+    fn fused_softmax(x: FloatTensor<Self>, scale: f64) -> FloatTensor<Self>;
     /// Exact (erf) GELU.
     fn fused_gelu(x: FloatTensor<Self>) -> FloatTensor<Self>;
 }
@@ -58,12 +60,12 @@ pub fn layer_norm<const D: usize>(x: Tensor<D>, gamma: Tensor<1>, beta: Tensor<1
     ))
 }
 
-/// `burn::tensor::activation::softmax(x, D - 1)`.
-pub fn softmax_last<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+/// `softmax(scale * x)` over the last dim (attention's scaled logits in one pass).
+pub fn softmax_last<const D: usize>(x: Tensor<D>, scale: f64) -> Tensor<D> {
     if !fused(&x) {
-        return burn::tensor::activation::softmax(x, D - 1);
+        return burn::tensor::activation::softmax(x.mul_scalar(scale), D - 1);
     }
-    Tensor::from_dispatch(<Dispatch as FusedCpuBackend>::fused_softmax(x.into_dispatch()))
+    Tensor::from_dispatch(<Dispatch as FusedCpuBackend>::fused_softmax(x.into_dispatch(), scale))
 }
 
 /// `burn::tensor::activation::gelu(x)`, the exact (erf) form.
@@ -113,9 +115,9 @@ pub(crate) mod forward {
         (tensor(y, x.layout().shape().clone()), x, stats)
     }
 
-    pub fn softmax(x: FlexTensor) -> FlexTensor {
+    pub fn softmax(x: FlexTensor, scale: f64) -> FlexTensor {
         let x = values(&x);
-        tensor(kernels::softmax_forward(slice(&x), last_dim(&x)), x.layout().shape().clone())
+        tensor(kernels::softmax_forward(slice(&x), last_dim(&x), scale as f32), x.layout().shape().clone())
     }
 
     /// `(y, x)`: the output and the contiguous input.
@@ -130,8 +132,8 @@ impl FusedCpuBackend for Flex {
         forward::layer_norm(x, gamma, beta, eps).0
     }
 
-    fn fused_softmax(x: FlexTensor) -> FlexTensor {
-        forward::softmax(x)
+    fn fused_softmax(x: FlexTensor, scale: f64) -> FlexTensor {
+        forward::softmax(x, scale)
     }
 
     fn fused_gelu(x: FlexTensor) -> FlexTensor {

@@ -74,7 +74,8 @@ fn causal(n: usize, device: &Device) -> Tensor<2, Bool> {
 
 /// softmax(Q K^T * scale + mask) V for `q`, `k`, `v` of shape `[B, H, N, Dh]`.
 ///
-/// Masked logits are set to a large negative finite value rather than -inf, so a row is never NaN. The two
+/// Masked logits are set to a large negative finite value (-1e9, before the scale) rather than -inf, so a row
+/// is never NaN. The two
 /// products run in the inputs' dtype; the scaled logits, the mask and the softmax in f32 (as autocast does:
 /// -1e9 and exp() overflow half precision).
 pub fn scaled_dot_product_attention(
@@ -86,12 +87,12 @@ pub fn scaled_dot_product_attention(
     let head_dim = q.dims()[3];
     let scale = (head_dim as f64).powf(-0.5);
     let dtype = q.dtype();
-    let mut logits = to_f32(q.matmul(k.swap_dims(2, 3))).mul_scalar(scale);
+    let mut logits = to_f32(q.matmul(k.swap_dims(2, 3)));
     if let Some(mask) = mask {
         let [b, h, n, m] = logits.dims();
         logits = logits.mask_fill(mask.expand([b, h, n, m]), -1.0e9);
     }
-    crate::cpu_ops::softmax_last(logits).cast(dtype).matmul(v)
+    crate::cpu_ops::softmax_last(logits, scale).cast(dtype).matmul(v)
 }
 
 /// One attention layer's keys and values `[B, H, T, Dh]` for the tokens it has seen so far (incremental
