@@ -13,6 +13,35 @@ pub const ROW_CHUNK: usize = 32;
 /// Elements per parallel task for the elementwise kernels.
 const ELEM_CHUNK: usize = 16 * 1024;
 
+/// A loop to run at the CPU's widest vector width. `run` must be `#[inline(always)]`: it is then compiled
+/// inside pulp's dispatch, for the instructions that dispatch found (a closure would stay a separate function,
+/// compiled for the baseline).
+trait Loop {
+    fn run(self);
+}
+
+#[cfg(target_arch = "x86_64")]
+struct Widest<L>(L);
+
+#[cfg(target_arch = "x86_64")]
+impl<L: Loop> pulp::WithSimd for Widest<L> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _: S) {
+        self.0.run()
+    }
+}
+
+/// Runs `work` compiled for AVX-512 where the CPU has it (x86-64, pulp's runtime check), else as built.
+#[inline(always)]
+fn widest(work: impl Loop) {
+    #[cfg(target_arch = "x86_64")]
+    pulp::Arch::new().dispatch(Widest(work));
+    #[cfg(not(target_arch = "x86_64"))]
+    work.run();
+}
+
 /// Runs `f(chunk_index, chunk)` over `data` cut into `chunk`-element pieces, in parallel where rayon is.
 fn par_chunks_mut<T: Send>(data: &mut [T], chunk: usize, f: impl Fn(usize, &mut [T]) + Sync + Send) {
     #[cfg(not(target_arch = "wasm32"))]
@@ -60,16 +89,24 @@ pub fn layer_norm_forward(x: &[f32], gamma: &[f32], beta: &[f32], d: usize, eps:
 
 #[inline(never)]
 fn layer_norm_rows(x: &[f32], gamma: &[f32], beta: &[f32], eps: f32, y: &mut [f32], stats: &mut [[f32; 2]]) {
-    let d = gamma.len();
-    for ((xr, yr), st) in x.chunks(d).zip(y.chunks_mut(d)).zip(stats.iter_mut()) {
-        let mean = sum(d, |j| xr[j]) / d as f32;
-        let var = sum(d, |j| (xr[j] - mean) * (xr[j] - mean)) / d as f32;
-        let rstd = 1.0 / (var + eps).sqrt();
-        for j in 0..d {
-            yr[j] = (xr[j] - mean) * rstd * gamma[j] + beta[j];
+    struct L<'a>(&'a [f32], &'a [f32], &'a [f32], f32, &'a mut [f32], &'a mut [[f32; 2]]);
+    impl Loop for L<'_> {
+        #[inline(always)]
+        fn run(self) {
+            let L(x, gamma, beta, eps, y, stats) = self;
+            let d = gamma.len();
+            for ((xr, yr), st) in x.chunks(d).zip(y.chunks_mut(d)).zip(stats.iter_mut()) {
+                let mean = sum(d, |j| xr[j]) / d as f32;
+                let var = sum(d, |j| (xr[j] - mean) * (xr[j] - mean)) / d as f32;
+                let rstd = 1.0 / (var + eps).sqrt();
+                for j in 0..d {
+                    yr[j] = (xr[j] - mean) * rstd * gamma[j] + beta[j];
+                }
+                *st = [mean, rstd];
+            }
         }
-        *st = [mean, rstd];
     }
+    widest(L(x, gamma, beta, eps, y, stats));
 }
 
 /// Gradients of [`layer_norm_forward`] given the output gradient `g`: `(dx, dgamma, dbeta)`, with
@@ -107,18 +144,26 @@ pub fn layer_norm_backward(
 /// One chunk of rows: writes `dx` and adds this chunk's dgamma, dbeta to `part` (`[2, d]`).
 #[inline(never)]
 fn layer_norm_backward_rows(x: &[f32], gamma: &[f32], stats: &[[f32; 2]], g: &[f32], dx: &mut [f32], part: &mut [f32]) {
-    let d = gamma.len();
-    let (dgamma, dbeta) = part.split_at_mut(d);
-    for (((xr, gr), dxr), &[mean, rstd]) in x.chunks(d).zip(g.chunks(d)).zip(dx.chunks_mut(d)).zip(stats) {
-        let xhat = |j: usize| (xr[j] - mean) * rstd;
-        let mean_gh = sum(d, |j| gr[j] * gamma[j]) / d as f32;
-        let mean_ghx = sum(d, |j| gr[j] * gamma[j] * xhat(j)) / d as f32;
-        for j in 0..d {
-            dgamma[j] += gr[j] * xhat(j);
-            dbeta[j] += gr[j];
-            dxr[j] = rstd * (gr[j] * gamma[j] - mean_gh - xhat(j) * mean_ghx);
+    struct L<'a>(&'a [f32], &'a [f32], &'a [[f32; 2]], &'a [f32], &'a mut [f32], &'a mut [f32]);
+    impl Loop for L<'_> {
+        #[inline(always)]
+        fn run(self) {
+            let L(x, gamma, stats, g, dx, part) = self;
+            let d = gamma.len();
+            let (dgamma, dbeta) = part.split_at_mut(d);
+            for (((xr, gr), dxr), &[mean, rstd]) in x.chunks(d).zip(g.chunks(d)).zip(dx.chunks_mut(d)).zip(stats) {
+                let xhat = |j: usize| (xr[j] - mean) * rstd;
+                let mean_gh = sum(d, |j| gr[j] * gamma[j]) / d as f32;
+                let mean_ghx = sum(d, |j| gr[j] * gamma[j] * xhat(j)) / d as f32;
+                for j in 0..d {
+                    dgamma[j] += gr[j] * xhat(j);
+                    dbeta[j] += gr[j];
+                    dxr[j] = rstd * (gr[j] * gamma[j] - mean_gh - xhat(j) * mean_ghx);
+                }
+            }
         }
     }
+    widest(L(x, gamma, stats, g, dx, part));
 }
 
 /// `softmax(scale * x)` over rows of length `d`, max-shifted (attention scales its logits on the way in).
@@ -133,14 +178,22 @@ pub fn softmax_forward(x: &[f32], d: usize, scale: f32) -> Vec<f32> {
 
 #[inline(never)]
 fn softmax_rows(x: &[f32], d: usize, scale: f32, y: &mut [f32]) {
-    for (xr, yr) in x.chunks(d).zip(y.chunks_mut(d)) {
-        let max = xr.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(scale * v));
-        for j in 0..d {
-            yr[j] = exp(scale * xr[j] - max);
+    struct L<'a>(&'a [f32], usize, f32, &'a mut [f32]);
+    impl Loop for L<'_> {
+        #[inline(always)]
+        fn run(self) {
+            let L(x, d, scale, y) = self;
+            for (xr, yr) in x.chunks(d).zip(y.chunks_mut(d)) {
+                let max = xr.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(scale * v));
+                for j in 0..d {
+                    yr[j] = exp(scale * xr[j] - max);
+                }
+                let inv = 1.0 / sum(d, |j| yr[j]);
+                yr.iter_mut().for_each(|o| *o *= inv);
+            }
         }
-        let inv = 1.0 / sum(d, |j| yr[j]);
-        yr.iter_mut().for_each(|o| *o *= inv);
     }
+    widest(L(x, d, scale, y));
 }
 
 /// Gradient of [`softmax_forward`] from its output `y` and the output gradient `g`:
@@ -156,12 +209,20 @@ pub fn softmax_backward(y: &[f32], g: &[f32], d: usize, scale: f32) -> Vec<f32> 
 
 #[inline(never)]
 fn softmax_backward_rows(y: &[f32], g: &[f32], d: usize, scale: f32, dx: &mut [f32]) {
-    for ((yr, gr), dxr) in y.chunks(d).zip(g.chunks(d)).zip(dx.chunks_mut(d)) {
-        let dot = sum(d, |j| yr[j] * gr[j]);
-        for j in 0..d {
-            dxr[j] = scale * yr[j] * (gr[j] - dot);
+    struct L<'a>(&'a [f32], &'a [f32], usize, f32, &'a mut [f32]);
+    impl Loop for L<'_> {
+        #[inline(always)]
+        fn run(self) {
+            let L(y, g, d, scale, dx) = self;
+            for ((yr, gr), dxr) in y.chunks(d).zip(g.chunks(d)).zip(dx.chunks_mut(d)) {
+                let dot = sum(d, |j| yr[j] * gr[j]);
+                for j in 0..d {
+                    dxr[j] = scale * yr[j] * (gr[j] - dot);
+                }
+            }
         }
     }
+    widest(L(y, g, d, scale, dx));
 }
 
 /// e^x for f32 in plain arithmetic (Cephes' `expf`): x = n ln2 + r with |r| <= ln2 / 2, e^r by a degree-6
@@ -241,9 +302,17 @@ pub fn gelu_forward(x: &[f32]) -> Vec<f32> {
 
 #[inline(never)]
 fn gelu_chunk(x: &[f32], y: &mut [f32]) {
-    for (o, &v) in y.iter_mut().zip(x) {
-        *o = v * normal_cdf_pdf(v).0;
+    struct L<'a>(&'a [f32], &'a mut [f32]);
+    impl Loop for L<'_> {
+        #[inline(always)]
+        fn run(self) {
+            let L(x, y) = self;
+            for (o, &v) in y.iter_mut().zip(x) {
+                *o = v * normal_cdf_pdf(v).0;
+            }
+        }
     }
+    widest(L(x, y));
 }
 
 /// `(Phi(v), phi(v))`: the standard normal distribution and density, sharing one `exp(-v^2 / 2)`.
@@ -265,8 +334,16 @@ pub fn gelu_backward(x: &[f32], g: &[f32]) -> Vec<f32> {
 
 #[inline(never)]
 fn gelu_backward_chunk(x: &[f32], g: &[f32], dx: &mut [f32]) {
-    for ((o, &v), &g) in dx.iter_mut().zip(x).zip(g) {
-        let (cdf, pdf) = normal_cdf_pdf(v);
-        *o = g * (cdf + v * pdf);
+    struct L<'a>(&'a [f32], &'a [f32], &'a mut [f32]);
+    impl Loop for L<'_> {
+        #[inline(always)]
+        fn run(self) {
+            let L(x, g, dx) = self;
+            for ((o, &v), &g) in dx.iter_mut().zip(x).zip(g) {
+                let (cdf, pdf) = normal_cdf_pdf(v);
+                *o = g * (cdf + v * pdf);
+            }
+        }
     }
+    widest(L(x, g, dx));
 }
