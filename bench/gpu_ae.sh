@@ -5,7 +5,8 @@
 #   device: run(command="bash bench/gpu_ae.sh", carry=[".gpu-ae"], timeout_s=SECONDS)
 # AE_MINUTES (default 4) is the training budget; the whole call takes ~1 min more (imports, loading, the
 # held-out score). The weights come back as $OUT/real-w48.safetensors: check them here with
-# `ov3 vae check --vae FILE --data data/real/heldout` and keep them in assets/ae/candidates/ if better.
+# `ov3 vae check --vae FILE --data data/real/heldout` and keep them in assets/ae/candidates/ if better
+# (it continues the newest candidate unless AE_INIT names another file).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/ov3-gpu-out}
@@ -17,6 +18,6 @@ device=$($py -c 'import torch; print("cuda" if torch.cuda.is_available() else "c
 heldout=()
 [ -d .gpu-ae/heldout ] && heldout=(--heldout .gpu-ae/heldout)
 PYTHONUNBUFFERED=1 $py tools/train_ae.py --device "$device" \
-  --init "${AE_INIT:-assets/ae/candidates/real-w48.safetensors}" \
+  --init "${AE_INIT:-assets/ae/candidates/real-w48-next.safetensors}" \
   --data .gpu-ae/train --world .gpu-ae/world --world-share 0.375 --batch "${AE_BATCH:-64}" --lr 6e-4 \
   --minutes "${AE_MINUTES:-4}" --out "$OUT/real-w48.safetensors" "${heldout[@]}" 2>&1 | tee "$OUT/gpu_ae.log"
