@@ -274,3 +274,13 @@ fn fused_ops_match_burn_ops_through_autodiff() {
         assert!(err < 1e-5, "{what}: relative error {err:.2e}");
     }
 }
+
+/// Rows of length 0 do not reach the kernels (which cut data into rows): the ops return empty tensors.
+#[test]
+fn empty_rows_are_left_to_burn() {
+    let device = Device::flex();
+    let x = Tensor::<2>::zeros([3, 0], &device);
+    assert!(!cpu_ops::fused(&x));
+    assert_eq!(cpu_ops::gelu(x.clone()).dims(), [3, 0]);
+    assert_eq!(cpu_ops::softmax_last(x, 0.5).dims(), [3, 0]);
+}

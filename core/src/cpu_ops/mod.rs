@@ -14,6 +14,8 @@ mod autodiff;
 
 pub use ov3_kernels as kernels;
 
+use burn::backend::Flex;
+use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Backend, Dispatch, DispatchDevice, backend_extension};
 use burn::tensor::{DType, Device, Tensor};
@@ -33,9 +35,10 @@ pub trait FusedCpuBackend: Backend {
     fn fused_gelu(x: FloatTensor<Self>) -> FloatTensor<Self>;
 }
 
-/// Whether `x` takes the fused path: an f32 tensor on the flex device, with or without autodiff.
+/// Whether `x` takes the fused path: a non-empty f32 tensor on the flex device, with or without autodiff
+/// (rows of length 0 go to burn's ops, which handle them).
 pub fn fused<const D: usize>(x: &Tensor<D>) -> bool {
-    x.dtype() == DType::F32 && is_flex(&x.device())
+    x.dtype() == DType::F32 && D > 0 && x.dims()[D - 1] > 0 && is_flex(&x.device())
 }
 
 fn is_flex(device: &Device) -> bool {
@@ -75,9 +78,6 @@ pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     }
     Tensor::from_dispatch(<Dispatch as FusedCpuBackend>::fused_gelu(x.into_dispatch()))
 }
-
-use burn::backend::Flex;
-use burn::backend::flex::FlexTensor;
 
 /// A flex tensor's values as one contiguous f32 slice (copied only when it is a strided view).
 fn values(t: &FlexTensor) -> FlexTensor {
