@@ -170,6 +170,26 @@ pub fn seeded<T>(device: &Device, seed: u64, draw: impl FnOnce() -> T) -> T {
     draw()
 }
 
+/// Runs `f` on a thread of burn's CPU pool (rayon's global pool) and returns what it returns; in the browser,
+/// where there is no pool, here. The step's compute goes through this: flex splits a matmul or one of our
+/// kernels (`cpu_ops`) across the pool, and from a thread outside the pool every such op hands its pieces over
+/// and sleeps until they are done, a futex wake-up each time; from a pool thread the op runs its first piece
+/// itself while the other threads take the rest: the tiny step 8% faster (docs/PERFORMANCE.md).
+///
+/// `f` must not wait for another thread's tensor work (the data loader's next batch): with a pool of one
+/// thread (each of two MPI ranks on a 2-core machine) that work would never run. Under MPI this thread makes
+/// the MPI calls of the step, one at a time (`Threading::Serialized`, src/parallel.rs).
+pub fn on_compute_threads<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        let mut out = None;
+        rayon::scope(|_| out = Some(f()));
+        out.expect("rayon::scope runs its closure before it returns")
+    }
+    #[cfg(target_arch = "wasm32")]
+    f()
+}
+
 /// Threads burn's CPU backend runs its kernels on (rayon's global pool: every core, `RAYON_NUM_THREADS`, or a
 /// data-parallel rank's share, `parallel::share_cores`); 1 in the browser.
 pub fn cpu_threads() -> usize {

@@ -204,8 +204,9 @@ mod mpi_group {
 
     use super::Group;
 
-    /// MPI's world communicator. MPI is called from the main thread only (`Threading::Funneled`): the data
-    /// loader's threads never touch it.
+    /// MPI's world communicator. MPI is called by one thread at a time (`Threading::Serialized`): the main
+    /// thread, or the pool thread it hands a step's compute to and waits for (`device::on_compute_threads`);
+    /// the data loader's threads never touch it.
     pub struct Mpi {
         // Finalizes MPI when dropped.
         _universe: Universe,
@@ -216,8 +217,14 @@ mod mpi_group {
 
     impl Mpi {
         pub fn init() -> Result<Self, String> {
-            let (universe, _) = mpi::initialize_with_threading(mpi::Threading::Funneled)
+            let (universe, provided) = mpi::initialize_with_threading(mpi::Threading::Serialized)
                 .ok_or("MPI was already initialised in this process")?;
+            if !matches!(provided, mpi::Threading::Serialized | mpi::Threading::Multiple) {
+                return Err(format!(
+                    "this MPI library provides thread support {provided:?}; ov3 needs MPI_THREAD_SERIALIZED \
+                     (Open MPI and MPICH provide it)"
+                ));
+            }
             let world = universe.world();
             let local = world.split_shared(world.rank());
             super::share_cores(local.size() as usize);
