@@ -1,16 +1,83 @@
 //! AdamW as DESIGN §4 sets it: betas (0.9, 0.95), weight decay on matrices only, global grad-norm clipping.
 
 use burn::module::{Module, ModuleVisitor, Param, ParamGroup, ParamId};
-use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
-use burn::tensor::Tensor;
+use burn::optim::{
+    AdamWConfig, AdamWState, AdaptiveMomentumState, GradientsParams, LearningRate, ModuleOptimizer, Optimizer,
+};
+use burn::tensor::{DType, Device, Tensor};
+
+use crate::cpu_ops::{self, AdamWStep};
 
 use crate::model::Ov3;
 
 /// AdamW whose decay skips every parameter of rank < 2 (norms, biases, the logit scale).
 pub fn adamw<M: Module>(model: &M, weight_decay: f32) -> ModuleOptimizer {
-    let base = AdamWConfig::new().with_beta_1(0.9).with_beta_2(0.95).with_epsilon(1e-8);
     let no_decay = ParamGroup::from_ids(no_decay_ids(model));
-    base.clone().with_weight_decay(weight_decay).init().with_group(no_decay, base.with_weight_decay(0.0).build(), None)
+    ModuleOptimizer::from(AdamW::new(weight_decay)).with_group(no_decay, AdamW::new(0.0), None)
+}
+
+/// AdamW, betas (0.9, 0.95), epsilon 1e-8: burn's `AdamW` with, on the CPU backend, each parameter's update
+/// in one pass (`cpu_ops::adamw`) instead of a dozen tensor ops that each read and write every parameter.
+/// The state is burn's own (`AdamWState`), so checkpoints are the same either way; on other devices and
+/// dtypes burn's `AdamW` takes the step. `core/tests/cpu_ops.rs` checks the two against float64 code.
+#[derive(Clone)]
+pub struct AdamW {
+    burn: burn::optim::AdamW,
+    weight_decay: f32,
+}
+
+impl AdamW {
+    const BETAS: (f32, f32) = (0.9, 0.95);
+    const EPSILON: f32 = 1e-8;
+
+    pub fn new(weight_decay: f32) -> Self {
+        let config = AdamWConfig::new()
+            .with_beta_1(Self::BETAS.0)
+            .with_beta_2(Self::BETAS.1)
+            .with_epsilon(Self::EPSILON)
+            .with_weight_decay(weight_decay);
+        Self { burn: config.build(), weight_decay }
+    }
+}
+
+impl Optimizer for AdamW {
+    type State<const D: usize> = AdamWState<D>;
+
+    fn step<const D: usize>(
+        &self,
+        lr: LearningRate,
+        tensor: Tensor<D>,
+        grad: Tensor<D>,
+        state: Option<Self::State<D>>,
+    ) -> (Tensor<D>, Option<Self::State<D>>) {
+        let f32_moments = state
+            .as_ref()
+            .is_none_or(|s| s.momentum.moment_1.dtype() == DType::F32 && s.momentum.moment_2.dtype() == DType::F32);
+        if !(cpu_ops::fused(&tensor) && grad.dtype() == DType::F32 && f32_moments) {
+            return self.burn.step(lr, tensor, grad, state);
+        }
+        let (time, m, v) = match state {
+            Some(s) => (s.momentum.time + 1, s.momentum.moment_1, s.momentum.moment_2),
+            None => (1, grad.zeros_like(), grad.zeros_like()),
+        };
+        let (beta_1, beta_2) = Self::BETAS;
+        let t = i32::try_from(time).unwrap_or(i32::MAX);
+        let step = AdamWStep {
+            lr: lr as f32,
+            beta_1,
+            beta_2,
+            epsilon: Self::EPSILON,
+            decay: (1.0 - lr * self.weight_decay as f64) as f32,
+            correction_1: 1.0 - beta_1.powi(t),
+            correction_2: 1.0 - beta_2.powi(t),
+        };
+        let (tensor, m, v) = cpu_ops::adamw(step, tensor, grad, m, v);
+        (tensor, Some(AdamWState::new(AdaptiveMomentumState::new(time, m, v))))
+    }
+
+    fn to_device<const D: usize>(state: Self::State<D>, device: &Device) -> Self::State<D> {
+        <burn::optim::AdamW as Optimizer>::to_device(state, device)
+    }
 }
 
 /// Ids of the parameters that weight decay must not touch: every tensor of rank 0 or 1.

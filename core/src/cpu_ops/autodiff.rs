@@ -1,6 +1,7 @@
 //! The backward passes of the fused CPU ops for burn's autodiff: each forward keeps what its one-pass
 //! backward kernel reads (the input and row statistics, or the output).
 
+use burn::backend::AutodiffBackend;
 use burn::backend::Flex;
 use burn::backend::autodiff::Autodiff;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -10,7 +11,7 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
 
-use super::{FusedCpuBackend, forward, kernels, last_dim, slice, tensor, values};
+use super::{AdamWStep, FusedCpuBackend, forward, kernels, last_dim, slice, tensor, values};
 
 #[derive(Debug)]
 struct LayerNormBackward;
@@ -110,5 +111,19 @@ impl<C: CheckpointStrategy> FusedCpuBackend for Autodiff<Flex, C> {
             }
             OpsKind::UnTracked(prep) => prep.finish(forward::gelu(x.into_primitive()).0),
         }
+    }
+
+    /// Optimisers step the parameters' values, outside the graph: the result is a constant.
+    fn fused_adamw(
+        step: AdamWStep,
+        param: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        moment_1: FloatTensor<Self>,
+        moment_2: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let inner = |t: FloatTensor<Self>| <Self as AutodiffBackend>::inner(t);
+        let (p, m, v) = forward::adamw(step, inner(param), inner(grad), inner(moment_1), inner(moment_2));
+        let outer = <Self as AutodiffBackend>::from_inner;
+        (outer(p), outer(m), outer(v))
     }
 }

@@ -13,6 +13,7 @@
 mod autodiff;
 
 pub use ov3_kernels as kernels;
+pub use ov3_kernels::AdamWStep;
 
 use burn::backend::Flex;
 use burn::backend::flex::FlexTensor;
@@ -33,6 +34,14 @@ pub trait FusedCpuBackend: Backend {
     fn fused_softmax(x: FloatTensor<Self>, scale: f64) -> FloatTensor<Self>;
     /// Exact (erf) GELU.
     fn fused_gelu(x: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// One AdamW step on a parameter (not differentiable): `(param, moment_1, moment_2)` after it.
+    fn fused_adamw(
+        step: AdamWStep,
+        param: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        moment_1: FloatTensor<Self>,
+        moment_2: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
 }
 
 /// Whether `x` takes the fused path: a non-empty f32 tensor on the flex device, with or without autodiff
@@ -79,6 +88,25 @@ pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     Tensor::from_dispatch(<Dispatch as FusedCpuBackend>::fused_gelu(x.into_dispatch()))
 }
 
+/// One AdamW step on a parameter in one pass (`kernels::adamw`): `(param, moment_1, moment_2)` after it.
+/// Only for f32 tensors on the flex device ([`fused`]); `optim::AdamW` steps the others with burn's AdamW.
+pub fn adamw<const D: usize>(
+    step: AdamWStep,
+    param: Tensor<D>,
+    grad: Tensor<D>,
+    moment_1: Tensor<D>,
+    moment_2: Tensor<D>,
+) -> (Tensor<D>, Tensor<D>, Tensor<D>) {
+    let (p, m, v) = <Dispatch as FusedCpuBackend>::fused_adamw(
+        step,
+        param.into_dispatch(),
+        grad.into_dispatch(),
+        moment_1.into_dispatch(),
+        moment_2.into_dispatch(),
+    );
+    (Tensor::from_dispatch(p), Tensor::from_dispatch(m), Tensor::from_dispatch(v))
+}
+
 /// A flex tensor's values as one contiguous f32 slice (copied only when it is a strided view).
 fn values(t: &FlexTensor) -> FlexTensor {
     t.to_contiguous()
@@ -120,6 +148,19 @@ pub(crate) mod forward {
         tensor(kernels::softmax_forward(slice(&x), last_dim(&x), scale as f32), x.layout().shape().clone())
     }
 
+    pub fn adamw(
+        step: AdamWStep,
+        param: FlexTensor,
+        grad: FlexTensor,
+        moment_1: FlexTensor,
+        moment_2: FlexTensor,
+    ) -> (FlexTensor, FlexTensor, FlexTensor) {
+        let shape = param.layout().shape().clone();
+        let [p, g, m, v] = [param, grad, moment_1, moment_2].map(|t| values(&t));
+        let (p, m, v) = kernels::adamw(&step, slice(&p), slice(&g), slice(&m), slice(&v));
+        (tensor(p, shape.clone()), tensor(m, shape.clone()), tensor(v, shape))
+    }
+
     /// `(y, x)`: the output and the contiguous input.
     pub fn gelu(x: FlexTensor) -> (FlexTensor, FlexTensor) {
         let x = values(&x);
@@ -138,5 +179,15 @@ impl FusedCpuBackend for Flex {
 
     fn fused_gelu(x: FlexTensor) -> FlexTensor {
         forward::gelu(x).0
+    }
+
+    fn fused_adamw(
+        step: AdamWStep,
+        param: FlexTensor,
+        grad: FlexTensor,
+        moment_1: FlexTensor,
+        moment_2: FlexTensor,
+    ) -> (FlexTensor, FlexTensor, FlexTensor) {
+        forward::adamw(step, param, grad, moment_1, moment_2)
     }
 }
