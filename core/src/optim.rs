@@ -103,7 +103,7 @@ pub fn clip_grad_norm<M: Module>(model: &M, grads: &mut GradientsParams, max_nor
     impl ModuleVisitor for SumSq<'_> {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
             if let Some(g) = self.0.get::<D>(param.id) {
-                let s = g.powi_scalar(2).sum();
+                let s = g.square().sum();
                 self.1 = Some(match self.1.take() {
                     Some(acc) => acc + s,
                     None => s,

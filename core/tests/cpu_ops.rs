@@ -319,7 +319,8 @@ fn adamw_kernel_matches_f64() {
             correction_1: 1.0 - 0.9f32.powi(t),
             correction_2: 1.0 - 0.95f32.powi(t),
         };
-        let (p2, m2, v2) = kernels::adamw(&step, &p, &g, &m, &v);
+        let (mut p2, mut m2, mut v2) = (p.clone(), m.clone(), v.clone());
+        kernels::adamw(&step, &mut p2, &g, &mut m2, &mut v2);
         let want: Vec<(f64, f64, f64)> =
             (0..n).map(|i| adamw_f64(p[i].into(), g[i].into(), m[i].into(), v[i].into(), lr, wd, t)).collect();
         for (what, got, want) in [

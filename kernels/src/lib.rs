@@ -366,40 +366,38 @@ pub struct AdamWStep {
     pub correction_2: f32,
 }
 
-/// AdamW on one tensor in one pass: `m' = b1 m + (1 - b1) g`, `v' = b2 v + (1 - b2) g^2`,
-/// `p' = decay p - lr (m' / c1) / (sqrt(v' / c2) + eps)`. Returns `(p', m', v')`.
-pub fn adamw(h: &AdamWStep, p: &[f32], g: &[f32], m: &[f32], v: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+/// AdamW on one tensor in one pass, in place: `m <- b1 m + (1 - b1) g`, `v <- b2 v + (1 - b2) g^2`,
+/// `p <- decay p - lr (m / c1) / (sqrt(v / c2) + eps)`.
+pub fn adamw(h: &AdamWStep, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]) {
     let n = p.len();
     assert!(g.len() == n && m.len() == n && v.len() == n, "adamw: parameter, gradient and moments differ in length");
-    let (mut p2, mut m2, mut v2) = (vec![0.0f32; n], vec![0.0f32; n], vec![0.0f32; n]);
-    let mut outs: Vec<(&mut [f32], (&mut [f32], &mut [f32]))> =
-        p2.chunks_mut(ELEM_CHUNK).zip(m2.chunks_mut(ELEM_CHUNK).zip(v2.chunks_mut(ELEM_CHUNK))).collect();
-    par_chunks_mut(&mut outs, 1, |i, out| {
-        let (p_out, (m_out, v_out)) = &mut out[0];
-        let span = i * ELEM_CHUNK..i * ELEM_CHUNK + p_out.len();
-        adamw_chunk(h, [&p[span.clone()], &g[span.clone()], &m[span.clone()], &v[span]], [p_out, m_out, v_out]);
+    let mut parts: Vec<(&mut [f32], (&mut [f32], &mut [f32]))> =
+        p.chunks_mut(ELEM_CHUNK).zip(m.chunks_mut(ELEM_CHUNK).zip(v.chunks_mut(ELEM_CHUNK))).collect();
+    par_chunks_mut(&mut parts, 1, |i, part| {
+        let (p, (m, v)) = &mut part[0];
+        let g = &g[i * ELEM_CHUNK..i * ELEM_CHUNK + p.len()];
+        adamw_chunk(h, g, [p, m, v]);
     });
-    (p2, m2, v2)
 }
 
 #[inline(never)]
-fn adamw_chunk(h: &AdamWStep, input: [&[f32]; 4], output: [&mut [f32]; 3]) {
-    struct L<'a>(&'a AdamWStep, [&'a [f32]; 4], [&'a mut [f32]; 3]);
+fn adamw_chunk(h: &AdamWStep, g: &[f32], state: [&mut [f32]; 3]) {
+    struct L<'a>(&'a AdamWStep, &'a [f32], [&'a mut [f32]; 3]);
     impl Loop for L<'_> {
         #[inline(always)]
         fn run(self) {
-            let L(h, [p, g, m, v], [p_out, m_out, v_out]) = self;
+            let L(h, g, [p, m, v]) = self;
             let n = p.len();
-            let (g, m, v, m_out, v_out) = (&g[..n], &m[..n], &v[..n], &mut m_out[..n], &mut v_out[..n]);
-            for (i, o) in p_out[..n].iter_mut().enumerate() {
+            let (g, m, v) = (&g[..n], &mut m[..n], &mut v[..n]);
+            for (i, p) in p.iter_mut().enumerate() {
                 let m1 = h.beta_1 * m[i] + (1.0 - h.beta_1) * g[i];
                 let v1 = h.beta_2 * v[i] + (1.0 - h.beta_2) * (g[i] * g[i]);
                 let delta = (m1 / h.correction_1) / ((v1 / h.correction_2).sqrt() + h.epsilon);
-                *o = h.decay * p[i] - h.lr * delta;
-                m_out[i] = m1;
-                v_out[i] = v1;
+                *p = h.decay * *p - h.lr * delta;
+                m[i] = m1;
+                v[i] = v1;
             }
         }
     }
-    widest(L(h, input, output));
+    widest(L(h, g, state));
 }

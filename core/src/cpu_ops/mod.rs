@@ -148,6 +148,7 @@ pub(crate) mod forward {
         tensor(kernels::softmax_forward(slice(&x), last_dim(&x), scale as f32), x.layout().shape().clone())
     }
 
+    /// In place where the tensors are not shared (the optimiser's own), else on copies.
     pub fn adamw(
         step: AdamWStep,
         param: FlexTensor,
@@ -155,10 +156,9 @@ pub(crate) mod forward {
         moment_1: FlexTensor,
         moment_2: FlexTensor,
     ) -> (FlexTensor, FlexTensor, FlexTensor) {
-        let shape = param.layout().shape().clone();
-        let [p, g, m, v] = [param, grad, moment_1, moment_2].map(|t| values(&t));
-        let (p, m, v) = kernels::adamw(&step, slice(&p), slice(&g), slice(&m), slice(&v));
-        (tensor(p, shape.clone()), tensor(m, shape.clone()), tensor(v, shape))
+        let [mut p, g, mut m, mut v] = [param, grad, moment_1, moment_2].map(|t| values(&t));
+        kernels::adamw(&step, p.storage_mut(), slice(&g), m.storage_mut(), v.storage_mut());
+        (p, m, v)
     }
 
     /// `(y, x)`: the output and the contiguous input.
