@@ -7,6 +7,6 @@ use burn::tensor::Tensor;
 ///
 /// Implementations hold frozen weights: gradients flow through `decode` to its input and never to its
 /// parameters.
-pub trait LatentDecoder: Sync {
+pub trait LatentDecoder {
     fn decode(&self, latents: Tensor<4>) -> Tensor<4>;
 }

@@ -170,24 +170,37 @@ pub fn seeded<T>(device: &Device, seed: u64, draw: impl FnOnce() -> T) -> T {
     draw()
 }
 
-/// Runs `f` on a thread of burn's CPU pool (rayon's global pool) and returns what it returns; in the browser,
-/// where there is no pool, here. The step's compute goes through this: flex splits a matmul or one of our
-/// kernels (`cpu_ops`) across the pool, and from a thread outside the pool every such op hands its pieces over
-/// and sleeps until they are done, a futex wake-up each time; from a pool thread the op runs its first piece
-/// itself while the other threads take the rest: the tiny step 8% faster (docs/PERFORMANCE.md).
+/// Sets up burn's CPU pool (rayon's global pool) with `threads` threads, the calling thread among them when
+/// there are two or more. Call it first thing on the main thread (`ov3` does; later calls do nothing).
 ///
-/// `f` must not wait for another thread's tensor work (the data loader's next batch): with a pool of one
-/// thread (each of two MPI ranks on a 2-core machine) that work would never run. Under MPI this thread makes
-/// the MPI calls of the step, one at a time (`Threading::Serialized`, src/parallel.rs).
-pub fn on_compute_threads<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+/// flex splits a matmul or one of our kernels (`cpu_ops`) across the pool. From a thread outside the pool
+/// every such op hands its pieces to the pool and sleeps until they are done, a futex wake-up per op; from
+/// a pool thread it runs the first piece itself while the others take the rest: the tiny training step is
+/// 8% faster (docs/PERFORMANCE.md), and the tensors stay allocated by the main thread. A pool of one
+/// thread stays apart from the main thread: the data loader's threads also queue work on the pool, and a
+/// main thread that waits for the loader's next batch would never run it.
+pub fn init_cpu_threads(threads: usize) {
     #[cfg(not(target_arch = "wasm32"))]
     {
-        let mut out = None;
-        rayon::scope(|_| out = Some(f()));
-        out.expect("rayon::scope runs its closure before it returns")
+        static DONE: std::sync::Once = std::sync::Once::new();
+        DONE.call_once(|| {
+            let mut pool = rayon::ThreadPoolBuilder::new().num_threads(threads.max(1));
+            if threads >= 2 {
+                pool = pool.use_current_thread();
+            }
+            if let Err(e) = pool.build_global() {
+                eprintln!("warning: could not set up the {threads} CPU threads ({e})");
+            }
+        });
     }
     #[cfg(target_arch = "wasm32")]
-    f()
+    let _ = threads;
+}
+
+/// `RAYON_NUM_THREADS` when set to a positive number, else every core.
+pub fn default_cpu_threads() -> usize {
+    let cores = || std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    std::env::var("RAYON_NUM_THREADS").ok().and_then(|v| v.parse().ok()).filter(|&n| n > 0).unwrap_or_else(cores)
 }
 
 /// Threads burn's CPU backend runs its kernels on (rayon's global pool: every core, `RAYON_NUM_THREADS`, or a

@@ -5,7 +5,7 @@ use burn::tensor::{Int, Tensor};
 
 /// A differentiable perceptual distance (LPIPS). Pluggable: without weights the term is absent and
 /// lambda must be 0.
-pub trait Perceptual: Sync {
+pub trait Perceptual {
     /// Mean LPIPS distance between two image batches in [-1, 1], `[B, 3, H, W]` -> scalar `[1]`.
     fn distance(&self, x: Tensor<4>, y: Tensor<4>) -> Tensor<1>;
 }

@@ -190,10 +190,7 @@ fn share_cores(ranks_here: usize) {
         return;
     }
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let threads = (cores / ranks_here).max(1);
-    if let Err(e) = rayon::ThreadPoolBuilder::new().num_threads(threads).build_global() {
-        eprintln!("warning: could not limit the CPU threads to {threads} per process ({e})");
-    }
+    crate::device::init_cpu_threads((cores / ranks_here).max(1));
 }
 
 #[cfg(feature = "mpi")]
@@ -204,9 +201,8 @@ mod mpi_group {
 
     use super::Group;
 
-    /// MPI's world communicator. MPI is called by one thread at a time (`Threading::Serialized`): the main
-    /// thread, or the pool thread it hands a step's compute to and waits for (`device::on_compute_threads`);
-    /// the data loader's threads never touch it.
+    /// MPI's world communicator. MPI is called from the main thread only (`Threading::Funneled`): the data
+    /// loader's threads never touch it.
     pub struct Mpi {
         // Finalizes MPI when dropped.
         _universe: Universe,
@@ -217,14 +213,8 @@ mod mpi_group {
 
     impl Mpi {
         pub fn init() -> Result<Self, String> {
-            let (universe, provided) = mpi::initialize_with_threading(mpi::Threading::Serialized)
+            let (universe, _) = mpi::initialize_with_threading(mpi::Threading::Funneled)
                 .ok_or("MPI was already initialised in this process")?;
-            if !matches!(provided, mpi::Threading::Serialized | mpi::Threading::Multiple) {
-                return Err(format!(
-                    "this MPI library provides thread support {provided:?}; ov3 needs MPI_THREAD_SERIALIZED \
-                     (Open MPI and MPICH provide it)"
-                ));
-            }
             let world = universe.world();
             let local = world.split_shared(world.rank());
             super::share_cores(local.size() as usize);

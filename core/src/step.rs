@@ -10,7 +10,6 @@ use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
 
 use crate::config::Precision;
-use crate::device::on_compute_threads;
 use crate::model::{Batch, Frozen, LossOutput, LossWeights, Noise, Ov3};
 use crate::optim::{clip_grad_norm, step_with_decoder_lr};
 use crate::parallel::{Group, mean_gradients};
@@ -145,34 +144,24 @@ pub fn train_step<E>(
         let mut accumulator = GradientsAccumulator::<Ov3>::new();
         let mut record = StepRecord::default();
         for micro in 0..spec.accumulate {
-            // The next batch is waited for here, outside the compute threads (see `on_compute_threads`).
             if batches.len() == micro {
                 batches.push(next_batch().map_err(StepError::Batch)?);
             }
             let noise = Noise { tau: spec.tau, seed: micro_batch_seed(spec.noise_seed, micro) };
-            let (batch, model, record) = (&batches[micro], &model, &mut record);
-            let grads = on_compute_threads(|| {
-                let out = model.losses(batch, &spec.weights, noise, spec.frozen, group);
-                add_terms(record, &read_terms(&out), 1.0 / spec.accumulate as f64);
-                let loss = out.total.div_scalar(spec.accumulate as f64);
-                let grads = if scale.dynamic { loss.mul_scalar(scale.scale) } else { loss }.backward();
-                GradientsParams::from_grads(grads, model)
-            });
-            accumulator.accumulate(&model, grads);
+            let out = model.losses(&batches[micro], &spec.weights, noise, spec.frozen, group);
+            add_terms(&mut record, &read_terms(&out), 1.0 / spec.accumulate as f64);
+            let loss = out.total.div_scalar(spec.accumulate as f64);
+            let grads = if scale.dynamic { loss.mul_scalar(scale.scale) } else { loss }.backward();
+            accumulator.accumulate(&model, GradientsParams::from_grads(grads, &model));
         }
         let mut grads = accumulator.grads();
-        let (model_ref, grads_ref, record_ref) = (&model, &mut grads, &mut record);
-        let finite = on_compute_threads(|| {
-            if group.size() > 1 {
-                group_mean(model_ref, grads_ref, record_ref, group);
-            }
-            if let Some((term, value)) = record_ref.terms().into_iter().find(|(_, v)| !v.is_finite()) {
-                return Err(format!("the {term} loss is {value}"));
-            }
-            record_ref.grad_norm = clip_grad_norm(model_ref, grads_ref, spec.clip, scale.scale);
-            Ok(())
-        });
-        finite.map_err(StepError::NonFinite)?;
+        if group.size() > 1 {
+            group_mean(&model, &mut grads, &mut record, group);
+        }
+        if let Some((term, value)) = record.terms().into_iter().find(|(_, v)| !v.is_finite()) {
+            return Err(StepError::NonFinite(format!("the {term} loss is {value}")));
+        }
+        record.grad_norm = clip_grad_norm(&model, &mut grads, spec.clip, scale.scale);
         record.loss_scale = scale.dynamic.then_some(scale.scale);
         if !record.grad_norm.is_finite() {
             // An f16 gradient overflowed (the same on every rank: the norm is the group's): again, at half the scale.
@@ -182,7 +171,7 @@ pub fn train_step<E>(
             }
             continue;
         }
-        let model = on_compute_threads(|| step_with_decoder_lr(optim, model, grads, spec.lr, spec.lr_decoders));
+        let model = step_with_decoder_lr(optim, model, grads, spec.lr, spec.lr_decoders);
         return Ok(Stepped { model, record, loss_scale: scale.after_good_step() });
     }
 }

@@ -111,6 +111,8 @@ fn main() {
         eprintln!("error: {e}");
         std::process::exit(1);
     });
+    // burn's CPU threads, this one among them (after the data-parallel group, which may have sized them).
+    device::init_cpu_threads(device::default_cpu_threads());
     if group.size() > 1 {
         // A rank that panics must end the job: unwinding would finalise MPI and leave the others waiting.
         let report = std::panic::take_hook();
