@@ -122,7 +122,7 @@ impl<C: CheckpointStrategy> FusedCpuBackend for Autodiff<Flex, C> {
         moment_2: FloatTensor<Self>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         let inner = |t: FloatTensor<Self>| <Self as AutodiffBackend>::inner(t);
-        let (p, m, v) = forward::adamw(step, inner(param), inner(grad), inner(moment_1), inner(moment_2));
+        let (p, m, v) = Flex::fused_adamw(step, inner(param), inner(grad), inner(moment_1), inner(moment_2));
         let outer = <Self as AutodiffBackend>::from_inner;
         (outer(p), outer(m), outer(v))
     }

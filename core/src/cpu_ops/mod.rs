@@ -148,19 +148,6 @@ pub(crate) mod forward {
         tensor(kernels::softmax_forward(slice(&x), last_dim(&x), scale as f32), x.layout().shape().clone())
     }
 
-    /// In place where the tensors are not shared (the optimiser's own), else on copies.
-    pub fn adamw(
-        step: AdamWStep,
-        param: FlexTensor,
-        grad: FlexTensor,
-        moment_1: FlexTensor,
-        moment_2: FlexTensor,
-    ) -> (FlexTensor, FlexTensor, FlexTensor) {
-        let [mut p, g, mut m, mut v] = [param, grad, moment_1, moment_2].map(|t| values(&t));
-        kernels::adamw(&step, p.storage_mut(), slice(&g), m.storage_mut(), v.storage_mut());
-        (p, m, v)
-    }
-
     /// `(y, x)`: the output and the contiguous input.
     pub fn gelu(x: FlexTensor) -> (FlexTensor, FlexTensor) {
         let x = values(&x);
@@ -188,6 +175,9 @@ impl FusedCpuBackend for Flex {
         moment_1: FlexTensor,
         moment_2: FlexTensor,
     ) -> (FlexTensor, FlexTensor, FlexTensor) {
-        forward::adamw(step, param, grad, moment_1, moment_2)
+        // In place where the tensors are not shared (the optimiser's own), else on copies.
+        let [mut p, g, mut m, mut v] = [param, grad, moment_1, moment_2].map(|t| values(&t));
+        kernels::adamw(&step, p.storage_mut(), slice(&g), m.storage_mut(), v.storage_mut());
+        (p, m, v)
     }
 }
