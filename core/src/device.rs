@@ -176,7 +176,7 @@ pub fn seeded<T>(device: &Device, seed: u64, draw: impl FnOnce() -> T) -> T {
 /// flex splits a matmul or one of our kernels (`cpu_ops`) across the pool. From a thread outside the pool
 /// every such op hands its pieces to the pool and sleeps until they are done, a futex wake-up per op; from
 /// a pool thread it runs the first piece itself while the others take the rest: the tiny training step is
-/// 8% faster (docs/PERFORMANCE.md), and the tensors stay allocated by the main thread. A pool of one
+/// 13% faster (docs/PERFORMANCE.md), and the tensors stay allocated by the main thread. A pool of one
 /// thread stays apart from the main thread: the data loader's threads also queue work on the pool, and a
 /// main thread that waits for the loader's next batch would never run it.
 pub fn init_cpu_threads(threads: usize) {

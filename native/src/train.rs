@@ -22,12 +22,12 @@ use crate::report::print_report;
 
 #[derive(Args)]
 pub struct TrainArgs {
-    /// Training recipe (TOML, DESIGN §4). Without it: the quick recipe (tiny preset, embedded data, ~15 min on
+    /// Training recipe (TOML, DESIGN §4). Without it: the quick recipe (tiny preset, embedded data, ~8 min on
     /// a 2-core CPU); `ov3 train --print-config` shows it.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Built-in recipe when no --config is given: quick (the main job, ~15 min on 2 CPU cores), demo (the
-    /// shipped checkpoint's, ~1 h) or paper (Table 1 of the paper at a batch one machine holds: 128 px at
+    /// Built-in recipe when no --config is given: quick (the main job, ~8 min on 2 CPU cores), demo (the
+    /// shipped checkpoint's, ~45 min) or paper (Table 1 of the paper at a batch one machine holds: 128 px at
     /// batch 256, then 256 px at batch 128, base LR 8e-6 then 4e-7 per 256 images; use with --preset).
     #[arg(long, conflicts_with = "config", default_value = "quick")]
     recipe: Recipe,

@@ -169,7 +169,7 @@ pub const RESUMABLE_KEYS: [&str; 11] = [
 pub const RESUMABLE_STAGE_KEYS: [&str; 4] = ["lr", "warmup", "min_lr_ratio", "lr_decoders"];
 
 impl TrainConfig {
-    /// The README's main job: the tiny preset on the embedded world, sized to finish in about 15 minutes on
+    /// The README's main job: the tiny preset on the embedded world, sized to finish in about 8 minutes on
     /// a 2-core CPU. Two stages at 10:1 like the paper's recipe, at 64 then 128 px (a quarter of the paper's
     /// pixels, which the CPU can afford), with the latent term of L_rec only (`pixel_loss = false`). Batch 16
     /// for twice the steps of batch 32 over the same images (+0.95 dB PSNR, higher recall), captions as words
@@ -185,7 +185,7 @@ impl TrainConfig {
     /// The recipe of the shipped demo checkpoint: the quick recipe over 4.5x its low-res steps and 9x its
     /// high-res ones (2880 + 576) with byte-level captions, so that the browser demo can rank whatever the
     /// user types, on real photographs and the embedded world in about equal shares (`ov3 data prepare real
-    /// --out data/real` first: it needs the packages the README names); about an hour on 2 cores. Twice the
+    /// --out data/real` first: it needs the packages the README names); about 45 minutes on 2 cores. Twice the
     /// steps of the first demo recipe (1440 + 144) gave +1.6 dB on real held-out photographs and 2-4x its
     /// retrieval (assets/demo/README.md).
     pub fn demo() -> Self {
