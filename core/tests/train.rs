@@ -147,6 +147,39 @@ fn resume_after_interrupt_matches_a_straight_run() {
     }
 }
 
+/// A finished run trained further: a resume whose config appends a stage continues from the last
+/// checkpoint and ends with the weights of a run that had the extra stage from the start (each stage has its
+/// own schedule, seed and data stream). The added stage is logged; removing a stage is refused.
+#[test]
+fn appending_a_stage_to_a_finished_run_matches_a_straight_run_with_it() {
+    let tmp = ov3_core::fsio::ScratchDir::new().expect("tmp");
+    let (straight, extended) = (tmp.path().join("straight"), tmp.path().join("extended"));
+    let short = config();
+    let mut long = short.clone();
+    let mut more = long.stages[1].clone();
+    (more.name, more.steps, more.lr) = ("c".into(), 2, 0.05);
+    long.stages.push(more);
+    assert!(matches!(run(&straight, &long, false, None), Ok(Outcome::Finished { step: 8, .. })));
+    assert!(matches!(run(&extended, &short, false, None), Ok(Outcome::Finished { step: 6, .. })));
+    let (resumed, notes) = run_noted(&extended, &long, true, None);
+    assert!(matches!(resumed, Ok(Outcome::Finished { step: 8, .. })), "{resumed:?}");
+    assert!(notes.iter().any(|n| n.contains("stages[2]: added")), "{notes:?}");
+
+    let (a, b) = (steps(&straight), steps(&extended));
+    assert_eq!(b.iter().map(|r| r.step).collect::<Vec<_>>(), (1..=8).collect::<Vec<_>>());
+    for (x, y) in a.iter().zip(&b) {
+        for ((name, u), (_, v)) in x.terms().into_iter().zip(y.terms()) {
+            assert!((u - v).abs() <= 1e-5 * u.abs().max(1.0), "step {} {name}: {u} vs {v}", x.step);
+        }
+    }
+    for ((name, _, u), (_, _, v)) in final_weights(&straight).iter().zip(final_weights(&extended)) {
+        let worst = u.iter().zip(&v).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
+        assert!(worst <= 1e-5, "{name}: weights differ by {worst}");
+    }
+    let err = run(&extended, &short, true, None).expect_err("a resume that drops a stage");
+    assert!(err.to_string().contains("not removed"), "{err}");
+}
+
 /// The largest |weight| of a checkpoint.
 fn max_abs_weight(dir: &Path) -> f32 {
     named_values(&load(&dir.join(MODEL_FILE)).0)

@@ -323,8 +323,9 @@ impl TrainConfig {
     /// What a resumed run changes relative to the config it was started with, one line per key
     /// (`stages[1].lr: 0.0005 -> 0.00025`). Only keys that leave the data stream, the model and the meaning
     /// of the saved position alone may change ([`RESUMABLE_KEYS`], [`RESUMABLE_STAGE_KEYS`]: the learning
-    /// rate after a NaN stop, how often to evaluate or checkpoint...); any other difference is refused,
-    /// naming the key.
+    /// rate after a NaN stop, how often to evaluate or checkpoint...), and stages may be appended (a
+    /// finished run trained further, as a run with all the stages from the start would have been); any
+    /// other difference is refused, naming the key.
     pub fn resume_changes(&self, saved: &TrainConfig) -> Result<Vec<String>, String> {
         let table = |c: &TrainConfig| match toml::Value::try_from(c) {
             Ok(toml::Value::Table(t)) => Ok(t),
@@ -346,8 +347,14 @@ impl TrainConfig {
         for key in new.keys().chain(old.keys()).filter(|k| *k != "stages").collect::<std::collections::BTreeSet<_>>() {
             compare(key.clone(), new.get(key), old.get(key), RESUMABLE_KEYS.contains(&key.as_str()))?;
         }
-        if self.stages.len() != saved.stages.len() {
-            return Err(format!("the number of stages differs ({} -> {})", saved.stages.len(), self.stages.len()));
+        // Stages may be appended (a finished run trained further): each stage has its own schedule, data
+        // stream and seed, so the stages already run mean what they meant. Removing one would not.
+        if self.stages.len() < saved.stages.len() {
+            return Err(format!(
+                "the number of stages differs ({} -> {}); stages may be added at the end, not removed",
+                saved.stages.len(),
+                self.stages.len()
+            ));
         }
         let stages = |t: &toml::Table| t.get("stages").and_then(|s| s.as_array()).cloned().unwrap_or_default();
         for (i, (a, b)) in stages(&new).iter().zip(stages(&old).iter()).enumerate() {
@@ -356,6 +363,9 @@ impl TrainConfig {
                 let allowed = RESUMABLE_STAGE_KEYS.contains(&key.as_str());
                 compare(format!("stages[{i}].{key}"), a.get(key), b.get(key), allowed)?;
             }
+        }
+        for (i, s) in self.stages.iter().enumerate().skip(saved.stages.len()) {
+            changes.push(format!("stages[{i}]: added (`{}`, {} px, {} steps)", s.name, s.resolution, s.steps));
         }
         Ok(changes)
     }
