@@ -361,7 +361,7 @@ fn prepare_run(
         let changes = cfg.resume_changes(&saved).map_err(|difference| {
             TrainError::Refused(format!(
                 "{} was started with a different config ({difference}); a resume may change only the learning-rate \
-                 schedule and the logging/evaluation/checkpoint settings; train into a new --out",
+                 schedule and the logging/evaluation/checkpoint settings, and append stages; train into a new --out",
                 run.display()
             ))
         })?;
