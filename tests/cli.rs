@@ -341,6 +341,11 @@ fn train_then_use_the_run_end_to_end() {
     // A finished run refuses a fresh start into the same folder; --resume has nothing left to do.
     let again = ov3(&["train", "--config", recipe_s, "--out", run_s, "--backend", "cpu"]);
     assert!(!again.status.success() && text(&again).1.contains("already holds a run"));
+    // --resume with a recipe named resumes into that recipe (a run of an older recipe continues into its
+    // added stages); the quick recipe is another run altogether, refused with the difference named.
+    let other = ov3(&["train", "--recipe", "quick", "--out", run_s, "--resume", "--backend", "cpu"]);
+    let (_, stderr) = text(&other);
+    assert!(!other.status.success() && stderr.contains("was started with a different config"), "{stderr}");
 
     let photo = concat!(env!("CARGO_MANIFEST_DIR"), "/../assets/photos/coffee.jpg");
     let rec = tmp.path().join("rec.png");

@@ -29,8 +29,10 @@ pub struct TrainArgs {
     /// Built-in recipe when no --config is given: quick (the main job, ~8 min on 2 CPU cores), demo (the
     /// shipped checkpoint's, ~45 min) or paper (Table 1 of the paper at a batch one machine holds: 128 px at
     /// batch 256, then 256 px at batch 128, base LR 8e-6 then 4e-7 per 256 images; use with --preset).
-    #[arg(long, conflicts_with = "config", default_value = "quick")]
-    recipe: Recipe,
+    /// Default: quick; with --resume, the run's own config (a recipe named with --resume is used, so a run of
+    /// an older recipe with fewer stages continues into the new ones).
+    #[arg(long, conflicts_with = "config")]
+    recipe: Option<Recipe>,
     /// Overrides of the recipe.
     #[arg(long)]
     preset: Option<Preset>,
@@ -86,8 +88,8 @@ pub fn run(args: TrainArgs, group: &dyn Group) -> anyhow::Result<()> {
     let mut cfg = match (&args.config, &args.out) {
         (Some(path), _) => read(path)?,
         // Resuming without a config continues with the one the run was started with.
-        (None, Some(out)) if args.resume => read(&out.join(CONFIG_FILE))?,
-        (None, _) => match args.recipe {
+        (None, Some(out)) if args.resume && args.recipe.is_none() => read(&out.join(CONFIG_FILE))?,
+        (None, _) => match args.recipe.unwrap_or(Recipe::Quick) {
             Recipe::Quick => TrainConfig::quick(),
             Recipe::Demo => TrainConfig::demo(),
             Recipe::Paper => TrainConfig::paper(args.preset.unwrap_or(Preset::Base)),
