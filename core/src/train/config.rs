@@ -183,11 +183,11 @@ impl TrainConfig {
     }
 
     /// The recipe of the shipped demo checkpoint: the quick recipe over 4.5x its low-res steps and 9x its
-    /// high-res ones (2880 + 576) with byte-level captions, so that the browser demo can rank whatever the
-    /// user types, on real photographs and the embedded world in about equal shares (`ov3 data prepare real
-    /// --out data/real` first: it needs the packages the README names); about 45 minutes on 2 cores. Twice the
-    /// steps of the first demo recipe (1440 + 144) gave +1.6 dB on real held-out photographs and 2-4x its
-    /// retrieval (assets/demo/README.md).
+    /// high-res ones (2880 + 576), then a third stage at 128 px (1728), with byte-level captions, so that the
+    /// browser demo can rank whatever the user types, on real photographs and the embedded world in about
+    /// equal shares (`ov3 data prepare real --out data/real` first: it needs the packages the README names);
+    /// about 100 minutes on 2 cores. Twice the steps of the first demo recipe (1440 + 144) gave +1.6 dB on
+    /// real held-out photographs, the third stage another +1.1 dB (assets/demo/README.md).
     pub fn demo() -> Self {
         let mut cfg = Self::embedded_recipe(2880, 576);
         cfg.data = format!("{DEMO_REAL_DATA}/train+synthetic:4000");
