@@ -64,7 +64,7 @@ pub struct TrainArgs {
     /// Multiplies every stage's peak learning rate. With --resume it continues a run at another rate (after
     /// a NaN stop, say); the change is logged in metrics.jsonl and config.toml. A resume may change only the
     /// learning-rate schedule and the logging, evaluation and checkpoint settings, and append stages (with
-    /// --config: a finished run trained further).
+    /// --config or --recipe: a finished run trained further).
     #[arg(long)]
     lr_scale: Option<f64>,
     /// Run folder (checkpoints, metrics.jsonl, grids, plots, eval.json). Default: runs/<preset>-<unix time>.
