@@ -16,7 +16,9 @@ note() { echo "## $*"; }
 # The binary and, if the machine has none, the Vulkan loader.
 if [ -f .gpu/ov3.xz ]; then xz -dc .gpu/ov3.xz >/tmp/ov3 && chmod +x /tmp/ov3; ov3=/tmp/ov3
 else ov3=${OV3:-${CARGO_TARGET_DIR:-target}/debug/ov3}; fi
-if ! ldconfig -p | grep -q libvulkan.so.1 && ls .gl/*.deb >/dev/null 2>&1; then
+# The loader and glvnd (libGLX_nvidia, NVIDIA's Vulkan ICD, needs libGLdispatch): unpacked always, since a
+# machine with libvulkan may still lack glvnd ("Could not get 'vkCreateInstance'" from the loader).
+if [ "${OV3_GPU_SMOKE:-0}" != 1 ] && ls .gl/*.deb >/dev/null 2>&1; then
   for f in .gl/*.deb; do dpkg -x "$f" /; done
   ldconfig
 fi
@@ -25,6 +27,7 @@ note "commit $(cat .gpu/commit 2>/dev/null || git rev-parse --short HEAD 2>/dev/
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | sed 's/^/## nvidia-smi: /'
 info=$("$ov3" info --backend wgpu 2>&1)
 if ! grep -q "wgpu on" <<<"$info" && [ -f /usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json ]; then
+  echo "## no adapter at first: $(echo "$info" | tail -1)"
   # No adapter found: point the loader at NVIDIA's ICD (the device notes' recipe).
   export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
   export __EGL_VENDOR_LIBRARY_FILENAMES=/usr/local/nvidia/share/glvnd/egl_vendor.d/10_nvidia.json

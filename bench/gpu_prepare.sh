@@ -15,20 +15,25 @@ strip .gpu/ov3
 xz -f -T2 -6 .gpu/ov3
 o=(-oAPT::Architecture=amd64 -oAPT::Architectures=amd64 -oDir::State::Lists=/tmp/amd64)
 apt-get "${o[@]}" update -qq
-(cd .gl && apt-get "${o[@]}" download libvulkan1 >/dev/null)
+# libvulkan1 and glvnd: NVIDIA's Vulkan ICD (libGLX_nvidia) needs libGLdispatch; without it the loader says
+# "Could not get 'vkCreateInstance'" and wgpu finds no adapter (session 22, H100).
+(cd .gl && apt-get "${o[@]}" download libvulkan1 libegl1 libglvnd0 libopengl0 libgl1 libglx0 libgles2 >/dev/null)
 git rev-parse --short HEAD >.gpu/commit
 ls -l .gpu .gl
 
 # The autoencoder's training images for bench/gpu_ae.sh (issue 23), if `ov3 data prepare real` can run here
 # (it needs the Debian/PyPI packages the README names): real photographs + 1200 world scenes, shrunk to
-# ~27 MB of JPEG (tools/pack_ae_data.py) so that they travel with the tree (64 MiB in all per call).
+# JPEG (tools/pack_ae_data.py), as many as fit beside the tracked tree in one transfer (the device tool refused 64.2 MB in all
+# and took 59.6 MB in session 22, so the pack stays 3 MB under 64 MB).
 grep -qx '/.gpu-ae/' .git/info/exclude 2>/dev/null || echo /.gpu-ae/ >>.git/info/exclude
 real=${OV3_REAL:-/tmp/ov3-real}
 ov3=${CARGO_TARGET_DIR:-target}/debug/ov3
 if [ -d "$real/train" ] || "$ov3" data prepare real --out "$real"; then
   [ -d /tmp/ov3-world ] || "$ov3" datagen --n 1200 --res 128 --out /tmp/ov3-world
   rm -rf .gpu-ae
-  python3 tools/pack_ae_data.py --out .gpu-ae "$real/train" /tmp/ov3-world
+  tracked=$(git ls-files -z | xargs -0 cat | wc -c)
+  python3 tools/pack_ae_data.py --out .gpu-ae "$real/train" /tmp/ov3-world \
+    --max-mb "$(python3 -c "print(round(64 - $tracked / 1e6 - 3, 1))")"
   mv .gpu-ae/ov3-world .gpu-ae/world
   du -sh .gpu-ae
 else

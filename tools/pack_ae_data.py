@@ -7,7 +7,10 @@ pixels, into OUT/<name of SRC>/; `tools/train_ae.py --data OUT/train --world OUT
 shrink costs the training crops some detail (a crop of 45% of a 160 px side is upscaled to 128 px), which is
 why this is for GPU sessions only; the CPU recipe reads the full-size folders.
 
-    python3 tools/pack_ae_data.py --out .gpu-ae /tmp/real/train /tmp/world --limit 0 1200
+    python3 tools/pack_ae_data.py --out .gpu-ae /tmp/real/train /tmp/world --limit 0 1200 --max-mb 22
+
+--max-mb keeps the whole pack at about that many MB (10^6 bytes; within ~2%) by leaving out evenly spaced images of every
+folder, the same share of each, and says how many.
 """
 
 import argparse
@@ -24,8 +27,10 @@ def main():
     p.add_argument("--side", type=int, default=160)
     p.add_argument("--quality", type=int, default=85)
     p.add_argument("--limit", type=int, nargs="*", default=[], help="images per folder (0 = all), in order")
+    p.add_argument("--max-mb", type=float, default=0, help="leave out evenly spaced images to stay near this")
     a = p.parse_args()
     total = 0
+    packed = []
     for i, src in enumerate(a.src):
         files = sorted(glob.glob(os.path.join(src, "*.png")) + glob.glob(os.path.join(src, "*.jpg")))
         limit = a.limit[i] if i < len(a.limit) and a.limit[i] > 0 else len(files)
@@ -40,6 +45,19 @@ def main():
             im.save(out, "JPEG", quality=a.quality)
             total += os.path.getsize(out)
         print(f"{src}: {limit} images -> {dst}")
+        packed.append(dst)
+    if a.max_mb and total > a.max_mb * 1e6:
+        keep = a.max_mb * 1e6 / total * 0.98  # a little under: the kept images' sizes vary
+        total = 0
+        for dst in packed:
+            files = sorted(os.listdir(dst))
+            kept = {int(i / keep) for i in range(int(len(files) * keep))}
+            for j, f in enumerate(files):
+                if j in kept:
+                    total += os.path.getsize(os.path.join(dst, f))
+                else:
+                    os.remove(os.path.join(dst, f))
+            print(f"{dst}: kept {len(kept)} of {len(files)} images (--max-mb {a.max_mb:g})")
     print(f"{total / 1e6:.1f} MB in {a.out}")
 
 
