@@ -8,7 +8,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 grep -qx '/.gl/' .git/info/exclude 2>/dev/null || echo /.gl/ >>.git/info/exclude
 grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo /.gpu/ >>.git/info/exclude
-cargo build -q -p ov3
+# OV3_GPU_FUSION=1 builds with burn's kernel fusion (`--features fusion`, a cold build of the burn stack the
+# first time: ~45 min on 2 cores), the comparison issue 22 needs next (docs/GPU.md).
+features=()
+[ "${OV3_GPU_FUSION:-0}" = 1 ] && features=(--features fusion)
+cargo build -q -p ov3 "${features[@]}"
 mkdir -p .gpu .gl /tmp/amd64/partial
 cp "${CARGO_TARGET_DIR:-target}/debug/ov3" .gpu/ov3
 strip .gpu/ov3
@@ -18,7 +22,7 @@ apt-get "${o[@]}" update -qq
 # libvulkan1 and glvnd: NVIDIA's Vulkan ICD (libGLX_nvidia) needs libGLdispatch; without it the loader says
 # "Could not get 'vkCreateInstance'" and wgpu finds no adapter (session 22, H100).
 (cd .gl && apt-get "${o[@]}" download libvulkan1 libegl1 libglvnd0 libopengl0 libgl1 libglx0 libgles2 >/dev/null)
-git rev-parse --short HEAD >.gpu/commit
+echo "$(git rev-parse --short HEAD)${features:+ ${features[*]}}" >.gpu/commit
 ls -l .gpu .gl
 
 # The autoencoder's training images for bench/gpu_ae.sh (issue 23), if `ov3 data prepare real` can run here

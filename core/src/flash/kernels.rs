@@ -2,7 +2,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use burn::backend::ops::{FloatTensorOps, IntTensorOps};
+use burn::backend::ops::FloatTensorOps;
 use burn::backend::wgpu::{
     CubeBackend, CubeDim, CubeTensor, KernelSource, SourceKernel, SourceTemplate, into_contiguous,
 };
@@ -128,11 +128,6 @@ fn cast(t: CubeTensor, dtype: DType) -> CubeTensor {
     if t.dtype == dtype { t } else { CubeBackend::float_cast(t, FloatDType::from(dtype)) }
 }
 
-/// The `[B, N]` key padding as f32 (1.0 = padding), the layout the kernels read.
-pub fn padding_as_float(padding: CubeTensor) -> CubeTensor {
-    into_contiguous(CubeBackend::int_into_float(padding, FloatDType::F32))
-}
-
 /// A new contiguous f32 or f16 tensor on `like`'s device, NaN-filled when poisoning is on.
 fn output(like: &CubeTensor, shape: Vec<usize>, dtype: DType) -> CubeTensor {
     let elems: usize = shape.iter().product();
@@ -178,7 +173,7 @@ fn launch(stage: Stage, tiles: Tiles, [b, h, n, _]: [usize; 4], buffers: &[&Cube
 }
 
 /// Output `[B, H, N, Dh]` (the inputs' dtype) and log-sum-exp `[B, H, N]` (f32). `padding`: `[B, N]`
-/// f32 from [`padding_as_float`].
+/// f32, contiguous, 1.0 where the key is padding.
 pub fn forward(
     q: CubeTensor,
     k: CubeTensor,

@@ -28,6 +28,8 @@ pub enum Rule {
     Prefix(usize),
 }
 
+/// The differentiable op the model calls: on burn's autodiff backend it records [`FlashKernels::flash_backward`]
+/// for the backward pass (`autodiff.rs`), on the plain backend it is the forward kernel alone.
 #[backend_extension(Cube, Autodiff)]
 pub trait FlashAttentionBackend: Backend {
     /// `q`, `k`, `v`: `[B, H, N, Dh]` f32; `key_padding`: `[B, N]`, nonzero where the key is padding.
@@ -40,7 +42,75 @@ pub trait FlashAttentionBackend: Backend {
     ) -> FloatTensor<Self>;
 }
 
-impl FlashAttentionBackend for burn::backend::wgpu::CubeBackend {
+/// The kernels themselves, on the backend that runs them: cubecl's, or (with burn's `fusion` feature) the
+/// fusion backend wrapping it, which queues them as opaque operations between its fused element-wise blocks.
+#[backend_extension(Cube, Fusion: cfg(feature = "fusion"))]
+pub trait FlashKernels: Backend {
+    /// Output `[B, H, N, Dh]` (the inputs' dtype) and the log-sum-exp `[B, H, N]` (f32); `padding` `[B, N]`
+    /// float, 1 where the key is padding.
+    #[fusion(meta = |q, _k, _v, _padding, _rule| (q.clone(), lse_spec(q)))]
+    fn flash_forward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        padding: FloatTensor<Self>,
+        rule: Rule,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+
+    /// dQ, dK, dV for the upstream gradient `grad_out`, from the forward's output and log-sum-exp.
+    #[allow(clippy::too_many_arguments)]
+    #[fusion(meta = |q, k, v, _out, _lse, _grad_out, _padding, _rule| (q.clone(), k.clone(), v.clone()))]
+    fn flash_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        out: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        grad_out: FloatTensor<Self>,
+        padding: FloatTensor<Self>,
+        rule: Rule,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+}
+
+/// The log-sum-exp's shape and dtype for queries `q` (`[B, H, N]`, f32), for the fusion backend's queue.
+#[cfg(feature = "fusion")]
+fn lse_spec(q: &burn::backend::fusion::custom::TensorSpec) -> burn::backend::fusion::custom::TensorSpec {
+    let dims = q.shape.dims::<4>();
+    let shape = burn::tensor::Shape::from(vec![dims[0], dims[1], dims[2]]);
+    burn::backend::fusion::custom::TensorSpec::new(shape, burn::backend::DType::F32)
+}
+
+impl FlashKernels for burn::backend::wgpu::CubeBackend {
+    fn flash_forward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        padding: FloatTensor<Self>,
+        rule: Rule,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        kernels::forward(q, k, v, burn::backend::wgpu::into_contiguous(padding), rule)
+    }
+
+    fn flash_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        out: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        grad_out: FloatTensor<Self>,
+        padding: FloatTensor<Self>,
+        rule: Rule,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        kernels::backward(q, k, v, out, lse, grad_out, burn::backend::wgpu::into_contiguous(padding), rule)
+    }
+}
+
+/// The key padding `[B, N]` (nonzero = padding) as the float mask the kernels read.
+fn padding_as_float<B: Backend>(key_padding: IntTensor<B>) -> FloatTensor<B> {
+    B::int_into_float(key_padding, burn::backend::FloatDType::F32)
+}
+
+impl FlashAttentionBackend for CubeDispatched {
     fn flash_attention(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
@@ -48,9 +118,15 @@ impl FlashAttentionBackend for burn::backend::wgpu::CubeBackend {
         key_padding: IntTensor<Self>,
         rule: Rule,
     ) -> FloatTensor<Self> {
-        kernels::forward(q, k, v, kernels::padding_as_float(key_padding), rule).0
+        Self::flash_forward(q, k, v, padding_as_float::<Self>(key_padding), rule).0
     }
 }
+
+/// The backend burn's dispatch runs a wgpu device on: cubecl's, wrapped by fusion when that feature is on.
+#[cfg(not(feature = "fusion"))]
+type CubeDispatched = burn::backend::wgpu::CubeBackend;
+#[cfg(feature = "fusion")]
+type CubeDispatched = burn::backend::fusion::Fusion<burn::backend::wgpu::CubeBackend>;
 
 /// Head dimensions the kernels are compiled for: each invocation keeps a few rows of this length in
 /// registers, so very wide heads would spill; the model's heads are 32-128 wide.
