@@ -94,18 +94,19 @@ fn check(args: CheckArgs) -> anyhow::Result<()> {
     let device = args.common.device()?.device;
     let vae = Vae::load_or_embedded(args.vae.as_deref(), &device)?;
     let world = World::new(args.common.seed, Split::Heldout);
-    let mut rows: Vec<(String, Vec<(String, RgbImage)>)> = vec![];
+    // (row name, its images, whether it is one of --images)
+    let mut rows: Vec<(String, Vec<(String, RgbImage)>, bool)> = vec![];
     if args.n > 0 {
         let scenes = (0..args.n).map(|i| (format!("synthetic-{i}"), world.sample(i, args.res).image));
-        rows.push((format!("held-out synthetic ({} scenes)", args.n), scenes.collect()));
+        rows.push((format!("held-out synthetic ({} scenes)", args.n), scenes.collect(), false));
     }
     for path in &args.images {
         let name = path.display().to_string();
-        rows.push((name.clone(), vec![(name, resize_center_crop(&load_rgb(path)?, args.res))]));
+        rows.push((name.clone(), vec![(name, resize_center_crop(&load_rgb(path)?, args.res))], true));
     }
     if let Some(spec) = &args.data {
         let images = spec_images(spec, args.res)?;
-        rows.push((format!("{spec} ({} images)", images.len()), images));
+        rows.push((format!("{spec} ({} images)", images.len()), images, false));
     }
     let mut worst = vec![];
     println!(
@@ -122,14 +123,14 @@ fn check(args: CheckArgs) -> anyhow::Result<()> {
     };
     // The --images together, as one more row when there are several: issue 23's goals are on the average.
     let mut files = Scores::default();
-    for (name, images) in rows {
+    for (name, images, is_file) in rows {
         let pixels: Vec<RgbImage> = images.iter().map(|(_, img)| img.clone()).collect();
         let s = score_images(&pixels, |x| LatentDecoder::decode(&vae, vae.encode(x)), &device)?;
         if images.len() > 1 {
             worst.push(format!("{name}: {}", s.worst_image(&images)));
         }
         print_row(&name, &s);
-        if args.images.iter().any(|p| p.display().to_string() == name) {
+        if is_file {
             files.extend(s);
         }
     }
