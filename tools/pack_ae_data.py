@@ -29,6 +29,8 @@ def main():
     p.add_argument("--limit", type=int, nargs="*", default=[], help="images per folder (0 = all), in order")
     p.add_argument("--max-mb", type=float, default=0, help="leave out evenly spaced images to stay near this")
     a = p.parse_args()
+    if a.max_mb < 0:
+        p.error(f"--max-mb {a.max_mb:g}: must be positive (0 = no limit); nothing fits beside a tree this large")
     total = 0
     packed = []
     for i, src in enumerate(a.src):
