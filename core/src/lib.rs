@@ -1,5 +1,6 @@
 //! ov3-core: OpenVision 3, a unified visual tokenizer, on burn. One code path for every device.
 
+pub mod adamw_gpu;
 pub mod autoencoder;
 pub mod config;
 pub mod cpu_ops;

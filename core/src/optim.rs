@@ -6,6 +6,7 @@ use burn::optim::{
 };
 use burn::tensor::{DType, Device, Tensor};
 
+use crate::adamw_gpu;
 use crate::cpu_ops::{self, AdamWStep};
 
 use crate::model::Ov3;
@@ -16,10 +17,12 @@ pub fn adamw<M: Module>(model: &M, weight_decay: f32) -> ModuleOptimizer {
     ModuleOptimizer::from(AdamW::new(weight_decay)).with_group(no_decay, AdamW::new(0.0), None)
 }
 
-/// AdamW, betas (0.9, 0.95), epsilon 1e-8: burn's `AdamW` with, on the CPU backend, each parameter's update
-/// in one pass (`cpu_ops::adamw`) instead of a dozen tensor ops that each read and write every parameter.
-/// The state is burn's own (`AdamWState`), so checkpoints are the same either way; on other devices and
-/// dtypes burn's `AdamW` takes the step. `core/tests/cpu_ops.rs` checks the two against float64 code.
+/// AdamW, betas (0.9, 0.95), epsilon 1e-8: burn's `AdamW` with each f32 parameter's update in one pass
+/// instead of a dozen tensor ops that each read and write every parameter: `cpu_ops::adamw` on the CPU
+/// backend, one kernel (`adamw_gpu`, shaders/adamw.wgsl) on wgpu, where every op is also a dispatch.
+/// The state is burn's own (`AdamWState`), so checkpoints are the same either way; for other dtypes burn's
+/// `AdamW` takes the step. `core/tests/cpu_ops.rs` and `core/tests/adamw_gpu.rs` check both against
+/// float64 code and burn's AdamW.
 #[derive(Clone)]
 pub struct AdamW {
     burn: burn::optim::AdamW,
@@ -53,7 +56,9 @@ impl Optimizer for AdamW {
         let f32_moments = state
             .as_ref()
             .is_none_or(|s| s.momentum.moment_1.dtype() == DType::F32 && s.momentum.moment_2.dtype() == DType::F32);
-        if !(cpu_ops::fused(&tensor) && grad.dtype() == DType::F32 && f32_moments) {
+        let on_cpu = cpu_ops::fused(&tensor) && grad.dtype() == DType::F32;
+        let on_gpu = adamw_gpu::supports(&tensor, &grad);
+        if !((on_cpu || on_gpu) && f32_moments) {
             return self.burn.step(lr, tensor, grad, state);
         }
         let (time, m, v) = match state {
@@ -71,7 +76,10 @@ impl Optimizer for AdamW {
             correction_1: 1.0 - beta_1.powi(t),
             correction_2: 1.0 - beta_2.powi(t),
         };
-        let (tensor, m, v) = cpu_ops::adamw(step, tensor, grad, m, v);
+        let (tensor, m, v) = match on_cpu {
+            true => cpu_ops::adamw(step, tensor, grad, m, v),
+            false => adamw_gpu::adamw(step, tensor, grad, m, v),
+        };
         (tensor, Some(AdamWState::new(AdaptiveMomentumState::new(time, m, v))))
     }
 

@@ -5,6 +5,7 @@ use std::time::Instant;
 use burn::tensor::Tensor;
 use clap::{Args, Subcommand};
 use ov3_core::config::{AttentionImpl, Precision};
+use ov3_core::device::BackendChoice;
 use ov3_core::inference::encoder_inputs;
 use ov3_core::parallel::{Group, GroupExt, Single};
 use ov3_core::random_batch::random_batch;
@@ -78,6 +79,30 @@ pub struct StepArgs {
     /// What the transformer blocks compute in: f32, f16 (mixed precision with loss scaling) or bf16.
     #[arg(long, default_value = "f32")]
     precision: Precision,
+    /// wgpu: after the timed steps, one more step with its GPU kernel launches counted (`count`), or also
+    /// each timed on the device and waited for (`time`: kernels then run one at a time); prints a `kernels`
+    /// JSON line with the totals and the most expensive kernels.
+    #[arg(long)]
+    kernels: Option<KernelsMode>,
+}
+
+/// What `--kernels` observes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum KernelsMode {
+    Count,
+    Time,
+}
+
+impl std::str::FromStr for KernelsMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "count" => Ok(Self::Count),
+            "time" => Ok(Self::Time),
+            other => Err(format!("expected count or time, got '{other}'")),
+        }
+    }
 }
 
 pub fn run(cmd: BenchCommand, group: &dyn Group) -> anyhow::Result<()> {
@@ -173,6 +198,18 @@ fn step(args: StepArgs, group: &dyn Group) -> anyhow::Result<()> {
         model = Some(train_once(m, &mut optim, &batch, cfg.tau, &mut scale, group)?);
         Ok(())
     })?;
+    // Every rank takes the observed step (its gradients are all-reduced like the others').
+    let launches = match args.kernels {
+        Some(mode) => {
+            anyhow::ensure!(selected.kind == BackendChoice::Wgpu, "--kernels needs --backend wgpu (flex launches no GPU kernels)");
+            let (stepped, launches) = crate::bench_kernels::observe(mode == KernelsMode::Time, || {
+                train_once(model.take().expect("model between steps"), &mut optim, &batch, cfg.tau, &mut scale, group)
+            });
+            drop(stepped?);
+            Some(launches)
+        }
+        None => None,
+    };
     if !group.is_writer() {
         return Ok(());
     }
@@ -197,6 +234,13 @@ fn step(args: StepArgs, group: &dyn Group) -> anyhow::Result<()> {
         ov3_core::device::cpu_threads(),
         group.size(),
     );
+    if let Some(launches) = launches {
+        let context = serde_json::json!({
+            "adapter": adapter, "preset": args.common.preset.name(), "attention": args.attention,
+            "precision": args.precision.name(), "batch": args.batch, "res": args.res,
+        });
+        println!("{}", launches.json(12, &context, median * 1e3));
+    }
     Ok(())
 }
 

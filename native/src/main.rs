@@ -3,6 +3,7 @@
 mod ablate;
 mod bench;
 mod bench_attention;
+mod bench_kernels;
 mod cache_cmd;
 mod data_cmd;
 mod datagen;

@@ -1,0 +1,164 @@
+//! AdamW in one WGSL kernel per parameter (`ov3_core::adamw_gpu`, shaders/adamw.wgsl): against float64
+//! code step by step, and `optim::adamw` on wgpu against burn's AdamW (its tensor ops) over a few steps of a
+//! small model, with the launches counted to show the one-kernel path is the one that ran.
+//!
+//! The kernel runs on burn's wgpu backend only: on a machine without an adapter these tests are skipped,
+//! unless `OV3_TEST_WGPU=1` (CI, on lavapipe) makes that a failure.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use burn::tensor::{Device, Distribution, Tensor, TensorData};
+use common::{rel_err, to_f64, wgpu_device};
+use ov3_core::adamw_gpu::{self, AdamWStep};
+
+/// A deterministic pseudo-random sequence in [-1, 1) (splitmix64).
+fn noise(n: usize, seed: u64) -> Vec<f64> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = s;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 52) as f64 - 1.0
+        })
+        .collect()
+}
+
+fn tensor(values: &[f64], device: &Device) -> Tensor<1> {
+    let data: Vec<f32> = values.iter().map(|&x| x as f32).collect();
+    Tensor::from_data(TensorData::new(data, [values.len()]), device)
+}
+
+/// One AdamW step in float64 from the same (f32-rounded) state: `(p', m', v')`.
+fn adamw_f64(p: f64, g: f64, m: f64, v: f64, lr: f64, wd: f64, t: i32) -> (f64, f64, f64) {
+    let (b1, b2, eps) = (0.9f64, 0.95f64, 1e-8);
+    let m = b1 * m + (1.0 - b1) * g;
+    let v = b2 * v + (1.0 - b2) * g * g;
+    let update = (m / (1.0 - b1.powi(t))) / ((v / (1.0 - b2.powi(t))).sqrt() + eps);
+    (p * (1.0 - lr * wd) - lr * update, m, v)
+}
+
+/// Five steps, each from the kernel's own previous state (so errors do not compound), on `n` elements with
+/// gradients over four orders of magnitude: parameters and moments to 1e-6 relative (scale: max |value|),
+/// the update itself (p' - decay p, of size lr) to 1e-4 of lr. Only the elements `check` picks are compared.
+fn kernel_matches_f64(device: &Device, n: usize, check: impl Fn(usize) -> bool) {
+    let (lr, wd) = (3e-3f64, 0.2f64);
+    let round = |v: Vec<f64>| v.into_iter().map(|x| f64::from(x as f32)).collect::<Vec<_>>();
+    let mut p = round(noise(n, 11));
+    let (mut m, mut v) = (vec![0.0; n], vec![0.0; n]);
+    for t in 1..=5 {
+        let g: Vec<f64> =
+            round(noise(n, 100 + t as u64).iter().enumerate().map(|(i, x)| x * 10f64.powi(i as i32 % 4 - 2)).collect());
+        let step = AdamWStep {
+            lr: lr as f32,
+            beta_1: 0.9,
+            beta_2: 0.95,
+            epsilon: 1e-8,
+            decay: (1.0 - lr * wd) as f32,
+            correction_1: 1.0 - 0.9f32.powi(t),
+            correction_2: 1.0 - 0.95f32.powi(t),
+        };
+        let (pt, gt) = (tensor(&p, device), tensor(&g, device));
+        assert!(adamw_gpu::supports(&pt, &gt), "a wgpu f32 tensor must take the kernel");
+        let (p2, m2, v2) = adamw_gpu::adamw(step, pt, gt, tensor(&m, device), tensor(&v, device));
+        let (p2, m2, v2) = (to_f64(&p2), to_f64(&m2), to_f64(&v2));
+        let idx: Vec<usize> = (0..n).filter(|&i| check(i)).collect();
+        let want: Vec<(f64, f64, f64)> = idx.iter().map(|&i| adamw_f64(p[i], g[i], m[i], v[i], lr, wd, t)).collect();
+        let pick = |x: &[f64]| idx.iter().map(|&i| x[i]).collect::<Vec<_>>();
+        for (what, got, want) in [
+            ("parameter", pick(&p2), want.iter().map(|w| w.0).collect::<Vec<_>>()),
+            ("moment 1", pick(&m2), want.iter().map(|w| w.1).collect()),
+            ("moment 2", pick(&v2), want.iter().map(|w| w.2).collect()),
+        ] {
+            let err = rel_err(&got, &want);
+            assert!(err < 1e-6, "n {n}, step {t}, {what}: relative error {err:.2e}");
+        }
+        let decay = 1.0 - lr * wd;
+        let worst =
+            idx.iter().zip(&want).map(|(&i, w)| ((p2[i] - p[i] * decay) - (w.0 - p[i] * decay)).abs()).fold(0.0, f64::max);
+        assert!(worst < 1e-4 * lr, "n {n}, step {t}: update error {worst:.2e}");
+        (p, m, v) = (p2, m2, v2);
+    }
+}
+
+#[test]
+fn adamw_kernel_matches_f64() {
+    let Some(device) = wgpu_device() else { return };
+    // One element, less than a workgroup, several workgroups with a ragged last one.
+    for n in [1, 200, 50_001] {
+        kernel_matches_f64(&device, n, |_| true);
+    }
+}
+
+/// More workgroups than one grid dimension holds (65,535 x 256 elements): the kernel's 2-D grid. Checked on
+/// every 613th element and the last 5,000 (past the first row of workgroups).
+#[test]
+fn adamw_kernel_covers_a_two_dimensional_grid() {
+    let Some(device) = wgpu_device() else { return };
+    let n = 65_535 * 256 + 4_321;
+    kernel_matches_f64(&device, n, |i| i % 613 == 0 || i + 5_000 >= n);
+}
+
+/// Kernel launches by name while `f` runs.
+fn launches<T>(f: impl FnOnce() -> T) -> (T, HashMap<&'static str, usize>) {
+    use cubecl::logging::{LaunchObservation, LaunchObserver};
+    #[derive(Default)]
+    struct Count(Mutex<HashMap<&'static str, usize>>);
+    impl LaunchObserver for Count {
+        fn launched(&self, kernel: &'static str) {
+            *self.0.lock().unwrap().entry(kernel).or_default() += 1;
+        }
+    }
+    let count = Arc::new(Count::default());
+    let watching = LaunchObservation::new(count.clone());
+    let out = f();
+    drop(watching);
+    let map = std::mem::take(&mut *count.0.lock().unwrap());
+    (out, map)
+}
+
+/// `optim::adamw` on wgpu (the kernel) against burn's AdamW with the same settings and parameter groups
+/// (decay on the weight, none on the bias), over four steps of a small model: parameters to 1e-6 relative.
+/// Each step launches the kernel once per parameter (two here).
+#[test]
+fn optim_adamw_on_wgpu_matches_burn_adamw() {
+    use burn::module::ParamGroup;
+    use burn::nn::{Linear, LinearConfig};
+    use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
+
+    let Some(device) = wgpu_device() else { return };
+    let device = device.autodiff();
+    let model: Linear = ov3_core::device::seeded(&device, 3, || LinearConfig::new(37, 21).init(&device));
+    let x =
+        ov3_core::device::seeded(&device, 4, || Tensor::<2>::random([5, 37], Distribution::Normal(0.0, 1.0), &device));
+    let burn_adamw = || {
+        let base = AdamWConfig::new().with_beta_1(0.9).with_beta_2(0.95).with_epsilon(1e-8);
+        let no_decay = ParamGroup::from_ids(ov3_core::optim::no_decay_ids(&model));
+        base.clone().with_weight_decay(0.2).init().with_group(no_decay, base.with_weight_decay(0.0).build(), None)
+    };
+    let run = |mut optim: ModuleOptimizer| {
+        let mut m = model.clone();
+        let mut kernel_launches = Vec::new();
+        for step in 0..4 {
+            let loss = (m.forward(x.clone()).powi_scalar(2) * (step as f64 + 1.0)).mean();
+            let grads = GradientsParams::from_grads(loss.backward(), &m);
+            let (stepped, count) = launches(|| optim.step(0.05, m, grads));
+            m = stepped;
+            let ours = count.iter().filter(|(k, _)| k.contains("AdamWSource")).map(|(_, c)| c).sum::<usize>();
+            kernel_launches.push(ours);
+        }
+        (to_f64(&m.weight.val()), to_f64(&m.bias.as_ref().expect("bias").val()), kernel_launches)
+    };
+    let (ours, reference) = (run(ov3_core::optim::adamw(&model, 0.2)), run(burn_adamw()));
+    assert_eq!(ours.2, vec![2; 4], "one kernel per parameter and step");
+    assert_eq!(reference.2, vec![0; 4], "burn's AdamW does not use the kernel");
+    for (what, a, b) in [("weight", &ours.0, &reference.0), ("bias", &ours.1, &reference.1)] {
+        let err = rel_err(a, b);
+        assert!(err < 1e-6, "{what}: relative error {err:.2e}");
+    }
+    assert!(rel_err(&ours.0, &to_f64(&model.weight.val())) > 1e-3, "the steps must move the weights");
+}

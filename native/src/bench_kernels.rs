@@ -1,0 +1,138 @@
+//! `ov3 bench step --kernels`: which GPU kernels one training step launches, and what each costs on the
+//! device. The number that explains a step's fixed cost on a GPU (docs/PERFORMANCE.md "On a GPU"): every
+//! launch is a dispatch the host records and the driver schedules, whatever work it carries.
+//!
+//! Counting goes through cubecl's launch observer (called on the issuing thread before each submit), so it
+//! sees every kernel burn, burn's fusion and our WGSL attention issue, and nothing on the CPU backend (flex
+//! launches no kernels). Timing asks cubecl to time each launch and wait for it: kernels then run one at a
+//! time, so their sum is the step's device time without overlap, and the step's wall time minus that sum is
+//! what the host and the dispatches cost.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use cubecl::config::{TypeNameFormatLevel, type_name_format};
+use cubecl::logging::{Duration, LaunchObservation, LaunchObserver, TimingMethod, TimingRequest};
+
+/// Launches and device time per kernel name, over one observed pass.
+#[derive(Default)]
+struct Tally {
+    timing: bool,
+    per_kernel: Mutex<HashMap<&'static str, KernelCost>>,
+    /// How the timings were taken: on the device (timestamp queries) or host wall around a blocking submit.
+    methods: Mutex<Vec<&'static str>>,
+}
+
+#[derive(Clone, Copy, Default)]
+pub struct KernelCost {
+    pub launches: usize,
+    pub timed: usize,
+    pub ms: f64,
+}
+
+impl LaunchObserver for Tally {
+    fn launched(&self, kernel: &'static str) {
+        self.per_kernel.lock().expect("tally lock").entry(kernel).or_default().launches += 1;
+    }
+
+    fn timing(&self) -> TimingRequest {
+        if self.timing { TimingRequest::Resolved } else { TimingRequest::None }
+    }
+
+    fn timed(&self, kernel: &'static str, duration: Duration, method: TimingMethod) {
+        let mut map = self.per_kernel.lock().expect("tally lock");
+        let cost = map.entry(kernel).or_default();
+        cost.timed += 1;
+        cost.ms += duration.as_secs_f64() * 1e3;
+        let name = match method {
+            TimingMethod::Device => "device",
+            TimingMethod::System => "system",
+        };
+        let mut methods = self.methods.lock().expect("tally lock");
+        if !methods.contains(&name) {
+            methods.push(name);
+        }
+    }
+}
+
+/// What one observed pass launched.
+pub struct Launches {
+    /// (kernel name shortened the way cubecl's profiling log does, cost), most expensive first (by time when
+    /// timed, else by launches).
+    pub kernels: Vec<(String, KernelCost)>,
+    /// "device", "system" or both ("device+system"): how the timings were taken; None when not timed.
+    pub timing: Option<String>,
+}
+
+impl Launches {
+    pub fn total(&self) -> usize {
+        self.kernels.iter().map(|(_, c)| c.launches).sum()
+    }
+
+    /// Sum of the timed launches' device time (ms), when timed.
+    pub fn device_ms(&self) -> Option<f64> {
+        self.timing.as_ref().map(|_| self.kernels.iter().map(|(_, c)| c.ms).sum())
+    }
+
+    /// The JSON line `ov3 bench step --kernels` prints beside the step's: totals and the `top` kernels.
+    pub fn json(&self, top: usize, context: &serde_json::Value, step_ms: f64) -> serde_json::Value {
+        let rows: Vec<_> = self
+            .kernels
+            .iter()
+            .take(top)
+            .map(|(name, c)| {
+                serde_json::json!({"kernel": name, "launches": c.launches, "ms": self.timing.as_ref().map(|_| c.ms)})
+            })
+            .collect();
+        let mut out = serde_json::json!({
+            "bench": "kernels",
+            "launches_per_step": self.total(),
+            "distinct_kernels": self.kernels.len(),
+            "timing": self.timing,
+            "device_ms_per_step": self.device_ms(),
+            "step_ms": step_ms,
+            "top": rows,
+        });
+        if let (Some(obj), Some(ctx)) = (out.as_object_mut(), context.as_object()) {
+            for (k, v) in ctx {
+                obj.entry(k.clone()).or_insert(v.clone());
+            }
+        }
+        out
+    }
+}
+
+/// A kernel's name as cubecl's profiling log shortens it ("KernelBinop | MulOp"); a long one (matmul's
+/// two dozen type parameters) keeps its first part and its `...Family` parts (the algorithm).
+fn short_name(kernel: &str) -> String {
+    let name = type_name_format(kernel, TypeNameFormatLevel::Balanced);
+    let parts: Vec<&str> = name.split(" | ").collect();
+    if parts.len() <= 4 {
+        return name;
+    }
+    let mut kept = vec![parts[0]];
+    kept.extend(parts.iter().skip(1).filter(|p| p.ends_with("Family")));
+    kept.join(" | ")
+}
+
+/// Run `pass` with every kernel launch counted (and, with `timing`, each timed and waited for).
+pub fn observe<T>(timing: bool, pass: impl FnOnce() -> T) -> (T, Launches) {
+    let tally = Arc::new(Tally { timing, ..Tally::default() });
+    let watching = LaunchObservation::new(tally.clone());
+    let out = pass();
+    drop(watching);
+    let map = std::mem::take(&mut *tally.per_kernel.lock().expect("tally lock"));
+    // Several kernel types can shorten to one name (the same op at two element types): merged.
+    let mut merged: HashMap<String, KernelCost> = HashMap::new();
+    for (name, cost) in map {
+        let entry = merged.entry(short_name(name)).or_default();
+        entry.launches += cost.launches;
+        entry.timed += cost.timed;
+        entry.ms += cost.ms;
+    }
+    let mut kernels: Vec<_> = merged.into_iter().collect();
+    kernels.sort_by(|a, b| b.1.ms.total_cmp(&a.1.ms).then(b.1.launches.cmp(&a.1.launches)).then(a.0.cmp(&b.0)));
+    let methods = tally.methods.lock().expect("tally lock");
+    let timing = (timing && !methods.is_empty()).then(|| methods.join("+"));
+    (out, Launches { kernels, timing })
+}
