@@ -38,9 +38,11 @@ echo "$info" | grep -iE "adapter|wgpu|backend|driver|limit|f16" | head -20
 if [ "${OV3_GPU_SMOKE:-0}" = 1 ]; then
   torch_dev=cpu seqs=64 step_steps=1 warm=1
   shapes=("tiny 2 32")
+  kernel_shapes=("tiny 2 32")
 else
   torch_dev=cuda seqs=64,256,1024 step_steps=5 warm=3
   shapes=("tiny 8 128" "tiny 64 128" "small 64 128" "base 32 256")
+  kernel_shapes=("tiny 8 128" "base 32 256")
 fi
 
 # Each command has its own time limit, so one hang costs its slot, not the whole call.
@@ -65,8 +67,17 @@ for shape in "${shapes[@]}"; do
   for variant in "reference f32" "fused f32" "reference f16"; do
     read -r attention precision <<<"$variant"
     run 150 "$ov3" bench step --backend wgpu --attention "$attention" --precision "$precision" --preset "$preset" \
-      --batch "$batch" --res "$res" --steps "$step_steps" --warmup "$warm"
+      --batch "$batch" --res "$res" --steps "$step_steps" --warmup "$warm" --kernels count
   done
+done
+
+# Where a step's time goes: every kernel of one more step timed on the device, one at a time (their sum is
+# the device's share of the step; the rest is host and dispatch cost).
+for shape in "${kernel_shapes[@]}"; do
+  read -r preset batch res <<<"$shape"
+  note "kernels: $preset batch $batch at $res px ($(( $(date +%s) - start )) s so far)"
+  run 150 "$ov3" bench step --backend wgpu --preset "$preset" --batch "$batch" --res "$res" \
+    --steps "$step_steps" --warmup "$warm" --kernels time
 done
 
 python3 - "$log" "$OUT/gpu.md" <<'PY'
@@ -74,9 +85,13 @@ import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip().startswith("{")]
 out = []
 steps = [r for r in rows if r.get("bench") == "step"]
+# The step's kernel launches (`--kernels count`) printed right after it.
+for r, nxt in zip(rows, rows[1:] + [{}]):
+    if r.get("bench") == "step" and nxt.get("bench") == "kernels":
+        r["launches"] = nxt["launches_per_step"]
 if steps:
-    out += ["| preset | batch | res | implementation | precision | ms / step | images / s | peak MiB | vs PyTorch f32 | vs PyTorch bf16 |",
-            "|---|---:|---:|---|---|---:|---:|---:|---:|---:|"]
+    out += ["| preset | batch | res | implementation | precision | ms / step | images / s | peak MiB | kernel launches | vs PyTorch f32 | vs PyTorch bf16 |",
+            "|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|"]
     for key in sorted({(r["preset"], r["batch"], r["res"]) for r in steps}, key=lambda k: (k[0] != "tiny", k)):
         group = [r for r in steps if (r["preset"], r["batch"], r["res"]) == key]
         base = {r.get("precision"): r["ms_per_step"] for r in group if r["impl"] == "pytorch"}
@@ -85,7 +100,7 @@ if steps:
             prec = r.get("precision", "f32")
             ratio = lambda p: f'{r["ms_per_step"] / base[p]:.2f}x' if p in base else "-"
             out.append(f'| {key[0]} | {key[1]} | {key[2]} | {impl} | {prec} | {r["ms_per_step"]:.1f} | '
-                       f'{r["images_per_s"]:.1f} | {r["peak_mib"]:.0f} | {ratio("f32")} | {ratio("bf16 autocast")} |')
+                       f'{r["images_per_s"]:.1f} | {r["peak_mib"]:.0f} | {r.get("launches", "-")} | {ratio("f32")} | {ratio("bf16 autocast")} |')
 att = [r for r in rows if r.get("bench") == "attention"]
 if att:
     out += ["", "| attention seq | implementation | forward ms | fwd+bwd ms | held for backward MiB | fwd+bwd speed vs unfused (>1 faster) |",
@@ -95,6 +110,14 @@ if att:
         speed = f'{unfused["forward_backward_ms"] / r["forward_backward_ms"]:.2f}x' if unfused else "-"
         out.append(f'| {r["seq"]} | {r["impl"]} | {r["forward_ms"]:.2f} | {r["forward_backward_ms"]:.2f} | '
                    f'{r["held_for_backward_mib"]:.1f} | {speed} |')
+timed = [r for r in rows if r.get("bench") == "kernels" and r.get("timing")]
+if timed:
+    out += ["", "| preset | batch | res | launches / step | device ms (kernels one at a time) | step ms | device share | top kernels (ms) |",
+            "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for r in timed:
+        top = "; ".join(f'{k["kernel"]} x{k["launches"]} {k["ms"]:.1f}' for k in r["top"][:4])
+        out.append(f'| {r["preset"]} | {r["batch"]} | {r["res"]} | {r["launches_per_step"]} | '
+                   f'{r["device_ms_per_step"]:.1f} | {r["step_ms"]:.1f} | {r["device_ms_per_step"] / r["step_ms"]:.0%} | {top} |')
 text = "\n".join(out)
 print(text)
 open(sys.argv[2], "w").write(text + "\n")

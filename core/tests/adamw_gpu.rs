@@ -146,7 +146,12 @@ fn optim_adamw_on_wgpu_matches_burn_adamw() {
         for step in 0..4 {
             let loss = (m.forward(x.clone()).powi_scalar(2) * (step as f64 + 1.0)).mean();
             let grads = GradientsParams::from_grads(loss.backward(), &m);
-            let (stepped, count) = launches(|| optim.step(0.05, m, grads));
+            // Reading the parameters back runs what burn's fusion backend (`--features fusion`) has queued.
+            let (stepped, count) = launches(|| {
+                let m = optim.step(0.05, m, grads);
+                let _ = (to_f64(&m.weight.val()), to_f64(&m.bias.as_ref().expect("bias").val()));
+                m
+            });
             m = stepped;
             let ours = count.iter().filter(|(k, _)| k.contains("AdamWSource")).map(|(_, c)| c).sum::<usize>();
             kernel_launches.push(ours);
