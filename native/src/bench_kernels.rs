@@ -18,6 +18,10 @@ use cubecl::logging::{Duration, LaunchObservation, LaunchObserver, TimingMethod,
 #[derive(Default)]
 struct Tally {
     timing: bool,
+    /// `OV3_KERNEL_TRACE=<part of a kernel name>`: where in ov3's code those launches come from (the callers
+    /// of burn in each launch's backtrace; eager builds only: burn's fusion launches at a flush).
+    trace: Option<String>,
+    sites: Mutex<HashMap<String, usize>>,
     per_kernel: Mutex<HashMap<&'static str, KernelCost>>,
     /// How the timings were taken: on the device (timestamp queries) or host wall around a blocking submit.
     methods: Mutex<Vec<&'static str>>,
@@ -33,6 +37,11 @@ pub struct KernelCost {
 impl LaunchObserver for Tally {
     fn launched(&self, kernel: &'static str) {
         self.per_kernel.lock().expect("tally lock").entry(kernel).or_default().launches += 1;
+        if self.trace.as_ref().is_some_and(|t| kernel.contains(t.as_str())) {
+            let bt = std::backtrace::Backtrace::force_capture().to_string();
+            let site = call_site(&bt);
+            *self.sites.lock().expect("tally lock").entry(site).or_default() += 1;
+        }
     }
 
     fn timing(&self) -> TimingRequest {
@@ -55,6 +64,18 @@ impl LaunchObserver for Tally {
     }
 }
 
+/// The three functions of a formatted backtrace that called into burn or cubecl, innermost first (generic
+/// and inlined frames print without their module path).
+fn call_site(backtrace: &str) -> String {
+    let frames: Vec<&str> = backtrace
+        .lines()
+        .filter_map(|l| l.trim().split_once(": ").filter(|(n, _)| n.parse::<u32>().is_ok()).map(|(_, f)| f))
+        .collect();
+    let ours = frames.iter().rposition(|f| f.contains("burn_") || f.contains("cubecl")).map_or(0, |i| i + 1);
+    let site: Vec<&str> = frames[ours.min(frames.len())..].iter().take(3).map(|f| f.split('<').next().unwrap_or(f)).collect();
+    if site.is_empty() { "(unknown)".into() } else { site.join(" < ") }
+}
+
 /// What one observed pass launched.
 pub struct Launches {
     /// (kernel name shortened the way cubecl's profiling log does, cost), most expensive first (by time when
@@ -62,6 +83,8 @@ pub struct Launches {
     pub kernels: Vec<(String, KernelCost)>,
     /// "device", "system" or both ("device+system"): how the timings were taken; None when not timed.
     pub timing: Option<String>,
+    /// `OV3_KERNEL_TRACE`'s launches by call site, most first.
+    pub sites: Vec<(String, usize)>,
 }
 
 impl Launches {
@@ -93,6 +116,9 @@ impl Launches {
             "step_ms": step_ms,
             "top": rows,
         });
+        if !self.sites.is_empty() {
+            out["traced"] = self.sites.iter().map(|(site, n)| serde_json::json!({"site": site, "launches": n})).collect();
+        }
         if let (Some(obj), Some(ctx)) = (out.as_object_mut(), context.as_object()) {
             for (k, v) in ctx {
                 obj.entry(k.clone()).or_insert(v.clone());
@@ -117,7 +143,8 @@ fn short_name(kernel: &str) -> String {
 
 /// Run `pass` with every kernel launch counted (and, with `timing`, each timed and waited for).
 pub fn observe<T>(timing: bool, pass: impl FnOnce() -> T) -> (T, Launches) {
-    let tally = Arc::new(Tally { timing, ..Tally::default() });
+    let trace = std::env::var("OV3_KERNEL_TRACE").ok().filter(|t| !t.is_empty());
+    let tally = Arc::new(Tally { timing, trace, ..Tally::default() });
     let watching = LaunchObservation::new(tally.clone());
     let out = pass();
     drop(watching);
@@ -134,5 +161,7 @@ pub fn observe<T>(timing: bool, pass: impl FnOnce() -> T) -> (T, Launches) {
     kernels.sort_by(|a, b| b.1.ms.total_cmp(&a.1.ms).then(b.1.launches.cmp(&a.1.launches)).then(a.0.cmp(&b.0)));
     let methods = tally.methods.lock().expect("tally lock");
     let timing = (timing && !methods.is_empty()).then(|| methods.join("+"));
-    (out, Launches { kernels, timing })
+    let mut sites: Vec<_> = std::mem::take(&mut *tally.sites.lock().expect("tally lock")).into_iter().collect();
+    sites.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    (out, Launches { kernels, timing, sites })
 }
