@@ -14,8 +14,10 @@ start=$(date +%s)
 note() { echo "## $*"; }
 
 # The binary and, if the machine has none, the Vulkan loader.
-if [ -f .gpu/ov3.xz ]; then xz -dc .gpu/ov3.xz >/tmp/ov3 && chmod +x /tmp/ov3; ov3=/tmp/ov3
-else ov3=${OV3:-${CARGO_TARGET_DIR:-target}/debug/ov3}; fi
+# OV3=path uses that binary instead (the local smoke test: .gpu/ may hold an older build).
+if [ -n "${OV3:-}" ]; then ov3=$OV3
+elif [ -f .gpu/ov3.xz ]; then xz -dc .gpu/ov3.xz >/tmp/ov3 && chmod +x /tmp/ov3; ov3=/tmp/ov3
+else ov3=${CARGO_TARGET_DIR:-target}/debug/ov3; fi
 # The loader and glvnd (libGLX_nvidia, NVIDIA's Vulkan ICD, needs libGLdispatch): unpacked always, since a
 # machine with libvulkan may still lack glvnd ("Could not get 'vkCreateInstance'" from the loader).
 if [ "${OV3_GPU_SMOKE:-0}" != 1 ] && ls .gl/*.deb >/dev/null 2>&1; then
@@ -23,7 +25,7 @@ if [ "${OV3_GPU_SMOKE:-0}" != 1 ] && ls .gl/*.deb >/dev/null 2>&1; then
   ldconfig
 fi
 export CUBECL_AUTOTUNE_LEVEL=${CUBECL_AUTOTUNE_LEVEL:-minimal}
-note "commit $(cat .gpu/commit 2>/dev/null || git rev-parse --short HEAD 2>/dev/null)"
+note "commit $( { [ -z "${OV3:-}" ] && cat .gpu/commit 2>/dev/null; } || git rev-parse --short HEAD 2>/dev/null)"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | sed 's/^/## nvidia-smi: /'
 info=$("$ov3" info --backend wgpu 2>&1)
 if ! grep -q "wgpu on" <<<"$info" && [ -f /usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json ]; then
@@ -84,11 +86,13 @@ python3 - "$log" "$OUT/gpu.md" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip().startswith("{")]
 out = []
-steps = [r for r in rows if r.get("bench") == "step"]
-# The step's kernel launches (`--kernels count`) printed right after it.
+# The step's kernel launches (`--kernels count`) printed right after it; the rows of the timed-kernels runs
+# (`--kernels time`) repeat a step above and go in the last table only.
 for r, nxt in zip(rows, rows[1:] + [{}]):
     if r.get("bench") == "step" and nxt.get("bench") == "kernels":
         r["launches"] = nxt["launches_per_step"]
+        r["timed_run"] = bool(nxt.get("timing"))
+steps = [r for r in rows if r.get("bench") == "step" and not r.get("timed_run")]
 if steps:
     out += ["| preset | batch | res | implementation | precision | ms / step | images / s | peak MiB | kernel launches | vs PyTorch f32 | vs PyTorch bf16 |",
             "|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|"]
@@ -115,7 +119,7 @@ if timed:
     out += ["", "| preset | batch | res | launches / step | device ms (kernels one at a time) | step ms | device share | top kernels (ms) |",
             "|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in timed:
-        top = "; ".join(f'{k["kernel"]} x{k["launches"]} {k["ms"]:.1f}' for k in r["top"][:4])
+        top = "; ".join(f'{k["kernel"].replace(" | ", "/")} x{k["launches"]} {k["ms"]:.1f}' for k in r["top"][:4])
         out.append(f'| {r["preset"]} | {r["batch"]} | {r["res"]} | {r["launches_per_step"]} | '
                    f'{r["device_ms_per_step"]:.1f} | {r["step_ms"]:.1f} | {r["device_ms_per_step"] / r["step_ms"]:.0%} | {top} |')
 text = "\n".join(out)
