@@ -1,5 +1,5 @@
 // One AdamW step on one parameter tensor, every element in one invocation (optim::AdamW on wgpu;
-// core/src/adamw_gpu.rs launches it). burn's AdamW takes a dozen element-wise kernels per parameter,
+// core/src/optim_gpu.rs launches it). burn's AdamW takes a dozen element-wise kernels per parameter,
 // each a dispatch that reads and writes the whole tensor; this is one. The same arithmetic as the CPU
 // kernel (kernels/src/lib.rs `adamw`), in f32:
 //   m' = b1 m + (1 - b1) g,   v' = b2 v + (1 - b2) g^2,

@@ -1,6 +1,5 @@
 //! ov3-core: OpenVision 3, a unified visual tokenizer, on burn. One code path for every device.
 
-pub mod adamw_gpu;
 pub mod autoencoder;
 pub mod config;
 pub mod cpu_ops;
@@ -22,6 +21,7 @@ pub mod json_float;
 pub mod metrics;
 pub mod model_file;
 pub mod optim;
+pub mod optim_gpu;
 pub mod parallel;
 pub mod random_batch;
 pub mod step;

@@ -6,7 +6,7 @@ use burn::optim::{
 };
 use burn::tensor::{DType, Device, Tensor};
 
-use crate::adamw_gpu;
+use crate::optim_gpu;
 use crate::cpu_ops::{self, AdamWStep};
 
 use crate::model::Ov3;
@@ -19,9 +19,9 @@ pub fn adamw<M: Module>(model: &M, weight_decay: f32) -> ModuleOptimizer {
 
 /// AdamW, betas (0.9, 0.95), epsilon 1e-8: burn's `AdamW` with each f32 parameter's update in one pass
 /// instead of a dozen tensor ops that each read and write every parameter: `cpu_ops::adamw` on the CPU
-/// backend, one kernel (`adamw_gpu`, shaders/adamw.wgsl) on wgpu, where every op is also a dispatch.
+/// backend, one kernel (`optim_gpu`, shaders/adamw.wgsl) on wgpu, where every op is also a dispatch.
 /// The state is burn's own (`AdamWState`), so checkpoints are the same either way; for other dtypes burn's
-/// `AdamW` takes the step. `core/tests/cpu_ops.rs` and `core/tests/adamw_gpu.rs` check both against
+/// `AdamW` takes the step. `core/tests/cpu_ops.rs` and `core/tests/optim_gpu.rs` check both against
 /// float64 code and burn's AdamW.
 #[derive(Clone)]
 pub struct AdamW {
@@ -57,7 +57,7 @@ impl Optimizer for AdamW {
             .as_ref()
             .is_none_or(|s| s.momentum.moment_1.dtype() == DType::F32 && s.momentum.moment_2.dtype() == DType::F32);
         let on_cpu = cpu_ops::fused(&tensor) && grad.dtype() == DType::F32;
-        let on_gpu = adamw_gpu::supports(&tensor, &grad);
+        let on_gpu = optim_gpu::supports(&tensor, &grad);
         if !((on_cpu || on_gpu) && f32_moments) {
             return self.burn.step(lr, tensor, grad, state);
         }
@@ -78,7 +78,7 @@ impl Optimizer for AdamW {
         };
         let (tensor, m, v) = match on_cpu {
             true => cpu_ops::adamw(step, tensor, grad, m, v),
-            false => adamw_gpu::adamw(step, tensor, grad, m, v),
+            false => optim_gpu::adamw(step, tensor, grad, m, v),
         };
         (tensor, Some(AdamWState::new(AdaptiveMomentumState::new(time, m, v))))
     }
@@ -111,10 +111,13 @@ pub fn clip_grad_norm<M: Module>(model: &M, grads: &mut GradientsParams, max_nor
     impl ModuleVisitor for SumSq<'_> {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
             if let Some(g) = self.0.get::<D>(param.id) {
-                let s = g.square().sum();
+                // On wgpu one kernel adds this gradient's squares to the running total (four burn ops otherwise).
                 self.1 = Some(match self.1.take() {
-                    Some(acc) => acc + s,
-                    None => s,
+                    Some(acc) if optim_gpu::supports_sum_squares(&g) && acc.dtype() == DType::F32 => {
+                        optim_gpu::sum_squares_add(g, acc)
+                    }
+                    Some(acc) => acc + g.square().sum(),
+                    None => g.square().sum(),
                 });
             }
         }

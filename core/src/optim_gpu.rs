@@ -1,11 +1,14 @@
-//! AdamW's update on burn's wgpu backend in one kernel per parameter (`shaders/adamw.wgsl`).
+//! The optimiser's kernels on burn's wgpu backend (`shaders/adamw.wgsl`, `shaders/sum_squares.wgsl`): AdamW's
+//! update in one kernel per parameter, and the squared norm for global grad-norm clipping in one per parameter.
 //!
 //! burn's `AdamW` updates each parameter with about a dozen element-wise tensor ops, each its own GPU
 //! dispatch; with ~250 parameter tensors that was some 3,000 of a tiny training step's ~8,000 kernel
 //! launches (`ov3 bench step --kernels count`), and on a GPU a launch costs microseconds whatever it
-//! carries (docs/PERFORMANCE.md "On a GPU"). [`optim::AdamW`](crate::optim::AdamW) calls [`adamw`] for f32
-//! parameters on a wgpu device, as it calls `cpu_ops::adamw` on flex; its state is burn's either way.
-//! `core/tests/adamw_gpu.rs` checks it against float64 code and against burn's AdamW.
+//! carries (docs/PERFORMANCE.md "Kernel launches per step"). Clipping's `g.square().sum()` plus the running add
+//! was four launches per parameter more. [`optim::AdamW`](crate::optim::AdamW) calls [`adamw`] for f32
+//! parameters on a wgpu device, as it calls `cpu_ops::adamw` on flex; its state is burn's either way;
+//! [`optim::clip_grad_norm`](crate::optim::clip_grad_norm) calls [`sum_squares_add`].
+//! `core/tests/optim_gpu.rs` checks both against float64 code, and AdamW against burn's AdamW.
 
 use burn::backend::tensor::FloatTensor;
 use burn::backend::wgpu::{CubeBackend, CubeDim, CubeTensor, KernelSource, SourceKernel, SourceTemplate, into_contiguous};
@@ -17,16 +20,17 @@ use cubecl::server::KernelArguments;
 
 pub use crate::cpu_ops::AdamWStep;
 
-const SOURCE: &str = include_str!("../../shaders/adamw.wgsl");
+const ADAMW: &str = include_str!("../../shaders/adamw.wgsl");
+const SUM_SQUARES: &str = include_str!("../../shaders/sum_squares.wgsl");
 /// Invocations per workgroup (`WG` in the shader).
 const WORKGROUP: u32 = 256;
 /// Workgroups per grid dimension (WebGPU's minimum limit).
 const MAX_GROUPS: u32 = 65_535;
 
-/// The kernel on the backend that runs it: cubecl's, or (with burn's `fusion` feature) the fusion backend
-/// around it, which queues it as an opaque operation.
+/// The kernels on the backend that runs them: cubecl's, or (with burn's `fusion` feature) the fusion backend
+/// around it, which queues them as opaque operations.
 #[backend_extension(Cube, Fusion: cfg(feature = "fusion"))]
-pub trait AdamWKernel: Backend {
+pub trait OptimKernels: Backend {
     /// `(param, moment_1, moment_2)` after one AdamW step with `grad`; all f32, of one shape.
     #[fusion(meta = |param, _grad, moment_1, moment_2, _step| (param.clone(), moment_1.clone(), moment_2.clone()))]
     fn adamw_step(
@@ -36,6 +40,22 @@ pub trait AdamWKernel: Backend {
         moment_2: FloatTensor<Self>,
         step: AdamWStep,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+
+    /// `acc + sum(x^2)`: `acc` a one-element f32 tensor, `x` f32.
+    #[fusion(meta = |_x, acc| acc.clone())]
+    fn sum_squares_add(x: FloatTensor<Self>, acc: FloatTensor<Self>) -> FloatTensor<Self>;
+}
+
+/// Whether [`sum_squares_add`] takes `x`: a non-empty f32 tensor on a wgpu device.
+pub fn supports_sum_squares<const D: usize>(x: &Tensor<D>) -> bool {
+    x.dtype() == DType::F32
+        && x.shape().num_elements() > 0
+        && matches!(x.device().inner().as_dispatch(), DispatchDevice::Cube(_))
+}
+
+/// `acc + sum(x^2)` in one kernel (`acc`: `[1]`, f32). Call only where [`supports_sum_squares`] holds.
+pub fn sum_squares_add<const D: usize>(x: Tensor<D>, acc: Tensor<1>) -> Tensor<1> {
+    Tensor::from_dispatch(<Dispatch as OptimKernels>::sum_squares_add(x.into_dispatch(), acc.into_dispatch()))
 }
 
 /// Whether [`adamw`] can step `param` with `grad`: f32 tensors on a wgpu device (the optimiser's tensors
@@ -56,7 +76,7 @@ pub fn adamw<const D: usize>(
     moment_1: Tensor<D>,
     moment_2: Tensor<D>,
 ) -> (Tensor<D>, Tensor<D>, Tensor<D>) {
-    let (p, m, v) = <Dispatch as AdamWKernel>::adamw_step(
+    let (p, m, v) = <Dispatch as OptimKernels>::adamw_step(
         param.into_dispatch(),
         grad.into_dispatch(),
         moment_1.into_dispatch(),
@@ -67,10 +87,11 @@ pub fn adamw<const D: usize>(
 }
 
 struct AdamWSource;
+struct SumSquaresSource;
 
 impl KernelSource for AdamWSource {
     fn source(&self) -> SourceTemplate {
-        SourceTemplate::new(SOURCE)
+        SourceTemplate::new(ADAMW)
     }
 
     fn id(&self) -> KernelId {
@@ -82,7 +103,21 @@ impl KernelSource for AdamWSource {
     }
 }
 
-impl AdamWKernel for CubeBackend {
+impl KernelSource for SumSquaresSource {
+    fn source(&self) -> SourceTemplate {
+        SourceTemplate::new(SUM_SQUARES)
+    }
+
+    fn id(&self) -> KernelId {
+        KernelId::new::<Self>()
+    }
+
+    fn lang(&self) -> &'static str {
+        "wgsl"
+    }
+}
+
+impl OptimKernels for CubeBackend {
     fn adamw_step(
         param: CubeTensor,
         grad: CubeTensor,
@@ -132,5 +167,26 @@ impl AdamWKernel for CubeBackend {
             args,
         );
         (p_out, m_out, v_out)
+    }
+
+    fn sum_squares_add(x: CubeTensor, acc: CubeTensor) -> CubeTensor {
+        assert!(x.dtype == DType::F32 && acc.dtype == DType::F32, "sum_squares_add: f32 tensors");
+        assert!(acc.shape().num_elements() == 1, "sum_squares_add: acc must hold one value, not {:?}", acc.shape());
+        let n = u32::try_from(x.shape().num_elements()).expect("sum_squares_add: more than 2^32 elements");
+        let [x, acc] = [x, acc].map(into_contiguous);
+        let client = x.client.clone();
+        let params = client.create_from_slice(&n.to_le_bytes());
+        let out = CubeTensor::new_contiguous(client.clone(), x.device.clone(), acc.shape(), client.empty(4), DType::F32);
+        let args = KernelArguments::new()
+            .with_buffer(x.handle.clone().binding())
+            .with_buffer(acc.handle.clone().binding())
+            .with_buffer(params.binding())
+            .with_buffer(out.handle.clone().binding());
+        client.launch(
+            Box::new(SourceKernel::new(SumSquaresSource, CubeDim::new_1d(WORKGROUP))),
+            CubeCount::Static(1, 1, 1),
+            args,
+        );
+        out
     }
 }
