@@ -5,22 +5,8 @@
 mod common;
 
 use burn::tensor::{Device, Distribution, Tensor};
-use common::{rel_err, to_f64};
+use common::{adamw_f64, noise, rel_err, to_f64};
 use ov3_core::cpu_ops::{self, kernels};
-
-/// A deterministic pseudo-random sequence in [-1, 1) (splitmix64), so the kernels' inputs need no device.
-fn noise(n: usize, seed: u64) -> Vec<f64> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| {
-            s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = s;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 52) as f64 - 1.0
-        })
-        .collect()
-}
 
 fn f32s(v: &[f64]) -> Vec<f32> {
     v.iter().map(|&x| x as f32).collect()
@@ -283,16 +269,6 @@ fn empty_rows_are_left_to_burn() {
     assert!(!cpu_ops::fused(&x));
     assert_eq!(cpu_ops::gelu(x.clone()).dims(), [3, 0]);
     assert_eq!(cpu_ops::softmax_last(x, 0.5).dims(), [3, 0]);
-}
-
-/// One AdamW step in float64, from the same state: `(p', m', v')`.
-#[allow(clippy::too_many_arguments)]
-fn adamw_f64(p: f64, g: f64, m: f64, v: f64, lr: f64, wd: f64, t: i32) -> (f64, f64, f64) {
-    let (b1, b2, eps) = (0.9f64, 0.95f64, 1e-8);
-    let m = b1 * m + (1.0 - b1) * g;
-    let v = b2 * v + (1.0 - b2) * g * g;
-    let update = (m / (1.0 - b1.powi(t))) / ((v / (1.0 - b2.powi(t))).sqrt() + eps);
-    (p * (1.0 - lr * wd) - lr * update, m, v)
 }
 
 /// The AdamW kernel against float64 code, each of five steps from the kernel's own previous state (so

@@ -13,36 +13,13 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use burn::tensor::{Device, Distribution, Tensor, TensorData};
-use common::{rel_err, to_f64, wgpu_device};
+use common::{adamw_f64, noise, rel_err, to_f64, wgpu_device};
 use ov3_core::optim_gpu::{self, AdamWStep};
 use ov3_core::optim;
-
-/// A deterministic pseudo-random sequence in [-1, 1) (splitmix64).
-fn noise(n: usize, seed: u64) -> Vec<f64> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| {
-            s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = s;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 52) as f64 - 1.0
-        })
-        .collect()
-}
 
 fn tensor(values: &[f64], device: &Device) -> Tensor<1> {
     let data: Vec<f32> = values.iter().map(|&x| x as f32).collect();
     Tensor::from_data(TensorData::new(data, [values.len()]), device)
-}
-
-/// One AdamW step in float64 from the same (f32-rounded) state: `(p', m', v')`.
-fn adamw_f64(p: f64, g: f64, m: f64, v: f64, lr: f64, wd: f64, t: i32) -> (f64, f64, f64) {
-    let (b1, b2, eps) = (0.9f64, 0.95f64, 1e-8);
-    let m = b1 * m + (1.0 - b1) * g;
-    let v = b2 * v + (1.0 - b2) * g * g;
-    let update = (m / (1.0 - b1.powi(t))) / ((v / (1.0 - b2.powi(t))).sqrt() + eps);
-    (p * (1.0 - lr * wd) - lr * update, m, v)
 }
 
 /// Five steps, each from the kernel's own previous state (so errors do not compound), on `n` elements with
@@ -90,6 +67,7 @@ fn kernel_matches_f64(device: &Device, n: usize, check: impl Fn(usize) -> bool) 
 
 #[test]
 fn adamw_kernel_matches_f64() {
+    let _serial = serial();
     let Some(device) = wgpu_device() else { return };
     // One element, less than a workgroup, several workgroups with a ragged last one.
     for n in [1, 200, 50_001] {
@@ -101,9 +79,17 @@ fn adamw_kernel_matches_f64() {
 /// every 613th element and the last 5,000 (past the first row of workgroups).
 #[test]
 fn adamw_kernel_covers_a_two_dimensional_grid() {
+    let _serial = serial();
     let Some(device) = wgpu_device() else { return };
     let n = 65_535 * 256 + 4_321;
     kernel_matches_f64(&device, n, |i| i % 613 == 0 || i + 5_000 >= n);
+}
+
+/// The launch observer is process-wide and tests run on parallel threads: every test here holds this lock,
+/// so a count sees only its own test's launches.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Kernel launches by name while `f` runs.
@@ -133,6 +119,7 @@ fn optim_adamw_on_wgpu_matches_burn_adamw() {
     use burn::nn::{Linear, LinearConfig};
     use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
 
+    let _serial = serial();
     let Some(device) = wgpu_device() else { return };
     let device = device.autodiff();
     let model: Linear = ov3_core::device::seeded(&device, 3, || LinearConfig::new(37, 21).init(&device));
@@ -175,6 +162,7 @@ fn optim_adamw_on_wgpu_matches_burn_adamw() {
 /// four orders of magnitude: relative error < 1e-5 (f32 sums of up to 4,000 squares per invocation).
 #[test]
 fn sum_squares_matches_f64() {
+    let _serial = serial();
     let Some(device) = wgpu_device() else { return };
     for (n, seed) in [(1, 1), (255, 2), (256, 3), (257, 4), (100_003, 5), (1_000_000, 6)] {
         let x: Vec<f64> = noise(n, seed)
@@ -212,6 +200,7 @@ fn clip_grad_norm_on_wgpu_matches_f64() {
             }
         }
     }
+    let _serial = serial();
     let Some(device) = wgpu_device() else { return };
     let device = device.autodiff();
     let model: Linear = ov3_core::device::seeded(&device, 5, || LinearConfig::new(300, 70).init(&device));

@@ -86,3 +86,28 @@ pub fn idx_gz(path: &std::path::Path, dims: &[u32], data: &[u8]) {
     gz.write_all(&bytes).expect("gzip");
     std::fs::write(path, gz.finish().expect("gzip")).expect("write");
 }
+
+/// A deterministic pseudo-random sequence in [-1, 1) (splitmix64), so kernels' inputs need no device.
+pub fn noise(n: usize, seed: u64) -> Vec<f64> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = s;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 52) as f64 - 1.0
+        })
+        .collect()
+}
+
+/// One AdamW step (betas 0.9, 0.95, epsilon 1e-8, decoupled decay `wd`) in float64 from the same state, at
+/// step `t` (from 1): `(p', m', v')`.
+#[allow(clippy::too_many_arguments)]
+pub fn adamw_f64(p: f64, g: f64, m: f64, v: f64, lr: f64, wd: f64, t: i32) -> (f64, f64, f64) {
+    let (b1, b2, eps) = (0.9f64, 0.95f64, 1e-8);
+    let m = b1 * m + (1.0 - b1) * g;
+    let v = b2 * v + (1.0 - b2) * g * g;
+    let update = (m / (1.0 - b1.powi(t))) / ((v / (1.0 - b2.powi(t))).sqrt() + eps);
+    (p * (1.0 - lr * wd) - lr * update, m, v)
+}
