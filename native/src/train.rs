@@ -27,7 +27,7 @@ pub struct TrainArgs {
     #[arg(long)]
     config: Option<PathBuf>,
     /// Built-in recipe when no --config is given: quick (the main job, ~8 min on 2 CPU cores), demo (the
-    /// shipped checkpoint's, ~150 min) or paper (Table 1 of the paper at a batch one machine holds: 128 px at
+    /// shipped checkpoint's, ~3.5 hours) or paper (Table 1 of the paper at a batch one machine holds: 128 px at
     /// batch 256, then 256 px at batch 128, base LR 8e-6 then 4e-7 per 256 images; use with --preset).
     /// Default: quick; with --resume, the run's own config (a recipe named with --resume is used, so a run of
     /// an older recipe with fewer stages continues into the new ones).

@@ -183,11 +183,12 @@ impl TrainConfig {
     }
 
     /// The recipe of the shipped demo checkpoint: the quick recipe over 4.5x its low-res steps and 9x its
-    /// high-res ones (2880 + 576), then two more stages at 128 px (1728 each), with byte-level captions, so
+    /// high-res ones (2880 + 576), then three more stages at 128 px (1728 each), with byte-level captions, so
     /// that the browser demo can rank whatever the user types, on real photographs and the embedded world in
     /// about equal shares (`ov3 data prepare real --out data/real` first: it needs the packages the README
-    /// names); about 150 minutes on 2 cores. Twice the steps of the first demo recipe (1440 + 144) gave +1.6 dB
-    /// on real held-out photographs, the third stage another +1.1 dB, the fourth +1.0 (assets/demo/README.md).
+    /// names); about 3.5 hours on 2 cores. Twice the steps of the first demo recipe (1440 + 144) gave +1.6 dB
+    /// on real held-out photographs, the third stage another +1.1 dB, the fourth +1.0, the fifth +0.7
+    /// (assets/demo/README.md).
     pub fn demo() -> Self {
         let mut cfg = Self::embedded_recipe(2880, 576);
         cfg.data = format!("{DEMO_REAL_DATA}/train+synthetic:4000");
@@ -195,11 +196,12 @@ impl TrainConfig {
         cfg.eval_every = 960;
         // A third stage at the demo's resolution, 3x the second's steps at twice its rate (half the full one):
         // the 128 px reconstruction was still improving when the second stage's schedule ended.
-        // A fourth, the same again (its own warmup and cosine): the third left it still improving.
+        // A fourth and a fifth, the same again (each its own warmup and cosine): each left it still improving.
         let mut refine = cfg.stages[1].clone();
         (refine.name, refine.steps, refine.warmup, refine.lr) = ("refine".into(), 1728, 172, 2.0 * refine.lr);
         let refine_2 = StageConfig { name: "refine-2".into(), ..refine.clone() };
-        cfg.stages.extend([refine, refine_2]);
+        let refine_3 = StageConfig { name: "refine-3".into(), ..refine.clone() };
+        cfg.stages.extend([refine, refine_2, refine_3]);
         cfg
     }
 
