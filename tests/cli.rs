@@ -40,6 +40,33 @@ fn bench_step_prints_one_json_line() {
     assert_eq!(v["batch"], 2);
 }
 
+/// `--kernels count` on wgpu: a second JSON line with the step's kernel launches, our AdamW kernel among them
+/// once per parameter tensor (239 in the tiny preset). Skipped without an adapter unless `OV3_TEST_WGPU=1` (CI).
+#[test]
+fn bench_step_counts_kernel_launches_on_wgpu() {
+    let args = ["bench", "step", "--backend", "wgpu", "--batch", "2", "--res", "32", "--steps", "1", "--warmup", "1"];
+    let out = ov3(&[&args[..], &["--kernels", "count"]].concat());
+    let (stdout, stderr) = text(&out);
+    if !out.status.success() && stderr.contains("adapter") && std::env::var("OV3_TEST_WGPU").as_deref() != Ok("1") {
+        eprintln!("skipping: {stderr}");
+        return;
+    }
+    assert!(out.status.success(), "bench failed: {stderr}");
+    let lines: Vec<serde_json::Value> =
+        stdout.lines().map(|l| serde_json::from_str(l).expect("bench prints JSON lines")).collect();
+    assert_eq!(lines.len(), 2, "{stdout}");
+    let k = &lines[1];
+    assert_eq!(k["bench"], "kernels");
+    let total = k["launches_per_step"].as_u64().expect("launches_per_step");
+    let top = k["top"].as_array().expect("top kernels");
+    let listed: u64 = top.iter().map(|t| t["launches"].as_u64().expect("launches")).sum();
+    assert!(total > 1000 && listed <= total, "{total} launches, {listed} in the top rows");
+    assert!(k["device_ms_per_step"].is_null(), "count does not time");
+    let adamw = top.iter().find(|t| t["kernel"].as_str().is_some_and(|n| n.contains("AdamW")));
+    let adamw = adamw.expect("AdamW's kernel among the most launched")["launches"].as_u64().unwrap();
+    assert!((100..1000).contains(&adamw), "AdamW launched {adamw} times (once per parameter tensor)");
+}
+
 /// A PNG whose header claims 12000 x 12000 pixels (144 Mpx, over the 64 Mpx limit): every command that
 /// reads an image refuses it from the header, before decoding, as the data loader does.
 fn bomb_png(path: &std::path::Path) {
@@ -113,6 +140,8 @@ fn oversized_images_and_resolutions_are_refused_before_any_work() {
 fn bad_input_is_one_line_and_a_nonzero_exit() {
     for args in [
         vec!["bench", "step", "--backend", "cpu", "--res", "100"],
+        vec!["bench", "step", "--backend", "cpu", "--kernels", "count"],
+        vec!["bench", "step", "--backend", "cpu", "--kernels", "all"],
         vec!["overfit", "--backend", "cpu", "--batch", "1"],
         vec!["info", "--preset", "huge"],
         vec!["info", "--backend", "cuda"],

@@ -9,11 +9,10 @@
 
 mod common;
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 use burn::tensor::{Device, Distribution, Tensor, TensorData};
-use common::{adamw_f64, noise, rel_err, to_f64, wgpu_device};
+use common::{adamw_against_burn, adamw_f64, launches, noise, rel_err, to_f64, wgpu_device};
 use ov3_core::optim_gpu::{self, AdamWStep};
 use ov3_core::optim;
 
@@ -92,70 +91,21 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Kernel launches by name while `f` runs.
-fn launches<T>(f: impl FnOnce() -> T) -> (T, HashMap<&'static str, usize>) {
-    use cubecl::logging::{LaunchObservation, LaunchObserver};
-    #[derive(Default)]
-    struct Count(Mutex<HashMap<&'static str, usize>>);
-    impl LaunchObserver for Count {
-        fn launched(&self, kernel: &'static str) {
-            *self.0.lock().unwrap().entry(kernel).or_default() += 1;
-        }
-    }
-    let count = Arc::new(Count::default());
-    let watching = LaunchObservation::new(count.clone());
-    let out = f();
-    drop(watching);
-    let map = std::mem::take(&mut *count.0.lock().unwrap());
-    (out, map)
-}
-
 /// `optim::adamw` on wgpu (the kernel) against burn's AdamW with the same settings and parameter groups
 /// (decay on the weight, none on the bias), over four steps of a small model: parameters to 1e-6 relative.
 /// Each step launches the kernel once per parameter (two here).
 #[test]
 fn optim_adamw_on_wgpu_matches_burn_adamw() {
-    use burn::module::ParamGroup;
-    use burn::nn::{Linear, LinearConfig};
-    use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
-
     let _serial = serial();
     let Some(device) = wgpu_device() else { return };
-    let device = device.autodiff();
-    let model: Linear = ov3_core::device::seeded(&device, 3, || LinearConfig::new(37, 21).init(&device));
-    let x =
-        ov3_core::device::seeded(&device, 4, || Tensor::<2>::random([5, 37], Distribution::Normal(0.0, 1.0), &device));
-    let burn_adamw = || {
-        let base = AdamWConfig::new().with_beta_1(0.9).with_beta_2(0.95).with_epsilon(1e-8);
-        let no_decay = ParamGroup::from_ids(ov3_core::optim::no_decay_ids(&model));
-        base.clone().with_weight_decay(0.2).init().with_group(no_decay, base.with_weight_decay(0.0).build(), None)
-    };
-    let run = |mut optim: ModuleOptimizer| {
-        let mut m = model.clone();
-        let mut kernel_launches = Vec::new();
-        for step in 0..4 {
-            let loss = (m.forward(x.clone()).powi_scalar(2) * (step as f64 + 1.0)).mean();
-            let grads = GradientsParams::from_grads(loss.backward(), &m);
-            // Reading the parameters back runs what burn's fusion backend (`--features fusion`) has queued.
-            let (stepped, count) = launches(|| {
-                let m = optim.step(0.05, m, grads);
-                let _ = (to_f64(&m.weight.val()), to_f64(&m.bias.as_ref().expect("bias").val()));
-                m
-            });
-            m = stepped;
-            let ours = count.iter().filter(|(k, _)| k.contains("AdamWSource")).map(|(_, c)| c).sum::<usize>();
-            kernel_launches.push(ours);
-        }
-        (to_f64(&m.weight.val()), to_f64(&m.bias.as_ref().expect("bias").val()), kernel_launches)
-    };
-    let (ours, reference) = (run(ov3_core::optim::adamw(&model, 0.2)), run(burn_adamw()));
-    assert_eq!(ours.2, vec![2; 4], "one kernel per parameter and step");
-    assert_eq!(reference.2, vec![0; 4], "burn's AdamW does not use the kernel");
-    for (what, a, b) in [("weight", &ours.0, &reference.0), ("bias", &ours.1, &reference.1)] {
+    let ([ours, reference], initial) = adamw_against_burn(&device.autodiff(), "AdamWSource");
+    assert_eq!(ours.launches, vec![2; 4], "one kernel per parameter and step");
+    assert_eq!(reference.launches, vec![0; 4], "burn's AdamW does not use the kernel");
+    for (what, a, b) in [("weight", &ours.weight, &reference.weight), ("bias", &ours.bias, &reference.bias)] {
         let err = rel_err(a, b);
         assert!(err < 1e-6, "{what}: relative error {err:.2e}");
     }
-    assert!(rel_err(&ours.0, &to_f64(&model.weight.val())) > 1e-3, "the steps must move the weights");
+    assert!(rel_err(&ours.weight, &initial) > 1e-3, "the steps must move the weights");
 }
 
 /// `acc + sum(x^2)` against float64 for lengths around the workgroup's 256 and far above it, values over

@@ -168,6 +168,10 @@ fn step(args: StepArgs, group: &dyn Group) -> anyhow::Result<()> {
         group.size()
     );
     let selected = args.common.device_in(group)?;
+    anyhow::ensure!(
+        args.kernels.is_none() || selected.kind == BackendChoice::Wgpu,
+        "--kernels needs --backend wgpu (the CPU backend launches no GPU kernels)"
+    );
     let device = selected.device.clone().autodiff();
     let attention = match args.attention.as_str() {
         "fused" => AttentionImpl::Fused,
@@ -201,7 +205,6 @@ fn step(args: StepArgs, group: &dyn Group) -> anyhow::Result<()> {
     // Every rank takes the observed step (its gradients are all-reduced like the others').
     let launches = match args.kernels {
         Some(mode) => {
-            anyhow::ensure!(selected.kind == BackendChoice::Wgpu, "--kernels needs --backend wgpu (flex launches no GPU kernels)");
             let (stepped, launches) = crate::bench_kernels::observe(mode == KernelsMode::Time, || {
                 train_once(model.take().expect("model between steps"), &mut optim, &batch, cfg.tau, &mut scale, group)
             });

@@ -165,3 +165,20 @@ pub fn observe<T>(timing: bool, pass: impl FnOnce() -> T) -> (T, Launches) {
     sites.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
     (out, Launches { kernels, timing, sites })
 }
+
+#[cfg(test)]
+mod tests {
+    /// The frames after the last burn/cubecl one, generic arguments dropped (a backtrace as std formats it,
+    /// trimmed to what matters; "at" lines interleaved).
+    #[test]
+    fn call_site_names_the_callers_of_burn() {
+        let backtrace = "   0: launched\n             at native/src/bench_kernels.rs:40:5\n\
+                         \x20  1: cubecl_runtime::client::Client::launch\n\
+                         \x20  2: burn_cubecl::ops::numeric::zeros_client\n\
+                         \x20  3: sum<1, burn_tensor::bridge::kind::Float>\n\
+                         \x20            at burn-tensor/src/bridge.rs:9:1\n\
+                         \x20  4: cross_entropy\n   5: caption_loss\n   6: understanding_terms\n   7: losses\n";
+        assert_eq!(super::call_site(backtrace), "cross_entropy < caption_loss < understanding_terms");
+        assert_eq!(super::call_site("   0: launched\n   1: burn_cubecl::x\n"), "(unknown)");
+    }
+}

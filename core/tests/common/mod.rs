@@ -111,3 +111,69 @@ pub fn adamw_f64(p: f64, g: f64, m: f64, v: f64, lr: f64, wd: f64, t: i32) -> (f
     let update = (m / (1.0 - b1.powi(t))) / ((v / (1.0 - b2.powi(t))).sqrt() + eps);
     (p * (1.0 - lr * wd) - lr * update, m, v)
 }
+
+/// Kernel launches by name while `f` runs. cubecl's launch observer is process-wide: a test binary whose other
+/// tests launch kernels in parallel must serialise them around a count.
+pub fn launches<T>(f: impl FnOnce() -> T) -> (T, std::collections::HashMap<&'static str, usize>) {
+    use cubecl::logging::{LaunchObservation, LaunchObserver};
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex};
+    #[derive(Default)]
+    struct Count(Mutex<HashMap<&'static str, usize>>);
+    impl LaunchObserver for Count {
+        fn launched(&self, kernel: &'static str) {
+            *self.0.lock().unwrap().entry(kernel).or_default() += 1;
+        }
+    }
+    let count = Arc::new(Count::default());
+    let watching = LaunchObservation::new(count.clone());
+    let out = f();
+    drop(watching);
+    let map = std::mem::take(&mut *count.0.lock().unwrap());
+    (out, map)
+}
+
+/// One optimiser's run in [`adamw_against_burn`]: the final weight and bias, and per step the launches of
+/// kernels whose name contains the given part.
+pub struct AdamWRun {
+    pub weight: Vec<f64>,
+    pub bias: Vec<f64>,
+    pub launches: Vec<usize>,
+}
+
+/// `optim::adamw` (ov3's AdamW) and burn's AdamW with the same settings and parameter groups (decay 0.2 on the
+/// weight, none on the bias) over four steps of a small Linear on `device` (autodiff): `[ours, burn's]` and
+/// the initial weight. Each step's count includes reading the parameters back, so burn's fusion backend
+/// (`--features fusion`) runs what it queued inside it.
+pub fn adamw_against_burn(device: &Device, kernel: &str) -> ([AdamWRun; 2], Vec<f64>) {
+    use burn::module::ParamGroup;
+    use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
+    use burn::tensor::Distribution;
+
+    let model: Linear = ov3_core::device::seeded(device, 3, || LinearConfig::new(37, 21).init(device));
+    let x = ov3_core::device::seeded(device, 4, || Tensor::<2>::random([5, 37], Distribution::Normal(0.0, 1.0), device));
+    let burn_adamw = || {
+        let base = AdamWConfig::new().with_beta_1(0.9).with_beta_2(0.95).with_epsilon(1e-8);
+        let no_decay = ParamGroup::from_ids(optim::no_decay_ids(&model));
+        base.clone().with_weight_decay(0.2).init().with_group(no_decay, base.with_weight_decay(0.0).build(), None)
+    };
+    let values = |m: &Linear| (to_f64(&m.weight.val()), to_f64(&m.bias.as_ref().expect("bias").val()));
+    let run = |mut optimizer: ModuleOptimizer| {
+        let mut m = model.clone();
+        let mut counts = Vec::new();
+        for step in 0..4 {
+            let loss = (m.forward(x.clone()).powi_scalar(2) * (step as f64 + 1.0)).mean();
+            let grads = GradientsParams::from_grads(loss.backward(), &m);
+            let (stepped, count) = launches(|| {
+                let m = optimizer.step(0.05, m, grads);
+                let _ = values(&m);
+                m
+            });
+            m = stepped;
+            counts.push(count.iter().filter(|(k, _)| k.contains(kernel)).map(|(_, c)| c).sum());
+        }
+        let (weight, bias) = values(&m);
+        AdamWRun { weight, bias, launches: counts }
+    };
+    ([run(optim::adamw(&model, 0.2)), run(burn_adamw())], to_f64(&model.weight.val()))
+}
