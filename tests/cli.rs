@@ -403,6 +403,41 @@ fn train_then_use_the_run_end_to_end() {
     assert_eq!(report["n"], 4);
     assert!(report["psnr"].as_f64().unwrap().is_finite() && report["zero_shot_accuracy"].as_f64().is_some());
 
+    // Fine-tuning the exported (f16) file: a new run starts from it; another preset is refused before
+    // anything is written, with the differing settings named.
+    let tuned = tmp.path().join("tuned");
+    let out = ov3(&[
+        "train",
+        "--config",
+        recipe_s,
+        "--init",
+        exported_s,
+        "--out",
+        tuned.to_str().unwrap(),
+        "--backend",
+        "cpu",
+    ]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success() && stdout.contains("finished 6 steps"), "fine-tuning failed: {stderr}");
+    assert!(stderr.contains(&format!("initialised from {exported_s}")), "{stderr}");
+    let small = tmp.path().join("small");
+    let out = ov3(&[
+        "train",
+        "--config",
+        recipe_s,
+        "--preset",
+        "small",
+        "--init",
+        exported_s,
+        "--out",
+        small.to_str().unwrap(),
+        "--backend",
+        "cpu",
+    ]);
+    let (_, stderr) = text(&out);
+    assert!(!out.status.success() && stderr.contains("init model's model is not the config's"), "{stderr}");
+    assert!(stderr.contains("encoder:") && !stderr.contains("panicked") && !small.exists(), "{stderr}");
+
     // The model file names its VAE (the embedded one here): another autoencoder is refused, both named.
     let other = fixture("taef1_original");
     let out = ov3(&["eval", "--model", exported_s, "--vae", other.to_str().unwrap(), "--n", "4", "--res", "32"]);

@@ -6,8 +6,8 @@ use burn::optim::{
 };
 use burn::tensor::{DType, Device, Tensor};
 
-use crate::optim_gpu;
 use crate::cpu_ops::{self, AdamWStep};
+use crate::optim_gpu;
 
 use crate::model::Ov3;
 

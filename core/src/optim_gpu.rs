@@ -11,7 +11,9 @@
 //! `core/tests/optim_gpu.rs` checks both against float64 code, and AdamW against burn's AdamW.
 
 use burn::backend::tensor::FloatTensor;
-use burn::backend::wgpu::{CubeBackend, CubeDim, CubeTensor, KernelSource, SourceKernel, SourceTemplate, into_contiguous};
+use burn::backend::wgpu::{
+    CubeBackend, CubeDim, CubeTensor, KernelSource, SourceKernel, SourceTemplate, into_contiguous,
+};
 use burn::backend::{Backend, DType, Dispatch, DispatchDevice, TensorMetadata, backend_extension};
 use burn::tensor::Tensor;
 use cubecl::CubeCount;
@@ -176,7 +178,8 @@ impl OptimKernels for CubeBackend {
         let [x, acc] = [x, acc].map(into_contiguous);
         let client = x.client.clone();
         let params = client.create_from_slice(&n.to_le_bytes());
-        let out = CubeTensor::new_contiguous(client.clone(), x.device.clone(), acc.shape(), client.empty(4), DType::F32);
+        let out =
+            CubeTensor::new_contiguous(client.clone(), x.device.clone(), acc.shape(), client.empty(4), DType::F32);
         let args = KernelArguments::new()
             .with_buffer(x.handle.clone().binding())
             .with_buffer(acc.handle.clone().binding())

@@ -13,8 +13,8 @@ use std::sync::Mutex;
 
 use burn::tensor::{Device, Distribution, Tensor, TensorData};
 use common::{adamw_against_burn, adamw_f64, launches, noise, rel_err, to_f64, wgpu_device};
-use ov3_core::optim_gpu::{self, AdamWStep};
 use ov3_core::optim;
+use ov3_core::optim_gpu::{self, AdamWStep};
 
 fn tensor(values: &[f64], device: &Device) -> Tensor<1> {
     let data: Vec<f32> = values.iter().map(|&x| x as f32).collect();
@@ -57,8 +57,11 @@ fn kernel_matches_f64(device: &Device, n: usize, check: impl Fn(usize) -> bool) 
             assert!(err < 1e-6, "n {n}, step {t}, {what}: relative error {err:.2e}");
         }
         let decay = 1.0 - lr * wd;
-        let worst =
-            idx.iter().zip(&want).map(|(&i, w)| ((p2[i] - p[i] * decay) - (w.0 - p[i] * decay)).abs()).fold(0.0, f64::max);
+        let worst = idx
+            .iter()
+            .zip(&want)
+            .map(|(&i, w)| ((p2[i] - p[i] * decay) - (w.0 - p[i] * decay)).abs())
+            .fold(0.0, f64::max);
         assert!(worst < 1e-4 * lr, "n {n}, step {t}: update error {worst:.2e}");
         (p, m, v) = (p2, m2, v2);
     }
@@ -124,7 +127,8 @@ fn sum_squares_matches_f64() {
         let want = acc + x.iter().map(|v| v * v).sum::<f64>();
         let xt = tensor(&x, &device);
         assert!(optim_gpu::supports_sum_squares(&xt));
-        let (got, count) = launches(|| to_f64(&optim_gpu::sum_squares_add(xt.clone().reshape([n, 1]), tensor(&[acc], &device))));
+        let (got, count) =
+            launches(|| to_f64(&optim_gpu::sum_squares_add(xt.clone().reshape([n, 1]), tensor(&[acc], &device))));
         assert_eq!(got.len(), 1);
         let err = (got[0] - want).abs() / want;
         assert!(err < 1e-5, "n {n}: {} against {want}, relative error {err:.2e}", got[0]);

@@ -669,3 +669,43 @@ fn f16_is_a_recipe_key_and_its_loss_scale_survives_a_resume() {
     assert!(scaler(&straight)["good_steps"].as_u64().is_some_and(|n| n > 0), "{}", scaler(&straight));
     assert_eq!(scaler(&straight), scaler(&split), "the resumed run continues the scaler");
 }
+
+/// `init` (fine-tuning): a run starts from exactly the model file's weights, not the seeded ones (one step at
+/// a learning rate far too small to move an f32 weight leaves every weight as the file has it; the seeded
+/// initialisation is two steps at lr 0.1 away from it), and says so; a model of another architecture and a
+/// missing file are refused, naming the file.
+#[test]
+fn init_starts_from_the_model_files_weights_and_refuses_another_model() {
+    let tmp = ov3_core::fsio::ScratchDir::new().expect("tmp");
+    let (source, tuned) = (tmp.path().join("source"), tmp.path().join("tuned"));
+    run(&source, &config(), false, Some(2)).expect("a short run");
+    let file = checkpoint::latest_intact(&source).0.expect("a checkpoint").join(MODEL_FILE);
+
+    let mut fine = config();
+    fine.init = Some(file.display().to_string());
+    fine.stages.truncate(1);
+    (fine.stages[0].steps, fine.stages[0].warmup, fine.stages[0].lr) = (1, 1, 1e-30);
+    let (outcome, notes) = run_noted(&tuned, &fine, false, None);
+    assert!(matches!(outcome, Ok(Outcome::Finished { step: 1, .. })), "{outcome:?}");
+    assert!(notes.iter().any(|n| n.contains("initialised from") && n.contains(&*file.to_string_lossy())), "{notes:?}");
+    let want = named_values(&load(&file).0);
+    let got = final_weights(&tuned);
+    assert_eq!(got.len(), want.len());
+    for ((name, shape, a), (_, want_shape, b)) in got.iter().zip(&want) {
+        assert_eq!(shape, want_shape, "{name}");
+        let worst = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+        assert!(worst <= 1e-20, "{name}: differs from the init file by {worst}");
+    }
+    assert!(std::fs::read_to_string(tuned.join("config.toml")).expect("config").contains("init = "));
+
+    let mut other = fine.clone();
+    other.tau = 0.25;
+    let err = run(&tmp.path().join("other"), &other, false, None).expect_err("another architecture");
+    assert!(matches!(err, TrainError::Refused(_)) && err.to_string().contains("init model's model"), "{err}");
+    assert!(err.to_string().contains("tau: 0.5 in the file, 0.25 in the config"), "{err}");
+    assert!(!tmp.path().join("other").exists(), "a refused init leaves no run folder behind");
+    other = fine.clone();
+    other.init = Some(tmp.path().join("missing.safetensors").display().to_string());
+    let err = run(&tmp.path().join("missing"), &other, false, None).expect_err("a missing file");
+    assert!(err.to_string().contains("init:") && err.to_string().contains("missing.safetensors"), "{err}");
+}

@@ -72,7 +72,8 @@ fn call_site(backtrace: &str) -> String {
         .filter_map(|l| l.trim().split_once(": ").filter(|(n, _)| n.parse::<u32>().is_ok()).map(|(_, f)| f))
         .collect();
     let ours = frames.iter().rposition(|f| f.contains("burn_") || f.contains("cubecl")).map_or(0, |i| i + 1);
-    let site: Vec<&str> = frames[ours.min(frames.len())..].iter().take(3).map(|f| f.split('<').next().unwrap_or(f)).collect();
+    let site: Vec<&str> =
+        frames[ours.min(frames.len())..].iter().take(3).map(|f| f.split('<').next().unwrap_or(f)).collect();
     if site.is_empty() { "(unknown)".into() } else { site.join(" < ") }
 }
 
@@ -117,7 +118,8 @@ impl Launches {
             "top": rows,
         });
         if !self.sites.is_empty() {
-            out["traced"] = self.sites.iter().map(|(site, n)| serde_json::json!({"site": site, "launches": n})).collect();
+            out["traced"] =
+                self.sites.iter().map(|(site, n)| serde_json::json!({"site": site, "launches": n})).collect();
         }
         if let (Some(obj), Some(ctx)) = (out.as_object_mut(), context.as_object()) {
             for (k, v) in ctx {

@@ -43,6 +43,11 @@ pub struct TrainArgs {
     /// Frozen VAE weights (FLUX.1 ae.safetensors, a diffusers folder, TAEF1); default: the embedded one.
     #[arg(long)]
     vae: Option<String>,
+    /// Fine-tune: start from this model file (`ov3 export`, a checkpoint's model.safetensors, the demo
+    /// checkpoint) instead of a fresh initialisation, with a fresh optimiser. Its architecture, tokenizer and
+    /// VAE must be the recipe's (a mismatch is refused, naming both). Recorded in the run's config.toml.
+    #[arg(long)]
+    init: Option<String>,
     /// LPIPS weights (safetensors; see tools/lpips_weights.py): enables the lambda term of eq. 4.
     #[arg(long, requires = "lpips_heads")]
     lpips_trunk: Option<String>,
@@ -112,6 +117,9 @@ pub fn run(args: TrainArgs, group: &dyn Group) -> anyhow::Result<()> {
     }
     if let Some(v) = args.vae {
         cfg.vae = Some(v);
+    }
+    if let Some(m) = args.init {
+        cfg.init = Some(m);
     }
     if let (Some(t), Some(h)) = (args.lpips_trunk, args.lpips_heads) {
         (cfg.lpips_trunk, cfg.lpips_heads) = (Some(t), Some(h));

@@ -42,6 +42,11 @@ pub struct TrainConfig {
     /// The frozen VAE: a FLUX.1 / TAEF1 file or folder; absent = the embedded autoencoder.
     #[serde(default)]
     pub vae: Option<String>,
+    /// Fine-tuning: start from this model file's weights (`ov3 export`, a checkpoint's `model.safetensors`,
+    /// the demo checkpoint) instead of a seeded initialisation, with a fresh optimiser. Its architecture,
+    /// tokenizer and VAE must be the config's. A resume ignores it (the checkpoint's weights continue).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init: Option<String>,
     /// LPIPS weights (safetensors): a torchvision VGG16/AlexNet trunk and the lpips linear heads. Both or
     /// neither; without them the LPIPS term is absent whatever lambda says.
     #[serde(default)]
@@ -152,8 +157,9 @@ impl StageConfig {
 }
 
 /// Top-level keys a resumed run may change (see [`TrainConfig::resume_changes`]).
-pub const RESUMABLE_KEYS: [&str; 11] = [
+pub const RESUMABLE_KEYS: [&str; 12] = [
     "attention",
+    "init",
     "precision",
     "grad_clip",
     "weight_decay",
@@ -248,6 +254,7 @@ impl TrainConfig {
             eval_data: "synthetic:256:0:heldout".into(),
             eval_size: 128,
             vae: None,
+            init: None,
             lpips_trunk: None,
             lpips_heads: None,
             weight_decay: default_weight_decay(),

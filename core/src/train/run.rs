@@ -25,6 +25,7 @@ use crate::image_io::{grid, save_png};
 use crate::losses::Perceptual;
 use crate::lpips::Lpips;
 use crate::model::{Frozen, Ov3};
+use crate::model_file::load_model;
 use crate::optim::adamw;
 use crate::parallel::{Group, GroupExt};
 use crate::step::{LossScale, StepError, StepSpec, Stepped, train_step};
@@ -375,49 +376,13 @@ fn prepare_run(
             // Stopped (killed) before its first checkpoint: nothing to lose, so start it over.
             notes.push(format!("{} has no checkpoint yet: starting from step 0", run.display()));
             keep_changes()?;
-            let (model, optim, state) = fresh(cfg, model_cfg, tokenizer, data, device, ranks);
+            let (model, optim, state) = fresh(cfg, model_cfg, tokenizer, data, device, ranks)?;
             return Ok(Prepared { model, optim, state, notes, changes });
         }
         let loaded = checkpoint::load_latest(run, device, make_optim)?;
         notes.extend(loaded.notes);
+        same_model(&loaded.dir, &loaded.cfg, &loaded.model, model_cfg, tokenizer, "checkpoint")?;
         let dir = &loaded.dir;
-        if let (Some(saved), Some(now)) = (&loaded.cfg.vae, &model_cfg.vae)
-            && saved.identity != now.identity
-        {
-            return Err(TrainError::Refused(format!(
-                "{}: the checkpoint was trained with the VAE {} ({}, from {}), the config gives {} ({}, from {})",
-                dir.display(),
-                saved.kind,
-                saved.identity,
-                saved.source,
-                now.kind,
-                now.identity,
-                now.source
-            )));
-        }
-        // A checkpoint from before models recorded their VAE resumes; its next save records it.
-        if (ModelConfig { vae: None, ..loaded.cfg.clone() }) != (ModelConfig { vae: None, ..model_cfg.clone() }) {
-            let (a, b) = (&loaded.cfg, model_cfg);
-            return Err(TrainError::Refused(format!(
-                "{}: the checkpoint's model (encoder width {}, {} latent channels, vocabulary {}) does not match the config's \
-                 (encoder width {}, {} latent channels, vocabulary {})",
-                dir.display(),
-                a.encoder.width,
-                a.latent_channels,
-                a.vocab_size,
-                b.encoder.width,
-                b.latent_channels,
-                b.vocab_size
-            )));
-        }
-        if loaded.model.tokenizer.spec() != tokenizer.spec() {
-            return Err(TrainError::Refused(format!(
-                "{}: the checkpoint's tokenizer ({}) is not the config's ({})",
-                dir.display(),
-                loaded.model.tokenizer.describe(),
-                tokenizer.describe()
-            )));
-        }
         match &loaded.state.data {
             Some(saved) if *saved != data => {
                 return Err(TrainError::Refused(format!(
@@ -450,13 +415,15 @@ fn prepare_run(
             run.display()
         )));
     }
+    // Before the folder exists: a refused init model leaves nothing behind that a corrected retry would trip on.
+    let (model, optim, state) = fresh(cfg, model_cfg, tokenizer, data, device, ranks)?;
     std::fs::create_dir_all(run).map_err(io_err(run))?;
     crate::fsio::atomic_write(&config_path, cfg.to_toml().as_bytes()).map_err(io_err(&config_path))?;
-    let (model, optim, state) = fresh(cfg, model_cfg, tokenizer, data, device, ranks);
-    Ok(Prepared { model, optim, state, notes: vec![], changes: vec![] })
+    let notes = cfg.init.iter().map(|p| format!("initialised from {p} (fine-tuning; a fresh optimiser)")).collect();
+    Ok(Prepared { model, optim, state, notes, changes: vec![] })
 }
 
-/// A new model (seeded by the config), its optimizer, and step 0.
+/// A new model (seeded by the config, or the weights of its `init` file), its optimizer, and step 0.
 fn fresh(
     cfg: &TrainConfig,
     model_cfg: &ModelConfig,
@@ -464,14 +431,87 @@ fn fresh(
     data: DataIdentity,
     device: &Device,
     ranks: usize,
-) -> (Ov3, ModuleOptimizer, TrainState) {
-    let mut model = crate::device::seeded(device, cfg.seed, || Ov3::new(model_cfg, device));
-    model.tokenizer = tokenizer.clone();
+) -> Result<(Ov3, ModuleOptimizer, TrainState), TrainError> {
+    let model = match &cfg.init {
+        None => {
+            let mut model = crate::device::seeded(device, cfg.seed, || Ov3::new(model_cfg, device));
+            model.tokenizer = tokenizer.clone();
+            model
+        }
+        Some(path) => {
+            let path = Path::new(path);
+            let (model, saved) = load_model(path, device).map_err(|e| TrainError::Refused(format!("init: {e}")))?;
+            same_model(path, &saved, &model, model_cfg, tokenizer, "init model")?;
+            model
+        }
+    };
     let optim = adamw(&model, cfg.weight_decay as f32);
     let position = Position::default();
     let state =
         TrainState { step: 0, position, seed: cfg.seed, data: Some(data), ranks: Some(ranks), loss_scale: None };
-    (model, optim, state)
+    Ok((model, optim, state))
+}
+
+/// Refuses weights (a checkpoint to resume, an `init` model) trained with another VAE, another architecture
+/// or another tokenizer than the config's, naming both. A file from before models recorded their VAE passes
+/// that check (its next save records the config's).
+fn same_model(
+    file: &Path,
+    saved: &ModelConfig,
+    model: &Ov3,
+    model_cfg: &ModelConfig,
+    tokenizer: &Tokenizer,
+    what: &str,
+) -> Result<(), TrainError> {
+    let file = file.display();
+    if let (Some(saved), Some(now)) = (&saved.vae, &model_cfg.vae)
+        && saved.identity != now.identity
+    {
+        return Err(TrainError::Refused(format!(
+            "{file}: the {what} was trained with the VAE {} ({}, from {}), the config gives {} ({}, from {})",
+            saved.kind, saved.identity, saved.source, now.kind, now.identity, now.source
+        )));
+    }
+    let differences = model_differences(saved, model_cfg);
+    if !differences.is_empty() {
+        return Err(TrainError::Refused(format!(
+            "{file}: the {what}'s model is not the config's: {}",
+            differences.join("; ")
+        )));
+    }
+    if model.tokenizer.spec() != tokenizer.spec() {
+        return Err(TrainError::Refused(format!(
+            "{file}: the {what}'s tokenizer ({}) is not the config's ({})",
+            model.tokenizer.describe(),
+            tokenizer.describe()
+        )));
+    }
+    Ok(())
+}
+
+/// Every model setting (VAE aside) in which `saved` differs from `now`, as `key: SAVED in the file, NOW in the
+/// config` (`encoder: {"width":192,...} in the file, {...} in the config`).
+fn model_differences(saved: &ModelConfig, now: &ModelConfig) -> Vec<String> {
+    let fields = |c: &ModelConfig| match serde_json::to_value(ModelConfig { vae: None, ..c.clone() }) {
+        Ok(serde_json::Value::Object(map)) => map,
+        _ => serde_json::Map::new(),
+    };
+    let (a, b) = (fields(saved), fields(now));
+    let show = |v: Option<&serde_json::Value>| v.map_or("(unset)".to_string(), |v| v.to_string());
+    let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    let mut differences: Vec<String> = keys
+        .into_iter()
+        .filter(|k| a.get(*k) != b.get(*k))
+        .map(|k| format!("{k}: {} in the file, {} in the config", show(a.get(k)), show(b.get(k))))
+        .collect();
+    if differences.is_empty()
+        && (ModelConfig { vae: None, ..saved.clone() }) != (ModelConfig { vae: None, ..now.clone() })
+    {
+        differences.push(format!("{saved:?} in the file, {now:?} in the config"));
+    }
+    differences
 }
 
 /// A failed [`checkpoint::save`] of `step`: non-finite weights or optimizer state (a step that diverged

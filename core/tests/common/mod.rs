@@ -151,7 +151,8 @@ pub fn adamw_against_burn(device: &Device, kernel: &str) -> ([AdamWRun; 2], Vec<
     use burn::tensor::Distribution;
 
     let model: Linear = ov3_core::device::seeded(device, 3, || LinearConfig::new(37, 21).init(device));
-    let x = ov3_core::device::seeded(device, 4, || Tensor::<2>::random([5, 37], Distribution::Normal(0.0, 1.0), device));
+    let x =
+        ov3_core::device::seeded(device, 4, || Tensor::<2>::random([5, 37], Distribution::Normal(0.0, 1.0), device));
     let burn_adamw = || {
         let base = AdamWConfig::new().with_beta_1(0.9).with_beta_2(0.95).with_epsilon(1e-8);
         let no_decay = ParamGroup::from_ids(optim::no_decay_ids(&model));
