@@ -600,7 +600,7 @@ fn the_shipped_demo_checkpoint_reconstructs_photographs() {
     ov3_ok(&["eval", "--data", photos, "--res", "128", "--captions", "0", "--json", json.to_str().unwrap()]);
     let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let (ours, vae) = (report["psnr"].as_f64().unwrap(), report["psnr_vae"].as_f64().unwrap());
-    assert!(ours > 20.4, "the demo checkpoint reconstructs the photographs at {ours:.2} dB (VAE alone {vae:.2} dB)");
+    assert!(ours > 20.5, "the demo checkpoint reconstructs the photographs at {ours:.2} dB (VAE alone {vae:.2} dB)");
 }
 
 /// An installed binary (`R/bin/ov3` with the model copied to `R/share/ov3/`) finds the demo checkpoint there

@@ -22,7 +22,7 @@ PY
 
 echo "== what the native CLI computes for the same inputs"
 upload=assets/photos/chelsea.jpg
-# A held-out scene whose true caption the demo checkpoint ranks first by a wide margin natively (0.888 vs 0.561
+# A held-out scene whose true caption the demo checkpoint ranks first by a wide margin natively (0.901 vs 0.561
 # for the runner-up among the 12 samples' captions; 6 of the 8 world samples rank their own first, this one by
 # the most), so f16 weights and browser arithmetic cannot reorder it. Pick again when the checkpoint changes.
 sample=6
