@@ -1,5 +1,7 @@
 //! AdamW as DESIGN §4 sets it: betas (0.9, 0.95), weight decay on matrices only, global grad-norm clipping.
 
+use std::cell::Cell;
+
 use burn::module::{Module, ModuleVisitor, Param, ParamGroup, ParamId};
 use burn::optim::{
     AdamWConfig, AdamWState, AdaptiveMomentumState, GradientsParams, LearningRate, ModuleOptimizer, Optimizer,
@@ -56,9 +58,11 @@ impl Optimizer for AdamW {
         let f32_moments = state
             .as_ref()
             .is_none_or(|s| s.momentum.moment_1.dtype() == DType::F32 && s.momentum.moment_2.dtype() == DType::F32);
+        let grad_scale = GRAD_SCALE.get();
         let on_cpu = cpu_ops::fused(&tensor) && grad.dtype() == DType::F32;
         let on_gpu = optim_gpu::supports(&tensor, &grad);
         if !((on_cpu || on_gpu) && f32_moments) {
+            let grad = if grad_scale == 1.0 { grad } else { grad.mul_scalar(grad_scale) };
             return self.burn.step(lr, tensor, grad, state);
         }
         let (time, m, v) = match state {
@@ -75,6 +79,7 @@ impl Optimizer for AdamW {
             decay: (1.0 - lr * self.weight_decay as f64) as f32,
             correction_1: 1.0 - beta_1.powi(t),
             correction_2: 1.0 - beta_2.powi(t),
+            grad_scale: grad_scale as f32,
         };
         let (tensor, m, v) = match on_cpu {
             true => cpu_ops::adamw(step, tensor, grad, m, v),
@@ -103,10 +108,12 @@ pub fn no_decay_ids<M: Module>(model: &M) -> Vec<ParamId> {
     v.0
 }
 
-/// Scales all gradients together so their global L2 norm is at most `max_norm` (as PyTorch's
-/// `clip_grad_norm_`; burn's own clipping works per tensor), after dividing them by `loss_scale` (the f16
-/// loss scale they were computed at; 1 otherwise). Returns the unscaled norm before clipping.
-pub fn clip_grad_norm<M: Module>(model: &M, grads: &mut GradientsParams, max_norm: f64, loss_scale: f64) -> f64 {
+/// Global grad-norm clipping (as PyTorch's `clip_grad_norm_`; burn's own clipping works per tensor): the
+/// gradients' global L2 norm after dividing them by `loss_scale` (the f16 loss scale they were computed at;
+/// 1 otherwise), and the factor that brings them to a norm of at most `max_norm` and undoes the loss scale.
+/// The gradients are not touched: [`step_with_decoder_lr`] hands the factor to AdamW, which applies it as
+/// it reads each gradient (one pass over each instead of two; on wgpu a launch per parameter fewer).
+pub fn clip_grad_norm<M: Module>(model: &M, grads: &GradientsParams, max_norm: f64, loss_scale: f64) -> Clip {
     struct SumSq<'a>(&'a GradientsParams, Option<Tensor<1>>);
     impl ModuleVisitor for SumSq<'_> {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
@@ -122,22 +129,40 @@ pub fn clip_grad_norm<M: Module>(model: &M, grads: &mut GradientsParams, max_nor
             }
         }
     }
-    struct Scale<'a>(&'a mut GradientsParams, f64);
-    impl ModuleVisitor for Scale<'_> {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            if let Some(g) = self.0.remove::<D>(param.id) {
-                self.0.register(param.id, g.mul_scalar(self.1));
-            }
-        }
-    }
     let mut sum = SumSq(grads, None);
     model.visit(&mut sum);
     let norm = sum.1.map(|s| (s.into_scalar::<f32>() as f64).sqrt()).unwrap_or(0.0) / loss_scale;
     let clip = if norm > max_norm { max_norm / (norm + 1e-6) } else { 1.0 };
-    if norm.is_finite() && (clip != 1.0 || loss_scale != 1.0) {
-        model.visit(&mut Scale(grads, clip / loss_scale));
+    Clip { norm, factor: clip / loss_scale }
+}
+
+/// [`clip_grad_norm`]'s result.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Clip {
+    /// The global gradient norm before clipping, the loss scale divided out (NaN or infinite when an f16
+    /// gradient overflowed).
+    pub norm: f64,
+    /// What every gradient element is multiplied by before the update: clipping's factor over the loss scale.
+    pub factor: f64,
+}
+
+thread_local! {
+    /// The gradient factor of the optimiser step running on this thread (1 outside [`step_with_decoder_lr`]).
+    /// burn's `ModuleOptimizer::step` hands an optimiser only the learning rate, so the factor reaches
+    /// [`AdamW::step`] this way, set for the duration of one call and reset after it, even on a panic.
+    static GRAD_SCALE: Cell<f64> = const { Cell::new(1.0) };
+}
+
+/// Runs `f` with every gradient [`AdamW`] reads multiplied by `factor`.
+fn with_grad_scale<T>(factor: f64, f: impl FnOnce() -> T) -> T {
+    struct Reset(f64);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            GRAD_SCALE.set(self.0);
+        }
     }
-    norm
+    let _reset = Reset(GRAD_SCALE.replace(factor));
+    f()
 }
 
 /// Moves the gradients of `part`'s parameters from `from` into `into`, so that one optimiser can step
@@ -155,21 +180,34 @@ fn move_grads<M: Module>(part: &M, from: &mut GradientsParams, into: &mut Gradie
     part.visit(&mut Move(from, into));
 }
 
-/// One optimiser step: the two generative decoders (`decoder`, `text_decoder`) at `lr * lr_decoders`,
-/// every other parameter at `lr`.
+/// One optimiser step on the gradients times `grad_factor` ([`Clip::factor`]): the two generative decoders
+/// (`decoder`, `text_decoder`) at `lr * lr_decoders`, every other parameter at `lr`.
 pub fn step_with_decoder_lr(
     optim: &mut ModuleOptimizer,
     model: Ov3,
     mut grads: GradientsParams,
     lr: f64,
     lr_decoders: f64,
+    grad_factor: f64,
 ) -> Ov3 {
     if lr_decoders == 1.0 {
-        return optim.step(lr, model, grads);
+        return step_scaled(optim, lr, model, grads, grad_factor);
     }
     let mut decoders = GradientsParams::new();
     move_grads(&model.decoder, &mut grads, &mut decoders);
     move_grads(&model.text_decoder, &mut grads, &mut decoders);
-    let model = optim.step(lr * lr_decoders, model, decoders);
-    optim.step(lr, model, grads)
+    let model = step_scaled(optim, lr * lr_decoders, model, decoders, grad_factor);
+    step_scaled(optim, lr, model, grads, grad_factor)
+}
+
+/// `optim.step(lr, model, grads)` with every gradient multiplied by `grad_factor` as [`AdamW`] reads it
+/// (`optim` from [`adamw`]: another optimiser would not see the factor).
+pub fn step_scaled<M: Module>(
+    optim: &mut ModuleOptimizer,
+    lr: f64,
+    model: M,
+    grads: GradientsParams,
+    grad_factor: f64,
+) -> M {
+    with_grad_scale(grad_factor, || optim.step(lr, model, grads))
 }

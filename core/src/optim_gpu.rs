@@ -147,6 +147,7 @@ impl OptimKernels for CubeBackend {
             step.correction_1,
             step.correction_2,
             f32::from_bits(n32),
+            step.grad_scale,
         ];
         let client = param.client.clone();
         let bytes: Vec<u8> = h.iter().flat_map(|x| x.to_le_bytes()).collect();

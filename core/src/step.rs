@@ -161,7 +161,8 @@ pub fn train_step<E>(
         if let Some((term, value)) = record.terms().into_iter().find(|(_, v)| !v.is_finite()) {
             return Err(StepError::NonFinite(format!("the {term} loss is {value}")));
         }
-        record.grad_norm = clip_grad_norm(&model, &mut grads, spec.clip, scale.scale);
+        let clip = clip_grad_norm(&model, &grads, spec.clip, scale.scale);
+        record.grad_norm = clip.norm;
         record.loss_scale = scale.dynamic.then_some(scale.scale);
         if !record.grad_norm.is_finite() {
             // An f16 gradient overflowed (the same on every rank: the norm is the group's): again, at half the scale.
@@ -171,7 +172,7 @@ pub fn train_step<E>(
             }
             continue;
         }
-        let model = step_with_decoder_lr(optim, model, grads, spec.lr, spec.lr_decoders);
+        let model = step_with_decoder_lr(optim, model, grads, spec.lr, spec.lr_decoders, clip.factor);
         return Ok(Stepped { model, record, loss_scale: scale.after_good_step() });
     }
 }

@@ -271,8 +271,8 @@ fn empty_rows_are_left_to_burn() {
     assert_eq!(cpu_ops::softmax_last(x, 0.5).dims(), [3, 0]);
 }
 
-/// The AdamW kernel against float64 code, each of five steps from the kernel's own previous state (so
-/// errors do not compound): parameters and moments to 1e-6 relative (scale: max |value|), over 50,000
+/// The AdamW kernel against float64 code, each of five steps (two with a gradient factor of 0.37) from the
+/// kernel's own previous state (so errors do not compound): parameters and moments to 1e-6 relative (scale: max |value|), over 50,000
 /// elements (several parallel chunks, a ragged last one) with gradients over four orders of magnitude.
 #[test]
 fn adamw_kernel_matches_f64() {
@@ -281,6 +281,8 @@ fn adamw_kernel_matches_f64() {
     let (mut m, mut v) = (vec![0.0f32; n], vec![0.0f32; n]);
     let (lr, wd) = (3e-3f64, 0.2f64);
     for t in 1..=5 {
+        // Steps 2 and 4 with a gradient factor (clipping's), applied by the kernel as it reads the gradient.
+        let grad_scale = if t % 2 == 0 { 0.37f64 } else { 1.0 };
         let g: Vec<f32> = noise(n, 100 + t as u64)
             .iter()
             .enumerate()
@@ -294,11 +296,13 @@ fn adamw_kernel_matches_f64() {
             decay: (1.0 - lr * wd) as f32,
             correction_1: 1.0 - 0.9f32.powi(t),
             correction_2: 1.0 - 0.95f32.powi(t),
+            grad_scale: grad_scale as f32,
         };
         let (mut p2, mut m2, mut v2) = (p.clone(), m.clone(), v.clone());
         kernels::adamw(&step, &mut p2, &g, &mut m2, &mut v2);
-        let want: Vec<(f64, f64, f64)> =
-            (0..n).map(|i| adamw_f64(p[i].into(), g[i].into(), m[i].into(), v[i].into(), lr, wd, t)).collect();
+        let want: Vec<(f64, f64, f64)> = (0..n)
+            .map(|i| adamw_f64(p[i].into(), f64::from(g[i]) * grad_scale, m[i].into(), v[i].into(), lr, wd, t))
+            .collect();
         for (what, got, want) in [
             ("parameter", f64s(&p2), want.iter().map(|w| w.0).collect::<Vec<_>>()),
             ("moment 1", f64s(&m2), want.iter().map(|w| w.1).collect()),

@@ -543,7 +543,7 @@ fn lr_decoders_scales_the_first_step_of_the_two_decoders_only() {
     let (lr, k) = (1e-3, 3.0);
     let step = |lr_decoders: f64| {
         let mut opt = optim::adamw(&model, 0.2);
-        optim::step_with_decoder_lr(&mut opt, model.clone(), grads(&model), lr, lr_decoders)
+        optim::step_with_decoder_lr(&mut opt, model.clone(), grads(&model), lr, lr_decoders, 1.0)
     };
     let (plain, scaled) = (step(1.0), step(k));
     let before = named_values(&model);

@@ -364,10 +364,13 @@ pub struct AdamWStep {
     /// Bias corrections `1 - beta^t` of the two moments at this step `t` (from 1).
     pub correction_1: f32,
     pub correction_2: f32,
+    /// The factor on every gradient element as it is read (`g <- grad_scale g`): global grad-norm clipping's
+    /// factor over the loss scale, folded in here rather than a pass of its own over each gradient; 1 for none.
+    pub grad_scale: f32,
 }
 
-/// AdamW on one tensor in one pass, in place: `m <- b1 m + (1 - b1) g`, `v <- b2 v + (1 - b2) g^2`,
-/// `p <- decay p - lr (m / c1) / (sqrt(v / c2) + eps)`.
+/// AdamW on one tensor in one pass, in place: with `g = grad_scale * grad`, `m <- b1 m + (1 - b1) g`,
+/// `v <- b2 v + (1 - b2) g^2`, `p <- decay p - lr (m / c1) / (sqrt(v / c2) + eps)`.
 pub fn adamw(h: &AdamWStep, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]) {
     let n = p.len();
     assert!(g.len() == n && m.len() == n && v.len() == n, "adamw: parameter, gradient and moments differ in length");
@@ -390,8 +393,9 @@ fn adamw_chunk(h: &AdamWStep, g: &[f32], state: [&mut [f32]; 3]) {
             let n = p.len();
             let (g, m, v) = (&g[..n], &mut m[..n], &mut v[..n]);
             for (i, p) in p.iter_mut().enumerate() {
-                let m1 = h.beta_1 * m[i] + (1.0 - h.beta_1) * g[i];
-                let v1 = h.beta_2 * v[i] + (1.0 - h.beta_2) * (g[i] * g[i]);
+                let g = h.grad_scale * g[i];
+                let m1 = h.beta_1 * m[i] + (1.0 - h.beta_1) * g;
+                let v1 = h.beta_2 * v[i] + (1.0 - h.beta_2) * (g * g);
                 let delta = (m1 / h.correction_1) / ((v1 / h.correction_2).sqrt() + h.epsilon);
                 *p = h.decay * *p - h.lr * delta;
                 m[i] = m1;

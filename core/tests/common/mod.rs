@@ -143,7 +143,8 @@ pub struct AdamWRun {
 
 /// `optim::adamw` (ov3's AdamW) and burn's AdamW with the same settings and parameter groups (decay 0.2 on the
 /// weight, none on the bias) over four steps of a small Linear on `device` (autodiff): `[ours, burn's]` and
-/// the initial weight. Each step's count includes reading the parameters back, so burn's fusion backend
+/// the initial weight. Steps 1 and 3 take a gradient factor of 0.3 (grad-norm clipping's): ours through
+/// `optim::step_scaled`, burn's on a loss scaled by 0.3. Each step's count includes reading the parameters back, so burn's fusion backend
 /// (`--features fusion`) runs what it queued inside it.
 pub fn adamw_against_burn(device: &Device, kernel: &str) -> ([AdamWRun; 2], Vec<f64>) {
     use burn::module::ParamGroup;
@@ -159,14 +160,16 @@ pub fn adamw_against_burn(device: &Device, kernel: &str) -> ([AdamWRun; 2], Vec<
         base.clone().with_weight_decay(0.2).init().with_group(no_decay, base.with_weight_decay(0.0).build(), None)
     };
     let values = |m: &Linear| (to_f64(&m.weight.val()), to_f64(&m.bias.as_ref().expect("bias").val()));
-    let run = |mut optimizer: ModuleOptimizer| {
+    let run = |mut optimizer: ModuleOptimizer, scale_loss: bool| {
         let mut m = model.clone();
         let mut counts = Vec::new();
         for step in 0..4 {
+            let factor = if step % 2 == 1 { 0.3 } else { 1.0 };
             let loss = (m.forward(x.clone()).powi_scalar(2) * (step as f64 + 1.0)).mean();
+            let (loss, ours_factor) = if scale_loss { (loss * factor, 1.0) } else { (loss, factor) };
             let grads = GradientsParams::from_grads(loss.backward(), &m);
             let (stepped, count) = launches(|| {
-                let m = optimizer.step(0.05, m, grads);
+                let m = optim::step_scaled(&mut optimizer, 0.05, m, grads, ours_factor);
                 let _ = values(&m);
                 m
             });
@@ -176,5 +179,5 @@ pub fn adamw_against_burn(device: &Device, kernel: &str) -> ([AdamWRun; 2], Vec<
         let (weight, bias) = values(&m);
         AdamWRun { weight, bias, launches: counts }
     };
-    ([run(optim::adamw(&model, 0.2)), run(burn_adamw())], to_f64(&model.weight.val()))
+    ([run(optim::adamw(&model, 0.2), false), run(burn_adamw(), true)], to_f64(&model.weight.val()))
 }
