@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use burn::tensor::Device;
-use ov3_core::data::latent_cache::{LatentCache, build};
+use ov3_core::data::latent_cache::{Crops, LatentCache, build};
 use ov3_core::data::skips::Skip;
 use ov3_core::data::source::{Source, Spec};
 use ov3_core::image_io::to_tensor;
@@ -20,7 +20,8 @@ fn cached_rows_equal_a_fresh_encode_and_flips_are_mirrors() {
     let vae = Vae::embedded(&device).expect("embedded AE");
     let source = Source::open(&Spec::parse("synthetic:5").unwrap()).unwrap();
     let tmp = ov3_core::fsio::ScratchDir::new().unwrap();
-    let manifest = build(&source, &vae, 32, true, tmp.path(), &device, |_, _| {}).expect("cache builds");
+    let manifest =
+        build(&source, &vae, 32, Crops::Center { flip: true }, tmp.path(), &device, |_, _| {}).expect("cache builds");
     assert_eq!(manifest.entries.len(), 10);
     assert_eq!(manifest.latent_shape, [16, 4, 4]);
     let cache = LatentCache::open(tmp.path()).expect("opens");
@@ -59,7 +60,8 @@ fn a_bad_manifest_is_refused_when_the_cache_opens() {
     let vae = Vae::embedded(&device).expect("embedded AE");
     let source = Source::open(&Spec::parse("synthetic:3").unwrap()).unwrap();
     let tmp = ov3_core::fsio::ScratchDir::new().unwrap();
-    let good = build(&source, &vae, 32, false, tmp.path(), &device, |_, _| {}).expect("cache builds");
+    let good =
+        build(&source, &vae, 32, Crops::Center { flip: false }, tmp.path(), &device, |_, _| {}).expect("cache builds");
     let manifest_path = tmp.path().join("manifest.json");
     let write = |m: &serde_json::Value| std::fs::write(&manifest_path, serde_json::to_vec(m).unwrap()).unwrap();
     let original: serde_json::Value = serde_json::to_value(&good).unwrap();
@@ -89,11 +91,11 @@ fn a_killed_rebuild_never_leaves_an_old_manifest_over_new_shards() {
     let vae = Vae::embedded(&device).expect("embedded AE");
     let source = Source::open(&Spec::parse("synthetic:3").unwrap()).unwrap();
     let tmp = ov3_core::fsio::ScratchDir::new().unwrap();
-    build(&source, &vae, 48, false, tmp.path(), &device, |_, _| {}).expect("first build");
+    build(&source, &vae, 48, Crops::Center { flip: false }, tmp.path(), &device, |_, _| {}).expect("first build");
     // The progress callback runs after the last shard is written and before the manifest: a panic there
     // is a kill at the worst moment.
     let killed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let _ = build(&source, &vae, 32, false, tmp.path(), &device, |done, total| {
+        let _ = build(&source, &vae, 32, Crops::Center { flip: false }, tmp.path(), &device, |done, total| {
             if done == total {
                 panic!("killed");
             }
@@ -103,6 +105,68 @@ fn a_killed_rebuild_never_leaves_an_old_manifest_over_new_shards() {
     let err = LatentCache::open(tmp.path()).expect_err("a half-rebuilt cache must not open").to_string();
     assert!(err.contains("manifest.json"), "{err}");
     // Rebuilt to the end, it opens with the new resolution.
-    build(&source, &vae, 32, false, tmp.path(), &device, |_, _| {}).expect("rebuild");
+    build(&source, &vae, 32, Crops::Center { flip: false }, tmp.path(), &device, |_, _| {}).expect("rebuild");
     assert_eq!(LatentCache::open(tmp.path()).unwrap().manifest.resolution, 32);
+}
+
+/// `Crops::Random(4)` over three photographs and two scenes of the embedded world: four different random
+/// crops per photograph, none of them its center crop; the world's scenes (rendered at the resolution asked,
+/// uncropped) stored once; rows equal a fresh encode of their pixels; the opened source has one item per
+/// original item, and loading an item draws one of its own crops, several different ones over visits.
+#[test]
+fn random_crops_are_one_item_each_and_one_is_drawn_per_visit() {
+    use std::collections::BTreeSet;
+
+    use ov3_core::data::decode::DecodeLimits;
+    use ov3_core::data::pipeline::{Augment, load_example};
+    use ov3_core::data::rng::SplitMix64;
+
+    let device = Device::flex();
+    let vae = Vae::embedded(&device).expect("embedded AE");
+    let photos = ov3_core::fsio::ScratchDir::new().unwrap();
+    for (i, name) in ["a", "b", "c"].iter().enumerate() {
+        let img = image::RgbImage::from_fn(96, 64, |x, y| {
+            image::Rgb([(x * 2 + i as u32 * 40) as u8, (y * 3) as u8, ((x * y) % 251) as u8])
+        });
+        img.save(photos.path().join(format!("{name}.png"))).unwrap();
+        std::fs::write(photos.path().join(format!("{name}.txt")), format!("photo {name}")).unwrap();
+    }
+    let spec = format!("{}+synthetic:2", photos.path().display());
+    let source = Source::open(&Spec::parse(&spec).unwrap()).unwrap();
+    assert_eq!(source.len(), 5);
+    let tmp = ov3_core::fsio::ScratchDir::new().unwrap();
+    assert!(build(&source, &vae, 32, Crops::Random(0), tmp.path(), &device, |_, _| {}).is_err(), "0 crops refused");
+    let manifest = build(&source, &vae, 32, Crops::Random(4), tmp.path(), &device, |_, _| {}).expect("cache builds");
+    assert_eq!(manifest.crops, 4);
+    let items = manifest.items();
+    let sizes: Vec<usize> = items.iter().map(|r| r.len()).collect();
+    assert_eq!(sizes, vec![4, 4, 4, 1, 1], "four crops per photograph, one per scene");
+    let cache = LatentCache::open(tmp.path()).expect("opens");
+    for (p, rows) in items.iter().take(3).enumerate() {
+        let center = load_example(&source, p, &Augment::eval(32), DecodeLimits::default(), &mut SplitMix64::new(0, 0))
+            .unwrap()
+            .image;
+        let crops: Vec<_> = rows.clone().map(|r| cache.example(r).unwrap()).collect();
+        for (k, c) in crops.iter().enumerate() {
+            assert_ne!(c.image, center, "photo {p} crop {k} is the center crop");
+            assert_eq!(c.caption, format!("photo {}", ["a", "b", "c"][p]));
+            assert!(crops[..k].iter().all(|o| o.image != c.image), "photo {p}: crop {k} repeats an earlier one");
+        }
+    }
+    let e = cache.example(5).unwrap();
+    let fresh = vae.encode(to_tensor(&e.image, &device)).into_data().convert::<f32>().try_to_vec::<f32>().unwrap();
+    let worst = e.latents.unwrap().iter().zip(&fresh).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(worst < 1e-5, "cached latents differ from a fresh encode by {worst}");
+
+    let cached = Source::open(&Spec::parse(&format!("cache:{}", tmp.path().display())).unwrap()).unwrap();
+    assert_eq!(cached.len(), 5, "one item per original item");
+    let aug = Augment::train(32);
+    let drawn: BTreeSet<String> = (0..24)
+        .map(|visit| {
+            load_example(&cached, 1, &aug, DecodeLimits::default(), &mut SplitMix64::new(visit, 1)).unwrap().key
+        })
+        .collect();
+    let own: BTreeSet<String> = items[1].clone().map(|r| cache.manifest.entries[r].key.clone()).collect();
+    assert!(drawn.is_subset(&own), "{drawn:?} drawn, the item's crops are {own:?}");
+    assert!(drawn.len() >= 3, "24 visits drew only {drawn:?}");
 }

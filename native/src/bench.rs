@@ -248,7 +248,7 @@ fn step(args: StepArgs, group: &dyn Group) -> anyhow::Result<()> {
 }
 
 fn cache(args: CacheArgs) -> anyhow::Result<()> {
-    use ov3_core::data::latent_cache::{LatentCache, build, cached_latents};
+    use ov3_core::data::latent_cache::{Crops, LatentCache, build, cached_latents};
     use ov3_core::data::pipeline::{Augment, load_example};
     use ov3_core::data::rng::SplitMix64;
     use ov3_core::data::source::{Source, Spec};
@@ -267,7 +267,7 @@ fn cache(args: CacheArgs) -> anyhow::Result<()> {
     let source = Source::open(&Spec::parse(&format!("synthetic:{n}"))?)?;
     let dir = std::env::temp_dir().join(format!("ov3-bench-cache-{}", std::process::id()));
     let start = Instant::now();
-    build(&source, &vae, args.res, false, &dir, &device, |_, _| {})?;
+    build(&source, &vae, args.res, Crops::Center { flip: false }, &dir, &device, |_, _| {})?;
     let build_s = start.elapsed().as_secs_f64();
     let cached = Source::open(&Spec::parse(&format!("cache:{}", dir.display()))?)?;
     let cache: &LatentCache = cached.cache.as_ref().expect("a cache source");

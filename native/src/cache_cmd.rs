@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use ov3_core::data::latent_cache::build;
+use ov3_core::data::latent_cache::{Crops, build};
 use ov3_core::data::source::{Source, Spec};
 use ov3_core::vae::Vae;
 
@@ -18,12 +18,17 @@ pub struct CacheArgs {
     /// Data to encode (DESIGN §6 data spec).
     #[arg(long)]
     data: String,
-    /// Center crops of RES x RES (a multiple of 16): the resolution the stage will train at.
+    /// Crops of RES x RES (a multiple of 16): the resolution the stage will train at.
     #[arg(long, default_value_t = 128)]
     res: u32,
-    /// Also store every crop mirrored (doubles the cache; the captions are kept as they are).
-    #[arg(long)]
+    /// Also store every center crop mirrored (doubles the cache; the captions are kept as they are).
+    #[arg(long, conflicts_with = "crops")]
     flip: bool,
+    /// Instead of the center crop, K random-resized crops of each item (the training augmentation, drawn
+    /// once); training draws one per visit. Worth it when a run visits each item more than K times: the
+    /// VAE then runs K times per item instead of once per visit (K times the cache's size).
+    #[arg(long, value_name = "K", value_parser = clap::value_parser!(u32).range(1..=64))]
+    crops: Option<u32>,
     /// Frozen VAE weights; default: the embedded autoencoder.
     #[arg(long)]
     vae: Option<PathBuf>,
@@ -38,12 +43,16 @@ pub fn run(args: CacheArgs) -> anyhow::Result<()> {
     let source = Source::open(&Spec::parse(&args.data)?)?;
     let bar = ProgressBar::new(source.len() as u64);
     bar.set_style(ProgressStyle::with_template("encoding {bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}]")?);
-    let manifest =
-        build(&source, &vae, args.res, args.flip, &args.out, &device, |done, _| bar.set_position(done as u64))?;
+    let crops = match args.crops {
+        Some(k) => Crops::Random(k),
+        None => Crops::Center { flip: args.flip },
+    };
+    let manifest = build(&source, &vae, args.res, crops, &args.out, &device, |done, _| bar.set_position(done as u64))?;
     bar.finish_and_clear();
     println!(
-        "{} crops of {} at {} px in {} shard(s): {} (VAE {}, {}); skipped {}",
+        "{} crops of {} items of {} at {} px in {} shard(s): {} (VAE {}, {}); skipped {}",
         manifest.entries.len(),
+        manifest.items().len(),
         manifest.source,
         manifest.resolution,
         manifest.shards.len(),

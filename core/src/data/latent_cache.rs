@@ -1,11 +1,14 @@
 //! The latent cache (DESIGN §4): the VAE is frozen, so each image's latents at one resolution and crop never
-//! change. `ov3 cache` encodes a source once — center crop, optionally its mirror image too — into
+//! change. `ov3 cache` encodes a source once — center crop, optionally its mirror image too, or several
+//! random crops of each item (the training augmentation, drawn once) — into
 //! safetensors shards (`latents` f32 `[n, C, R/8, R/8]`, `images` u8 `[n, 3, R, R]`) with a `manifest.json`
-//! naming the VAE by a hash of its weights. Training from `cache:DIR` reads rows by offset (no VAE pass);
+//! naming the VAE by a hash of its weights. Training from `cache:DIR` reads rows by offset (no VAE pass;
+//! of an item cached as several crops, one drawn per visit);
 //! a cache made by another VAE or at another resolution is refused instead of silently used.
 
 use std::collections::HashMap;
 use std::fs::File;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use burn::tensor::{Device, Tensor, TensorData};
@@ -31,6 +34,22 @@ pub struct Entry {
     pub label: Option<usize>,
     pub shard: usize,
     pub row: usize,
+    /// The item this row is one crop of (a random-crop cache: an item's rows are consecutive); absent: the
+    /// row is an item of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub item: Option<usize>,
+}
+
+/// Which crops a cache holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Crops {
+    /// Each item's center crop, and with `flip` its mirror image as another item.
+    Center { flip: bool },
+    /// Up to this many random-resized crops per item (the training augmentation, `Augment::train`, drawn
+    /// once, seeded by item and crop), training then drawing one per visit: a run that visits each item more
+    /// often than this runs the VAE on each crop once instead of on every visit. Crops that come out the
+    /// same (the embedded world renders its scenes at the resolution asked, uncropped) are stored once.
+    Random(u32),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -43,6 +62,9 @@ pub struct Manifest {
     pub resolution: u32,
     /// Center crops, plus each one mirrored when `flip`.
     pub flip: bool,
+    /// Random crops per item ([`Crops::Random`]); 0 for center crops.
+    #[serde(default)]
+    pub crops: u32,
     pub latent_shape: [usize; 3],
     pub shards: Vec<String>,
     /// Each shard's size in bytes when written (a shard replaced or truncated since is refused).
@@ -52,13 +74,29 @@ pub struct Manifest {
     pub skips: SkipCounts,
 }
 
+impl Manifest {
+    /// The cache's items as ranges of rows: an item cached as several crops is one range (training draws
+    /// one of its rows per visit), any other row an item of its own.
+    pub fn items(&self) -> Vec<Range<usize>> {
+        let mut items: Vec<Range<usize>> = vec![];
+        let entries = &self.entries;
+        for (row, e) in entries.iter().enumerate() {
+            match items.last_mut() {
+                Some(last) if e.item.is_some() && entries[last.start].item == e.item => last.end = row + 1,
+                _ => items.push(row..row + 1),
+            }
+        }
+        items
+    }
+}
+
 /// Encodes every usable item of `source` and writes the cache into `out`. `progress(done, total)` is called
 /// after each batch.
 pub fn build(
     source: &Source,
     vae: &Vae,
     resolution: u32,
-    flip: bool,
+    crops: Crops,
     out: &Path,
     device: &Device,
     mut progress: impl FnMut(usize, usize),
@@ -71,7 +109,16 @@ pub fn build(
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
         _ => crate::fsio::sync_parent(&out.join(MANIFEST)).map_err(io)?,
     }
-    let aug = Augment::eval(resolution);
+    let (aug, flip, n_crops) = match crops {
+        Crops::Center { flip } => (Augment::eval(resolution), flip, 0),
+        Crops::Random(0) => {
+            return Err(DataError::Source {
+                path: out.display().to_string(),
+                reason: "0 random crops per item".into(),
+            });
+        }
+        Crops::Random(n) => (Augment::train(resolution), false, n),
+    };
     let (rows_per_shard, batch) = (1024usize, 16usize);
     let mut manifest = Manifest {
         version: VERSION,
@@ -80,37 +127,64 @@ pub fn build(
         source: source.name.clone(),
         resolution,
         flip,
+        crops: n_crops,
         latent_shape: [0; 3],
         shards: vec![],
         shard_bytes: vec![],
         entries: vec![],
         skips: source.index_skips.clone(),
     };
-    let mut pending: Vec<Example> = vec![];
+    // Examples waiting to be encoded, each with the item it is a crop of (random crops only).
+    let mut pending: Vec<(Example, Option<usize>)> = vec![];
     let (mut latents, mut images): (Vec<f32>, Vec<u8>) = (vec![], vec![]);
     let total = source.len();
+    let mut items = 0;
     for index in 0..total {
-        match load_example(source, index, &aug, DecodeLimits::default(), &mut SplitMix64::new(0, index as u64)) {
-            Ok(e) => {
-                if flip {
-                    let mut mirrored = e.clone();
-                    image::imageops::flip_horizontal_in_place(&mut mirrored.image);
-                    mirrored.key.push_str("#flip");
-                    pending.push(e);
-                    pending.push(mirrored);
-                } else {
-                    pending.push(e);
+        if n_crops > 0 {
+            let mut these: Vec<Example> = vec![];
+            for k in 0..n_crops {
+                let mut g = SplitMix64::new(1 + u64::from(k), index as u64);
+                match load_example(source, index, &aug, DecodeLimits::default(), &mut g) {
+                    Ok(mut e) => {
+                        if !these.iter().any(|t| t.image == e.image && t.caption == e.caption) {
+                            e.key.push_str(&format!("#crop{k}"));
+                            these.push(e);
+                        }
+                    }
+                    Err(skip) => {
+                        manifest.skips.add(skip);
+                        these.clear();
+                        break;
+                    }
                 }
             }
-            Err(skip) => manifest.skips.add(skip),
+            if !these.is_empty() {
+                pending.extend(these.into_iter().map(|e| (e, Some(items))));
+                items += 1;
+            }
+        } else {
+            match load_example(source, index, &aug, DecodeLimits::default(), &mut SplitMix64::new(0, index as u64)) {
+                Ok(e) => {
+                    if flip {
+                        let mut mirrored = e.clone();
+                        image::imageops::flip_horizontal_in_place(&mut mirrored.image);
+                        mirrored.key.push_str("#flip");
+                        pending.push((e, None));
+                        pending.push((mirrored, None));
+                    } else {
+                        pending.push((e, None));
+                    }
+                }
+                Err(skip) => manifest.skips.add(skip),
+            }
         }
         let last = index + 1 == total;
         if pending.len() >= batch || (last && !pending.is_empty()) {
-            let (z, shape) = encode(vae, &pending, device);
+            let (z, shape) = encode(vae, pending.iter().map(|(e, _)| e), device);
             manifest.latent_shape = shape;
-            for e in pending.drain(..) {
+            for (e, item) in pending.drain(..) {
                 let (shard, row) = (manifest.shards.len(), manifest.entries.len() % rows_per_shard);
-                manifest.entries.push(Entry { key: e.key, caption: e.caption, label: e.label, shard, row });
+                manifest.entries.push(Entry { key: e.key, caption: e.caption, label: e.label, shard, row, item });
                 images.extend(chw_bytes(&e.image));
             }
             latents.extend(z);
@@ -136,8 +210,8 @@ pub fn build(
     Ok(manifest)
 }
 
-fn encode(vae: &Vae, examples: &[Example], device: &Device) -> (Vec<f32>, [usize; 3]) {
-    let images: Vec<Tensor<4>> = examples.iter().map(|e| crate::image_io::to_tensor(&e.image, device)).collect();
+fn encode<'a>(vae: &Vae, examples: impl Iterator<Item = &'a Example>, device: &Device) -> (Vec<f32>, [usize; 3]) {
+    let images: Vec<Tensor<4>> = examples.map(|e| crate::image_io::to_tensor(&e.image, device)).collect();
     let z = vae.encode(Tensor::cat(images, 0));
     let [_, c, h, w] = z.dims();
     (z.into_data().convert::<f32>().try_to_vec::<f32>().expect("f32 data"), [c, h, w])

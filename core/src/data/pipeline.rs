@@ -134,8 +134,12 @@ fn load_uncaught(
                 latents: None,
             })
         }
-        // Cached crops are fixed: the cache was made for one resolution and crop.
-        Item::Cached(row) => source.cache.as_ref().expect("a cache source has a cache").example(*row),
+        // Cached crops are fixed: the cache was made for one resolution and crops; of an item's several
+        // random crops, one per visit.
+        Item::Cached(rows) => {
+            let row = rows.start + if rows.len() > 1 { g.below(rows.len()) } else { 0 };
+            source.cache.as_ref().expect("a cache source has a cache").example(row)
+        }
         Item::Idx(i) => {
             let set = source.idx.as_ref().expect("an IDX source has its files");
             let (img, class) = set.get(*i);

@@ -203,8 +203,8 @@ pub enum Item {
         caption: CaptionSource,
     },
     Synthetic(u64),
-    /// A row of the source's latent cache.
-    Cached(usize),
+    /// Rows of the source's latent cache: one item's crops (one row unless it was cached as random crops).
+    Cached(std::ops::Range<usize>),
     /// Image `i` of the source's IDX files.
     Idx(usize),
 }
@@ -312,7 +312,7 @@ impl Source {
             }
             Spec::Cache(dir) => {
                 let c = LatentCache::open(dir)?;
-                let items = (0..c.manifest.entries.len()).map(Item::Cached).collect();
+                let items = c.manifest.items().into_iter().map(Item::Cached).collect();
                 cache = Some(c);
                 (format!("cache:{}", dir.display()), items, vec![], None)
             }
@@ -359,10 +359,14 @@ impl Source {
                 Item::Stored { key, .. } => h.update(key.as_bytes()),
                 Item::Synthetic(i) => h.update(&i.to_le_bytes()),
                 Item::Idx(i) => h.update(&(*i as u64).to_le_bytes()),
-                Item::Cached(row) => match self.cache.as_ref().and_then(|c| c.manifest.entries.get(*row)) {
-                    Some(entry) => h.update(entry.key.as_bytes()),
-                    None => h.update(&row.to_le_bytes()),
-                },
+                Item::Cached(rows) => {
+                    for row in rows.clone() {
+                        match self.cache.as_ref().and_then(|c| c.manifest.entries.get(row)) {
+                            Some(entry) => h.update(entry.key.as_bytes()),
+                            None => h.update(&row.to_le_bytes()),
+                        }
+                    }
+                }
             }
             h.update(&[0]);
         }
