@@ -135,6 +135,7 @@ pub fn train(
         observer.stage(index, stage);
         if let Some(cache) = &source.cache {
             cache.check(&vae, stage.resolution).map_err(TrainError::Refused)?;
+            observer.note(&cache_crops_note(&cache.manifest, stage));
         }
         // A stage starts its data stream at the beginning; a resumed one where its checkpoint left it.
         let start = if in_stage == 0 { Position::default() } else { state.position };
@@ -647,4 +648,23 @@ fn evaluate_and_draw(
         })?;
     }
     Ok(report)
+}
+
+/// What a stage trained from a latent cache gets instead of its own augmentation: the cache's fixed crops.
+fn cache_crops_note(m: &crate::data::latent_cache::Manifest, stage: &StageConfig) -> String {
+    let crops = match (m.crops, m.flip) {
+        (0, false) => "center crops".to_string(),
+        (0, true) => "center crops and their mirror images".to_string(),
+        (k, _) => format!("up to {k} random crops per item, one drawn per visit"),
+    };
+    // Random crops are what a `--crops K` cache holds; flips are never applied to cached rows.
+    let ignored = [(stage.random_crop && m.crops == 0, "random_crop"), (stage.hflip, "hflip")]
+        .iter()
+        .filter(|(on, _)| *on)
+        .map(|(_, key)| *key)
+        .collect::<Vec<_>>();
+    match ignored.is_empty() {
+        true => format!("the latent cache holds {crops}"),
+        false => format!("the latent cache holds {crops}; the stage's {} is not applied to it", ignored.join(" and ")),
+    }
 }
