@@ -147,22 +147,10 @@ pub struct Clip {
 }
 
 thread_local! {
-    /// The gradient factor of the optimiser step running on this thread (1 outside [`step_with_decoder_lr`]).
+    /// The gradient factor of the optimiser step running on this thread (1 outside [`step_scaled`]).
     /// burn's `ModuleOptimizer::step` hands an optimiser only the learning rate, so the factor reaches
     /// [`AdamW::step`] this way, set for the duration of one call and reset after it, even on a panic.
     static GRAD_SCALE: Cell<f64> = const { Cell::new(1.0) };
-}
-
-/// Runs `f` with every gradient [`AdamW`] reads multiplied by `factor`.
-fn with_grad_scale<T>(factor: f64, f: impl FnOnce() -> T) -> T {
-    struct Reset(f64);
-    impl Drop for Reset {
-        fn drop(&mut self) {
-            GRAD_SCALE.set(self.0);
-        }
-    }
-    let _reset = Reset(GRAD_SCALE.replace(factor));
-    f()
 }
 
 /// Moves the gradients of `part`'s parameters from `from` into `into`, so that one optimiser can step
@@ -209,5 +197,12 @@ pub fn step_scaled<M: Module>(
     grads: GradientsParams,
     grad_factor: f64,
 ) -> M {
-    with_grad_scale(grad_factor, || optim.step(lr, model, grads))
+    struct Reset(f64);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            GRAD_SCALE.set(self.0);
+        }
+    }
+    let _reset = Reset(GRAD_SCALE.replace(grad_factor));
+    optim.step(lr, model, grads)
 }
