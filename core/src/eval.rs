@@ -128,6 +128,44 @@ pub struct EvalReport {
     #[serde(with = "crate::json_float")]
     pub caption_loss: f64,
     pub captions: Vec<CaptionSample>,
+    /// The images on which ov3 gains least over the 8x block average (at most [`WORST_SHOWN`], lowest
+    /// margin first): where to look when the mean hides a failure.
+    #[serde(default)]
+    pub worst_block8: Vec<ImageScore>,
+}
+
+/// How many of the lowest-margin images an [`EvalReport`] lists.
+pub const WORST_SHOWN: usize = 5;
+
+/// One image's PSNRs (dB) in an evaluation, named by its caption and its position among the evaluation
+/// data's usable images (skipped items do not count).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImageScore {
+    pub index: usize,
+    pub caption: String,
+    #[serde(with = "crate::json_float")]
+    pub psnr: f64,
+    #[serde(with = "crate::json_float")]
+    pub psnr_vae: f64,
+    #[serde(with = "crate::json_float")]
+    pub psnr_block8: f64,
+}
+
+/// The `k` images whose PSNR is lowest relative to the block average's, lowest first (ties by index).
+pub fn worst_against_block(captions: &[String], psnr: &[f64], vae: &[f64], block: &[f64], k: usize) -> Vec<ImageScore> {
+    let mut order: Vec<usize> = (0..psnr.len().min(block.len())).collect();
+    order.sort_by(|&a, &b| (psnr[a] - block[a]).total_cmp(&(psnr[b] - block[b])).then(a.cmp(&b)));
+    order
+        .into_iter()
+        .take(k)
+        .map(|i| ImageScore {
+            index: i,
+            caption: captions[i].clone(),
+            psnr: psnr[i],
+            psnr_vae: vae[i],
+            psnr_block8: block[i],
+        })
+        .collect()
 }
 
 /// Per-image outputs of one evaluation pass, before they are reduced to numbers.
@@ -233,6 +271,7 @@ pub fn evaluate(
         psnr_vae: mean(&psnrs_vae),
         psnr_block8: Some(mean(&psnrs_block)),
         psnr_min_margin_block8: psnrs.iter().zip(&psnrs_block).map(|(a, b)| a - b).reduce(f64::min),
+        worst_block8: worst_against_block(&set.captions, &psnrs, &psnrs_vae, &psnrs_block, WORST_SHOWN),
         ssim_vae: mean(&ssims_vae),
         lpips: lpips.map(|_| lpips_values.iter().map(|&v| v as f64).sum::<f64>() / n as f64),
         i2t_recall_at_1: i2t1,
@@ -416,6 +455,18 @@ pub fn zero_shot_accuracy(sim: &[Vec<f32>], labels: &[usize]) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn worst_images_are_those_with_the_lowest_margin_over_the_block_average() {
+        let captions: Vec<String> = ["a", "b", "c", "d"].iter().map(|s| s.to_string()).collect();
+        // margins: +2, -3 (the best absolute PSNR of all), +2, 0
+        let (psnr, vae, block) = ([20.0, 30.0, 18.0, 15.0], [25.0, 31.0, 22.0, 19.0], [18.0, 33.0, 16.0, 15.0]);
+        let worst = worst_against_block(&captions, &psnr, &vae, &block, 3);
+        let got: Vec<(usize, &str)> = worst.iter().map(|w| (w.index, w.caption.as_str())).collect();
+        assert_eq!(got, vec![(1, "b"), (3, "d"), (0, "a")]); // the tie at +2 goes to the lower index
+        assert_eq!((worst[0].psnr, worst[0].psnr_vae, worst[0].psnr_block8), (30.0, 31.0, 33.0));
+        assert_eq!(worst_against_block(&captions, &psnr, &vae, &block, 9).len(), 4);
+    }
 
     #[test]
     fn retrieval_ranks_one_item_per_distinct_caption() {

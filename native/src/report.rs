@@ -40,6 +40,20 @@ pub fn print_report(r: &EvalReport) {
     for (name, value) in rows {
         println!("  {name:<30} {value}");
     }
+    if !r.worst_block8.is_empty() {
+        println!("  least gain over the 8x block average (#index: ov3 / VAE only / block, dB):");
+    }
+    for w in &r.worst_block8 {
+        println!(
+            "    #{:<4} {:6.2} / {:6.2} / {:6.2} ({:+.2})  \"{}\"",
+            w.index,
+            w.psnr,
+            w.psnr_vae,
+            w.psnr_block8,
+            w.psnr - w.psnr_block8,
+            w.caption
+        );
+    }
     for c in &r.captions {
         println!("  caption: \"{}\"\n     true: \"{}\"", c.generated, c.reference);
     }
