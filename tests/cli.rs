@@ -263,6 +263,8 @@ fn datagen_writes_deterministic_captioned_pairs() {
     for out in [&a, &b] {
         let out = ov3(&["datagen", "--n", "3", "--res", "48", "--seed", "9", "--out", out.to_str().expect("path")]);
         assert!(out.status.success(), "datagen: {}", text(&out).1);
+        // stderr is a pipe here, not a terminal: the progress bar still says how far it got, as a plain line.
+        assert!(text(&out).1.lines().any(|l| l.contains("/3 images [")), "no progress line: {}", text(&out).1);
     }
     for i in 0..3 {
         let png = std::fs::read(a.join(format!("{i:06}.png"))).expect("png written");
@@ -605,11 +607,15 @@ fn the_shipped_demo_checkpoint_reconstructs_photographs() {
     // (+0.32 dB at least with the refine-5 checkpoint; the world-only one lost 2-3 dB to it on every photo).
     let worst = report["worst_block8"].as_array().expect("worst_block8");
     assert_eq!(worst.len(), 4, "{worst:?}");
-    let margins: Vec<f64> = worst.iter().map(|w| w["psnr"].as_f64().unwrap() - w["psnr_block8"].as_f64().unwrap()).collect();
+    let margins: Vec<f64> =
+        worst.iter().map(|w| w["psnr"].as_f64().unwrap() - w["psnr_block8"].as_f64().unwrap()).collect();
     let mean = worst.iter().map(|w| w["psnr"].as_f64().unwrap()).sum::<f64>() / 4.0;
     assert!((mean - ours).abs() < 1e-9, "the per-image PSNRs average to the report's: {mean} vs {ours}");
     assert!((margins[0] - report["psnr_min_margin_block8"].as_f64().unwrap()).abs() < 1e-9, "{margins:?}");
-    assert!(margins.windows(2).all(|m| m[0] <= m[1]) && margins[0] > 0.0, "margins over the block average: {margins:?}");
+    assert!(
+        margins.windows(2).all(|m| m[0] <= m[1]) && margins[0] > 0.0,
+        "margins over the block average: {margins:?}"
+    );
 }
 
 /// An installed binary (`R/bin/ov3` with the model copied to `R/share/ov3/`) finds the demo checkpoint there

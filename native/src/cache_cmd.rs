@@ -3,8 +3,8 @@
 
 use std::path::PathBuf;
 
+use crate::progress;
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
 use ov3_core::data::latent_cache::{Crops, build};
 use ov3_core::data::source::{Source, Spec};
 use ov3_core::vae::Vae;
@@ -41,8 +41,7 @@ pub fn run(args: CacheArgs) -> anyhow::Result<()> {
     let device = args.common.device()?.device;
     let vae = Vae::load_or_embedded(args.vae.as_deref(), &device)?;
     let source = Source::open(&Spec::parse(&args.data)?)?;
-    let bar = ProgressBar::new(source.len() as u64);
-    bar.set_style(ProgressStyle::with_template("encoding {bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}]")?);
+    let bar = progress::bar(source.len() as u64, "encoding {bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}]")?;
     let crops = match args.crops {
         Some(k) => Crops::Random(k),
         None => Crops::Center { flip: args.flip },

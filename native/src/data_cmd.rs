@@ -3,8 +3,8 @@
 
 use std::path::PathBuf;
 
+use crate::progress;
 use clap::{Args, Subcommand};
-use indicatif::{ProgressBar, ProgressStyle};
 use ov3_core::data::decode::DecodeLimits;
 use ov3_core::data::pipeline::{Augment, load_example};
 use ov3_core::data::prepare::{PrepareOptions, RealPaths, prepare_real as prepare_real_dataset};
@@ -77,8 +77,7 @@ fn prepare_real(args: RealArgs) -> anyhow::Result<()> {
         seed: args.seed,
         ..PrepareOptions::default()
     };
-    let bar = ProgressBar::new(0);
-    bar.set_style(ProgressStyle::with_template("{msg:14} {bar:30} {pos}/{len} [{elapsed_precise}]")?);
+    let bar = progress::bar(0, "{msg:14} {bar:30} {pos}/{len} [{elapsed_precise}]")?;
     let manifest = prepare_real_dataset(&args.out, &paths, &opts, |source, done, total| {
         bar.set_message(source.to_string());
         bar.set_length(total as u64);

@@ -2,8 +2,8 @@
 
 use std::path::PathBuf;
 
+use crate::progress;
 use clap::{Args, ValueEnum};
-use indicatif::{ProgressBar, ProgressStyle};
 use ov3_core::data::synthetic::{Split, World};
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -40,8 +40,7 @@ pub fn run(args: DatagenArgs) -> anyhow::Result<()> {
         SplitArg::Heldout => Split::Heldout,
     };
     let world = World::new(args.seed, split);
-    let bar = ProgressBar::new(args.n);
-    bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} images [{elapsed_precise}<{eta_precise}]")?);
+    let bar = progress::bar(args.n, "{bar:30} {pos}/{len} images [{elapsed_precise}<{eta_precise}]")?;
     for i in 0..args.n {
         let sample = world.sample(i, args.res);
         let stem = args.out.join(format!("{i:06}"));

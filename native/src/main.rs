@@ -11,6 +11,7 @@ mod info;
 mod model_cmd;
 mod overfit;
 mod plots;
+mod progress;
 mod report;
 mod train;
 mod train_vae;

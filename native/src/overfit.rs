@@ -2,9 +2,9 @@
 
 use std::convert::Infallible;
 
+use crate::progress;
 use burn::tensor::Tensor;
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
 use ov3_core::data::synthetic::{Split, World};
 use ov3_core::image_io::to_tensor;
 use ov3_core::inference::encoder_inputs;
@@ -55,8 +55,7 @@ pub fn run(args: OverfitArgs) -> anyhow::Result<()> {
         args.batch, captions[0]
     );
 
-    let bar = ProgressBar::new(args.steps as u64);
-    bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed_precise}<{eta_precise}]")?);
+    let bar = progress::bar(args.steps as u64, "{bar:30} {pos}/{len} {msg} [{elapsed_precise}<{eta_precise}]")?;
     let mut first = None;
     let mut last = 0.0;
     for step in 0..args.steps {

@@ -10,7 +10,9 @@ use burn::module::Module;
 use burn::optim::{AdamWConfig, GradientsParams};
 use burn::tensor::{Device, Tensor};
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
+
+use crate::progress;
 use ov3_core::data::decode::DecodeLimits;
 use ov3_core::data::pipeline::{Augment, HostBatch, LoaderConfig, Position, spawn_loader};
 use ov3_core::data::rng::SplitMix64;
@@ -143,8 +145,10 @@ pub fn run(args: TrainVaeArgs, group: &dyn Group) -> anyhow::Result<()> {
     let world = World::new(args.common.seed, Split::Train);
     let heldout = World::new(args.common.seed, Split::Heldout);
 
-    let bar = if writer { ProgressBar::new(args.steps as u64) } else { ProgressBar::hidden() };
-    bar.set_style(ProgressStyle::with_template("{bar:30} {pos} steps {msg} [{elapsed_precise}]")?);
+    let bar = match writer {
+        true => progress::bar(args.steps as u64, "{bar:30} {pos} steps {msg} [{elapsed_precise}]")?,
+        false => ProgressBar::hidden(),
+    };
     let start = Instant::now();
     let mut step = 0;
     // Every rank stops at the same step and follows the same LR: both come from the group's mean clock.
