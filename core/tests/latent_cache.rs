@@ -170,3 +170,48 @@ fn random_crops_are_one_item_each_and_one_is_drawn_per_visit() {
     assert!(drawn.is_subset(&own), "{drawn:?} drawn, the item's crops are {own:?}");
     assert!(drawn.len() >= 3, "24 visits drew only {drawn:?}");
 }
+
+/// Random crops make encoded batches of varying size, so shards do not end at a multiple of the shard size:
+/// every manifest entry must still point at its own crop's pixels (a cache of 16,525 crops was refused when
+/// rows were numbered by entry count: "shard 0 row 0 is listed twice").
+#[test]
+fn random_crop_entries_point_at_their_own_rows_across_shards() {
+    use ov3_core::data::decode::DecodeLimits;
+    use ov3_core::data::latent_cache::build_sharded;
+    use ov3_core::data::pipeline::{Augment, load_example};
+    use ov3_core::data::rng::SplitMix64;
+
+    let device = Device::flex();
+    let vae = Vae::embedded(&device).expect("embedded AE");
+    let photos = ov3_core::fsio::ScratchDir::new().unwrap();
+    for i in 0..6u32 {
+        let img = image::RgbImage::from_fn(80, 48, |x, y| {
+            image::Rgb([(x * 3 + i * 30) as u8, (y * 5) as u8, ((x ^ y) * 7) as u8])
+        });
+        img.save(photos.path().join(format!("p{i}.png"))).unwrap();
+        std::fs::write(photos.path().join(format!("p{i}.txt")), format!("photo {i}")).unwrap();
+    }
+    let source = Source::open(&Spec::parse(&format!("{}+synthetic:2", photos.path().display())).unwrap()).unwrap();
+    let tmp = ov3_core::fsio::ScratchDir::new().unwrap();
+    // 6 photos x 4 crops + 2 scenes = 26 rows; batches of 16 rows and shards of 10 make two shards of 16 and 10.
+    let manifest =
+        build_sharded(&source, &vae, 32, Crops::Random(4), tmp.path(), &device, 10, |_, _| {}).expect("cache builds");
+    assert_eq!(manifest.entries.len(), 26);
+    assert!(manifest.shards.len() >= 2, "{} shard(s)", manifest.shards.len());
+    let cache = LatentCache::open(tmp.path()).expect("a cache whose shards are not all full opens");
+    for (i, rows) in manifest.items().iter().enumerate() {
+        for (k, r) in rows.clone().enumerate() {
+            // The crop recomputed from the source with the seed the build draws crop k of item i with.
+            let expected = load_example(
+                &source,
+                i,
+                &Augment::train(32),
+                DecodeLimits::default(),
+                &mut SplitMix64::new(1 + k as u64, i as u64),
+            )
+            .unwrap();
+            let got = cache.example(r).unwrap();
+            assert!(got.image == expected.image, "entry {r} (item {i} crop {k}) holds another crop's pixels");
+        }
+    }
+}

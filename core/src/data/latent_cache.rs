@@ -99,6 +99,25 @@ pub fn build(
     crops: Crops,
     out: &Path,
     device: &Device,
+    progress: impl FnMut(usize, usize),
+) -> Result<Manifest, DataError> {
+    build_sharded(source, vae, resolution, crops, out, device, ROWS_PER_SHARD, progress)
+}
+
+/// How many rows [`build`] writes to a shard before it starts the next (a shard may hold a few more: the
+/// crops of one encoded batch stay together).
+pub const ROWS_PER_SHARD: usize = 1024;
+
+/// [`build`] with shards of about `rows_per_shard` rows (tests use small ones to cross shard boundaries).
+#[allow(clippy::too_many_arguments)]
+pub fn build_sharded(
+    source: &Source,
+    vae: &Vae,
+    resolution: u32,
+    crops: Crops,
+    out: &Path,
+    device: &Device,
+    rows_per_shard: usize,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<Manifest, DataError> {
     let io = |e: std::io::Error| DataError::Source { path: out.display().to_string(), reason: e.to_string() };
@@ -119,7 +138,8 @@ pub fn build(
         }
         Crops::Random(n) => (Augment::train(resolution), false, n),
     };
-    let (rows_per_shard, batch) = (1024usize, 16usize);
+    let batch = 16usize;
+    let row_bytes = 3 * (resolution * resolution) as usize;
     let mut manifest = Manifest {
         version: VERSION,
         vae_identity: vae.identity(),
@@ -183,12 +203,14 @@ pub fn build(
             let (z, shape) = encode(vae, pending.iter().map(|(e, _)| e), device);
             manifest.latent_shape = shape;
             for (e, item) in pending.drain(..) {
-                let (shard, row) = (manifest.shards.len(), manifest.entries.len() % rows_per_shard);
+                // The row within the shard being filled: a batch of random crops varies in size, so shards do
+                // not hold exactly `rows_per_shard` rows and the entry count says nothing about the row.
+                let (shard, row) = (manifest.shards.len(), images.len() / row_bytes);
                 manifest.entries.push(Entry { key: e.key, caption: e.caption, label: e.label, shard, row, item });
                 images.extend(chw_bytes(&e.image));
             }
             latents.extend(z);
-            let rows = images.len() / (3 * (resolution * resolution) as usize);
+            let rows = images.len() / row_bytes;
             if rows >= rows_per_shard || last {
                 write_shard(out, &mut manifest, &mut latents, &mut images, rows).map_err(io)?;
             }
