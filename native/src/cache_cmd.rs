@@ -3,13 +3,13 @@
 
 use std::path::PathBuf;
 
-use crate::progress;
 use clap::Args;
 use ov3_core::data::latent_cache::{Crops, build};
 use ov3_core::data::source::{Source, Spec};
 use ov3_core::vae::Vae;
 
 use crate::Common;
+use crate::progress;
 
 #[derive(Args)]
 pub struct CacheArgs {

@@ -3,7 +3,6 @@
 
 use std::path::PathBuf;
 
-use crate::progress;
 use clap::{Args, Subcommand};
 use ov3_core::data::decode::DecodeLimits;
 use ov3_core::data::pipeline::{Augment, load_example};
@@ -11,6 +10,8 @@ use ov3_core::data::prepare::{PrepareOptions, RealPaths, prepare_real as prepare
 use ov3_core::data::rng::SplitMix64;
 use ov3_core::data::skips::SkipCounts;
 use ov3_core::data::source::{Source, Spec};
+
+use crate::progress;
 
 #[derive(Subcommand)]
 pub enum DataCommand {

@@ -2,9 +2,10 @@
 
 use std::path::PathBuf;
 
-use crate::progress;
 use clap::{Args, ValueEnum};
 use ov3_core::data::synthetic::{Split, World};
+
+use crate::progress;
 
 #[derive(Clone, Copy, ValueEnum)]
 enum SplitArg {

@@ -2,7 +2,6 @@
 
 use std::convert::Infallible;
 
-use crate::progress;
 use burn::tensor::Tensor;
 use clap::Args;
 use ov3_core::data::synthetic::{Split, World};
@@ -15,6 +14,7 @@ use ov3_core::vae::Vae;
 use ov3_core::{Batch, Ov3, optim};
 
 use crate::Common;
+use crate::progress;
 
 #[derive(Args)]
 pub struct OverfitArgs {
