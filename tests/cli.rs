@@ -616,6 +616,23 @@ fn the_shipped_demo_checkpoint_reconstructs_photographs() {
         margins.windows(2).all(|m| m[0] <= m[1]) && margins[0] > 0.0,
         "margins over the block average: {margins:?}"
     );
+    // `ov3 reconstruct` of one photograph prints the same three numbers as its row in the evaluation (two code
+    // paths: one image through the CLI, a batch through `evaluate`; 2 decimals printed).
+    let rocket = worst.iter().find(|w| w["caption"].as_str().unwrap().contains("rocket")).expect("rocket listed");
+    let photo = format!("{photos}/rocket.jpg");
+    let rec = tmp.path().join("rocket.png");
+    let line = ov3_ok(&["reconstruct", "--image", &photo, "--res", "128", "--out", rec.to_str().unwrap()]);
+    let printed: Vec<f64> = line
+        .split(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .filter(|t| t.contains('.') && t.len() > 2)
+        .take(3)
+        .map(|t| t.parse().unwrap())
+        .collect();
+    for (key, got) in ["psnr", "psnr_vae", "psnr_block8"].iter().zip(&printed) {
+        let want = rocket[*key].as_f64().unwrap();
+        assert!((got - want).abs() <= 0.006, "{key}: reconstruct printed {got}, eval {want}: {line}");
+    }
+    assert_eq!(printed.len(), 3, "{line}");
 }
 
 /// An installed binary (`R/bin/ov3` with the model copied to `R/share/ov3/`) finds the demo checkpoint there

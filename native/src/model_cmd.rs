@@ -14,7 +14,7 @@ use ov3_core::eval::{EvalSet, evaluate, generate_captions, rows, text_embeddings
 use ov3_core::image_io::{grid, load_rgb, save_png, tensor_to_rgb, to_tensor};
 use ov3_core::inference::{Tokens, prepare, rank as inference_rank, to_pixels, tokenize, with_noise};
 use ov3_core::lpips::Lpips;
-use ov3_core::metrics::psnr;
+use ov3_core::metrics::{block_average_8x, psnr};
 use ov3_core::model_file::{Dtype, load_model, save_model_as};
 use ov3_core::train::TrainConfig;
 use ov3_core::train::checkpoint::{self, MODEL_FILE};
@@ -214,7 +214,7 @@ pub struct ReconstructArgs {
     /// The reconstruction (PNG).
     #[arg(long)]
     out: PathBuf,
-    /// Also write input | VAE only | ov3 side by side.
+    /// Also write input | 8x block average | VAE only | ov3 side by side.
     #[arg(long)]
     compare: Option<PathBuf>,
 }
@@ -227,13 +227,19 @@ pub fn reconstruct(args: ReconstructArgs) -> anyhow::Result<()> {
     });
     let rec = to_pixels(m.model.input_space, &m.vae, m.model.decode(with_noise(t.z_u, eps, args.noise), t.grid));
     let vae_only = to_pixels(m.model.input_space, &m.vae, t.inputs);
-    let (p, p_vae) = (psnr(t.image.clone(), rec.clone())?[0], psnr(t.image.clone(), vae_only.clone())?[0]);
+    let block = block_average_8x(t.image.clone());
+    let p = psnr(t.image.clone(), rec.clone())?[0];
+    let (p_vae, p_block) = (psnr(t.image.clone(), vae_only.clone())?[0], psnr(t.image.clone(), block.clone())?[0]);
     save_png(&tensor_to_rgb(&rec), &args.out)?;
-    println!("psnr {p:.2} dB (VAE only {p_vae:.2} dB) at noise {}: {}", args.noise, args.out.display());
+    println!(
+        "psnr {p:.2} dB (VAE only {p_vae:.2} dB; 8x block average {p_block:.2} dB) at noise {}: {}",
+        args.noise,
+        args.out.display()
+    );
     if let Some(path) = args.compare {
-        let images = [tensor_to_rgb(&t.image), tensor_to_rgb(&vae_only), tensor_to_rgb(&rec)];
+        let images = [tensor_to_rgb(&t.image), tensor_to_rgb(&block), tensor_to_rgb(&vae_only), tensor_to_rgb(&rec)];
         save_png(&grid(&[images.iter().collect()], 2), &path)?;
-        println!("input | VAE only | ov3: {}", path.display());
+        println!("input | 8x block average | VAE only | ov3: {}", path.display());
     }
     Ok(())
 }

@@ -29,8 +29,8 @@ sample=6
 node -e 'const s=require("./web/samples/samples.json"); console.log(s.map(x=>x.caption).join("\n"))' > "$out/captions.txt"
 line=$(cargo run -q -p ov3 -- reconstruct --backend cpu --image "$upload" --out "$out/native.png" 2>/dev/null)
 echo "$line"
-psnr=$(echo "$line" | sed -E 's/^psnr ([0-9.]+) dB \(VAE only ([0-9.]+) dB\).*/\1/')
-psnr_vae=$(echo "$line" | sed -E 's/^psnr ([0-9.]+) dB \(VAE only ([0-9.]+) dB\).*/\2/')
+psnr=$(echo "$line" | sed -E 's/^psnr ([0-9.]+) dB \(VAE only ([0-9.]+) dB.*/\1/')
+psnr_vae=$(echo "$line" | sed -E 's/^psnr ([0-9.]+) dB \(VAE only ([0-9.]+) dB.*/\2/')
 image=$(node -e "console.log(require('./web/samples/samples.json')[$sample].file)")
 # Captured whole, not piped into `head`: a closed pipe would end `ov3 rank` with SIGPIPE under pipefail.
 ranking=$(cargo run -q -p ov3 -- rank --backend cpu --image "web/$image" --captions "$out/captions.txt" 2>/dev/null)
