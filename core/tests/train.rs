@@ -588,6 +588,31 @@ fn the_demo_recipe_is_the_one_the_shipped_checkpoint_was_trained_with() {
     assert_eq!(shipped.to_toml(), TrainConfig::demo().to_toml());
 }
 
+/// The demo card's fine-tuning chain: every `assets/demo/refine-N.toml` parses and validates, and each file
+/// that continues a run folder with `--resume` (refine-5 after refine-4, refine-7 after refine-6) is accepted
+/// as that resume, its one change the appended stage.
+#[test]
+fn the_demo_fine_tuning_recipes_chain_as_their_card_says() {
+    let parse = |text: &str| TrainConfig::from_toml(text).expect("a shipped recipe parses");
+    let files = [
+        parse(include_str!("../../assets/demo/refine-4.toml")),
+        parse(include_str!("../../assets/demo/refine-5.toml")),
+        parse(include_str!("../../assets/demo/refine-6.toml")),
+        parse(include_str!("../../assets/demo/refine-7.toml")),
+    ];
+    for cfg in &files {
+        cfg.validate().expect("a shipped recipe is valid");
+        assert!(cfg.stages.iter().all(|s| s.resolution == 128), "the refine stages are at 128 px");
+    }
+    for (saved, resumed) in [(&files[0], &files[1]), (&files[2], &files[3])] {
+        let changes = resumed.resume_changes(saved).expect("the next recipe resumes the previous run");
+        let last = &resumed.stages.last().unwrap().name;
+        assert_eq!(changes.len(), 1, "{changes:?}");
+        assert!(changes[0].contains("added") && changes[0].contains(last.as_str()), "{changes:?}");
+    }
+    assert!(files[2].data.starts_with("cache:"), "refine-6 onwards train from the crops cache");
+}
+
 #[test]
 fn the_paper_recipe_follows_its_table_1() {
     // OpenVision 3, Table 1: (global batch, base LR, epochs, warm-up epochs, lambda) per stage.
