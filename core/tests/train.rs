@@ -589,7 +589,8 @@ fn the_demo_recipe_is_the_one_the_shipped_checkpoint_was_trained_with() {
 }
 
 /// The demo card's fine-tuning chain: every `assets/demo/refine-N.toml` parses and validates, and each file
-/// that continues a run folder with `--resume` (refine-5 after refine-4, refine-7 after refine-6) is accepted
+/// that continues a run folder with `--resume` (refine-5 after refine-4, refine-7 and refine-8 after the one
+/// before) is accepted
 /// as that resume, its one change the appended stage.
 #[test]
 fn the_demo_fine_tuning_recipes_chain_as_their_card_says() {
@@ -599,12 +600,13 @@ fn the_demo_fine_tuning_recipes_chain_as_their_card_says() {
         parse(include_str!("../../assets/demo/refine-5.toml")),
         parse(include_str!("../../assets/demo/refine-6.toml")),
         parse(include_str!("../../assets/demo/refine-7.toml")),
+        parse(include_str!("../../assets/demo/refine-8.toml")),
     ];
     for cfg in &files {
         cfg.validate().expect("a shipped recipe is valid");
         assert!(cfg.stages.iter().all(|s| s.resolution == 128), "the refine stages are at 128 px");
     }
-    for (saved, resumed) in [(&files[0], &files[1]), (&files[2], &files[3])] {
+    for (saved, resumed) in [(&files[0], &files[1]), (&files[2], &files[3]), (&files[3], &files[4])] {
         let changes = resumed.resume_changes(saved).expect("the next recipe resumes the previous run");
         let last = &resumed.stages.last().unwrap().name;
         assert_eq!(changes.len(), 1, "{changes:?}");
