@@ -628,11 +628,11 @@ fn the_shipped_demo_checkpoint_reconstructs_photographs() {
         .take(3)
         .map(|t| t.parse().unwrap())
         .collect();
+    assert_eq!(printed.len(), 3, "{line}");
     for (key, got) in ["psnr", "psnr_vae", "psnr_block8"].iter().zip(&printed) {
         let want = rocket[*key].as_f64().unwrap();
         assert!((got - want).abs() <= 0.006, "{key}: reconstruct printed {got}, eval {want}: {line}");
     }
-    assert_eq!(printed.len(), 3, "{line}");
 }
 
 /// An installed binary (`R/bin/ov3` with the model copied to `R/share/ov3/`) finds the demo checkpoint there

@@ -228,8 +228,8 @@ pub fn reconstruct(args: ReconstructArgs) -> anyhow::Result<()> {
     let rec = to_pixels(m.model.input_space, &m.vae, m.model.decode(with_noise(t.z_u, eps, args.noise), t.grid));
     let vae_only = to_pixels(m.model.input_space, &m.vae, t.inputs);
     let block = block_average_8x(t.image.clone());
-    let p = psnr(t.image.clone(), rec.clone())?[0];
-    let (p_vae, p_block) = (psnr(t.image.clone(), vae_only.clone())?[0], psnr(t.image.clone(), block.clone())?[0]);
+    let score = |x: &Tensor<4>| psnr(t.image.clone(), x.clone()).map(|db| db[0]);
+    let (p, p_vae, p_block) = (score(&rec)?, score(&vae_only)?, score(&block)?);
     save_png(&tensor_to_rgb(&rec), &args.out)?;
     println!(
         "psnr {p:.2} dB (VAE only {p_vae:.2} dB; 8x block average {p_block:.2} dB) at noise {}: {}",
