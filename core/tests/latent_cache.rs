@@ -109,7 +109,7 @@ fn a_killed_rebuild_never_leaves_an_old_manifest_over_new_shards() {
     assert_eq!(LatentCache::open(tmp.path()).unwrap().manifest.resolution, 32);
 }
 
-/// `Crops::Random(4)` over three photographs and two scenes of the embedded world: four different random
+/// `Crops::Random { count: 4, first: 0 }` over three photographs and two scenes of the embedded world: four different random
 /// crops per photograph, none of them its center crop; the world's scenes (rendered at the resolution asked,
 /// uncropped) stored once; rows equal a fresh encode of their pixels; the opened source has one item per
 /// original item, and loading an item draws one of its own crops, several different ones over visits.
@@ -135,8 +135,12 @@ fn random_crops_are_one_item_each_and_one_is_drawn_per_visit() {
     let source = Source::open(&Spec::parse(&spec).unwrap()).unwrap();
     assert_eq!(source.len(), 5);
     let tmp = ov3_core::fsio::ScratchDir::new().unwrap();
-    assert!(build(&source, &vae, 32, Crops::Random(0), tmp.path(), &device, |_, _| {}).is_err(), "0 crops refused");
-    let manifest = build(&source, &vae, 32, Crops::Random(4), tmp.path(), &device, |_, _| {}).expect("cache builds");
+    assert!(
+        build(&source, &vae, 32, Crops::Random { count: 0, first: 0 }, tmp.path(), &device, |_, _| {}).is_err(),
+        "0 crops refused"
+    );
+    let manifest = build(&source, &vae, 32, Crops::Random { count: 4, first: 0 }, tmp.path(), &device, |_, _| {})
+        .expect("cache builds");
     assert_eq!(manifest.crops, 4);
     let items = manifest.items();
     let sizes: Vec<usize> = items.iter().map(|r| r.len()).collect();
@@ -195,7 +199,8 @@ fn random_crop_entries_point_at_their_own_rows_across_shards() {
     let tmp = ov3_core::fsio::ScratchDir::new().unwrap();
     // 6 photos x 4 crops + 2 scenes = 26 rows; batches of 16 rows and shards of 10 make two shards of 16 and 10.
     let manifest =
-        build_sharded(&source, &vae, 32, Crops::Random(4), tmp.path(), &device, 10, |_, _| {}).expect("cache builds");
+        build_sharded(&source, &vae, 32, Crops::Random { count: 4, first: 0 }, tmp.path(), &device, 10, |_, _| {})
+            .expect("cache builds");
     assert_eq!(manifest.entries.len(), 26);
     assert!(manifest.shards.len() >= 2, "{} shard(s)", manifest.shards.len());
     let cache = LatentCache::open(tmp.path()).expect("a cache whose shards are not all full opens");
@@ -212,6 +217,45 @@ fn random_crop_entries_point_at_their_own_rows_across_shards() {
             .unwrap();
             let got = cache.example(r).unwrap();
             assert!(got.image == expected.image, "entry {r} (item {i} crop {k}) holds another crop's pixels");
+        }
+    }
+}
+
+/// `first` starts each item at a later crop of the same sequence: a `{ count: 2, first: 2 }` cache holds
+/// exactly the pixels and keys of crops 2 and 3 of a `{ count: 4, first: 0 }` cache of the same source,
+/// none of crops 0 and 1, and its manifest says where its crops start.
+#[test]
+fn a_first_crop_cache_holds_the_later_crops_of_a_longer_one() {
+    let device = Device::flex();
+    let vae = Vae::embedded(&device).expect("embedded AE");
+    let photos = ov3_core::fsio::ScratchDir::new().unwrap();
+    for i in 0..3u32 {
+        let img = image::RgbImage::from_fn(72, 56, |x, y| {
+            image::Rgb([(x * 3 + i * 50) as u8, (y * 4) as u8, ((x * 7 + y * 11) % 253) as u8])
+        });
+        img.save(photos.path().join(format!("q{i}.png"))).unwrap();
+        std::fs::write(photos.path().join(format!("q{i}.txt")), format!("photo {i}")).unwrap();
+    }
+    let source = Source::open(&Spec::parse(&photos.path().display().to_string()).unwrap()).unwrap();
+    let (long_dir, late_dir) = (ov3_core::fsio::ScratchDir::new().unwrap(), ov3_core::fsio::ScratchDir::new().unwrap());
+    let long = build(&source, &vae, 32, Crops::Random { count: 4, first: 0 }, long_dir.path(), &device, |_, _| {})
+        .expect("4-crop cache builds");
+    let late = build(&source, &vae, 32, Crops::Random { count: 2, first: 2 }, late_dir.path(), &device, |_, _| {})
+        .expect("later-crops cache builds");
+    assert_eq!((long.first_crop, late.first_crop, late.crops), (0, 2, 2));
+    let (long_cache, late_cache) =
+        (LatentCache::open(long_dir.path()).unwrap(), LatentCache::open(late_dir.path()).unwrap());
+    assert_eq!(late_cache.manifest.first_crop, 2, "the manifest read back keeps where the crops start");
+    let (long_items, late_items) = (long.items(), late.items());
+    assert_eq!(late_items.iter().map(|r| r.len()).collect::<Vec<_>>(), vec![2, 2, 2]);
+    for (i, (l, t)) in long_items.iter().zip(&late_items).enumerate() {
+        let early: Vec<_> = l.clone().take(2).map(|r| long_cache.example(r).unwrap().image).collect();
+        for (k, (lr, tr)) in l.clone().skip(2).zip(t.clone()).enumerate() {
+            let (a, b) = (long_cache.example(lr).unwrap(), late_cache.example(tr).unwrap());
+            assert!(a.image == b.image, "item {i}: the late cache's crop {k} is not the long cache's crop {}", k + 2);
+            assert!(!early.contains(&b.image), "item {i}: the late cache holds one of crops 0-1");
+            assert_eq!(long.entries[lr].key, late.entries[tr].key);
+            assert!(late.entries[tr].key.ends_with(&format!("#crop{}", k + 2)), "{}", late.entries[tr].key);
         }
     }
 }

@@ -29,6 +29,11 @@ pub struct CacheArgs {
     /// VAE then runs K times per item instead of once per visit (K times the cache's size).
     #[arg(long, value_name = "K", value_parser = clap::value_parser!(u32).range(1..=64))]
     crops: Option<u32>,
+    /// With --crops K: start at crop N of each item's sequence of random crops (crops N..N+K-1; the seeds do
+    /// not depend on K), e.g. `--crops 3 --first-crop 3` for three other crops than a `--crops 3` cache's.
+    #[arg(long, value_name = "N", requires = "crops", default_value_t = 0,
+        value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    first_crop: u32,
     /// Frozen VAE weights; default: the embedded autoencoder.
     #[arg(long)]
     vae: Option<PathBuf>,
@@ -43,7 +48,7 @@ pub fn run(args: CacheArgs) -> anyhow::Result<()> {
     let source = Source::open(&Spec::parse(&args.data)?)?;
     let bar = progress::bar(source.len() as u64, "encoding {bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}]")?;
     let crops = match args.crops {
-        Some(k) => Crops::Random(k),
+        Some(count) => Crops::Random { count, first: args.first_crop },
         None => Crops::Center { flip: args.flip },
     };
     let manifest = build(&source, &vae, args.res, crops, &args.out, &device, |done, _| bar.set_position(done as u64))?;

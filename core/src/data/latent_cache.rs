@@ -49,7 +49,9 @@ pub enum Crops {
     /// once, seeded by item and crop), training then drawing one per visit: a run that visits each item more
     /// often than this runs the VAE on each crop once instead of on every visit. Crops that come out the
     /// same (the embedded world renders its scenes at the resolution asked, uncropped) are stored once.
-    Random(u32),
+    /// `first` skips that many crops of each item's sequence: `{ count: 3, first: 3 }` holds crops 3-5, the
+    /// ones a 6-crop cache adds to a 3-crop one (a fresh cache for a run that has fitted an earlier one).
+    Random { count: u32, first: u32 },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -65,6 +67,9 @@ pub struct Manifest {
     /// Random crops per item ([`Crops::Random`]); 0 for center crops.
     #[serde(default)]
     pub crops: u32,
+    /// The index of the first of each item's random crops ([`Crops::Random`]'s `first`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub first_crop: u32,
     pub latent_shape: [usize; 3],
     pub shards: Vec<String>,
     /// Each shard's size in bytes when written (a shard replaced or truncated since is refused).
@@ -72,6 +77,10 @@ pub struct Manifest {
     pub shard_bytes: Vec<u64>,
     pub entries: Vec<Entry>,
     pub skips: SkipCounts,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl Manifest {
@@ -128,15 +137,15 @@ pub fn build_sharded(
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
         _ => crate::fsio::sync_parent(&out.join(MANIFEST)).map_err(io)?,
     }
-    let (aug, flip, n_crops) = match crops {
-        Crops::Center { flip } => (Augment::eval(resolution), flip, 0),
-        Crops::Random(0) => {
+    let (aug, flip, n_crops, first_crop) = match crops {
+        Crops::Center { flip } => (Augment::eval(resolution), flip, 0, 0),
+        Crops::Random { count: 0, .. } => {
             return Err(DataError::Source {
                 path: out.display().to_string(),
                 reason: "0 random crops per item".into(),
             });
         }
-        Crops::Random(n) => (Augment::train(resolution), false, n),
+        Crops::Random { count, first } => (Augment::train(resolution), false, count, first),
     };
     let batch = 16usize;
     let row_bytes = 3 * (resolution * resolution) as usize;
@@ -148,6 +157,7 @@ pub fn build_sharded(
         resolution,
         flip,
         crops: n_crops,
+        first_crop,
         latent_shape: [0; 3],
         shards: vec![],
         shard_bytes: vec![],
@@ -162,7 +172,7 @@ pub fn build_sharded(
     for index in 0..total {
         if n_crops > 0 {
             let mut these: Vec<Example> = vec![];
-            for k in 0..n_crops {
+            for k in first_crop..first_crop + n_crops {
                 let mut g = SplitMix64::new(1 + u64::from(k), index as u64);
                 match load_example(source, index, &aug, DecodeLimits::default(), &mut g) {
                     Ok(mut e) => {
