@@ -10,6 +10,22 @@ use ov3_core::data::source::{Source, Spec};
 use ov3_core::image_io::to_tensor;
 use ov3_core::vae::Vae;
 
+/// A folder of PNG "photographs" NAME.png, each captioned "photo NAME" in NAME.txt, of `size` pixels whose
+/// channels are `pixel(image index, x, y)` modulo 256.
+fn photo_folder(
+    names: &[&str],
+    size: (u32, u32),
+    pixel: impl Fn(u32, u32, u32) -> [u32; 3],
+) -> ov3_core::fsio::ScratchDir {
+    let dir = ov3_core::fsio::ScratchDir::new().unwrap();
+    for (i, name) in names.iter().enumerate() {
+        let img = image::RgbImage::from_fn(size.0, size.1, |x, y| image::Rgb(pixel(i as u32, x, y).map(|c| c as u8)));
+        img.save(dir.path().join(format!("{name}.png"))).unwrap();
+        std::fs::write(dir.path().join(format!("{name}.txt")), format!("photo {name}")).unwrap();
+    }
+    dir
+}
+
 fn fixture(rel: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(rel)
 }
@@ -123,14 +139,7 @@ fn random_crops_are_one_item_each_and_one_is_drawn_per_visit() {
 
     let device = Device::flex();
     let vae = Vae::embedded(&device).expect("embedded AE");
-    let photos = ov3_core::fsio::ScratchDir::new().unwrap();
-    for (i, name) in ["a", "b", "c"].iter().enumerate() {
-        let img = image::RgbImage::from_fn(96, 64, |x, y| {
-            image::Rgb([(x * 2 + i as u32 * 40) as u8, (y * 3) as u8, ((x * y) % 251) as u8])
-        });
-        img.save(photos.path().join(format!("{name}.png"))).unwrap();
-        std::fs::write(photos.path().join(format!("{name}.txt")), format!("photo {name}")).unwrap();
-    }
+    let photos = photo_folder(&["a", "b", "c"], (96, 64), |i, x, y| [x * 2 + i * 40, y * 3, (x * y) % 251]);
     let spec = format!("{}+synthetic:2", photos.path().display());
     let source = Source::open(&Spec::parse(&spec).unwrap()).unwrap();
     assert_eq!(source.len(), 5);
@@ -187,14 +196,8 @@ fn random_crop_entries_point_at_their_own_rows_across_shards() {
 
     let device = Device::flex();
     let vae = Vae::embedded(&device).expect("embedded AE");
-    let photos = ov3_core::fsio::ScratchDir::new().unwrap();
-    for i in 0..6u32 {
-        let img = image::RgbImage::from_fn(80, 48, |x, y| {
-            image::Rgb([(x * 3 + i * 30) as u8, (y * 5) as u8, ((x ^ y) * 7) as u8])
-        });
-        img.save(photos.path().join(format!("p{i}.png"))).unwrap();
-        std::fs::write(photos.path().join(format!("p{i}.txt")), format!("photo {i}")).unwrap();
-    }
+    let photos =
+        photo_folder(&["p0", "p1", "p2", "p3", "p4", "p5"], (80, 48), |i, x, y| [x * 3 + i * 30, y * 5, (x ^ y) * 7]);
     let source = Source::open(&Spec::parse(&format!("{}+synthetic:2", photos.path().display())).unwrap()).unwrap();
     let tmp = ov3_core::fsio::ScratchDir::new().unwrap();
     // 6 photos x 4 crops + 2 scenes = 26 rows; batches of 16 rows and shards of 10 make two shards of 16 and 10.
@@ -228,14 +231,7 @@ fn random_crop_entries_point_at_their_own_rows_across_shards() {
 fn a_first_crop_cache_holds_the_later_crops_of_a_longer_one() {
     let device = Device::flex();
     let vae = Vae::embedded(&device).expect("embedded AE");
-    let photos = ov3_core::fsio::ScratchDir::new().unwrap();
-    for i in 0..3u32 {
-        let img = image::RgbImage::from_fn(72, 56, |x, y| {
-            image::Rgb([(x * 3 + i * 50) as u8, (y * 4) as u8, ((x * 7 + y * 11) % 253) as u8])
-        });
-        img.save(photos.path().join(format!("q{i}.png"))).unwrap();
-        std::fs::write(photos.path().join(format!("q{i}.txt")), format!("photo {i}")).unwrap();
-    }
+    let photos = photo_folder(&["q0", "q1", "q2"], (72, 56), |i, x, y| [x * 3 + i * 50, y * 4, (x * 7 + y * 11) % 253]);
     let source = Source::open(&Spec::parse(&photos.path().display().to_string()).unwrap()).unwrap();
     let (long_dir, late_dir) = (ov3_core::fsio::ScratchDir::new().unwrap(), ov3_core::fsio::ScratchDir::new().unwrap());
     let long = build(&source, &vae, 32, Crops::Random { count: 4, first: 0 }, long_dir.path(), &device, |_, _| {})
