@@ -590,7 +590,7 @@ fn the_demo_recipe_is_the_one_the_shipped_checkpoint_was_trained_with() {
 
 /// The demo card's fine-tuning chain: every `assets/demo/refine-N.toml` parses and validates, and each file
 /// that continues a run folder with `--resume` (refine-5 after refine-4, refine-7 and refine-8 after the one
-/// before) is accepted as that resume, its one change the appended stage.
+/// before) is accepted as that resume, its one change the appended stage; refine-9 is refine-6 on another cache.
 #[test]
 fn the_demo_fine_tuning_recipes_chain_as_their_card_says() {
     let parse = |text: &str| TrainConfig::from_toml(text).expect("a shipped recipe parses");
@@ -600,6 +600,7 @@ fn the_demo_fine_tuning_recipes_chain_as_their_card_says() {
         parse(include_str!("../../assets/demo/refine-6.toml")),
         parse(include_str!("../../assets/demo/refine-7.toml")),
         parse(include_str!("../../assets/demo/refine-8.toml")),
+        parse(include_str!("../../assets/demo/refine-9.toml")),
     ];
     for cfg in &files {
         cfg.validate().expect("a shipped recipe is valid");
@@ -611,7 +612,16 @@ fn the_demo_fine_tuning_recipes_chain_as_their_card_says() {
         assert_eq!(changes.len(), 1, "{changes:?}");
         assert!(changes[0].contains("added") && changes[0].contains(last.as_str()), "{changes:?}");
     }
-    assert!(files[2].data.starts_with("cache:"), "refine-6 onwards train from the crops cache");
+    assert!(files[2..].iter().all(|f| f.data.starts_with("cache:")), "refine-6 onwards train from a crops cache");
+    // refine-9 starts fresh (`--init`) on a second cache of other crops: refine-6's stage renamed, its data the
+    // new cache, nothing else changed.
+    let (six, nine) = (&files[2], &files[5]);
+    assert_ne!(six.data, nine.data, "refine-9 trains from another cache");
+    assert_eq!(nine.stages.len(), 1);
+    let mut renamed = six.clone();
+    renamed.data = nine.data.clone();
+    renamed.stages[0].name = nine.stages[0].name.clone();
+    assert_eq!(renamed.to_toml(), nine.to_toml(), "refine-9 is refine-6 on another cache");
 }
 
 #[test]
