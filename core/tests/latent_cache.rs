@@ -125,8 +125,8 @@ fn a_killed_rebuild_never_leaves_an_old_manifest_over_new_shards() {
     assert_eq!(LatentCache::open(tmp.path()).unwrap().manifest.resolution, 32);
 }
 
-/// `Crops::Random { count: 4, first: 0 }` over three photographs and two scenes of the embedded world: four different random
-/// crops per photograph, none of them its center crop; the world's scenes (rendered at the resolution asked,
+/// `Crops::Random { count: 4, first: 0 }` over three photographs and two scenes of the embedded world: four
+/// different random crops per photograph, none of them its center crop; the world's scenes (rendered at the resolution asked,
 /// uncropped) stored once; rows equal a fresh encode of their pixels; the opened source has one item per
 /// original item, and loading an item draws one of its own crops, several different ones over visits.
 #[test]

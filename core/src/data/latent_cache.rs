@@ -172,8 +172,9 @@ pub fn build_sharded(
     for index in 0..total {
         if n_crops > 0 {
             let mut these: Vec<Example> = vec![];
-            for k in first_crop..first_crop + n_crops {
-                let mut g = SplitMix64::new(1 + u64::from(k), index as u64);
+            // u64: `first_crop + n_crops` cannot overflow, whatever a caller passes.
+            for k in u64::from(first_crop)..u64::from(first_crop) + u64::from(n_crops) {
+                let mut g = SplitMix64::new(1 + k, index as u64);
                 match load_example(source, index, &aug, DecodeLimits::default(), &mut g) {
                     Ok(mut e) => {
                         if !these.iter().any(|t| t.image == e.image && t.caption == e.caption) {

@@ -655,12 +655,14 @@ fn cache_crops_note(m: &crate::data::latent_cache::Manifest, stage: &StageConfig
     let crops = match (m.crops, m.flip) {
         (0, false) => "center crops".to_string(),
         (0, true) => "center crops and their mirror images".to_string(),
-        (k, _) if m.first_crop == 0 => format!("up to {k} random crops per item, one drawn per visit"),
-        (k, _) => format!(
-            "up to {k} random crops per item (crops {}-{} of each item's sequence), one drawn per visit",
-            m.first_crop,
-            m.first_crop + k - 1
-        ),
+        (k, _) => {
+            let first = u64::from(m.first_crop);
+            let range = match first {
+                0 => String::new(),
+                _ => format!(" (crops {first}-{} of each item's sequence)", first + u64::from(k) - 1),
+            };
+            format!("up to {k} random crops per item{range}, one drawn per visit")
+        }
     };
     // Random crops are what a `--crops K` cache holds; flips are never applied to cached rows.
     let ignored = [(stage.random_crop && m.crops == 0, "random_crop"), (stage.hflip, "hflip")]
