@@ -745,3 +745,43 @@ fn init_starts_from_the_model_files_weights_and_refuses_another_model() {
     let err = run(&tmp.path().join("missing"), &other, false, None).expect_err("a missing file");
     assert!(err.to_string().contains("init:") && err.to_string().contains("missing.safetensors"), "{err}");
 }
+
+/// `init_other_vae`: a model file trained with one VAE is refused as the init of a run with another, with both
+/// named and the key that allows it; with the key the run starts, its log names both VAEs, and its checkpoints
+/// record the new one (what `--resume`, `ov3 eval` and the page check), not the init file's.
+#[test]
+fn init_moves_a_model_onto_another_vae_only_when_asked() {
+    let tmp = ov3_core::fsio::ScratchDir::new().expect("tmp");
+    let (source, moved_dir) = (tmp.path().join("source"), tmp.path().join("moved"));
+    run(&source, &config(), false, Some(2)).expect("a short run with the embedded autoencoder");
+    let file = checkpoint::latest_intact(&source).0.expect("a checkpoint").join(MODEL_FILE);
+    let before = load(&file).1.vae.expect("the model file names its VAE");
+    assert_eq!(before.source, "embedded");
+
+    let world_only = concat!(env!("CARGO_MANIFEST_DIR"), "/../assets/ae/world-only-w32.safetensors");
+    let mut moved = config();
+    (moved.init, moved.vae) = (Some(file.display().to_string()), Some(world_only.to_string()));
+    moved.stages.truncate(1);
+    moved.stages[0].steps = 2;
+    let err = run(&tmp.path().join("refused"), &moved, false, None).expect_err("another VAE, not asked for");
+    let text = err.to_string();
+    assert!(matches!(err, TrainError::Refused(_)), "{err}");
+    assert!(
+        text.contains(&before.identity) && text.contains("world-only-w32") && text.contains("init_other_vae"),
+        "{text}"
+    );
+    assert!(!tmp.path().join("refused").exists(), "a refused init leaves no run folder behind");
+
+    moved.init_other_vae = true;
+    let (outcome, notes) = run_noted(&moved_dir, &moved, false, None);
+    assert!(matches!(outcome, Ok(Outcome::Finished { step: 2, .. })), "{outcome:?}");
+    assert!(notes.iter().any(|n| n.contains("moved onto") && n.contains(&before.identity)), "{notes:?}");
+    let last = checkpoint::latest_intact(&moved_dir).0.expect("a checkpoint").join(MODEL_FILE);
+    let after = load(&last).1.vae.expect("the checkpoint names its VAE");
+    assert!(after.source.ends_with("world-only-w32.safetensors") && after.identity != before.identity, "{after:?}");
+    assert!(std::fs::read_to_string(moved_dir.join("config.toml")).expect("config").contains("init_other_vae = true"));
+
+    let mut stray = config();
+    stray.init_other_vae = true;
+    assert!(stray.validate().expect_err("init_other_vae without init").contains("needs init"));
+}

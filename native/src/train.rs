@@ -45,9 +45,14 @@ pub struct TrainArgs {
     vae: Option<String>,
     /// Fine-tune: start from this model file (`ov3 export`, a checkpoint's model.safetensors, the demo
     /// checkpoint) instead of a fresh initialisation, with a fresh optimiser. Its architecture, tokenizer and
-    /// VAE must be the recipe's (a mismatch is refused, naming both). Recorded in the run's config.toml.
+    /// VAE must be the recipe's (a mismatch is refused, naming both; see --init-other-vae). Recorded in the
+    /// run's config.toml.
     #[arg(long)]
     init: Option<String>,
+    /// With --init: the model file was trained with another VAE than --vae (or the embedded one); move it onto
+    /// this one's latents. Worth it only when the two autoencoders are related (one continued from the other).
+    #[arg(long, requires = "init")]
+    init_other_vae: bool,
     /// LPIPS weights (safetensors; see tools/lpips_weights.py): enables the lambda term of eq. 4.
     #[arg(long, requires = "lpips_heads")]
     lpips_trunk: Option<String>,
@@ -121,6 +126,7 @@ pub fn run(args: TrainArgs, group: &dyn Group) -> anyhow::Result<()> {
     if let Some(m) = args.init {
         cfg.init = Some(m);
     }
+    cfg.init_other_vae |= args.init_other_vae;
     if let (Some(t), Some(h)) = (args.lpips_trunk, args.lpips_heads) {
         (cfg.lpips_trunk, cfg.lpips_heads) = (Some(t), Some(h));
     }

@@ -44,9 +44,16 @@ pub struct TrainConfig {
     pub vae: Option<String>,
     /// Fine-tuning: start from this model file's weights (`ov3 export`, a checkpoint's `model.safetensors`,
     /// the demo checkpoint) instead of a seeded initialisation, with a fresh optimiser. Its architecture,
-    /// tokenizer and VAE must be the config's. A resume ignores it (the checkpoint's weights continue).
+    /// tokenizer and VAE must be the config's (see `init_other_vae`). A resume ignores it (the checkpoint's
+    /// weights continue).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init: Option<String>,
+    /// With `init`: the model file was trained with another VAE than the config's, and the run moves it onto
+    /// this one's latents. Worth it only when the two autoencoders' latents are related (one continued from
+    /// the other: the demo checkpoint moved to a retrained embedded autoencoder this way); a model's latents
+    /// mean nothing to an unrelated one. The run notes both VAEs; without this a mismatch is refused.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub init_other_vae: bool,
     /// LPIPS weights (safetensors): a torchvision VGG16/AlexNet trunk and the lpips linear heads. Both or
     /// neither; without them the LPIPS term is absent whatever lambda says.
     #[serde(default)]
@@ -157,9 +164,10 @@ impl StageConfig {
 }
 
 /// Top-level keys a resumed run may change (see [`TrainConfig::resume_changes`]).
-pub const RESUMABLE_KEYS: [&str; 12] = [
+pub const RESUMABLE_KEYS: [&str; 13] = [
     "attention",
     "init",
+    "init_other_vae",
     "precision",
     "grad_clip",
     "weight_decay",
@@ -255,6 +263,7 @@ impl TrainConfig {
             eval_size: 128,
             vae: None,
             init: None,
+            init_other_vae: false,
             lpips_trunk: None,
             lpips_heads: None,
             weight_decay: default_weight_decay(),
@@ -413,6 +422,9 @@ impl TrainConfig {
     /// Every check that can fail before a run starts, each with the field named.
     pub fn validate(&self) -> Result<(), String> {
         self.model_config(&self.tokenizer()?).validate()?;
+        if self.init_other_vae && self.init.is_none() {
+            return Err("init_other_vae moves an init model onto this config's VAE: it needs init".into());
+        }
         if self.lpips_trunk.is_some() != self.lpips_heads.is_some() {
             return Err("lpips_trunk and lpips_heads go together: give both or neither".into());
         }

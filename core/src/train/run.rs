@@ -377,12 +377,13 @@ fn prepare_run(
             // Stopped (killed) before its first checkpoint: nothing to lose, so start it over.
             notes.push(format!("{} has no checkpoint yet: starting from step 0", run.display()));
             keep_changes()?;
-            let (model, optim, state) = fresh(cfg, model_cfg, tokenizer, data, device, ranks)?;
+            let (model, optim, state, init_notes) = fresh(cfg, model_cfg, tokenizer, data, device, ranks)?;
+            notes.extend(init_notes);
             return Ok(Prepared { model, optim, state, notes, changes });
         }
         let loaded = checkpoint::load_latest(run, device, make_optim)?;
         notes.extend(loaded.notes);
-        same_model(&loaded.dir, &loaded.cfg, &loaded.model, model_cfg, tokenizer, "checkpoint")?;
+        same_model(&loaded.dir, &loaded.cfg, &loaded.model, model_cfg, tokenizer, "checkpoint", false)?;
         let dir = &loaded.dir;
         match &loaded.state.data {
             Some(saved) if *saved != data => {
@@ -417,14 +418,14 @@ fn prepare_run(
         )));
     }
     // Before the folder exists: a refused init model leaves nothing behind that a corrected retry would trip on.
-    let (model, optim, state) = fresh(cfg, model_cfg, tokenizer, data, device, ranks)?;
+    let (model, optim, state, notes) = fresh(cfg, model_cfg, tokenizer, data, device, ranks)?;
     std::fs::create_dir_all(run).map_err(io_err(run))?;
     crate::fsio::atomic_write(&config_path, cfg.to_toml().as_bytes()).map_err(io_err(&config_path))?;
-    let notes = cfg.init.iter().map(|p| format!("initialised from {p} (fine-tuning; a fresh optimiser)")).collect();
     Ok(Prepared { model, optim, state, notes, changes: vec![] })
 }
 
-/// A new model (seeded by the config, or the weights of its `init` file), its optimizer, and step 0.
+/// A new model (seeded by the config, or the weights of its `init` file), its optimizer, step 0, and the
+/// notes for the log (where an init model came from, and the VAE it leaves with `init_other_vae`).
 fn fresh(
     cfg: &TrainConfig,
     model_cfg: &ModelConfig,
@@ -432,7 +433,8 @@ fn fresh(
     data: DataIdentity,
     device: &Device,
     ranks: usize,
-) -> Result<(Ov3, ModuleOptimizer, TrainState), TrainError> {
+) -> Result<(Ov3, ModuleOptimizer, TrainState, Vec<String>), TrainError> {
+    let mut notes = vec![];
     let model = match &cfg.init {
         None => {
             let mut model = crate::device::seeded(device, cfg.seed, || Ov3::new(model_cfg, device));
@@ -440,9 +442,10 @@ fn fresh(
             model
         }
         Some(path) => {
-            let path = Path::new(path);
-            let (model, saved) = load_model(path, device).map_err(|e| TrainError::Refused(format!("init: {e}")))?;
-            same_model(path, &saved, &model, model_cfg, tokenizer, "init model")?;
+            let file = Path::new(path);
+            let (model, saved) = load_model(file, device).map_err(|e| TrainError::Refused(format!("init: {e}")))?;
+            notes.push(format!("initialised from {path} (fine-tuning; a fresh optimiser)"));
+            notes.extend(same_model(file, &saved, &model, model_cfg, tokenizer, "init model", cfg.init_other_vae)?);
             model
         }
     };
@@ -450,12 +453,13 @@ fn fresh(
     let position = Position::default();
     let state =
         TrainState { step: 0, position, seed: cfg.seed, data: Some(data), ranks: Some(ranks), loss_scale: None };
-    Ok((model, optim, state))
+    Ok((model, optim, state, notes))
 }
 
 /// Refuses weights (a checkpoint to resume, an `init` model) trained with another VAE, another architecture
 /// or another tokenizer than the config's, naming both. A file from before models recorded their VAE passes
-/// that check (its next save records the config's).
+/// that check (its next save records the config's). With `other_vae` (an init model and `init_other_vae`)
+/// another VAE is accepted and named in the note returned.
 fn same_model(
     file: &Path,
     saved: &ModelConfig,
@@ -463,15 +467,28 @@ fn same_model(
     model_cfg: &ModelConfig,
     tokenizer: &Tokenizer,
     what: &str,
-) -> Result<(), TrainError> {
+    other_vae: bool,
+) -> Result<Option<String>, TrainError> {
     let file = file.display();
+    let mut note = None;
     if let (Some(saved), Some(now)) = (&saved.vae, &model_cfg.vae)
         && saved.identity != now.identity
     {
-        return Err(TrainError::Refused(format!(
-            "{file}: the {what} was trained with the VAE {} ({}, from {}), the config gives {} ({}, from {})",
+        let both = format!(
+            "the {what} was trained with the VAE {} ({}, from {}), the config gives {} ({}, from {})",
             saved.kind, saved.identity, saved.source, now.kind, now.identity, now.source
-        )));
+        );
+        if !other_vae {
+            let hint = match what {
+                "init model" => {
+                    "; to move the model onto the config's autoencoder (worth it only when the two are \
+                                 related), set init_other_vae (--init-other-vae)"
+                }
+                _ => "",
+            };
+            return Err(TrainError::Refused(format!("{file}: {both}{hint}")));
+        }
+        note = Some(format!("{file}: {both}; moved onto the config's (init_other_vae)"));
     }
     let differences = model_differences(saved, model_cfg);
     if !differences.is_empty() {
@@ -487,7 +504,7 @@ fn same_model(
             tokenizer.describe()
         )));
     }
-    Ok(())
+    Ok(note)
 }
 
 /// Every model setting (VAE aside) in which `saved` differs from `now`, as `key: SAVED in the file, NOW in the
