@@ -601,12 +601,16 @@ fn the_demo_fine_tuning_recipes_chain_as_their_card_says() {
         parse(include_str!("../../assets/demo/refine-7.toml")),
         parse(include_str!("../../assets/demo/refine-8.toml")),
         parse(include_str!("../../assets/demo/refine-9.toml")),
+        parse(include_str!("../../assets/demo/refine-10.toml")),
+        parse(include_str!("../../assets/demo/refine-11.toml")),
     ];
     for cfg in &files {
         cfg.validate().expect("a shipped recipe is valid");
         assert!(cfg.stages.iter().all(|s| s.resolution == 128), "the refine stages are at 128 px");
     }
-    for (saved, resumed) in [(&files[0], &files[1]), (&files[2], &files[3]), (&files[3], &files[4])] {
+    for (saved, resumed) in
+        [(&files[0], &files[1]), (&files[2], &files[3]), (&files[3], &files[4]), (&files[6], &files[7])]
+    {
         let changes = resumed.resume_changes(saved).expect("the next recipe resumes the previous run");
         let last = &resumed.stages.last().unwrap().name;
         assert_eq!(changes.len(), 1, "{changes:?}");
@@ -615,13 +619,18 @@ fn the_demo_fine_tuning_recipes_chain_as_their_card_says() {
     assert!(files[2..].iter().all(|f| f.data.starts_with("cache:")), "refine-6 onwards train from a crops cache");
     // refine-9 starts fresh (`--init`) on a second cache of other crops: refine-6's stage renamed, its data the
     // new cache, nothing else changed.
-    let (six, nine) = (&files[2], &files[5]);
-    assert_ne!(six.data, nine.data, "refine-9 trains from another cache");
-    assert_eq!(nine.stages.len(), 1);
-    let mut renamed = six.clone();
-    renamed.data = nine.data.clone();
-    renamed.stages[0].name = nine.stages[0].name.clone();
-    assert_eq!(renamed.to_toml(), nine.to_toml(), "refine-9 is refine-6 on another cache");
+    // So does refine-10 (`--init` from the refine-9 file with `--init-other-vae`: a cache of the retrained
+    // embedded autoencoder's latents).
+    let six = &files[2];
+    for fresh in [&files[5], &files[6]] {
+        assert_ne!(six.data, fresh.data, "{} trains from another cache", fresh.stages[0].name);
+        assert_eq!(fresh.stages.len(), 1);
+        let mut renamed = six.clone();
+        renamed.data = fresh.data.clone();
+        renamed.stages[0].name = fresh.stages[0].name.clone();
+        assert_eq!(renamed.to_toml(), fresh.to_toml(), "{} is refine-6 on another cache", fresh.stages[0].name);
+    }
+    assert_ne!(files[5].data, files[6].data);
 }
 
 #[test]

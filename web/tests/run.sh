@@ -22,9 +22,9 @@ PY
 
 echo "== what the native CLI computes for the same inputs"
 upload=assets/photos/chelsea.jpg
-# A held-out scene whose true caption the demo checkpoint ranks first by a wide margin natively (0.820 vs 0.529
+# A held-out scene whose true caption the demo checkpoint ranks first by a wide margin natively (0.902 vs 0.457
 # for the runner-up among the 12 samples' captions; 7 of the 8 world samples rank their own first, this one by
-# 0.29, among the widest: samples 4, 5 and 7 by 0.46, 0.27 and 0.28), so f16 weights and browser arithmetic
+# 0.45, the widest: samples 4, 5 and 7 by 0.36, 0.40 and 0.15), so f16 weights and browser arithmetic
 # cannot reorder it. Pick again when the checkpoint changes.
 sample=6
 node -e 'const s=require("./web/samples/samples.json"); console.log(s.map(x=>x.caption).join("\n"))' > "$out/captions.txt"

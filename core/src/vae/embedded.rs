@@ -1,8 +1,9 @@
 //! ov3's embedded default autoencoder: TAEF1's architecture at reduced width, trained by `tools/train_ae.py`
 //! on real photographs from Debian/PyPI packages (`ov3 data prepare real`) plus the embedded captioned world,
 //! and shipped in `assets/` as f16, so a fresh clone runs with no weights downloaded. Its latents are in the
-//! tokenizer's convention already (no shift). The world-only predecessor is kept as
-//! `assets/ae/world-only-w32.safetensors` (the ablations of docs/ablations were measured with it).
+//! tokenizer's convention already (no shift). Its predecessors are kept for the models trained with them:
+//! `assets/ae/real-w48-2026-11-27.safetensors` (embedded 2026-11-27 to 2026-12-06; the earlier demo
+//! checkpoints) and `assets/ae/world-only-w32.safetensors` (before; the ablations of docs/ablations).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -23,6 +24,10 @@ pub const EMBEDDED_WEIGHTS: &[u8] = &[];
 
 /// Where the embedded autoencoder's file lives in the repository (and, by name, in the web bundle).
 pub const EMBEDDED_FILE: &str = "assets/ae/ov3_tiny_ae.safetensors";
+
+/// The embedded autoencoder from 2026-11-27 to 2026-12-06 (the same architecture, less trained): models
+/// trained with it, the demo checkpoints before refine-10 among them, decode with `--vae` and this file.
+pub const FIRST_REAL_FILE: &str = "assets/ae/real-w48-2026-11-27.safetensors";
 
 /// The embedded autoencoder before 2026-11-27 (TAEF1 at width 32, trained on the embedded world only): models
 /// trained with it, the ablations of docs/ablations among them, decode with `--vae` and this file.

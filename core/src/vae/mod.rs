@@ -13,7 +13,7 @@ use burn::tensor::{Device, ExecutionError, Tensor};
 
 use crate::autoencoder::LatentDecoder;
 use crate::weights::{Weights, WeightsError};
-use embedded::WORLD_ONLY_FILE;
+use embedded::{FIRST_REAL_FILE, WORLD_ONLY_FILE};
 use flux::{FLUX_SCALING_FACTOR, FluxAeConfig, FluxAutoencoder, diffusers_to_bfl};
 use taef1::{TinyAutoencoder, TinyConfig, TinyLayout};
 
@@ -59,7 +59,8 @@ impl VaeRecord {
         let hint = if self.source == "embedded" && vae.source == "embedded" {
             format!(
                 "it was trained with another build's embedded autoencoder: retrain it, or pass that autoencoder's file \
-                 with --vae (the one embedded before 2026-11-27, trained on the world only, is {WORLD_ONLY_FILE})"
+                 with --vae (the one embedded from 2026-11-27 to 2026-12-06 is {FIRST_REAL_FILE}; before, trained \
+                 on the world only, {WORLD_ONLY_FILE})"
             )
         } else if self.source == "embedded" {
             "leave out --vae to use the embedded autoencoder".to_string()
