@@ -715,6 +715,13 @@ fn f16_is_a_recipe_key_and_its_loss_scale_survives_a_resume() {
     assert_eq!(scaler(&straight), scaler(&split), "the resumed run continues the scaler");
 }
 
+/// The model file of a two-step run of `config()` (the embedded autoencoder) in `dir/source`: an init file.
+fn init_file(dir: &Path) -> std::path::PathBuf {
+    let source = dir.join("source");
+    run(&source, &config(), false, Some(2)).expect("a short run");
+    checkpoint::latest_intact(&source).0.expect("a checkpoint").join(MODEL_FILE)
+}
+
 /// `init` (fine-tuning): a run starts from exactly the model file's weights, not the seeded ones (one step at
 /// a learning rate far too small to move an f32 weight leaves every weight as the file has it; the seeded
 /// initialisation is two steps at lr 0.1 away from it), and says so; a model of another architecture and a
@@ -722,9 +729,8 @@ fn f16_is_a_recipe_key_and_its_loss_scale_survives_a_resume() {
 #[test]
 fn init_starts_from_the_model_files_weights_and_refuses_another_model() {
     let tmp = ov3_core::fsio::ScratchDir::new().expect("tmp");
-    let (source, tuned) = (tmp.path().join("source"), tmp.path().join("tuned"));
-    run(&source, &config(), false, Some(2)).expect("a short run");
-    let file = checkpoint::latest_intact(&source).0.expect("a checkpoint").join(MODEL_FILE);
+    let tuned = tmp.path().join("tuned");
+    let file = init_file(tmp.path());
 
     let mut fine = config();
     fine.init = Some(file.display().to_string());
@@ -761,9 +767,8 @@ fn init_starts_from_the_model_files_weights_and_refuses_another_model() {
 #[test]
 fn init_moves_a_model_onto_another_vae_only_when_asked() {
     let tmp = ov3_core::fsio::ScratchDir::new().expect("tmp");
-    let (source, moved_dir) = (tmp.path().join("source"), tmp.path().join("moved"));
-    run(&source, &config(), false, Some(2)).expect("a short run with the embedded autoencoder");
-    let file = checkpoint::latest_intact(&source).0.expect("a checkpoint").join(MODEL_FILE);
+    let moved_dir = tmp.path().join("moved");
+    let file = init_file(tmp.path());
     let before = load(&file).1.vae.expect("the model file names its VAE");
     assert_eq!(before.source, "embedded");
 
