@@ -26,6 +26,27 @@ fn output(mut cmd: Command) -> (bool, String, String) {
     (out.status.success(), text(&out.stdout), text(&out.stderr))
 }
 
+/// A pipe read to its end on a thread, into a buffer the caller can look at while it fills.
+type Drained = (std::sync::Arc<std::sync::Mutex<Vec<u8>>>, std::thread::JoinHandle<()>);
+
+fn drain(pipe: Option<impl std::io::Read + Send + 'static>) -> Drained {
+    let buffer = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = buffer.clone();
+    let thread = std::thread::spawn(move || {
+        let Some(mut pipe) = pipe else { return };
+        let mut chunk = [0u8; 4096];
+        while let Ok(n @ 1..) = pipe.read(&mut chunk) {
+            sink.lock().unwrap().extend_from_slice(&chunk[..n]);
+        }
+    });
+    (buffer, thread)
+}
+
+/// What a [`drain`]ed pipe has delivered so far, as text.
+fn text(drained: &Drained) -> String {
+    String::from_utf8_lossy(&drained.0.lock().unwrap()).into_owned()
+}
+
 /// The steps of the `step` records in a run's metrics.jsonl, in file order.
 fn logged_steps(run: &Path) -> Vec<u64> {
     std::fs::read_to_string(run.join("metrics.jsonl"))
@@ -74,10 +95,15 @@ fn a_killed_rank_ends_the_job_and_resume_continues_from_the_last_checkpoint() {
     let run = tmp.path().join("run");
     let (run_s, recipe_s) = (run.to_str().unwrap(), recipe.to_str().unwrap());
     let mut job = mpirun(2, &["train", "--config", recipe_s, "--out", run_s]);
-    let child = job.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("mpirun starts");
+    let mut child = job.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("mpirun starts");
+    // Both pipes are read while the job runs: a full pipe would block the ranks' writes and stall the job.
+    let (stdout, stderr) = (drain(child.stdout.take()), drain(child.stderr.take()));
     let started = Instant::now();
     while logged_steps(&run).len() < 5 {
-        assert!(started.elapsed() < Duration::from_secs(180), "no 5 steps logged within 3 minutes");
+        if started.elapsed() > Duration::from_secs(180) {
+            let _ = Command::new("pkill").args(["-9", "-f", &format!("ov3 train --config {recipe_s}")]).status();
+            panic!("no 5 steps logged within 3 minutes; mpirun's output so far:\n{}", text(&stderr));
+        }
         std::thread::sleep(Duration::from_millis(100));
     }
     // kill -9 one rank (not rank 0: the one that does not write) mid-run.
@@ -88,9 +114,11 @@ fn a_killed_rank_ends_the_job_and_resume_continues_from_the_last_checkpoint() {
     assert_eq!(pids.len(), 2, "expected two ranks, found {pids:?}");
     let victim = pids.last().unwrap();
     assert!(Command::new("kill").args(["-9", victim]).status().unwrap().success());
-    let out = child.wait_with_output().expect("mpirun exits");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "the job must fail when a rank dies");
+    let status = child.wait().expect("mpirun exits");
+    let ((_, out_thread), (err_buffer, err_thread)) = (stdout, stderr);
+    let _ = (out_thread.join(), err_thread.join());
+    let stderr = String::from_utf8_lossy(&err_buffer.lock().unwrap()).into_owned();
+    assert!(!status.success(), "the job must fail when a rank dies");
     assert!(stderr.contains("signal 9") || stderr.contains("Killed"), "no message naming the dead rank: {stderr}");
     assert!(logged_steps(&run).len() < 32, "the job ran on after a rank died");
 
