@@ -383,7 +383,7 @@ fn prepare_run(
         }
         let loaded = checkpoint::load_latest(run, device, make_optim)?;
         notes.extend(loaded.notes);
-        same_model(&loaded.dir, &loaded.cfg, &loaded.model, model_cfg, tokenizer, "checkpoint", false)?;
+        same_model(&loaded.dir, &loaded.cfg, &loaded.model, model_cfg, tokenizer, Weights::Checkpoint)?;
         let dir = &loaded.dir;
         match &loaded.state.data {
             Some(saved) if *saved != data => {
@@ -445,7 +445,8 @@ fn fresh(
             let file = Path::new(path);
             let (model, saved) = load_model(file, device).map_err(|e| TrainError::Refused(format!("init: {e}")))?;
             notes.push(format!("initialised from {path} (fine-tuning; a fresh optimiser)"));
-            notes.extend(same_model(file, &saved, &model, model_cfg, tokenizer, "init model", cfg.init_other_vae)?);
+            let what = Weights::InitModel { other_vae: cfg.init_other_vae };
+            notes.extend(same_model(file, &saved, &model, model_cfg, tokenizer, what)?);
             model
         }
     };
@@ -456,20 +457,36 @@ fn fresh(
     Ok((model, optim, state, notes))
 }
 
+/// Which weights [`same_model`] checks: a checkpoint to resume, or an `init` model (which may move onto
+/// another VAE when the config sets `init_other_vae`).
+#[derive(Clone, Copy)]
+enum Weights {
+    Checkpoint,
+    InitModel { other_vae: bool },
+}
+
+impl Weights {
+    fn name(self) -> &'static str {
+        match self {
+            Weights::Checkpoint => "checkpoint",
+            Weights::InitModel { .. } => "init model",
+        }
+    }
+}
+
 /// Refuses weights (a checkpoint to resume, an `init` model) trained with another VAE, another architecture
 /// or another tokenizer than the config's, naming both. A file from before models recorded their VAE passes
-/// that check (its next save records the config's). With `other_vae` (an init model and `init_other_vae`)
-/// another VAE is accepted and named in the note returned.
+/// that check (its next save records the config's). An init model with `init_other_vae` may have another
+/// VAE: it is accepted and named in the note returned.
 fn same_model(
     file: &Path,
     saved: &ModelConfig,
     model: &Ov3,
     model_cfg: &ModelConfig,
     tokenizer: &Tokenizer,
-    what: &str,
-    other_vae: bool,
+    weights: Weights,
 ) -> Result<Option<String>, TrainError> {
-    let file = file.display();
+    let (file, what) = (file.display(), weights.name());
     let mut note = None;
     if let (Some(saved), Some(now)) = (&saved.vae, &model_cfg.vae)
         && saved.identity != now.identity
@@ -478,14 +495,15 @@ fn same_model(
             "the {what} was trained with the VAE {} ({}, from {}), the config gives {} ({}, from {})",
             saved.kind, saved.identity, saved.source, now.kind, now.identity, now.source
         );
-        if !other_vae {
-            let hint = match what {
-                "init model" => {
-                    "; to move the model onto the config's autoencoder (worth it only when the two are \
-                                 related), set init_other_vae (--init-other-vae)"
-                }
-                _ => "",
-            };
+        let hint = match weights {
+            Weights::InitModel { other_vae: true } => None,
+            Weights::InitModel { other_vae: false } => Some(
+                "; to move the model onto the config's autoencoder (worth it only when the two are related), set \
+                 init_other_vae (--init-other-vae)",
+            ),
+            Weights::Checkpoint => Some(""),
+        };
+        if let Some(hint) = hint {
             return Err(TrainError::Refused(format!("{file}: {both}{hint}")));
         }
         note = Some(format!("{file}: {both}; moved onto the config's (init_other_vae)"));
