@@ -15,7 +15,7 @@ the time), resized to --res with antialiasing, then random --crop px windows; ha
 channels permuted and a third with their saturation scaled (--no-colour-jitter turns it off), plus a share of
 plain colours and gradients (--plain-share).
 
-Speed: `--bf16` (bf16 autocast, f32 master weights and AdamW state; channels-last always) runs ~3.7x the
+Speed: `--bf16` (bf16 autocast, f32 master weights and AdamW state; channels-last always) runs 3.4-4.2x the
 crops per second of f32 on a CPU with AMX, like this project's (`bench/torch_ae_step.py` measures the four
 settings in one run; docs/PERFORMANCE.md, "Embedded autoencoder").
 
@@ -184,7 +184,7 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu, or cuda on a lent GPU machine (bench/gpu_ae.sh)")
     p.add_argument("--bf16", action="store_true",
-                   help="bf16 autocast (f32 master weights and AdamW state): ~3.7x the crops per second on a CPU "
+                   help="bf16 autocast (f32 master weights and AdamW state): 3.4-4.2x the crops per second on a CPU "
                         "with AMX (docs/PERFORMANCE.md), not for CPUs without bf16 units")
     a = p.parse_args()
     torch.set_num_threads(a.threads)

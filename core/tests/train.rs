@@ -590,7 +590,8 @@ fn the_demo_recipe_is_the_one_the_shipped_checkpoint_was_trained_with() {
 
 /// The demo card's fine-tuning chain: every `assets/demo/refine-N.toml` parses and validates, and each file
 /// that continues a run folder with `--resume` (refine-5 after refine-4, refine-7 and refine-8 after the one
-/// before) is accepted as that resume, its one change the appended stage; refine-9 is refine-6 on another cache.
+/// before, refine-11 after refine-10, refine-13 after refine-12) is accepted as that resume, its one change the appended stage; refine-9,
+/// refine-10 and refine-12 are refine-6 on other caches.
 #[test]
 fn the_demo_fine_tuning_recipes_chain_as_their_card_says() {
     let parse = |text: &str| TrainConfig::from_toml(text).expect("a shipped recipe parses");
@@ -603,14 +604,20 @@ fn the_demo_fine_tuning_recipes_chain_as_their_card_says() {
         parse(include_str!("../../assets/demo/refine-9.toml")),
         parse(include_str!("../../assets/demo/refine-10.toml")),
         parse(include_str!("../../assets/demo/refine-11.toml")),
+        parse(include_str!("../../assets/demo/refine-12.toml")),
+        parse(include_str!("../../assets/demo/refine-13.toml")),
     ];
     for cfg in &files {
         cfg.validate().expect("a shipped recipe is valid");
         assert!(cfg.stages.iter().all(|s| s.resolution == 128), "the refine stages are at 128 px");
     }
-    for (saved, resumed) in
-        [(&files[0], &files[1]), (&files[2], &files[3]), (&files[3], &files[4]), (&files[6], &files[7])]
-    {
+    for (saved, resumed) in [
+        (&files[0], &files[1]),
+        (&files[2], &files[3]),
+        (&files[3], &files[4]),
+        (&files[6], &files[7]),
+        (&files[8], &files[9]),
+    ] {
         let changes = resumed.resume_changes(saved).expect("the next recipe resumes the previous run");
         let last = &resumed.stages.last().unwrap().name;
         assert_eq!(changes.len(), 1, "{changes:?}");
@@ -619,10 +626,10 @@ fn the_demo_fine_tuning_recipes_chain_as_their_card_says() {
     assert!(files[2..].iter().all(|f| f.data.starts_with("cache:")), "refine-6 onwards train from a crops cache");
     // refine-9 starts fresh (`--init`) on a second cache of other crops: refine-6's stage renamed, its data the
     // new cache, nothing else changed.
-    // So does refine-10 (`--init` from the refine-9 file with `--init-other-vae`: a cache of the retrained
-    // embedded autoencoder's latents).
+    // So do refine-10 and refine-12 (`--init` from the model file before them with `--init-other-vae`: caches
+    // of the retrained embedded autoencoders' latents).
     let six = &files[2];
-    for fresh in [&files[5], &files[6]] {
+    for fresh in [&files[5], &files[6], &files[8]] {
         assert_ne!(six.data, fresh.data, "{} trains from another cache", fresh.stages[0].name);
         assert_eq!(fresh.stages.len(), 1);
         let mut renamed = six.clone();
@@ -630,7 +637,7 @@ fn the_demo_fine_tuning_recipes_chain_as_their_card_says() {
         renamed.stages[0].name = fresh.stages[0].name.clone();
         assert_eq!(renamed.to_toml(), fresh.to_toml(), "{} is refine-6 on another cache", fresh.stages[0].name);
     }
-    assert_ne!(files[5].data, files[6].data);
+    assert!(files[5].data != files[6].data && files[6].data != files[8].data);
 }
 
 #[test]

@@ -1,5 +1,5 @@
 //! The VAE loaders against float64 references exported from diffusers (tests/fixtures/make_vae_fixtures.py),
-//! and one clear error per kind of bad weight file.
+//! one clear error per kind of bad weight file, and the earlier embedded autoencoders kept for their models.
 //!
 //! Tolerances: relative error (max abs diff / max abs reference) < 1e-4 for every file against the
 //! reference computed from its own stored weights; a bf16 file against the f32 model's outputs < 5e-2.
@@ -146,4 +146,36 @@ fn bad_files_give_one_clear_line() {
 
     let msg = load_err(&d.join("does-not-exist.safetensors"));
     assert!(msg.contains("cannot read"), "{msg}");
+}
+
+/// Each earlier embedded autoencoder kept in assets/ae/ has the identity its entry in `PREDECESSORS` gives (what
+/// model files trained with it record), and a model naming it is refused with that file as the fix.
+#[test]
+fn the_kept_earlier_autoencoders_are_named_by_the_refusal_of_their_models() {
+    use ov3_core::vae::VaeRecord;
+    use ov3_core::vae::embedded::{PREDECESSORS, predecessor};
+    let device = Device::flex();
+    let embedded = Vae::embedded(&device).expect("the embedded autoencoder");
+    assert!(predecessor(&embedded.identity()).is_none(), "today's embedded autoencoder is not a predecessor");
+    let load = |file: &str| {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(file);
+        Vae::load(&path, &device).unwrap_or_else(|e| panic!("{file}: {e}"))
+    };
+    let wrong: Vec<String> = PREDECESSORS
+        .iter()
+        .filter_map(|p| {
+            (load(p.file).identity() != p.identity).then(|| format!("{}: {}", p.file, load(p.file).identity()))
+        })
+        .collect();
+    assert!(wrong.is_empty(), "PREDECESSORS gives other identities than these files have: {wrong:?}");
+    for p in PREDECESSORS {
+        let vae = load(p.file);
+        let record = VaeRecord { kind: vae.kind(), identity: p.identity.to_string(), source: "embedded".to_string() };
+        let err = record.check(&embedded).expect_err("another autoencoder is refused");
+        assert!(err.contains(&format!("--vae {}", p.file)) && err.contains(p.note), "{err}");
+        assert!(record.check(&vae).is_ok(), "{}: accepted with its own file", p.file);
+    }
+    let unknown = VaeRecord { identity: "fnv64:0123456789abcdef".to_string(), ..embedded.record() };
+    let err = unknown.check(&embedded).expect_err("an unknown embedded autoencoder is refused");
+    assert!(PREDECESSORS.iter().all(|p| err.contains(p.file)), "an unknown one lists those kept: {err}");
 }

@@ -13,7 +13,7 @@ use burn::tensor::{Device, ExecutionError, Tensor};
 
 use crate::autoencoder::LatentDecoder;
 use crate::weights::{Weights, WeightsError};
-use embedded::{FIRST_REAL_FILE, WORLD_ONLY_FILE};
+use embedded::{PREDECESSORS, WORLD_ONLY_FILE, predecessor};
 use flux::{FLUX_SCALING_FACTOR, FluxAeConfig, FluxAutoencoder, diffusers_to_bfl};
 use taef1::{TinyAutoencoder, TinyConfig, TinyLayout};
 
@@ -56,11 +56,15 @@ impl VaeRecord {
         if identity == self.identity {
             return Ok(());
         }
-        let hint = if self.source == "embedded" && vae.source == "embedded" {
+        let hint = if let Some(before) = predecessor(&self.identity) {
+            format!("it was trained with the autoencoder {}: pass --vae {}", before.note, before.file)
+        } else if self.source == "embedded" && vae.source == "embedded" {
+            let kept: Vec<String> = PREDECESSORS.iter().map(|p| format!("{} ({})", p.file, p.note)).collect();
             format!(
-                "it was trained with another build's embedded autoencoder: retrain it, or pass that autoencoder's file \
-                 with --vae (the one embedded from 2026-11-27 to 2026-12-06 is {FIRST_REAL_FILE}; before, trained \
-                 on the world only, {WORLD_ONLY_FILE})"
+                "it was trained with another build's embedded autoencoder, none of those kept in assets/ae/ ({}): \
+                 retrain it, or pass that build's {} with --vae",
+                kept.join("; "),
+                embedded::EMBEDDED_FILE
             )
         } else if self.source == "embedded" {
             "leave out --vae to use the embedded autoencoder".to_string()
