@@ -330,8 +330,9 @@ fn embedded_autoencoder_beats_block_averaging_on_every_photograph() {
     let mean_row = stdout.lines().find(|l| l.starts_with("the 4 --images, mean")).unwrap_or_else(|| panic!("{stdout}"));
     let nums = numbers(mean_row);
     for k in 0..3 {
-        // Each printed row is rounded to 0.01 dB, so their mean is within 0.005 of the unrounded one.
-        assert!((nums[nums.len() - 4 + k] - sums[k] / 4.0).abs() < 0.0051, "column {k}: {mean_row} vs {sums:?} / 4");
+        // The rows and the mean row are each rounded to 0.01 dB: the mean of the printed rows is within 0.005 of
+        // the unrounded mean, and the printed mean within 0.005 too (27.36 printed against 109.41 / 4 = 27.3525).
+        assert!((nums[nums.len() - 4 + k] - sums[k] / 4.0).abs() < 0.0101, "column {k}: {mean_row} vs {sums:?} / 4");
     }
     let (ours, naive) = (nums[nums.len() - 4], nums[nums.len() - 3]);
     assert!(
