@@ -453,6 +453,12 @@ fn mismatched_runs_are_refused_with_a_reason() {
     other.preset = Preset::Small;
     let err = run(tmp.path(), &other, true, None).expect_err("resume with another preset");
     assert!(err.to_string().contains("`preset` differs"), "{err}");
+    // A fine-tune may train at another noise bound
+    // (`init_starts_from_the_model_files_weights_and_refuses_another_model`); a resume may not.
+    let mut noisier = cfg.clone();
+    noisier.tau = 0.25;
+    let err = run(tmp.path(), &noisier, true, None).expect_err("resume with another tau");
+    assert!(err.to_string().contains("`tau` differs"), "{err}");
     let empty = ov3_core::fsio::ScratchDir::new().expect("tmp");
     let err = run(empty.path(), &cfg, true, None).expect_err("resume of nothing");
     assert!(err.to_string().contains("config.toml"), "{err}");
@@ -756,11 +762,21 @@ fn init_starts_from_the_model_files_weights_and_refuses_another_model() {
     }
     assert!(std::fs::read_to_string(tuned.join("config.toml")).expect("config").contains("init = "));
 
+    // The noise bound of eq. 3 is a training setting: a fine-tune may change it, says so, and its files
+    // record the new one. A resume may not (`mismatched_runs_are_refused_with_a_reason`).
+    let mut noisier = fine.clone();
+    noisier.tau = 0.25;
+    let (outcome, notes) = run_noted(&tmp.path().join("noisier"), &noisier, false, None);
+    assert!(matches!(outcome, Ok(Outcome::Finished { step: 1, .. })), "{outcome:?}");
+    assert!(notes.iter().any(|n| n.contains("trained at tau 0.5, fine-tuned at the config's tau 0.25")), "{notes:?}");
+    let last = checkpoint::latest_intact(&tmp.path().join("noisier")).0.expect("a checkpoint");
+    assert_eq!(load(&last.join(MODEL_FILE)).1.tau, 0.25);
+
     let mut other = fine.clone();
-    other.tau = 0.25;
+    other.context_length = Some(40);
     let err = run(&tmp.path().join("other"), &other, false, None).expect_err("another architecture");
     assert!(matches!(err, TrainError::Refused(_)) && err.to_string().contains("init model's model"), "{err}");
-    assert!(err.to_string().contains("tau: 0.5 in the file, 0.25 in the config"), "{err}");
+    assert!(err.to_string().contains("context_length: 80 in the file, 40 in the config"), "{err}");
     assert!(!tmp.path().join("other").exists(), "a refused init leaves no run folder behind");
     other = fine.clone();
     other.init = Some(tmp.path().join("missing.safetensors").display().to_string());

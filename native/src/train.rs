@@ -45,8 +45,8 @@ pub struct TrainArgs {
     vae: Option<String>,
     /// Fine-tune: start from this model file (`ov3 export`, a checkpoint's model.safetensors, the demo
     /// checkpoint) instead of a fresh initialisation, with a fresh optimiser. Its architecture, tokenizer and
-    /// VAE must be the recipe's (a mismatch is refused, naming both; see --init-other-vae). Recorded in the
-    /// run's config.toml.
+    /// VAE must be the recipe's (a mismatch is refused, naming both; see --init-other-vae); its noise bound tau
+    /// may differ (the recipe's is used and recorded). Recorded in the run's config.toml.
     #[arg(long)]
     init: Option<String>,
     /// With --init: the model file was trained with another VAE than --vae (or the embedded one); move it onto

@@ -477,7 +477,7 @@ impl Weights {
 /// Refuses weights (a checkpoint to resume, an `init` model) trained with another VAE, another architecture
 /// or another tokenizer than the config's, naming both. A file from before models recorded their VAE passes
 /// that check (its next save records the config's). An init model with `init_other_vae` may have another
-/// VAE: it is accepted and named in the note returned.
+/// VAE, and any init model another noise bound `tau`: both are accepted and named in the note returned.
 fn same_model(
     file: &Path,
     saved: &ModelConfig,
@@ -508,7 +508,15 @@ fn same_model(
         }
         note = Some(format!("{file}: {both}; moved onto the config's (init_other_vae)"));
     }
-    let differences = model_differences(saved, model_cfg);
+    // The noise bound of eq. 3 is a training setting, not architecture: a fine-tune may train at another one
+    // (a resume may not: its schedule would change mid-run).
+    let mut saved = saved.clone();
+    if matches!(weights, Weights::InitModel { .. }) && saved.tau != model_cfg.tau {
+        let change = format!("{file}: trained at tau {}, fine-tuned at the config's tau {}", saved.tau, model_cfg.tau);
+        note = Some(note.map_or(change.clone(), |n| format!("{n}; {change}")));
+        saved.tau = model_cfg.tau;
+    }
+    let differences = model_differences(&saved, model_cfg);
     if !differences.is_empty() {
         return Err(TrainError::Refused(format!(
             "{file}: the {what}'s model is not the config's: {}",
