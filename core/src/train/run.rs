@@ -477,7 +477,7 @@ impl Weights {
 /// Refuses weights (a checkpoint to resume, an `init` model) trained with another VAE, another architecture
 /// or another tokenizer than the config's, naming both. A file from before models recorded their VAE passes
 /// that check (its next save records the config's). An init model with `init_other_vae` may have another
-/// VAE, and any init model another noise bound `tau`: both are accepted and named in the note returned.
+/// VAE, and any init model another noise bound `tau`: both are accepted and named in the notes returned.
 fn same_model(
     file: &Path,
     saved: &ModelConfig,
@@ -485,9 +485,9 @@ fn same_model(
     model_cfg: &ModelConfig,
     tokenizer: &Tokenizer,
     weights: Weights,
-) -> Result<Option<String>, TrainError> {
+) -> Result<Vec<String>, TrainError> {
     let (file, what) = (file.display(), weights.name());
-    let mut note = None;
+    let mut notes = vec![];
     if let (Some(saved), Some(now)) = (&saved.vae, &model_cfg.vae)
         && saved.identity != now.identity
     {
@@ -506,14 +506,13 @@ fn same_model(
         if let Some(hint) = hint {
             return Err(TrainError::Refused(format!("{file}: {both}{hint}")));
         }
-        note = Some(format!("{file}: {both}; moved onto the config's (init_other_vae)"));
+        notes.push(format!("{file}: {both}; moved onto the config's (init_other_vae)"));
     }
     // The noise bound of eq. 3 is a training setting, not architecture: a fine-tune may train at another one
-    // (a resume may not: its schedule would change mid-run).
+    // (a resume continues its run's config, which may not change it).
     let mut saved = saved.clone();
     if matches!(weights, Weights::InitModel { .. }) && saved.tau != model_cfg.tau {
-        let change = format!("{file}: trained at tau {}, fine-tuned at the config's tau {}", saved.tau, model_cfg.tau);
-        note = Some(note.map_or(change.clone(), |n| format!("{n}; {change}")));
+        notes.push(format!("{file}: trained at tau {}, fine-tuned at the config's tau {}", saved.tau, model_cfg.tau));
         saved.tau = model_cfg.tau;
     }
     let differences = model_differences(&saved, model_cfg);
@@ -530,7 +529,7 @@ fn same_model(
             tokenizer.describe()
         )));
     }
-    Ok(note)
+    Ok(notes)
 }
 
 /// Every model setting (VAE aside) in which `saved` differs from `now`, as `key: SAVED in the file, NOW in the
