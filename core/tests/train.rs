@@ -784,6 +784,67 @@ fn init_starts_from_the_model_files_weights_and_refuses_another_model() {
     assert!(err.to_string().contains("init:") && err.to_string().contains("missing.safetensors"), "{err}");
 }
 
+/// `init_grow_decoder`: a model file's ViT decoder deepened to the config's keeps every one of the file's
+/// weights, and the grown model reconstructs what the file's did (its added blocks start as the identity:
+/// max |difference| of the decoded latents <= 1e-5 on random tokens, f32 rounding only). Without the key
+/// the deeper config is refused with a pointer to it; another width, or a shallower decoder, is refused.
+#[test]
+fn init_grow_decoder_adds_identity_blocks_and_keeps_the_files_reconstructions() {
+    let tmp = ov3_core::fsio::ScratchDir::new().expect("tmp");
+    let grown_dir = tmp.path().join("grown");
+    let file = init_file(tmp.path());
+    let (before, saved) = load(&file);
+    let was = saved.decoder.clone();
+
+    let mut grown = config();
+    grown.init = Some(file.display().to_string());
+    grown.decoder = Some(ov3_core::config::TowerConfig { depth: was.depth + 2, ..was.clone() });
+    grown.stages.truncate(1);
+    (grown.stages[0].steps, grown.stages[0].warmup, grown.stages[0].lr) = (1, 1, 1e-30);
+    let err = run(&tmp.path().join("refused"), &grown, false, None).expect_err("a deeper decoder, not asked for");
+    assert!(err.to_string().contains("decoder:") && err.to_string().contains("init_grow_decoder"), "{err}");
+    assert!(!tmp.path().join("refused").exists(), "a refused init leaves no run folder behind");
+
+    grown.init_grow_decoder = true;
+    let (outcome, notes) = run_noted(&grown_dir, &grown, false, None);
+    assert!(matches!(outcome, Ok(Outcome::Finished { step: 1, .. })), "{outcome:?}");
+    let note = format!("decoder grown from {} to {} blocks", was.depth, was.depth + 2);
+    assert!(notes.iter().any(|n| n.contains(&note)), "{notes:?}");
+    let last = checkpoint::latest_intact(&grown_dir).0.expect("a checkpoint").join(MODEL_FILE);
+    let (after, after_cfg) = load(&last);
+    assert_eq!(after_cfg.decoder.depth, was.depth + 2);
+    let want = named_values(&before);
+    let got = named_values(&after);
+    assert_eq!(got.len(), want.len() + 2 * (want.iter().filter(|(n, ..)| n.starts_with("decoder.blocks.0.")).count()));
+    for (name, shape, b) in &want {
+        let (_, got_shape, a) = got.iter().find(|(n, ..)| n == name).unwrap_or_else(|| panic!("{name} is gone"));
+        assert_eq!(got_shape, shape, "{name}");
+        let worst = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+        assert!(worst <= 1e-20, "{name}: differs from the init file by {worst}");
+    }
+    // The same reconstructions: both decoders read the same random tokens on a 4x4 grid.
+    let device = Device::flex();
+    let tokens = {
+        let _turn = turn();
+        ov3_core::device::seeded(&device, 3, || {
+            Tensor::<3>::random([2, 16, saved.encoder.width], burn::tensor::Distribution::Normal(0.0, 1.0), &device)
+        })
+    };
+    let (a, b) = (before.decode(tokens.clone(), (4, 4)), after.decode(tokens, (4, 4)));
+    let diff = (a - b).abs().max().into_scalar::<f32>();
+    assert!(diff <= 1e-5, "the grown decoder reconstructs differently: max |difference| {diff}");
+
+    for (width, depth, why) in
+        [(was.width + 32 * was.heads, was.depth + 2, "a wider decoder"), (was.width, 1, "a shallower one")]
+    {
+        let mut other = grown.clone();
+        other.decoder = Some(ov3_core::config::TowerConfig { width, depth, ..was.clone() });
+        let err = run(&tmp.path().join("other"), &other, false, None).expect_err(why);
+        let text = err.to_string();
+        assert!(text.contains("init_grow_decoder adds blocks") && text.contains(&format!("{width} wide")), "{text}");
+    }
+}
+
 /// `init_other_vae`: a model file trained with one VAE is refused as the init of a run with another, with both
 /// named and the key that allows it; with the key the run starts, its log names both VAEs, and its checkpoints
 /// record the new one (what `--resume`, `ov3 eval` and the page check), not the init file's.

@@ -53,6 +53,11 @@ pub struct TrainArgs {
     /// this one's latents. Worth it only when the two autoencoders are related (one continued from the other).
     #[arg(long, requires = "init")]
     init_other_vae: bool,
+    /// With --init: the recipe's ViT decoder (its `decoder` key) may be deeper than the model file's, at the
+    /// same width and heads; the added blocks start as the identity, so training starts from the file's exact
+    /// reconstructions with more decoder capacity.
+    #[arg(long, requires = "init")]
+    init_grow_decoder: bool,
     /// LPIPS weights (safetensors; see tools/lpips_weights.py): enables the lambda term of eq. 4.
     #[arg(long, requires = "lpips_heads")]
     lpips_trunk: Option<String>,
@@ -127,6 +132,7 @@ pub fn run(args: TrainArgs, group: &dyn Group) -> anyhow::Result<()> {
         cfg.init = Some(m);
     }
     cfg.init_other_vae |= args.init_other_vae;
+    cfg.init_grow_decoder |= args.init_grow_decoder;
     if let (Some(t), Some(h)) = (args.lpips_trunk, args.lpips_heads) {
         (cfg.lpips_trunk, cfg.lpips_heads) = (Some(t), Some(h));
     }

@@ -9,7 +9,7 @@ use super::attention::AttentionMask;
 use super::block::{Block, identity_blocks, run_blocks};
 use super::norm::LayerNorm;
 use super::posemb::sincos_2d;
-use crate::config::ModelConfig;
+use crate::config::{ModelConfig, TowerConfig};
 
 /// Conv2d(C -> D, kernel p, stride p, no bias): one token per p x p patch.
 #[derive(Module, Debug)]
@@ -72,6 +72,19 @@ impl VitDecoder {
             channels,
             patch,
         }
+    }
+
+    /// The same decoder `depth` blocks deep: the blocks after its own start as the identity (see
+    /// [`identity_blocks`]), so the grown decoder computes exactly what this one did and training goes on from
+    /// there with the added capacity (`init_grow_decoder`). `cfg.decoder` must be this decoder's width and
+    /// heads at the new depth; a depth not above the current one leaves it unchanged.
+    pub fn grow(mut self, cfg: &ModelConfig, device: &Device) -> Self {
+        let added = cfg.decoder.depth.saturating_sub(self.blocks.len());
+        let more = TowerConfig { depth: added, ..cfg.decoder.clone() };
+        let new = identity_blocks(&more, cfg, device);
+        crate::params::materialize(&new);
+        self.blocks.extend(new);
+        self
     }
 
     /// Noised tokens `[B, h*w, D_enc]` on a `grid = (h, w)` -> `[B, C, h*p, w*p]`.

@@ -54,6 +54,11 @@ pub struct TrainConfig {
     /// mean nothing to an unrelated one. The run notes both VAEs; without this a mismatch is refused.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub init_other_vae: bool,
+    /// With `init`: the config's ViT decoder (`decoder`) may be deeper than the file's, at the same width and
+    /// heads. The file's blocks are kept and the added ones start as the identity, so the run starts from
+    /// exactly the file's reconstructions with more decoder capacity to train. The run notes both depths.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub init_grow_decoder: bool,
     /// LPIPS weights (safetensors): a torchvision VGG16/AlexNet trunk and the lpips linear heads. Both or
     /// neither; without them the LPIPS term is absent whatever lambda says.
     #[serde(default)]
@@ -164,10 +169,11 @@ impl StageConfig {
 }
 
 /// Top-level keys a resumed run may change (see [`TrainConfig::resume_changes`]).
-pub const RESUMABLE_KEYS: [&str; 13] = [
+pub const RESUMABLE_KEYS: [&str; 14] = [
     "attention",
     "init",
     "init_other_vae",
+    "init_grow_decoder",
     "precision",
     "grad_clip",
     "weight_decay",
@@ -264,6 +270,7 @@ impl TrainConfig {
             vae: None,
             init: None,
             init_other_vae: false,
+            init_grow_decoder: false,
             lpips_trunk: None,
             lpips_heads: None,
             weight_decay: default_weight_decay(),
@@ -424,6 +431,9 @@ impl TrainConfig {
         self.model_config(&self.tokenizer()?).validate()?;
         if self.init_other_vae && self.init.is_none() {
             return Err("init_other_vae moves an init model onto this config's VAE: it needs init".into());
+        }
+        if self.init_grow_decoder && self.init.is_none() {
+            return Err("init_grow_decoder deepens an init model's decoder: it needs init".into());
         }
         if self.lpips_trunk.is_some() != self.lpips_heads.is_some() {
             return Err("lpips_trunk and lpips_heads go together: give both or neither".into());

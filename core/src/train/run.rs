@@ -443,8 +443,14 @@ fn fresh(
         }
         Some(path) => {
             let file = Path::new(path);
-            let (model, saved) = load_model(file, device).map_err(|e| TrainError::Refused(format!("init: {e}")))?;
+            let (mut model, mut saved) =
+                load_model(file, device).map_err(|e| TrainError::Refused(format!("init: {e}")))?;
             notes.push(format!("initialised from {path} (fine-tuning; a fresh optimiser)"));
+            if cfg.init_grow_decoder {
+                let note;
+                (model, note) = grow_decoder(file, model, &mut saved, model_cfg, cfg.seed, device)?;
+                notes.push(note);
+            }
             let what = Weights::InitModel { other_vae: cfg.init_other_vae };
             notes.extend(same_model(file, &saved, &model, model_cfg, tokenizer, what)?);
             model
@@ -455,6 +461,42 @@ fn fresh(
     let state =
         TrainState { step: 0, position, seed: cfg.seed, data: Some(data), ranks: Some(ranks), loss_scale: None };
     Ok((model, optim, state, notes))
+}
+
+/// `init_grow_decoder`: the init model with its ViT decoder deepened to the config's (the added blocks start
+/// as the identity: [`crate::model::vit::VitDecoder::grow`]), `saved` updated to match, and the note for the log.
+/// Only depth may grow: another width or head count is refused, naming both decoders.
+fn grow_decoder(
+    file: &Path,
+    model: Ov3,
+    saved: &mut ModelConfig,
+    model_cfg: &ModelConfig,
+    seed: u64,
+    device: &Device,
+) -> Result<(Ov3, String), TrainError> {
+    let (was, now) = (saved.decoder.clone(), model_cfg.decoder.clone());
+    if was.width != now.width || was.heads != now.heads || now.depth < was.depth {
+        return Err(TrainError::Refused(format!(
+            "{}: init_grow_decoder adds blocks to the file's decoder at its width and heads: the file's decoder is \
+             {} wide, {} deep, {} heads; the config's {} wide, {} deep, {} heads",
+            file.display(),
+            was.width,
+            was.depth,
+            was.heads,
+            now.width,
+            now.depth,
+            now.heads
+        )));
+    }
+    saved.decoder = now.clone();
+    let decoder = crate::device::seeded(device, seed, || model.decoder.grow(model_cfg, device));
+    let note = format!(
+        "{}: decoder grown from {} to {} blocks (the added ones start as the identity)",
+        file.display(),
+        was.depth,
+        now.depth
+    );
+    Ok((Ov3 { decoder, ..model }, note))
 }
 
 /// Which weights [`same_model`] checks: a checkpoint to resume, or an `init` model (which may move onto
@@ -517,8 +559,18 @@ fn same_model(
     }
     let differences = model_differences(&saved, model_cfg);
     if !differences.is_empty() {
+        let deeper = saved.decoder.width == model_cfg.decoder.width
+            && saved.decoder.heads == model_cfg.decoder.heads
+            && saved.decoder.depth < model_cfg.decoder.depth;
+        let hint = match weights {
+            Weights::InitModel { .. } if deeper => {
+                "; its decoder can be deepened to the config's, the added blocks starting as the identity, with \
+                 init_grow_decoder (--init-grow-decoder)"
+            }
+            _ => "",
+        };
         return Err(TrainError::Refused(format!(
-            "{file}: the {what}'s model is not the config's: {}",
+            "{file}: the {what}'s model is not the config's: {}{hint}",
             differences.join("; ")
         )));
     }
