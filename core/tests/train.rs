@@ -597,7 +597,7 @@ fn the_demo_recipe_is_the_one_the_shipped_checkpoint_was_trained_with() {
 /// The demo card's fine-tuning chain: every `assets/demo/refine-N.toml` parses and validates, and each file
 /// that continues a run folder with `--resume` (refine-5 after refine-4, refine-7 and refine-8 after the one
 /// before, refine-11 after refine-10, refine-13 after refine-12) is accepted as that resume, its one change the appended stage; refine-9,
-/// refine-10 and refine-12 are refine-6 on other caches.
+/// refine-10 and refine-12 are refine-6 on other caches; refine-14 is refine-12 with the `RecOnly` objective.
 #[test]
 fn the_demo_fine_tuning_recipes_chain_as_their_card_says() {
     let parse = |text: &str| TrainConfig::from_toml(text).expect("a shipped recipe parses");
@@ -612,6 +612,7 @@ fn the_demo_fine_tuning_recipes_chain_as_their_card_says() {
         parse(include_str!("../../assets/demo/refine-11.toml")),
         parse(include_str!("../../assets/demo/refine-12.toml")),
         parse(include_str!("../../assets/demo/refine-13.toml")),
+        parse(include_str!("../../assets/demo/refine-14.toml")),
     ];
     for cfg in &files {
         cfg.validate().expect("a shipped recipe is valid");
@@ -644,6 +645,16 @@ fn the_demo_fine_tuning_recipes_chain_as_their_card_says() {
         assert_eq!(renamed.to_toml(), fresh.to_toml(), "{} is refine-6 on another cache", fresh.stages[0].name);
     }
     assert!(files[5].data != files[6].data && files[6].data != files[8].data);
+    // refine-14 (`--init` from refine-13's final checkpoint) is refine-12's stage with reconstruction alone
+    // reaching the encoder (`RecOnly`; the understanding heads go on training as probes), evaluated at its end
+    // only and checkpointed every 600 steps; nothing else changed.
+    let (twelve, fourteen) = (&files[8], &files[10]);
+    assert_eq!(fourteen.objective, ov3_core::Objective::RecOnly);
+    let mut expected = twelve.clone();
+    expected.objective = ov3_core::Objective::RecOnly;
+    expected.stages[0].name = "refine-14".into();
+    (expected.eval_every, expected.checkpoint_every) = (0, 600);
+    assert_eq!(expected.to_toml(), fourteen.to_toml(), "refine-14 is refine-12 with the RecOnly objective");
 }
 
 #[test]
