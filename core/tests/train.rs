@@ -596,8 +596,9 @@ fn the_demo_recipe_is_the_one_the_shipped_checkpoint_was_trained_with() {
 
 /// The demo card's fine-tuning chain: every `assets/demo/refine-N.toml` parses and validates, and each file
 /// that continues a run folder with `--resume` (refine-5 after refine-4, refine-7 and refine-8 after the one
-/// before, refine-11 after refine-10, refine-13 after refine-12) is accepted as that resume, its one change the appended stage; refine-9,
-/// refine-10 and refine-12 are refine-6 on other caches; refine-14 is refine-12 with the `RecOnly` objective.
+/// before, refine-11 after refine-10, refine-13 after refine-12, refine-16 after refine-15) is accepted as that resume, its one change the appended stage; refine-9,
+/// refine-10 and refine-12 are refine-6 on other caches; refine-14 is refine-12 with the `RecOnly` objective, and
+/// refine-15 is refine-14 with a noise bound (`tau`) of 0.1.
 #[test]
 fn the_demo_fine_tuning_recipes_chain_as_their_card_says() {
     let parse = |text: &str| TrainConfig::from_toml(text).expect("a shipped recipe parses");
@@ -613,6 +614,8 @@ fn the_demo_fine_tuning_recipes_chain_as_their_card_says() {
         parse(include_str!("../../assets/demo/refine-12.toml")),
         parse(include_str!("../../assets/demo/refine-13.toml")),
         parse(include_str!("../../assets/demo/refine-14.toml")),
+        parse(include_str!("../../assets/demo/refine-15.toml")),
+        parse(include_str!("../../assets/demo/refine-16.toml")),
     ];
     for cfg in &files {
         cfg.validate().expect("a shipped recipe is valid");
@@ -624,6 +627,7 @@ fn the_demo_fine_tuning_recipes_chain_as_their_card_says() {
         (&files[3], &files[4]),
         (&files[6], &files[7]),
         (&files[8], &files[9]),
+        (&files[11], &files[12]),
     ] {
         let changes = resumed.resume_changes(saved).expect("the next recipe resumes the previous run");
         let last = &resumed.stages.last().unwrap().name;
@@ -655,6 +659,12 @@ fn the_demo_fine_tuning_recipes_chain_as_their_card_says() {
     expected.stages[0].name = "refine-14".into();
     (expected.eval_every, expected.checkpoint_every) = (0, 600);
     assert_eq!(expected.to_toml(), fourteen.to_toml(), "refine-14 is refine-12 with the RecOnly objective");
+    // refine-15 (`--init` from refine-14's final checkpoint) is refine-14 with eq. 3's noise bound at 0.1.
+    let fifteen = &files[11];
+    let mut expected = fourteen.clone();
+    expected.tau = 0.1;
+    expected.stages[0].name = "refine-15".into();
+    assert_eq!(expected.to_toml(), fifteen.to_toml(), "refine-15 is refine-14 with tau 0.1");
 }
 
 #[test]
