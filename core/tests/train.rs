@@ -596,9 +596,10 @@ fn the_demo_recipe_is_the_one_the_shipped_checkpoint_was_trained_with() {
 
 /// The demo card's fine-tuning chain: every `assets/demo/refine-N.toml` parses and validates, and each file
 /// that continues a run folder with `--resume` (refine-5 after refine-4, refine-7 and refine-8 after the one
-/// before, refine-11 after refine-10, refine-13 after refine-12, refine-16 after refine-15, refine-17 after refine-16) is accepted as that resume, its one change the appended stage; refine-9,
-/// refine-10 and refine-12 are refine-6 on other caches; refine-14 is refine-12 with the `RecOnly` objective, and
-/// refine-15 is refine-14 with a noise bound (`tau`) of 0.1.
+/// before, refine-11 after refine-10, refine-13 after refine-12, refine-16 after refine-15 and refine-17 after
+/// refine-16) is accepted as that resume, its one change the appended stage; refine-9, refine-10 and refine-12
+/// are refine-6 on other caches; refine-14 is refine-12 with the `RecOnly` objective, and refine-15 is
+/// refine-14 with a noise bound (`tau`) of 0.1.
 #[test]
 fn the_demo_fine_tuning_recipes_chain_as_their_card_says() {
     let parse = |text: &str| TrainConfig::from_toml(text).expect("a shipped recipe parses");
