@@ -611,7 +611,7 @@ fn the_shipped_demo_checkpoint_reconstructs_photographs() {
     let (ours, vae) = (report["psnr"].as_f64().unwrap(), report["psnr_vae"].as_f64().unwrap());
     assert!(ours > 20.5, "the demo checkpoint reconstructs the photographs at {ours:.2} dB (VAE alone {vae:.2} dB)");
     // Every photograph is listed (fewer than WORST_SHOWN), and each beats the 8x block average of its own crop
-    // (+3.48 dB at least with the refine-17 checkpoint; the world-only one lost 2-3 dB to it on every photo).
+    // (+4.37 dB at least with the refine-19 checkpoint; the world-only one lost 2-3 dB to it on every photo).
     let worst = report["worst_block8"].as_array().expect("worst_block8");
     assert_eq!(worst.len(), 4, "{worst:?}");
     let margins: Vec<f64> =

@@ -596,10 +596,10 @@ fn the_demo_recipe_is_the_one_the_shipped_checkpoint_was_trained_with() {
 
 /// The demo card's fine-tuning chain: every `assets/demo/refine-N.toml` parses and validates, and each file
 /// that continues a run folder with `--resume` (refine-5 after refine-4, refine-7 and refine-8 after the one
-/// before, refine-11 after refine-10, refine-13 after refine-12, refine-16 after refine-15 and refine-17 after
-/// refine-16) is accepted as that resume, its one change the appended stage; refine-9, refine-10 and refine-12
-/// are refine-6 on other caches; refine-14 is refine-12 with the `RecOnly` objective, and refine-15 is
-/// refine-14 with a noise bound (`tau`) of 0.1.
+/// before, refine-11 after refine-10, refine-13 after refine-12, refine-16 after refine-15, refine-17 after
+/// refine-16 and refine-19 after refine-18) is accepted as that resume, its one change the appended stage;
+/// refine-9, refine-10 and refine-12 are refine-6 on other caches; refine-14 is refine-12 with the `RecOnly`
+/// objective, refine-15 is refine-14 with a noise bound (`tau`) of 0.1, and refine-18 is refine-15 renamed.
 #[test]
 fn the_demo_fine_tuning_recipes_chain_as_their_card_says() {
     let parse = |text: &str| TrainConfig::from_toml(text).expect("a shipped recipe parses");
@@ -618,6 +618,8 @@ fn the_demo_fine_tuning_recipes_chain_as_their_card_says() {
         parse(include_str!("../../assets/demo/refine-15.toml")),
         parse(include_str!("../../assets/demo/refine-16.toml")),
         parse(include_str!("../../assets/demo/refine-17.toml")),
+        parse(include_str!("../../assets/demo/refine-18.toml")),
+        parse(include_str!("../../assets/demo/refine-19.toml")),
     ];
     for cfg in &files {
         cfg.validate().expect("a shipped recipe is valid");
@@ -631,6 +633,7 @@ fn the_demo_fine_tuning_recipes_chain_as_their_card_says() {
         (&files[8], &files[9]),
         (&files[11], &files[12]),
         (&files[12], &files[13]),
+        (&files[14], &files[15]),
     ] {
         let changes = resumed.resume_changes(saved).expect("the next recipe resumes the previous run");
         let last = &resumed.stages.last().unwrap().name;
@@ -668,6 +671,11 @@ fn the_demo_fine_tuning_recipes_chain_as_their_card_says() {
     expected.tau = 0.1;
     expected.stages[0].name = "refine-15".into();
     assert_eq!(expected.to_toml(), fifteen.to_toml(), "refine-15 is refine-14 with tau 0.1");
+    // refine-18 (`--init` from the shipped refine-17 file, f16 weights and a fresh AdamW: refine-17's f32
+    // checkpoint did not outlive its machine) is refine-15's stage again, renamed.
+    let mut expected = fifteen.clone();
+    expected.stages[0].name = "refine-18".into();
+    assert_eq!(expected.to_toml(), files[14].to_toml(), "refine-18 is refine-15 renamed");
 }
 
 #[test]
