@@ -597,9 +597,10 @@ fn the_demo_recipe_is_the_one_the_shipped_checkpoint_was_trained_with() {
 /// The demo card's fine-tuning chain: every `assets/demo/refine-N.toml` parses and validates, and each file
 /// that continues a run folder with `--resume` (refine-5 after refine-4, refine-7 and refine-8 after the one
 /// before, refine-11 after refine-10, refine-13 after refine-12, refine-16 after refine-15, refine-17 after
-/// refine-16 and refine-19 after refine-18) is accepted as that resume, its one change the appended stage;
-/// refine-9, refine-10 and refine-12 are refine-6 on other caches; refine-14 is refine-12 with the `RecOnly`
-/// objective, refine-15 is refine-14 with a noise bound (`tau`) of 0.1, and refine-18 is refine-15 renamed.
+/// refine-16, and refine-19 to refine-22 each after the one before) is accepted as that resume, its one change
+/// the appended stage; refine-9, refine-10 and refine-12 are refine-6 on other caches; refine-14 is refine-12
+/// with the `RecOnly` objective, refine-15 is refine-14 with a noise bound (`tau`) of 0.1, and refine-18 is
+/// refine-15 renamed.
 #[test]
 fn the_demo_fine_tuning_recipes_chain_as_their_card_says() {
     let parse = |text: &str| TrainConfig::from_toml(text).expect("a shipped recipe parses");
@@ -620,6 +621,9 @@ fn the_demo_fine_tuning_recipes_chain_as_their_card_says() {
         parse(include_str!("../../assets/demo/refine-17.toml")),
         parse(include_str!("../../assets/demo/refine-18.toml")),
         parse(include_str!("../../assets/demo/refine-19.toml")),
+        parse(include_str!("../../assets/demo/refine-20.toml")),
+        parse(include_str!("../../assets/demo/refine-21.toml")),
+        parse(include_str!("../../assets/demo/refine-22.toml")),
     ];
     for cfg in &files {
         cfg.validate().expect("a shipped recipe is valid");
@@ -634,6 +638,9 @@ fn the_demo_fine_tuning_recipes_chain_as_their_card_says() {
         (&files[11], &files[12]),
         (&files[12], &files[13]),
         (&files[14], &files[15]),
+        (&files[15], &files[16]),
+        (&files[16], &files[17]),
+        (&files[17], &files[18]),
     ] {
         let changes = resumed.resume_changes(saved).expect("the next recipe resumes the previous run");
         let last = &resumed.stages.last().unwrap().name;

@@ -22,10 +22,10 @@ PY
 
 echo "== what the native CLI computes for the same inputs"
 upload=assets/photos/chelsea.jpg
-# A held-out scene whose true caption the demo checkpoint ranks first by a wide margin natively (0.742 vs 0.366
-# for the runner-up among the 12 samples' captions with the refine-19 file; 7 of the 8 world samples rank their
-# own first, this one by 0.38, the widest: samples 5, 4 and 3 by 0.20, 0.17 and 0.08), so f16 weights and
-# browser arithmetic cannot reorder it. Pick again when the checkpoint changes.
+# A held-out scene whose true caption the demo checkpoint ranks first by a wide margin natively (0.734 vs 0.253
+# for the runner-up among the 12 samples' captions with the refine-22 file; all 8 world samples rank their own
+# first, this one by 0.48, the widest: samples 5, 1 and 7 by 0.29, 0.12 and 0.12), so f16 weights and browser
+# arithmetic cannot reorder it. Pick again when the checkpoint changes.
 sample=2
 node -e 'const s=require("./web/samples/samples.json"); console.log(s.map(x=>x.caption).join("\n"))' > "$out/captions.txt"
 line=$(cargo run -q -p ov3 -- reconstruct --backend cpu --image "$upload" --out "$out/native.png" 2>/dev/null)
