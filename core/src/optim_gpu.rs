@@ -26,8 +26,6 @@ const ADAMW: &str = include_str!("../../shaders/adamw.wgsl");
 const SUM_SQUARES: &str = include_str!("../../shaders/sum_squares.wgsl");
 /// Invocations per workgroup (`WG` in the shader).
 const WORKGROUP: u32 = 256;
-/// Workgroups per grid dimension (WebGPU's minimum limit).
-const MAX_GROUPS: u32 = 65_535;
 
 /// The kernels on the backend that runs them: cubecl's, or (with burn's `fusion` feature) the fusion backend
 /// around it, which queues them as opaque operations.
@@ -157,8 +155,6 @@ impl OptimKernels for CubeBackend {
             CubeTensor::new_contiguous(client.clone(), param.device.clone(), shape.clone(), handle, DType::F32)
         };
         let (p_out, m_out, v_out) = (output(), output(), output());
-        let groups = n.div_ceil(WORKGROUP as usize) as u32;
-        let (x, y) = (groups.min(MAX_GROUPS), groups.div_ceil(MAX_GROUPS));
         let args = [&param, &grad, &moment_1, &moment_2]
             .iter()
             .fold(KernelArguments::new(), |args, t| args.with_buffer(t.handle.clone().binding()))
@@ -166,7 +162,7 @@ impl OptimKernels for CubeBackend {
         let args = [&p_out, &m_out, &v_out].iter().fold(args, |args, t| args.with_buffer(t.handle.clone().binding()));
         client.launch(
             Box::new(SourceKernel::new(AdamWSource, CubeDim::new_1d(WORKGROUP))),
-            CubeCount::Static(x, y, 1),
+            crate::wgsl::grid(n.div_ceil(WORKGROUP as usize)),
             args,
         );
         (p_out, m_out, v_out)

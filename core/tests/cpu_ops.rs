@@ -5,7 +5,7 @@
 mod common;
 
 use burn::tensor::{Device, Distribution, Tensor};
-use common::{adamw_f64, noise, rel_err, to_f64};
+use common::{adamw_f64, layer_norm_f64, noise, numeric_grad, rel_err, to_f64};
 use ov3_core::cpu_ops::{self, kernels};
 
 fn f32s(v: &[f64]) -> Vec<f32> {
@@ -14,16 +14,6 @@ fn f32s(v: &[f64]) -> Vec<f32> {
 
 fn f64s(v: &[f32]) -> Vec<f64> {
     v.iter().map(|&x| f64::from(x)).collect()
-}
-
-fn layer_norm_f64(x: &[f64], gamma: &[f64], beta: &[f64], d: usize, eps: f64) -> Vec<f64> {
-    x.chunks(d)
-        .flat_map(|row| {
-            let mean = row.iter().sum::<f64>() / d as f64;
-            let var = row.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / d as f64;
-            (0..d).map(move |j| (row[j] - mean) / (var + eps).sqrt() * gamma[j] + beta[j])
-        })
-        .collect()
 }
 
 fn softmax_f64(x: &[f64], d: usize) -> Vec<f64> {
@@ -38,21 +28,6 @@ fn softmax_f64(x: &[f64], d: usize) -> Vec<f64> {
 
 fn gelu_f64(x: f64) -> f64 {
     0.5 * x * (1.0 + libm::erf(x / std::f64::consts::SQRT_2))
-}
-
-/// d/dv_i of `sum(w * f(v))` by central differences in f64 (step 1e-5: error ~1e-10 for these smooth
-/// functions), for every i: the gradient a backward pass must return for upstream gradient `w`.
-fn numeric_grad(v: &[f64], w: &[f64], f: &dyn Fn(&[f64]) -> Vec<f64>) -> Vec<f64> {
-    let h = 1e-5;
-    let loss = |v: &[f64]| f(v).iter().zip(w).map(|(a, b)| a * b).sum::<f64>();
-    (0..v.len())
-        .map(|i| {
-            let (mut up, mut down) = (v.to_vec(), v.to_vec());
-            up[i] += h;
-            down[i] -= h;
-            (loss(&up) - loss(&down)) / (2.0 * h)
-        })
-        .collect()
 }
 
 // 70 rows: two full chunks of kernels::ROW_CHUNK and a partial one.

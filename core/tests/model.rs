@@ -14,6 +14,14 @@ use ov3_core::random_batch::random_batch;
 use ov3_core::step::{StepSpec, train_step};
 use ov3_core::{Batch, Frozen, LossWeights, Ov3, Preset, optim, params};
 
+/// Tests run on parallel threads and share each device's RNG: a draw of one test between another's seeding and
+/// its draw would change what the other draws (`noise_is_per_sample_and_off_at_tau_zero` checks that the same
+/// seed gives the same noise). Every test here takes its turn with the RNGs.
+fn rng_turn() -> std::sync::MutexGuard<'static, ()> {
+    static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    TURN.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 fn shapes(preset: Preset, res: usize, device: &Device) {
     let cfg = preset.config();
     cfg.validate().expect("preset config is valid");
@@ -41,17 +49,20 @@ fn shapes_at_128_and_256(presets: [Preset; 2]) {
 
 #[test]
 fn shapes_tiny_and_small_at_128_and_256() {
+    let _rng = rng_turn();
     shapes_at_128_and_256([Preset::Tiny, Preset::Small]);
 }
 
 #[test]
 fn shapes_base_and_large_at_128_and_256() {
+    let _rng = rng_turn();
     // Base and large are too slow to train on a CPU, not to run forward once.
     shapes_at_128_and_256([Preset::Base, Preset::Large]);
 }
 
 #[test]
 fn no_vae_ablation_reads_and_predicts_pixels() {
+    let _rng = rng_turn();
     let device = Device::flex();
     let cfg = Preset::Tiny.config().with_input_space(ov3_core::InputSpace::Pixels);
     let model = Ov3::new(&cfg, &device);
@@ -66,6 +77,7 @@ fn no_vae_ablation_reads_and_predicts_pixels() {
 
 #[test]
 fn base_encoder_has_vit_b_parameter_count() {
+    let _rng = rng_turn();
     let model = Ov3::new(&Preset::Base.config(), &Device::flex());
     let parts = params::count_by_part(&model);
     let encoder = parts.iter().find(|(p, _)| p == "encoder").expect("encoder part").1 as f64;
@@ -76,6 +88,7 @@ fn base_encoder_has_vit_b_parameter_count() {
 
 #[test]
 fn losses_at_initialisation_are_near_chance() {
+    let _rng = rng_turn();
     let device = Device::flex();
     device.seed(7);
     let cfg = Preset::Tiny.config();
@@ -94,6 +107,7 @@ fn losses_at_initialisation_are_near_chance() {
 
 #[test]
 fn noise_is_per_sample_and_off_at_tau_zero() {
+    let _rng = rng_turn();
     let device = Device::flex();
     let z = Tensor::<3>::zeros([64, 16, 8], &device);
     let same = add_noise(z.clone(), Noise::NONE);
@@ -114,6 +128,7 @@ fn noise_is_per_sample_and_off_at_tau_zero() {
 
 #[test]
 fn overfits_a_fixed_batch_of_eight() {
+    let _rng = rng_turn();
     let device = Device::flex().autodiff();
     device.seed(5);
     let cfg = Preset::Tiny.config();
@@ -145,6 +160,7 @@ fn overfits_a_fixed_batch_of_eight() {
 /// logits at every position: f32, relative error < 1e-5. On wgpu the fused kernels take the first step.
 #[test]
 fn incremental_decoding_matches_the_full_forward() {
+    let _rng = rng_turn();
     for (name, device) in common::devices() {
         let cfg = Preset::Tiny.config();
         let mut model = Ov3::new(&cfg, &device);

@@ -61,6 +61,9 @@ pub fn layer_norm<const D: usize>(x: Tensor<D>, gamma: Tensor<1>, beta: Tensor<1
     if matches!(dtype, DType::F16 | DType::BF16) {
         return layer_norm(x.cast(DType::F32), gamma.cast(DType::F32), beta.cast(DType::F32), eps).cast(dtype);
     }
+    if crate::gpu_ops::supports_layer_norm(&x, &gamma, &beta) {
+        return crate::gpu_ops::layer_norm(x, gamma, beta, eps);
+    }
     if !fused(&x) || gamma.dtype() != DType::F32 || beta.dtype() != DType::F32 {
         return burn::tensor::module::layer_norm(x, gamma, Some(beta), eps);
     }

@@ -1,7 +1,5 @@
 //! Launching the WGSL kernels of `shaders/` on a cubecl (wgpu) tensor's client.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-
 use burn::backend::ops::FloatTensorOps;
 use burn::backend::wgpu::{
     CubeBackend, CubeDim, CubeTensor, KernelSource, SourceKernel, SourceTemplate, into_contiguous,
@@ -14,20 +12,13 @@ use cubecl::prelude::KernelId;
 use cubecl::server::KernelArguments;
 
 use super::Rule;
+use crate::wgsl::{output, words};
 
 const COMMON: &str = include_str!("../../../shaders/flash_common.wgsl");
 const KV_TILES: &str = include_str!("../../../shaders/flash_kv_tiles.wgsl");
 const FORWARD: &str = include_str!("../../../shaders/flash_forward.wgsl");
 const BACKWARD_DQ: &str = include_str!("../../../shaders/flash_backward_dq.wgsl");
 const BACKWARD_DKV: &str = include_str!("../../../shaders/flash_backward_dkv.wgsl");
-
-/// Tests fill every output with NaN before a launch, so an element a kernel forgets to write fails
-/// the comparison instead of passing on whatever the memory pool held.
-static POISON: AtomicBool = AtomicBool::new(false);
-
-pub fn set_poison_outputs(on: bool) {
-    POISON.store(on, Ordering::Relaxed);
-}
 
 /// Tile sizes for one head dimension on one adapter (the `BR`, `BC` and `DH` of the shaders).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -128,18 +119,6 @@ fn cast(t: CubeTensor, dtype: DType) -> CubeTensor {
     if t.dtype == dtype { t } else { CubeBackend::float_cast(t, FloatDType::from(dtype)) }
 }
 
-/// A new contiguous f32 or f16 tensor on `like`'s device, NaN-filled when poisoning is on.
-fn output(like: &CubeTensor, shape: Vec<usize>, dtype: DType) -> CubeTensor {
-    let elems: usize = shape.iter().product();
-    let nan = if dtype == DType::F16 { half::f16::NAN.to_le_bytes().to_vec() } else { f32::NAN.to_le_bytes().to_vec() };
-    let handle = if POISON.load(Ordering::Relaxed) {
-        like.client.create_from_slice(&nan.repeat(elems))
-    } else {
-        like.client.empty(elems * nan.len())
-    };
-    CubeTensor::new_contiguous(like.client.clone(), like.device.clone(), Shape::from(shape), handle, dtype)
-}
-
 /// `[N, heads, rule, prefix, scale bits, B*H*N]`, the `params` buffer of `flash_common.wgsl`.
 fn params(like: &CubeTensor, [b, h, n, dh]: [usize; 4], rule: Rule) -> CubeTensor {
     let (kind, prefix) = match rule {
@@ -148,16 +127,7 @@ fn params(like: &CubeTensor, [b, h, n, dh]: [usize; 4], rule: Rule) -> CubeTenso
         Rule::Prefix(p) => (2, p),
     };
     let scale = (dh as f32).powf(-0.5);
-    let words = [n as u32, h as u32, kind, prefix.min(n) as u32, scale.to_bits(), (b * h * n) as u32];
-    let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
-    let handle = like.client.create_from_slice(&bytes);
-    CubeTensor::new_contiguous(
-        like.client.clone(),
-        like.device.clone(),
-        Shape::from(vec![words.len()]),
-        handle,
-        DType::U32,
-    )
+    words(like, &[n as u32, h as u32, kind, prefix.min(n) as u32, scale.to_bits(), (b * h * n) as u32])
 }
 
 fn launch(stage: Stage, tiles: Tiles, [b, h, n, _]: [usize; 4], buffers: &[&CubeTensor]) {

@@ -17,7 +17,8 @@ use burn::tensor::{Device, Int, Tensor};
 
 use crate::model::attention::AttentionMask;
 
-pub use kernels::{Tiles, set_poison_outputs};
+pub use crate::wgsl::set_poison_outputs;
+pub use kernels::Tiles;
 
 /// Which (query, key) pairs are visible, apart from key padding. The kernel's `RULE_*` constants.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -181,3 +181,29 @@ pub fn adamw_against_burn(device: &Device, kernel: &str) -> ([AdamWRun; 2], Vec<
     };
     ([run(optim::adamw(&model, 0.2), false), run(burn_adamw(), true)], to_f64(&model.weight.val()))
 }
+
+/// Layer norm over rows of `d` in float64: `(x - mean) / sqrt(var + eps) * gamma + beta`, the biased variance.
+pub fn layer_norm_f64(x: &[f64], gamma: &[f64], beta: &[f64], d: usize, eps: f64) -> Vec<f64> {
+    x.chunks(d)
+        .flat_map(|row| {
+            let mean = row.iter().sum::<f64>() / d as f64;
+            let var = row.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / d as f64;
+            (0..d).map(move |j| (row[j] - mean) / (var + eps).sqrt() * gamma[j] + beta[j])
+        })
+        .collect()
+}
+
+/// d/dv_i of `sum(w * f(v))` by central differences in f64 (step 1e-5: error ~1e-10 for these smooth
+/// functions), for every i: the gradient a backward pass must return for upstream gradient `w`.
+pub fn numeric_grad(v: &[f64], w: &[f64], f: &dyn Fn(&[f64]) -> Vec<f64>) -> Vec<f64> {
+    let h = 1e-5;
+    let loss = |v: &[f64]| f(v).iter().zip(w).map(|(a, b)| a * b).sum::<f64>();
+    (0..v.len())
+        .map(|i| {
+            let (mut up, mut down) = (v.to_vec(), v.to_vec());
+            up[i] += h;
+            down[i] -= h;
+            (loss(&up) - loss(&down)) / (2.0 * h)
+        })
+        .collect()
+}

@@ -1,0 +1,125 @@
+//! Fused layer norm on burn's wgpu backend: our WGSL kernels (`shaders/layer_norm_*.wgsl`) registered as a
+//! differentiable burn op, the GPU counterpart of `cpu_ops::layer_norm` on flex.
+//!
+//! burn 0.22 builds a layer norm out of about ten tensor ops forward and more than twenty backward, each its
+//! own GPU dispatch: the tiny preset's 40 layer norms were 1,679 of its training step's 3,879 kernel launches
+//! (`ov3 bench step --kernels count`), and a GPU step is dispatch-bound at ov3's sizes (docs/PERFORMANCE.md
+//! "Kernel launches per step"). Here the forward is one launch (one workgroup per row; it also keeps each row's
+//! mean and rstd) and the backward two or three: the input gradient (one workgroup per row), the parameter
+//! gradients summed over chunks of rows, and one reduction over the chunks when there is more than one.
+//! `core/tests/gpu_ops.rs` checks values and gradients against float64 code and against burn's own op.
+
+mod autodiff;
+mod kernels;
+
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Backend, DType, Dispatch, DispatchDevice, backend_extension};
+use burn::tensor::Tensor;
+
+/// The differentiable op the model calls: on burn's autodiff backend it records
+/// [`NormKernels::layer_norm_backward`] for the backward pass (`autodiff.rs`), on the plain backend it is the
+/// forward kernel alone.
+#[backend_extension(Cube, Autodiff)]
+pub trait GpuNormBackend: Backend {
+    /// Layer norm over the last dim of `x` (f32) with `gamma`, `beta` `[d]` (f32).
+    fn gpu_layer_norm(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        eps: f64,
+    ) -> FloatTensor<Self>;
+}
+
+/// The kernels themselves, on the backend that runs them: cubecl's, or (with burn's `fusion` feature) the
+/// fusion backend wrapping it, which queues them as opaque operations between its fused element-wise blocks.
+#[backend_extension(Cube, Fusion: cfg(feature = "fusion"))]
+pub trait NormKernels: Backend {
+    /// The output (`x`'s shape) and each row's `(mean, rstd)`, `[rows, 2]`.
+    #[fusion(meta = |x, _gamma, _beta, _eps| (x.clone(), stats_spec(x)))]
+    fn layer_norm_forward(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        eps: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+
+    /// `(dx, dgamma, dbeta)` for the upstream gradient `g`, from the input and the forward's `stats`.
+    #[fusion(meta = |x, gamma, _stats, _g| (x.clone(), gamma.clone(), gamma.clone()))]
+    fn layer_norm_backward(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        stats: FloatTensor<Self>,
+        g: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+}
+
+/// The statistics' shape and dtype for input `x` (`[rows, 2]`, f32), for the fusion backend's queue.
+#[cfg(feature = "fusion")]
+fn stats_spec(x: &burn::backend::fusion::custom::TensorSpec) -> burn::backend::fusion::custom::TensorSpec {
+    let dims = x.shape.clone();
+    let d = dims[dims.num_dims() - 1];
+    let shape = burn::tensor::Shape::from(vec![dims.num_elements() / d, 2]);
+    burn::backend::fusion::custom::TensorSpec::new(shape, DType::F32)
+}
+
+impl NormKernels for burn::backend::wgpu::CubeBackend {
+    fn layer_norm_forward(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        eps: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        kernels::forward(x, gamma, beta, eps)
+    }
+
+    fn layer_norm_backward(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        stats: FloatTensor<Self>,
+        g: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        kernels::backward(x, gamma, stats, g)
+    }
+}
+
+impl GpuNormBackend for CubeDispatched {
+    fn gpu_layer_norm(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        eps: f64,
+    ) -> FloatTensor<Self> {
+        Self::layer_norm_forward(x, gamma, beta, eps).0
+    }
+}
+
+/// The backend burn's dispatch runs a wgpu device on: cubecl's, wrapped by fusion when that feature is on.
+#[cfg(not(feature = "fusion"))]
+type CubeDispatched = burn::backend::wgpu::CubeBackend;
+#[cfg(feature = "fusion")]
+type CubeDispatched = burn::backend::fusion::Fusion<burn::backend::wgpu::CubeBackend>;
+
+/// Whether [`layer_norm`] takes `x`: a non-empty f32 tensor on a wgpu device (with or without autodiff), with
+/// f32 `gamma` and `beta` as wide as its last dim.
+pub fn supports_layer_norm<const D: usize>(x: &Tensor<D>, gamma: &Tensor<1>, beta: &Tensor<1>) -> bool {
+    let width = if D > 0 { x.dims()[D - 1] } else { 0 };
+    x.dtype() == DType::F32
+        && gamma.dtype() == DType::F32
+        && beta.dtype() == DType::F32
+        && width > 0
+        && x.shape().num_elements() > 0
+        && gamma.dims() == [width]
+        && beta.dims() == [width]
+        && matches!(x.device().inner().as_dispatch(), DispatchDevice::Cube(_))
+}
+
+/// `(x - mean) / sqrt(var + eps) * gamma + beta` over the last dim (biased variance) through the kernels;
+/// differentiable in all three. Call only where [`supports_layer_norm`] holds.
+pub fn layer_norm<const D: usize>(x: Tensor<D>, gamma: Tensor<1>, beta: Tensor<1>, eps: f64) -> Tensor<D> {
+    Tensor::from_dispatch(<Dispatch as GpuNormBackend>::gpu_layer_norm(
+        x.into_dispatch(),
+        gamma.into_dispatch(),
+        beta.into_dispatch(),
+        eps,
+    ))
+}

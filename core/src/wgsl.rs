@@ -1,0 +1,55 @@
+//! What launching our WGSL kernels (`shaders/`) on a cubecl (wgpu) tensor's client needs, in one place: new
+//! output tensors (NaN-poisoned under test), small `u32` parameter buffers, and 2-D grids for more workgroups
+//! than one grid dimension holds. Used by `flash`, `gpu_ops` and `optim_gpu`.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use burn::backend::DType;
+use burn::backend::wgpu::CubeTensor;
+use burn::tensor::Shape;
+use cubecl::CubeCount;
+
+/// Tests fill every output with NaN before a launch, so an element a kernel forgets to write fails
+/// the comparison instead of passing on whatever the memory pool held.
+static POISON: AtomicBool = AtomicBool::new(false);
+
+/// Fill every kernel output with NaN before its launch (for tests), or stop doing so.
+pub fn set_poison_outputs(on: bool) {
+    POISON.store(on, Ordering::Relaxed);
+}
+
+/// A new contiguous f32 or f16 tensor of `shape` on `like`'s device, NaN-filled when poisoning is on.
+pub fn output(like: &CubeTensor, shape: Vec<usize>, dtype: DType) -> CubeTensor {
+    let elems: usize = shape.iter().product();
+    let nan = if dtype == DType::F16 { half::f16::NAN.to_le_bytes().to_vec() } else { f32::NAN.to_le_bytes().to_vec() };
+    let handle = if POISON.load(Ordering::Relaxed) {
+        like.client.create_from_slice(&nan.repeat(elems))
+    } else {
+        like.client.empty(elems * nan.len())
+    };
+    CubeTensor::new_contiguous(like.client.clone(), like.device.clone(), Shape::from(shape), handle, dtype)
+}
+
+/// A `[words.len()]` u32 tensor on `like`'s device holding `words`: a kernel's `params` binding.
+pub fn words(like: &CubeTensor, words: &[u32]) -> CubeTensor {
+    let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+    let handle = like.client.create_from_slice(&bytes);
+    CubeTensor::new_contiguous(
+        like.client.clone(),
+        like.device.clone(),
+        Shape::from(vec![words.len()]),
+        handle,
+        DType::U32,
+    )
+}
+
+/// Workgroups per grid dimension (WebGPU's minimum limit).
+pub const MAX_GROUPS: u32 = 65_535;
+
+/// `groups` workgroups as a grid of at most [`MAX_GROUPS`] in x and as many rows of those as needed: the
+/// kernel numbers them `wid.y * num_workgroups.x + wid.x` and skips (or recomputes harmlessly) those past
+/// `groups` in the last row.
+pub fn grid(groups: usize) -> CubeCount {
+    let groups = u32::try_from(groups).expect("a launch of more than 2^32 workgroups");
+    CubeCount::Static(groups.min(MAX_GROUPS), groups.div_ceil(MAX_GROUPS), 1)
+}

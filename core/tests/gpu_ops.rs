@@ -1,0 +1,155 @@
+//! The GPU layer norm (`ov3_core::gpu_ops`, shaders/layer_norm_*.wgsl) on wgpu: values and gradients through
+//! burn's autodiff against float64 code (forward against the textbook formula, gradients against central
+//! differences of it), the same on a strided input against burn's own composite op, and the launches it makes.
+//! Every kernel output is NaN-filled before its launch, so an element a kernel forgets to write fails.
+//!
+//! The kernels run on burn's wgpu backend only: on a machine without an adapter these tests are skipped,
+//! unless `OV3_TEST_WGPU=1` (CI, on lavapipe) makes that a failure.
+
+mod common;
+
+use std::sync::Mutex;
+
+use burn::tensor::{Device, Distribution, Tensor, TensorData};
+use common::{launches, layer_norm_f64, noise, numeric_grad, rel_err, to_f64, wgpu_device};
+use ov3_core::{cpu_ops, flash, gpu_ops};
+
+fn tensor<const D: usize>(values: &[f64], shape: [usize; D], device: &Device) -> Tensor<D> {
+    let data: Vec<f32> = values.iter().map(|&x| x as f32).collect();
+    Tensor::from_data(TensorData::new(data, shape), device)
+}
+
+/// `v` rounded to f32 and back: the inputs the kernels see, exactly.
+fn exact(v: Vec<f64>) -> Vec<f64> {
+    v.into_iter().map(|x| f64::from(x as f32)).collect()
+}
+
+/// The launch observer is process-wide and tests run on parallel threads: every test here holds this lock.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// `rows` rows of width `d` of different scales and offsets, row 5 (when there is one) nearly constant (where
+/// rstd is large), through `gpu_ops::layer_norm` forward and backward with upstream gradient `w`:
+/// forward to 1e-5 of each row's scale plus the f32 rounding of its mean (as `cpu_ops.rs` states it), `dx` row
+/// by row and `dgamma`, `dbeta` to 1e-4 relative against central differences of the float64 formula.
+fn matches_f64(device: &Device, rows: usize, d: usize, check_row: impl Fn(usize) -> bool) {
+    let eps = 1e-6;
+    let mut x = noise(rows * d, 1);
+    for (r, row) in x.chunks_mut(d).enumerate() {
+        let (scale, shift) = (0.1 + (r % 97) as f64 * 0.3, (r % 61) as f64 - 30.0);
+        row.iter_mut().for_each(|v| *v = *v * scale + shift);
+    }
+    if rows > 5 {
+        x[5 * d..6 * d].iter_mut().enumerate().for_each(|(j, v)| *v = 2.0 + 1e-3 * j as f64);
+    }
+    let x = exact(x);
+    let gamma = exact(noise(d, 2).iter().map(|v| 1.0 + v).collect());
+    let beta = exact(noise(d, 3));
+    let w = exact(noise(rows * d, 4));
+
+    let xt = tensor(&x, [rows, d], device).require_grad();
+    let gt = tensor(&gamma, [d], device).require_grad();
+    let bt = tensor(&beta, [d], device).require_grad();
+    assert!(gpu_ops::supports_layer_norm(&xt, &gt, &bt), "an f32 tensor on wgpu must take the kernels");
+    let y = gpu_ops::layer_norm(xt.clone(), gt.clone(), bt.clone(), eps);
+    let grads = (y.clone() * tensor(&w, [rows, d], device)).sum().backward();
+    let (y, dx) = (to_f64(&y), to_f64(&xt.grad(&grads).expect("dx")));
+
+    let want = layer_norm_f64(&x, &gamma, &beta, d, eps);
+    let max_gamma = gamma.iter().fold(0f64, |m, g| m.max(g.abs()));
+    for r in (0..rows).filter(|&r| check_row(r)) {
+        let span = r * d..(r + 1) * d;
+        let row = &x[span.clone()];
+        let mean = row.iter().sum::<f64>() / d as f64;
+        let rstd = 1.0 / (row.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / d as f64 + eps).sqrt();
+        let scale = want[span.clone()].iter().fold(0f64, |m, v| m.max(v.abs()));
+        let allowed = 1e-5 * scale + 2.0 * f64::from(f32::EPSILON) * mean.abs() * rstd * max_gamma;
+        let err = y[span.clone()].iter().zip(&want[span.clone()]).fold(0f64, |m, (a, b)| m.max((a - b).abs()));
+        assert!(err <= allowed, "{rows}x{d}, forward row {r}: error {err:.2e} > {allowed:.2e}");
+        let want_dx = numeric_grad(row, &w[span.clone()], &|v| layer_norm_f64(v, &gamma, &beta, d, eps));
+        let err = rel_err(&dx[span], &want_dx);
+        assert!(err < 1e-4, "{rows}x{d}, dx row {r}: relative error {err:.2e}");
+    }
+    let want = numeric_grad(&gamma, &w, &|g| layer_norm_f64(&x, g, &beta, d, eps));
+    let err = rel_err(&to_f64(&gt.grad(&grads).expect("dgamma")), &want);
+    assert!(err < 1e-4, "{rows}x{d}, dgamma: relative error {err:.2e}");
+    let want = numeric_grad(&beta, &w, &|b| layer_norm_f64(&x, &gamma, b, d, eps));
+    let err = rel_err(&to_f64(&bt.grad(&grads).expect("dbeta")), &want);
+    assert!(err < 1e-4, "{rows}x{d}, dbeta: relative error {err:.2e}");
+}
+
+/// Rows narrower than the 64-invocation workgroup, a row of one value (variance 0: y = beta), rows wider
+/// than it with a ragged last share (300 = 4 x 64 + 44), and more rows than one chunk of the parameter
+/// gradients' first sum (5,000 rows: 79 chunks and a reduction).
+#[test]
+fn layer_norm_matches_f64() {
+    let _serial = serial();
+    let Some(device) = wgpu_device() else { return };
+    flash::set_poison_outputs(true);
+    let device = device.autodiff();
+    for (rows, d) in [(70, 24), (9, 1), (7, 300), (5_000, 16)] {
+        matches_f64(&device, rows, d, |_| true);
+    }
+    flash::set_poison_outputs(false);
+}
+
+/// More rows than one grid dimension's 65,535 workgroups (the kernels' 2-D grid and its surplus workgroups,
+/// which must write nothing): the first 100 rows and the last 200 (past the first grid row) checked row by
+/// row, the parameter gradients over all of them.
+#[test]
+fn layer_norm_covers_a_two_dimensional_grid() {
+    let _serial = serial();
+    let Some(device) = wgpu_device() else { return };
+    flash::set_poison_outputs(true);
+    let rows = 65_535 + 1_234;
+    matches_f64(&device.autodiff(), rows, 8, |r| r < 100 || r + 200 >= rows);
+    flash::set_poison_outputs(false);
+}
+
+/// `cpu_ops::layer_norm` (what the model calls) on wgpu with autodiff against burn's composite op on the same
+/// device, on a strided input (a transposed view) of a [2, 24, 40] tensor, values and all three gradients to
+/// 1e-5 relative; it takes the kernels (one launch forward, two backward), burn's op takes none of them.
+#[test]
+fn model_layer_norm_on_wgpu_matches_burn_op() {
+    let _serial = serial();
+    let Some(device) = wgpu_device() else { return };
+    let device = device.autodiff();
+    let base = Tensor::<3>::random([2, 40, 24], Distribution::Normal(0.5, 2.0), &device);
+    let gamma = Tensor::<1>::random([40], Distribution::Normal(1.0, 0.5), &device);
+    let beta = Tensor::<1>::random([40], Distribution::Normal(0.0, 0.5), &device);
+    let upstream = Tensor::<3>::random([2, 24, 40], Distribution::Normal(0.0, 1.0), &device);
+    let run = |ours: bool| {
+        let x = base.clone().require_grad();
+        let (g, b) = (gamma.clone().require_grad(), beta.clone().require_grad());
+        let input = x.clone().swap_dims(1, 2); // [2, 24, 40]: last dim 40, strided
+        let (y, forward) = launches(|| {
+            if ours {
+                cpu_ops::layer_norm(input, g.clone(), b.clone(), 1e-5)
+            } else {
+                burn::tensor::module::layer_norm(input, g.clone(), Some(b.clone()), 1e-5)
+            }
+        });
+        let loss = (y.clone() * upstream.clone()).sum();
+        let (grads, backward) = launches(|| loss.backward());
+        let grad = |t: &Tensor<1>| to_f64(&t.grad(&grads).expect("gradient"));
+        let ours_in = |c: &std::collections::HashMap<&str, usize>| {
+            c.iter().filter(|(k, _)| k.contains("NormKernel")).map(|(_, n)| n).sum::<usize>()
+        };
+        let values = (to_f64(&y), to_f64(&x.grad(&grads).expect("gradient")), grad(&g), grad(&b));
+        (values, [ours_in(&forward), ours_in(&backward)])
+    };
+    let ((ours, ours_launches), (reference, burn_launches)) = (run(true), run(false));
+    assert_eq!(ours_launches, [1, 2], "one kernel forward, two backward (48 rows: one chunk, no reduction)");
+    assert_eq!(burn_launches, [0, 0], "burn's op does not use the kernels");
+    for (what, a, b) in [
+        ("forward", &ours.0, &reference.0),
+        ("dx", &ours.1, &reference.1),
+        ("dgamma", &ours.2, &reference.2),
+        ("dbeta", &ours.3, &reference.3),
+    ] {
+        let err = rel_err(a, b);
+        assert!(err < 1e-5, "{what}: relative error {err:.2e}");
+    }
+}
