@@ -5,7 +5,7 @@
 mod common;
 
 use burn::tensor::{Device, Distribution, Tensor};
-use common::{adamw_f64, layer_norm_f64, noise, numeric_grad, rel_err, to_f64};
+use common::{adamw_f64, gelu_f64, layer_norm_f64, noise, numeric_grad, rel_err, softmax_f64, to_f64};
 use ov3_core::cpu_ops::{self, kernels};
 
 fn f32s(v: &[f64]) -> Vec<f32> {
@@ -14,20 +14,6 @@ fn f32s(v: &[f64]) -> Vec<f32> {
 
 fn f64s(v: &[f32]) -> Vec<f64> {
     v.iter().map(|&x| f64::from(x)).collect()
-}
-
-fn softmax_f64(x: &[f64], d: usize) -> Vec<f64> {
-    x.chunks(d)
-        .flat_map(|row| {
-            let max = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-            let sum: f64 = row.iter().map(|v| (v - max).exp()).sum();
-            row.iter().map(move |v| (v - max).exp() / sum)
-        })
-        .collect()
-}
-
-fn gelu_f64(x: f64) -> f64 {
-    0.5 * x * (1.0 + libm::erf(x / std::f64::consts::SQRT_2))
 }
 
 // 70 rows: two full chunks of kernels::ROW_CHUNK and a partial one.

@@ -1,6 +1,7 @@
-//! The GPU layer norm (`ov3_core::gpu_ops`, shaders/layer_norm_*.wgsl) on wgpu: values and gradients through
-//! burn's autodiff against float64 code (forward against the textbook formula, gradients against central
-//! differences of it), the same on a strided input against burn's own composite op, and the launches it makes.
+//! The GPU ops (`ov3_core::gpu_ops`: layer norm, softmax and GELU, shaders/layer_norm_*.wgsl, softmax_*.wgsl,
+//! gelu.wgsl) on wgpu: values and gradients through burn's autodiff against float64 code (forward against the
+//! textbook formulas, gradients against central differences of them), the same on a strided input against
+//! burn's own composite ops, and the launches they make.
 //! Every kernel output is NaN-filled before its launch, so an element a kernel forgets to write fails.
 //!
 //! The kernels run on burn's wgpu backend only: on a machine without an adapter these tests are skipped,
@@ -11,7 +12,7 @@ mod common;
 use std::sync::Mutex;
 
 use burn::tensor::{Device, Distribution, Tensor, TensorData};
-use common::{launches, layer_norm_f64, noise, numeric_grad, rel_err, to_f64, wgpu_device};
+use common::{gelu_f64, launches, layer_norm_f64, noise, numeric_grad, rel_err, softmax_f64, to_f64, wgpu_device};
 use ov3_core::{cpu_ops, flash, gpu_ops};
 
 fn tensor<const D: usize>(values: &[f64], shape: [usize; D], device: &Device) -> Tensor<D> {
@@ -135,7 +136,7 @@ fn model_layer_norm_on_wgpu_matches_burn_op() {
         let (grads, backward) = launches(|| loss.backward());
         let grad = |t: &Tensor<1>| to_f64(&t.grad(&grads).expect("gradient"));
         let ours_in = |c: &std::collections::HashMap<&str, usize>| {
-            c.iter().filter(|(k, _)| k.contains("NormKernel")).map(|(_, n)| n).sum::<usize>()
+            c.iter().filter(|(k, _)| k.contains("GpuOpKernel")).map(|(_, n)| n).sum::<usize>()
         };
         let values = (to_f64(&y), to_f64(&x.grad(&grads).expect("gradient")), grad(&g), grad(&b));
         (values, [ours_in(&forward), ours_in(&backward)])
@@ -151,5 +152,138 @@ fn model_layer_norm_on_wgpu_matches_burn_op() {
     ] {
         let err = rel_err(a, b);
         assert!(err < 1e-5, "{what}: relative error {err:.2e}");
+    }
+}
+
+/// d/dx of the exact GELU in float64, by central differences (step 1e-6).
+fn gelu_grad_f64(x: f64) -> f64 {
+    (gelu_f64(x + 1e-6) - gelu_f64(x - 1e-6)) / 2e-6
+}
+
+/// `softmax(scale * x)`, scale 0.35 as in attention, rows narrower and wider than the workgroup (24; 300 =
+/// 4 x 64 + 44), with the model's masked logits (-1e9) in some rows and a row of large logits (where an
+/// unshifted exp overflows): forward to 1e-5 relative against float64 on the f32 products scale * x, each row
+/// summing to 1 within 1e-5, the gradient row by row to 1e-5 relative against central differences. (The CPU
+/// kernels are held to 1e-6 forward; Vulkan lets a GPU's exp be 3 + 2|x| ulp off.)
+#[test]
+fn softmax_matches_f64() {
+    let _serial = serial();
+    let Some(device) = wgpu_device() else { return };
+    flash::set_poison_outputs(true);
+    let device = device.autodiff();
+    let scale = 0.35f32;
+    for (rows, d) in [(70, 24), (9, 300)] {
+        let mut x: Vec<f64> = noise(rows * d, 5).iter().map(|v| 4.0 * v).collect();
+        for r in (0..rows).step_by(7) {
+            x[r * d + d / 2..(r + 1) * d].iter_mut().for_each(|v| *v = -1.0e9);
+        }
+        x[3 * d..4 * d].iter_mut().for_each(|v| *v += 500.0);
+        let x = exact(x);
+        let w = exact(noise(rows * d, 6));
+        let xt = tensor(&x, [rows, d], &device).require_grad();
+        assert!(gpu_ops::supports(&xt));
+        let y = gpu_ops::softmax_last(xt.clone(), f64::from(scale));
+        let grads = (y.clone() * tensor(&w, [rows, d], &device)).sum().backward();
+        let (y, dx) = (to_f64(&y), to_f64(&xt.grad(&grads).expect("dx")));
+        let logits: Vec<f64> = x.iter().map(|&v| f64::from(scale * v as f32)).collect();
+        let err = rel_err(&y, &softmax_f64(&logits, d));
+        assert!(err < 1e-5, "{rows}x{d}: softmax forward: relative error {err:.2e}");
+        for (r, row) in y.chunks(d).enumerate() {
+            let sum: f64 = row.iter().sum();
+            assert!((sum - 1.0).abs() < 1e-5, "{rows}x{d}: softmax row {r} sums to {sum}");
+        }
+        let scaled = |v: &[f64]| softmax_f64(&v.iter().map(|u| u * f64::from(scale)).collect::<Vec<_>>(), d);
+        for r in 0..rows {
+            let span = r * d..(r + 1) * d;
+            // Central differences cannot step a -1e9 logit usefully; those entries' gradient is exactly 0.
+            let want = numeric_grad(&x[span.clone()], &w[span.clone()], &|v| scaled(v));
+            let err = rel_err(&dx[span], &want);
+            assert!(err < 1e-5, "{rows}x{d}: softmax dx, row {r}: relative error {err:.2e}");
+        }
+    }
+    flash::set_poison_outputs(false);
+}
+
+/// Exact GELU over [-8, 8] in steps of 1e-3 (erf's two approximations meet at |x / sqrt 2| = 0.75): forward
+/// and gradient to 2e-6 relative against float64 (the CPU kernels are held to 1e-6; Vulkan lets a GPU's exp be
+/// 3 + 2|x| ulp off); then more elements than one grid dimension's 65,535 workgroups of 256 hold, checked on
+/// every 997th element and the last 3,000.
+#[test]
+fn gelu_matches_f64() {
+    let _serial = serial();
+    let Some(device) = wgpu_device() else { return };
+    flash::set_poison_outputs(true);
+    let device = device.autodiff();
+    let check = |x: &[f64], pick: &dyn Fn(usize) -> bool| {
+        let n = x.len();
+        let w = exact(noise(n, 7));
+        let xt = tensor(x, [n], &device).require_grad();
+        let y = gpu_ops::gelu(xt.clone());
+        let grads = (y.clone() * tensor(&w, [n], &device)).sum().backward();
+        let idx: Vec<usize> = (0..n).filter(|&i| pick(i)).collect();
+        let (y, dx) = (to_f64(&y), to_f64(&xt.grad(&grads).expect("dx")));
+        let got = |v: &[f64]| idx.iter().map(|&i| v[i]).collect::<Vec<_>>();
+        let want: Vec<f64> = idx.iter().map(|&i| gelu_f64(x[i])).collect();
+        let err = rel_err(&got(&y), &want);
+        assert!(err < 2e-6, "n {n}: gelu forward: relative error {err:.2e}");
+        let want: Vec<f64> = idx.iter().map(|&i| w[i] * gelu_grad_f64(x[i])).collect();
+        let err = rel_err(&got(&dx), &want);
+        assert!(err < 2e-6, "n {n}: gelu backward: relative error {err:.2e}");
+    };
+    let grid: Vec<f64> = exact((0..=16_000).map(|i| -8.0 + i as f64 * 1e-3).collect());
+    check(&grid, &|_| true);
+    let n = 65_535 * 256 + 4_321;
+    let big = exact(noise(n, 8).iter().map(|v| 6.0 * v).collect());
+    check(&big, &|i| i % 997 == 0 || i + 3_000 >= n);
+    flash::set_poison_outputs(false);
+}
+
+/// `cpu_ops::softmax_last` and `cpu_ops::gelu` (what the model calls) on wgpu with autodiff, on a strided input
+/// (a transposed view), values and gradients to 1e-5 relative: the softmax against burn's composite op on the
+/// same device, the GELU against float64 (burn's GELU gradient on wgpu is itself ~5e-4 off float64 here, its
+/// erf approximation's, so it cannot be the reference). Each takes its kernels (one launch forward, one
+/// backward), burn's ops take none of them.
+#[test]
+fn model_softmax_and_gelu_on_wgpu_match_burn_ops() {
+    let _serial = serial();
+    let Some(device) = wgpu_device() else { return };
+    let device = device.autodiff();
+    let base = Tensor::<3>::random([2, 40, 24], Distribution::Normal(0.0, 2.0), &device);
+    let upstream = Tensor::<3>::random([2, 24, 40], Distribution::Normal(0.0, 1.0), &device);
+    for op in ["softmax", "gelu"] {
+        let run = |ours: bool| {
+            let x = base.clone().require_grad();
+            let input = x.clone().swap_dims(1, 2); // [2, 24, 40]: last dim 40, strided
+            let (y, forward) = launches(|| match (op, ours) {
+                ("softmax", true) => cpu_ops::softmax_last(input, 0.4),
+                ("softmax", false) => burn::tensor::activation::softmax(input.mul_scalar(0.4), 2),
+                (_, true) => cpu_ops::gelu(input),
+                (_, false) => burn::tensor::activation::gelu(input),
+            });
+            let (grads, backward) = launches(|| (y.clone() * upstream.clone()).sum().backward());
+            let ours_in = |c: &std::collections::HashMap<&str, usize>| {
+                c.iter().filter(|(k, _)| k.contains("GpuOpKernel")).map(|(_, n)| n).sum::<usize>()
+            };
+            // The gradient in the input's layout ([2, 24, 40]), as y and the upstream gradient are.
+            let dx = to_f64(&x.grad(&grads).expect("gradient").swap_dims(1, 2));
+            ((to_f64(&y), dx), [ours_in(&forward), ours_in(&backward)])
+        };
+        let ((ours, ours_launches), (mut reference, burn_launches)) = (run(true), run(false));
+        if op == "gelu" {
+            let (input, w) = (to_f64(&base.clone().swap_dims(1, 2)), to_f64(&upstream));
+            let burn_err =
+                rel_err(&reference.1, &input.iter().zip(&w).map(|(&v, &g)| g * gelu_grad_f64(v)).collect::<Vec<_>>());
+            eprintln!("burn's gelu gradient on wgpu: relative error {burn_err:.2e} against float64");
+            reference = (
+                input.iter().map(|&v| gelu_f64(v)).collect(),
+                input.iter().zip(&w).map(|(&v, &g)| g * gelu_grad_f64(v)).collect(),
+            );
+        }
+        assert_eq!(ours_launches, [1, 1], "{op}: one kernel forward, one backward");
+        assert_eq!(burn_launches, [0, 0], "{op}: burn's op does not use the kernels");
+        let err = rel_err(&ours.0, &reference.0);
+        assert!(err < 1e-5, "{op} forward: relative error {err:.2e}");
+        let err = rel_err(&ours.1, &reference.1);
+        assert!(err < 1e-5, "{op} gradient: relative error {err:.2e}");
     }
 }

@@ -7,8 +7,9 @@
 //! [`kernels`], the `ov3-kernels` crate (kernels/), compiled
 //! optimised in every profile; they are checked against float64 code in `core/tests/cpu_ops.rs`.
 //!
-//! The model calls [`layer_norm`], [`softmax_last`] and [`gelu`]; on other devices (wgpu) and dtypes
-//! (mixed precision) these are burn's own ops, so there is one model code path for every device.
+//! The model calls [`layer_norm`], [`softmax_last`] and [`gelu`]; on wgpu (f32) these are our WGSL kernels
+//! (`gpu_ops`), on other dtypes (mixed precision's f16 and bf16) burn's own ops, so there is one model code
+//! path for every device.
 
 mod autodiff;
 
@@ -77,6 +78,9 @@ pub fn layer_norm<const D: usize>(x: Tensor<D>, gamma: Tensor<1>, beta: Tensor<1
 
 /// `softmax(scale * x)` over the last dim (attention's scaled logits in one pass).
 pub fn softmax_last<const D: usize>(x: Tensor<D>, scale: f64) -> Tensor<D> {
+    if crate::gpu_ops::supports(&x) {
+        return crate::gpu_ops::softmax_last(x, scale);
+    }
     if !fused(&x) {
         return burn::tensor::activation::softmax(x.mul_scalar(scale), D - 1);
     }
@@ -85,6 +89,9 @@ pub fn softmax_last<const D: usize>(x: Tensor<D>, scale: f64) -> Tensor<D> {
 
 /// `burn::tensor::activation::gelu(x)`, the exact (erf) form.
 pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    if crate::gpu_ops::supports(&x) {
+        return crate::gpu_ops::gelu(x);
+    }
     if !fused(&x) {
         return burn::tensor::activation::gelu(x);
     }

@@ -1,5 +1,5 @@
-//! The backward pass of the GPU layer norm for burn's autodiff: the forward keeps the input, gamma and each
-//! row's (mean, rstd); the backward runs [`NormKernels::layer_norm_backward`].
+//! The backward passes of the GPU ops for burn's autodiff: each forward keeps what its backward kernel reads
+//! (the layer norm's input, gamma and row statistics; the softmax's output; the GELU's input).
 
 use std::marker::PhantomData;
 
@@ -10,7 +10,7 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::tensor::FloatTensor;
 
-use super::{GpuNormBackend, NormKernels};
+use super::{GpuKernels, GpuOpsBackend};
 
 struct LayerNormBackward<B>(PhantomData<B>);
 
@@ -20,7 +20,7 @@ impl<B> std::fmt::Debug for LayerNormBackward<B> {
     }
 }
 
-impl<B: NormKernels> Backward<B, 3> for LayerNormBackward<B> {
+impl<B: GpuKernels> Backward<B, 3> for LayerNormBackward<B> {
     /// The input, gamma, and the rows' statistics.
     type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>);
 
@@ -37,7 +37,50 @@ impl<B: NormKernels> Backward<B, 3> for LayerNormBackward<B> {
     }
 }
 
-impl<B: NormKernels, C: CheckpointStrategy> GpuNormBackend for Autodiff<B, C> {
+struct SoftmaxBackward<B>(PhantomData<B>);
+
+impl<B> std::fmt::Debug for SoftmaxBackward<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SoftmaxBackward")
+    }
+}
+
+impl<B: GpuKernels> Backward<B, 1> for SoftmaxBackward<B> {
+    /// The output and the scale.
+    type State = (FloatTensor<B>, f64);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+        let [node_x] = ops.parents;
+        let g = grads.consume::<B>(&ops.node);
+        let (y, scale) = ops.state;
+        if let Some(node) = node_x {
+            grads.register::<B>(node.id, B::softmax_backward(y, g, scale));
+        }
+    }
+}
+
+struct GeluBackward<B>(PhantomData<B>);
+
+impl<B> std::fmt::Debug for GeluBackward<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("GeluBackward")
+    }
+}
+
+impl<B: GpuKernels> Backward<B, 1> for GeluBackward<B> {
+    /// The input.
+    type State = FloatTensor<B>;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+        let [node_x] = ops.parents;
+        let g = grads.consume::<B>(&ops.node);
+        if let Some(node) = node_x {
+            grads.register::<B>(node.id, B::erf_gelu_backward(ops.state, g));
+        }
+    }
+}
+
+impl<B: GpuKernels, C: CheckpointStrategy> GpuOpsBackend for Autodiff<B, C> {
     fn gpu_layer_norm(
         x: FloatTensor<Self>,
         gamma: FloatTensor<Self>,
@@ -54,6 +97,26 @@ impl<B: NormKernels, C: CheckpointStrategy> GpuNormBackend for Autodiff<B, C> {
             OpsKind::UnTracked(prep) => prep.finish(
                 B::layer_norm_forward(x.into_primitive(), gamma.into_primitive(), beta.into_primitive(), eps).0,
             ),
+        }
+    }
+
+    fn gpu_softmax(x: FloatTensor<Self>, scale: f64) -> FloatTensor<Self> {
+        match SoftmaxBackward::<B>(PhantomData).prepare::<C>([x.node()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let y = B::softmax_forward(x.primitive().clone(), scale);
+                prep.finish((y.clone(), scale), y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::softmax_forward(x.into_primitive(), scale)),
+        }
+    }
+
+    fn gpu_gelu(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        match GeluBackward::<B>(PhantomData).prepare::<C>([x.node()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let x = x.primitive().clone();
+                prep.finish(x.clone(), B::erf_gelu_forward(x))
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::erf_gelu_forward(x.into_primitive())),
         }
     }
 }

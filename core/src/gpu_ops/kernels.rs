@@ -1,4 +1,4 @@
-//! Launching the layer norm kernels of `shaders/` on a cubecl (wgpu) tensor's client.
+//! Launching the layer norm, softmax and GELU kernels of `shaders/` on a cubecl (wgpu) tensor's client.
 
 use burn::backend::ops::FloatTensorOps;
 use burn::backend::wgpu::{
@@ -12,36 +12,54 @@ use cubecl::server::KernelArguments;
 
 use crate::wgsl::{grid, output, words};
 
-const COMMON: &str = include_str!("../../../shaders/layer_norm_common.wgsl");
-const FORWARD: &str = include_str!("../../../shaders/layer_norm_forward.wgsl");
-const BACKWARD: &str = include_str!("../../../shaders/layer_norm_backward.wgsl");
-const PARAMS: &str = include_str!("../../../shaders/layer_norm_params.wgsl");
-/// Invocations per workgroup (`WG` in the shaders).
+const ROWS: &str = include_str!("../../../shaders/rows_common.wgsl");
+const LAYER_NORM: &str = include_str!("../../../shaders/layer_norm_forward.wgsl");
+const LAYER_NORM_BACKWARD: &str = include_str!("../../../shaders/layer_norm_backward.wgsl");
+const LAYER_NORM_PARAMS: &str = include_str!("../../../shaders/layer_norm_params.wgsl");
+const SOFTMAX: &str = include_str!("../../../shaders/softmax_forward.wgsl");
+const SOFTMAX_BACKWARD: &str = include_str!("../../../shaders/softmax_backward.wgsl");
+const GELU: &str = include_str!("../../../shaders/gelu.wgsl");
+/// Invocations per workgroup of the row kernels (`WG` in rows_common.wgsl) and of layer_norm_params.wgsl.
 const WORKGROUP: u32 = 64;
+/// Invocations per workgroup of gelu.wgsl, one element each.
+const GELU_WORKGROUP: u32 = 256;
 /// Rows per chunk of the parameter gradients' first sum (`CHUNK` in layer_norm_params.wgsl), at least.
 const CHUNK_ROWS: usize = 64;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Stage {
-    Forward,
-    Backward,
-    Params,
+    LayerNorm,
+    LayerNormBackward,
+    LayerNormParams,
+    Softmax,
+    SoftmaxBackward,
+    Gelu,
+    GeluBackward,
 }
 
-/// One kernel, compiled per row width `d`: each invocation keeps `ceil(d / WORKGROUP)` of a row's values
-/// in registers.
-struct NormKernel {
+/// One kernel; the row kernels are compiled per row width `d` (each invocation keeps `ceil(d / WORKGROUP)` of
+/// a row's values in registers), GELU's `d` is 0.
+struct GpuOpKernel {
     stage: Stage,
     d: u32,
 }
 
-impl KernelSource for NormKernel {
+impl KernelSource for GpuOpKernel {
     fn source(&self) -> SourceTemplate {
-        let header = format!("const D: u32 = {}u;\nconst PER: u32 = {}u;\n", self.d, self.d.div_ceil(WORKGROUP));
+        let rows = |kernel: &str| {
+            let header = format!("const D: u32 = {}u;\nconst PER: u32 = {}u;\n", self.d, self.d.div_ceil(WORKGROUP));
+            SourceTemplate::new(header).add_template(ROWS).add_template(kernel)
+        };
         match self.stage {
-            Stage::Forward => SourceTemplate::new(header).add_template(COMMON).add_template(FORWARD),
-            Stage::Backward => SourceTemplate::new(header).add_template(COMMON).add_template(BACKWARD),
-            Stage::Params => SourceTemplate::new(header).add_template(PARAMS),
+            Stage::LayerNorm => rows(LAYER_NORM),
+            Stage::LayerNormBackward => rows(LAYER_NORM_BACKWARD),
+            Stage::LayerNormParams => {
+                SourceTemplate::new(format!("const D: u32 = {}u;\n", self.d)).add_template(LAYER_NORM_PARAMS)
+            }
+            Stage::Softmax => rows(SOFTMAX),
+            Stage::SoftmaxBackward => rows(SOFTMAX_BACKWARD),
+            Stage::Gelu => SourceTemplate::new("const BACKWARD: u32 = 0u;\n").add_template(GELU),
+            Stage::GeluBackward => SourceTemplate::new("const BACKWARD: u32 = 1u;\n").add_template(GELU),
         }
     }
 
@@ -57,51 +75,60 @@ impl KernelSource for NormKernel {
 fn launch(stage: Stage, d: usize, count: CubeCount, buffers: &[&CubeTensor]) {
     let client = &buffers[0].client;
     let args = buffers.iter().fold(KernelArguments::new(), |args, t| args.with_buffer(t.handle.clone().binding()));
-    let kernel = NormKernel { stage, d: u32::try_from(d).expect("layer norm: rows wider than 2^32") };
-    client.launch(Box::new(SourceKernel::new(kernel, CubeDim::new_1d(WORKGROUP))), count, args);
+    let kernel = GpuOpKernel { stage, d: u32::try_from(d).expect("gpu_ops: rows wider than 2^32") };
+    let workgroup = if matches!(stage, Stage::Gelu | Stage::GeluBackward) { GELU_WORKGROUP } else { WORKGROUP };
+    client.launch(Box::new(SourceKernel::new(kernel, CubeDim::new_1d(workgroup))), count, args);
 }
 
-/// `(rows, d)` of `x` (the last dim is a row), checking that the parameters are `[d]` f32.
-fn rows_and_width(x: &CubeTensor, gamma: &CubeTensor) -> (usize, usize) {
+/// `(rows, d)` of `x` (the last dim is a row), a non-empty f32 tensor.
+fn rows_and_width(x: &CubeTensor) -> (usize, usize) {
     let shape = x.shape();
     let d = shape[shape.num_dims() - 1];
-    assert!(d > 0 && shape.num_elements() > 0, "layer norm kernels: an empty input {shape:?}");
-    assert!(gamma.shape().dims::<1>() == [d], "layer norm: gamma is {:?} for rows of {d}", gamma.shape());
-    assert!(x.dtype == DType::F32 && gamma.dtype == DType::F32, "layer norm kernels: f32 tensors");
+    assert!(d > 0 && shape.num_elements() > 0, "gpu_ops: an empty input {shape:?}");
+    assert!(x.dtype == DType::F32, "gpu_ops: the kernels take f32 tensors, not {:?}", x.dtype);
+    assert!(u32::try_from(shape.num_elements()).is_ok(), "gpu_ops: more than 2^32 elements");
     (shape.num_elements() / d, d)
 }
 
+/// `(rows, d)` of `x`, checking that the layer norm's `gamma` is `[d]` f32.
+fn layer_norm_rows(x: &CubeTensor, gamma: &CubeTensor) -> (usize, usize) {
+    let (rows, d) = rows_and_width(x);
+    assert!(gamma.shape().dims::<1>() == [d], "layer norm: gamma is {:?} for rows of {d}", gamma.shape());
+    assert!(gamma.dtype == DType::F32, "layer norm kernels: f32 tensors");
+    (rows, d)
+}
+
 /// The output (`x`'s shape) and the rows' `[rows, 2]` (mean, rstd).
-pub fn forward(x: CubeTensor, gamma: CubeTensor, beta: CubeTensor, eps: f64) -> (CubeTensor, CubeTensor) {
-    let (rows, d) = rows_and_width(&x, &gamma);
+pub fn layer_norm(x: CubeTensor, gamma: CubeTensor, beta: CubeTensor, eps: f64) -> (CubeTensor, CubeTensor) {
+    let (rows, d) = layer_norm_rows(&x, &gamma);
     assert!(beta.shape().dims::<1>() == [d] && beta.dtype == DType::F32, "layer norm: beta must be [{d}] f32");
     let [x, gamma, beta] = [x, gamma, beta].map(into_contiguous);
     let params = words(&x, &[rows as u32, (eps as f32).to_bits()]);
     let y = output(&x, x.shape().to_vec(), DType::F32);
     let stats = output(&x, vec![rows, 2], DType::F32);
-    launch(Stage::Forward, d, grid(rows), &[&x, &gamma, &beta, &params, &y, &stats]);
+    launch(Stage::LayerNorm, d, grid(rows), &[&x, &gamma, &beta, &params, &y, &stats]);
     (y, stats)
 }
 
 /// `(dx, dgamma, dbeta)` for the upstream gradient `g`.
-pub fn backward(
+pub fn layer_norm_backward(
     x: CubeTensor,
     gamma: CubeTensor,
     stats: CubeTensor,
     g: CubeTensor,
 ) -> (CubeTensor, CubeTensor, CubeTensor) {
-    let (rows, d) = rows_and_width(&x, &gamma);
+    let (rows, d) = layer_norm_rows(&x, &gamma);
     let [x, gamma, stats, g] = [x, gamma, stats, g].map(into_contiguous);
     let rows32 = u32::try_from(rows).expect("layer norm: more than 2^32 rows");
     let dx = output(&x, x.shape().to_vec(), DType::F32);
-    launch(Stage::Backward, d, grid(rows), &[&x, &gamma, &stats, &g, &words(&x, &[rows32]), &dx]);
+    launch(Stage::LayerNormBackward, d, grid(rows), &[&x, &gamma, &stats, &g, &words(&x, &[rows32]), &dx]);
 
     // Chunks of at least CHUNK_ROWS rows, at most 65,535 of them (one grid dimension).
     let chunk = CHUNK_ROWS.max(rows.div_ceil(crate::wgsl::MAX_GROUPS as usize));
     let chunks = rows.div_ceil(chunk);
     let partial = output(&x, vec![chunks, 2, d], DType::F32);
     let count = CubeCount::Static(d.div_ceil(WORKGROUP as usize) as u32, chunks as u32, 1);
-    launch(Stage::Params, d, count, &[&x, &stats, &g, &words(&x, &[rows32, chunk as u32]), &partial]);
+    launch(Stage::LayerNormParams, d, count, &[&x, &stats, &g, &words(&x, &[rows32, chunk as u32]), &partial]);
     let sums = if chunks > 1 { CubeBackend::float_sum_dim(partial, 0) } else { partial };
     let sums = CubeBackend::float_reshape(sums, Shape::from(vec![2, d]));
     let part = |i: usize| {
@@ -109,4 +136,40 @@ pub fn backward(
         CubeBackend::float_reshape(row, Shape::from(vec![d]))
     };
     (dx, part(0), part(1))
+}
+
+/// `softmax(scale * x)` over the last dim.
+pub fn softmax(x: CubeTensor, scale: f64) -> CubeTensor {
+    let (rows, d) = rows_and_width(&x);
+    let x = into_contiguous(x);
+    let params = words(&x, &[rows as u32, (scale as f32).to_bits()]);
+    let y = output(&x, x.shape().to_vec(), DType::F32);
+    launch(Stage::Softmax, d, grid(rows), &[&x, &params, &y]);
+    y
+}
+
+/// The input gradient of [`softmax`] from its output `y` and the upstream gradient `g`.
+pub fn softmax_backward(y: CubeTensor, g: CubeTensor, scale: f64) -> CubeTensor {
+    let (rows, d) = rows_and_width(&y);
+    let [y, g] = [y, g].map(into_contiguous);
+    let params = words(&y, &[rows as u32, (scale as f32).to_bits()]);
+    let dx = output(&y, y.shape().to_vec(), DType::F32);
+    launch(Stage::SoftmaxBackward, d, grid(rows), &[&y, &g, &params, &dx]);
+    dx
+}
+
+/// Exact GELU of `x`, or with `g` the gradient `g * GELU'(x)`.
+pub fn gelu(x: CubeTensor, g: Option<CubeTensor>) -> CubeTensor {
+    let n = x.shape().num_elements();
+    rows_and_width(&x);
+    let x = into_contiguous(x);
+    let out = output(&x, x.shape().to_vec(), DType::F32);
+    let params = words(&x, &[n as u32]);
+    let groups = grid(n.div_ceil(GELU_WORKGROUP as usize));
+    match g {
+        Some(g) => launch(Stage::GeluBackward, 0, groups, &[&x, &into_contiguous(g), &params, &out]),
+        // The forward binds x twice in g's place: the shader reads g only in the backward.
+        None => launch(Stage::Gelu, 0, groups, &[&x, &x, &params, &out]),
+    }
+    out
 }

@@ -1,5 +1,6 @@
-//! Fused layer norm on burn's wgpu backend: our WGSL kernels (`shaders/layer_norm_*.wgsl`) registered as a
-//! differentiable burn op, the GPU counterpart of `cpu_ops::layer_norm` on flex.
+//! Fused layer norm, softmax and GELU on burn's wgpu backend: our WGSL kernels (`shaders/layer_norm_*.wgsl`,
+//! `softmax_*.wgsl`, `gelu.wgsl`) registered as differentiable burn ops, the GPU counterparts of `cpu_ops`'s
+//! on flex (the model calls `cpu_ops::layer_norm`, `softmax_last` and `gelu`, which pick the device's kernels).
 //!
 //! burn 0.22 builds a layer norm out of about ten tensor ops forward and more than twenty backward, each its
 //! own GPU dispatch: the tiny preset's 40 layer norms were 1,679 of its training step's 3,879 kernel launches
@@ -7,7 +8,9 @@
 //! "Kernel launches per step"). Here the forward is one launch (one workgroup per row; it also keeps each row's
 //! mean and rstd) and the backward two or three: the input gradient (one workgroup per row), the parameter
 //! gradients summed over chunks of rows, and one reduction over the chunks when there is more than one.
-//! `core/tests/gpu_ops.rs` checks values and gradients against float64 code and against burn's own op.
+//! Softmax (the reference attention's; burn's is five ops forward) is one row kernel each way, GELU (burn's erf
+//! form, four ops forward) one element-wise kernel each way: 3879 -> 1821 launches in the tiny step in all.
+//! `core/tests/gpu_ops.rs` checks values and gradients against float64 code and against burn's own ops.
 
 mod autodiff;
 mod kernels;
@@ -16,11 +19,10 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{Backend, DType, Dispatch, DispatchDevice, backend_extension};
 use burn::tensor::Tensor;
 
-/// The differentiable op the model calls: on burn's autodiff backend it records
-/// [`NormKernels::layer_norm_backward`] for the backward pass (`autodiff.rs`), on the plain backend it is the
-/// forward kernel alone.
+/// The differentiable ops the model calls: on burn's autodiff backend each records its backward kernels
+/// ([`GpuKernels`]) for the backward pass (`autodiff.rs`), on the plain backend it is the forward kernel alone.
 #[backend_extension(Cube, Autodiff)]
-pub trait GpuNormBackend: Backend {
+pub trait GpuOpsBackend: Backend {
     /// Layer norm over the last dim of `x` (f32) with `gamma`, `beta` `[d]` (f32).
     fn gpu_layer_norm(
         x: FloatTensor<Self>,
@@ -28,12 +30,16 @@ pub trait GpuNormBackend: Backend {
         beta: FloatTensor<Self>,
         eps: f64,
     ) -> FloatTensor<Self>;
+    /// `softmax(scale * x)` over the last dim (f32).
+    fn gpu_softmax(x: FloatTensor<Self>, scale: f64) -> FloatTensor<Self>;
+    /// Exact (erf) GELU (f32).
+    fn gpu_gelu(x: FloatTensor<Self>) -> FloatTensor<Self>;
 }
 
 /// The kernels themselves, on the backend that runs them: cubecl's, or (with burn's `fusion` feature) the
 /// fusion backend wrapping it, which queues them as opaque operations between its fused element-wise blocks.
 #[backend_extension(Cube, Fusion: cfg(feature = "fusion"))]
-pub trait NormKernels: Backend {
+pub trait GpuKernels: Backend {
     /// The output (`x`'s shape) and each row's `(mean, rstd)`, `[rows, 2]`.
     #[fusion(meta = |x, _gamma, _beta, _eps| (x.clone(), stats_spec(x)))]
     fn layer_norm_forward(
@@ -51,6 +57,22 @@ pub trait NormKernels: Backend {
         stats: FloatTensor<Self>,
         g: FloatTensor<Self>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+
+    /// `softmax(scale * x)` over the last dim.
+    #[fusion(meta = |x, _scale| x.clone())]
+    fn softmax_forward(x: FloatTensor<Self>, scale: f64) -> FloatTensor<Self>;
+
+    /// The input gradient of [`GpuKernels::softmax_forward`] from its output `y` and the upstream gradient `g`.
+    #[fusion(meta = |y, _g, _scale| y.clone())]
+    fn softmax_backward(y: FloatTensor<Self>, g: FloatTensor<Self>, scale: f64) -> FloatTensor<Self>;
+
+    /// Exact (erf) GELU.
+    #[fusion(meta = |x| x.clone())]
+    fn erf_gelu_forward(x: FloatTensor<Self>) -> FloatTensor<Self>;
+
+    /// The input gradient of [`GpuKernels::erf_gelu_forward`] for the upstream gradient `g`.
+    #[fusion(meta = |x, _g| x.clone())]
+    fn erf_gelu_backward(x: FloatTensor<Self>, g: FloatTensor<Self>) -> FloatTensor<Self>;
 }
 
 /// The statistics' shape and dtype for input `x` (`[rows, 2]`, f32), for the fusion backend's queue.
@@ -62,14 +84,14 @@ fn stats_spec(x: &burn::backend::fusion::custom::TensorSpec) -> burn::backend::f
     burn::backend::fusion::custom::TensorSpec::new(shape, DType::F32)
 }
 
-impl NormKernels for burn::backend::wgpu::CubeBackend {
+impl GpuKernels for burn::backend::wgpu::CubeBackend {
     fn layer_norm_forward(
         x: FloatTensor<Self>,
         gamma: FloatTensor<Self>,
         beta: FloatTensor<Self>,
         eps: f64,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        kernels::forward(x, gamma, beta, eps)
+        kernels::layer_norm(x, gamma, beta, eps)
     }
 
     fn layer_norm_backward(
@@ -78,11 +100,27 @@ impl NormKernels for burn::backend::wgpu::CubeBackend {
         stats: FloatTensor<Self>,
         g: FloatTensor<Self>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        kernels::backward(x, gamma, stats, g)
+        kernels::layer_norm_backward(x, gamma, stats, g)
+    }
+
+    fn softmax_forward(x: FloatTensor<Self>, scale: f64) -> FloatTensor<Self> {
+        kernels::softmax(x, scale)
+    }
+
+    fn softmax_backward(y: FloatTensor<Self>, g: FloatTensor<Self>, scale: f64) -> FloatTensor<Self> {
+        kernels::softmax_backward(y, g, scale)
+    }
+
+    fn erf_gelu_forward(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        kernels::gelu(x, None)
+    }
+
+    fn erf_gelu_backward(x: FloatTensor<Self>, g: FloatTensor<Self>) -> FloatTensor<Self> {
+        kernels::gelu(x, Some(g))
     }
 }
 
-impl GpuNormBackend for CubeDispatched {
+impl GpuOpsBackend for CubeDispatched {
     fn gpu_layer_norm(
         x: FloatTensor<Self>,
         gamma: FloatTensor<Self>,
@@ -90,6 +128,14 @@ impl GpuNormBackend for CubeDispatched {
         eps: f64,
     ) -> FloatTensor<Self> {
         Self::layer_norm_forward(x, gamma, beta, eps).0
+    }
+
+    fn gpu_softmax(x: FloatTensor<Self>, scale: f64) -> FloatTensor<Self> {
+        Self::softmax_forward(x, scale)
+    }
+
+    fn gpu_gelu(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::erf_gelu_forward(x)
     }
 }
 
@@ -99,27 +145,43 @@ type CubeDispatched = burn::backend::wgpu::CubeBackend;
 #[cfg(feature = "fusion")]
 type CubeDispatched = burn::backend::fusion::Fusion<burn::backend::wgpu::CubeBackend>;
 
+/// Whether [`softmax_last`] and [`gelu`] take `x`: a non-empty f32 tensor on a wgpu device (with or without
+/// autodiff).
+pub fn supports<const D: usize>(x: &Tensor<D>) -> bool {
+    x.dtype() == DType::F32
+        && D > 0
+        && x.shape().num_elements() > 0
+        && matches!(x.device().inner().as_dispatch(), DispatchDevice::Cube(_))
+}
+
 /// Whether [`layer_norm`] takes `x`: a non-empty f32 tensor on a wgpu device (with or without autodiff), with
 /// f32 `gamma` and `beta` as wide as its last dim.
 pub fn supports_layer_norm<const D: usize>(x: &Tensor<D>, gamma: &Tensor<1>, beta: &Tensor<1>) -> bool {
-    let width = if D > 0 { x.dims()[D - 1] } else { 0 };
-    x.dtype() == DType::F32
+    supports(x)
         && gamma.dtype() == DType::F32
         && beta.dtype() == DType::F32
-        && width > 0
-        && x.shape().num_elements() > 0
-        && gamma.dims() == [width]
-        && beta.dims() == [width]
-        && matches!(x.device().inner().as_dispatch(), DispatchDevice::Cube(_))
+        && gamma.dims() == [x.dims()[D - 1]]
+        && beta.dims() == [x.dims()[D - 1]]
 }
 
 /// `(x - mean) / sqrt(var + eps) * gamma + beta` over the last dim (biased variance) through the kernels;
 /// differentiable in all three. Call only where [`supports_layer_norm`] holds.
 pub fn layer_norm<const D: usize>(x: Tensor<D>, gamma: Tensor<1>, beta: Tensor<1>, eps: f64) -> Tensor<D> {
-    Tensor::from_dispatch(<Dispatch as GpuNormBackend>::gpu_layer_norm(
+    Tensor::from_dispatch(<Dispatch as GpuOpsBackend>::gpu_layer_norm(
         x.into_dispatch(),
         gamma.into_dispatch(),
         beta.into_dispatch(),
         eps,
     ))
+}
+
+/// `softmax(scale * x)` over the last dim through the kernels; differentiable. Call only where [`supports`]
+/// holds.
+pub fn softmax_last<const D: usize>(x: Tensor<D>, scale: f64) -> Tensor<D> {
+    Tensor::from_dispatch(<Dispatch as GpuOpsBackend>::gpu_softmax(x.into_dispatch(), scale))
+}
+
+/// Exact (erf) GELU through the kernels; differentiable. Call only where [`supports`] holds.
+pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    Tensor::from_dispatch(<Dispatch as GpuOpsBackend>::gpu_gelu(x.into_dispatch()))
 }

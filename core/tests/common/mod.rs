@@ -207,3 +207,19 @@ pub fn numeric_grad(v: &[f64], w: &[f64], f: &dyn Fn(&[f64]) -> Vec<f64>) -> Vec
         })
         .collect()
 }
+
+/// Softmax over rows of `d` in float64, max-shifted.
+pub fn softmax_f64(x: &[f64], d: usize) -> Vec<f64> {
+    x.chunks(d)
+        .flat_map(|row| {
+            let max = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let sum: f64 = row.iter().map(|v| (v - max).exp()).sum();
+            row.iter().map(move |v| (v - max).exp() / sum)
+        })
+        .collect()
+}
+
+/// Exact (erf) GELU in float64.
+pub fn gelu_f64(x: f64) -> f64 {
+    0.5 * x * (1.0 + libm::erf(x / std::f64::consts::SQRT_2))
+}
