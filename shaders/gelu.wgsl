@@ -1,15 +1,16 @@
 // Exact (erf) GELU, element-wise: forward y = x * Phi(x), backward dx = g * (Phi(x) + x * phi(x)), with
 // Phi(x) = (1 + erf(x / sqrt 2)) / 2 and phi the standard normal density. WGSL has no erf: the same
 // approximation as the CPU kernels (kernels/src, `erf_given_exp`): its Taylor series below |x| = 0.75, Abramowitz
-// and Stegun 7.1.26 above, both in f32. core/src/gpu_ops/kernels.rs prepends BACKWARD (0 or 1).
+// and Stegun 7.1.26 above, both in f32. core/src/gpu_ops/kernels.rs prepends BACKWARD (0 or 1) and `elem`, the
+// storage type (f16 under mixed precision where the adapter has shader-f16, else f32; arithmetic is f32).
 // 256 invocations per workgroup, one element each; the grid is 2-D for more than 65,535 workgroups.
 // Every binding is read_write (see layer_norm_forward.wgsl); the backward reads g, the forward ignores it.
 
-@group(0) @binding(0) var<storage, read_write> x: array<f32>;
-@group(0) @binding(1) var<storage, read_write> g: array<f32>;
+@group(0) @binding(0) var<storage, read_write> x: array<elem>;
+@group(0) @binding(1) var<storage, read_write> g: array<elem>;
 // [0] the element count.
 @group(0) @binding(2) var<storage, read_write> params: array<u32>;
-@group(0) @binding(3) var<storage, read_write> out: array<f32>;
+@group(0) @binding(3) var<storage, read_write> out: array<elem>;
 
 // erf(x) given e = exp(-x^2).
 fn erf_given_exp(x: f32, e: f32) -> f32 {
@@ -43,12 +44,12 @@ fn main(
     if (i >= params[0]) {
         return;
     }
-    let v = x[i];
+    let v = f32(x[i]);
     let e = exp(-0.5 * v * v);
     let cdf = 0.5 * (1.0 + erf_given_exp(v * 0.70710678, e));
     if (BACKWARD == 1u) {
-        out[i] = g[i] * (cdf + v * 0.3989423 * e);
+        out[i] = elem(f32(g[i]) * (cdf + v * 0.3989423 * e));
     } else {
-        out[i] = v * cdf;
+        out[i] = elem(v * cdf);
     }
 }

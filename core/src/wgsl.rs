@@ -4,10 +4,12 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use burn::backend::DType;
-use burn::backend::wgpu::CubeTensor;
+use burn::backend::ops::FloatTensorOps;
+use burn::backend::wgpu::{CubeBackend, CubeTensor};
+use burn::backend::{DType, FloatDType};
 use burn::tensor::Shape;
 use cubecl::CubeCount;
+use cubecl::ir::{ElemType, FloatKind};
 
 /// Tests fill every output with NaN before a launch, so an element a kernel forgets to write fails
 /// the comparison instead of passing on whatever the memory pool held.
@@ -52,4 +54,21 @@ pub const MAX_GROUPS: u32 = 65_535;
 pub fn grid(groups: usize) -> CubeCount {
     let groups = u32::try_from(groups).expect("a launch of more than 2^32 workgroups");
     CubeCount::Static(groups.min(MAX_GROUPS), groups.div_ceil(MAX_GROUPS), 1)
+}
+
+/// The element type a kernel with an `elem` alias reads and writes for inputs like `t`: f16 where `t` is f16 and
+/// the adapter has shader-f16, f32 otherwise (other float types are cast to f32 and the results back).
+pub fn storage_dtype(t: &CubeTensor) -> DType {
+    let f16 = t.dtype == DType::F16 && t.client.properties().supports_type(ElemType::Float(FloatKind::F16));
+    if f16 { DType::F16 } else { DType::F32 }
+}
+
+/// `t` as `dtype` (cast only where it differs).
+pub fn cast(t: CubeTensor, dtype: DType) -> CubeTensor {
+    if t.dtype == dtype { t } else { CubeBackend::float_cast(t, FloatDType::from(dtype)) }
+}
+
+/// The WGSL lines that declare `elem`, the storage type of a kernel's data, for `dtype` (f32 or f16).
+pub fn elem_header(dtype: DType) -> &'static str {
+    if dtype == DType::F16 { "enable f16;\nalias elem = f16;\n" } else { "alias elem = f32;\n" }
 }

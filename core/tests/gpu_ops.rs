@@ -238,6 +238,47 @@ fn gelu_matches_f64() {
     flash::set_poison_outputs(false);
 }
 
+/// GELU on f16 tensors (mixed precision's activations) over [-8, 8]: values and gradient to 1e-3 relative
+/// against float64 on the same f16 inputs (f16 keeps 11 bits: rounding the result costs up to 4.9e-4), in
+/// `x`'s dtype. On an adapter with shader-f16 (lavapipe has it) the kernel reads and writes f16 itself: one
+/// launch each way and no casts.
+#[test]
+fn gelu_in_f16_matches_f64() {
+    let _serial = serial();
+    let Some(device) = wgpu_device() else { return };
+    flash::set_poison_outputs(true);
+    let device = device.autodiff();
+    let x: Vec<f64> = (0..=4_000).map(|i| f64::from(half::f16::from_f64(-8.0 + i as f64 * 4e-3))).collect();
+    let w: Vec<f64> = noise(x.len(), 9).iter().map(|&v| f64::from(half::f16::from_f64(v))).collect();
+    let n = x.len();
+    let xt = tensor(&x, [n], &device).cast(burn::tensor::DType::F16).require_grad();
+    let wt = tensor(&w, [n], &device).cast(burn::tensor::DType::F16);
+    assert!(gpu_ops::supports_gelu(&xt));
+    let (y, forward) = launches(|| gpu_ops::gelu(xt.clone()));
+    assert_eq!(y.dtype(), burn::tensor::DType::F16);
+    let (grads, backward) = launches(|| (y.clone() * wt).sum().backward());
+    let dx = xt.grad(&grads).expect("dx");
+    assert_eq!(dx.dtype(), burn::tensor::DType::F16);
+    let err = rel_err(&to_f64(&y), &x.iter().map(|&v| gelu_f64(v)).collect::<Vec<_>>());
+    assert!(err < 1e-3, "f16 gelu forward: relative error {err:.2e}");
+    let want: Vec<f64> = x.iter().zip(&w).map(|(&v, &g)| g * gelu_grad_f64(v)).collect();
+    let err = rel_err(&to_f64(&dx), &want);
+    assert!(err < 1e-3, "f16 gelu backward: relative error {err:.2e}");
+    let f16_kernels = device.supports_dtype(burn::tensor::DType::F16);
+    eprintln!("adapter shader-f16: {f16_kernels}");
+    let casts = |c: &std::collections::HashMap<&str, usize>| {
+        c.iter().filter(|(k, _)| k.to_lowercase().contains("cast")).map(|(_, n)| n).sum::<usize>()
+    };
+    let ours = |c: &std::collections::HashMap<&str, usize>| {
+        c.iter().filter(|(k, _)| k.contains("GpuOpKernel")).map(|(_, n)| n).sum::<usize>()
+    };
+    assert_eq!([ours(&forward), ours(&backward)], [1, 1], "one kernel forward, one backward");
+    if f16_kernels {
+        assert_eq!(casts(&forward), 0, "no cast forward: {forward:?}");
+    }
+    flash::set_poison_outputs(false);
+}
+
 /// `cpu_ops::softmax_last` and `cpu_ops::gelu` (what the model calls) on wgpu with autodiff, on a strided input
 /// (a transposed view), values and gradients to 1e-5 relative: the softmax against burn's composite op on the
 /// same device, the GELU against float64 (burn's GELU gradient on wgpu is itself ~5e-4 off float64 here, its

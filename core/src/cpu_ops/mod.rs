@@ -7,9 +7,9 @@
 //! [`kernels`], the `ov3-kernels` crate (kernels/), compiled
 //! optimised in every profile; they are checked against float64 code in `core/tests/cpu_ops.rs`.
 //!
-//! The model calls [`layer_norm`], [`softmax_last`] and [`gelu`]; on wgpu (f32) these are our WGSL kernels
-//! (`gpu_ops`), on other dtypes (mixed precision's f16 and bf16) burn's own ops, so there is one model code
-//! path for every device.
+//! The model calls [`layer_norm`], [`softmax_last`] and [`gelu`]; on wgpu these are our WGSL kernels
+//! (`gpu_ops`; GELU in f32 or f16, the normalisations in f32 as the model asks), elsewhere burn's own ops, so
+//! there is one model code path for every device.
 
 mod autodiff;
 
@@ -89,7 +89,7 @@ pub fn softmax_last<const D: usize>(x: Tensor<D>, scale: f64) -> Tensor<D> {
 
 /// `burn::tensor::activation::gelu(x)`, the exact (erf) form.
 pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
-    if crate::gpu_ops::supports(&x) {
+    if crate::gpu_ops::supports_gelu(&x) {
         return crate::gpu_ops::gelu(x);
     }
     if !fused(&x) {

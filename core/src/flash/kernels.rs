@@ -4,15 +4,14 @@ use burn::backend::ops::FloatTensorOps;
 use burn::backend::wgpu::{
     CubeBackend, CubeDim, CubeTensor, KernelSource, SourceKernel, SourceTemplate, into_contiguous,
 };
-use burn::backend::{DType, FloatDType, TensorMetadata};
+use burn::backend::{DType, TensorMetadata};
 use burn::tensor::Shape;
 use cubecl::CubeCount;
-use cubecl::ir::{ElemType, FloatKind};
 use cubecl::prelude::KernelId;
 use cubecl::server::KernelArguments;
 
 use super::Rule;
-use crate::wgsl::{output, words};
+use crate::wgsl::{cast, output, storage_dtype, words};
 
 const COMMON: &str = include_str!("../../../shaders/flash_common.wgsl");
 const KV_TILES: &str = include_str!("../../../shaders/flash_kv_tiles.wgsl");
@@ -76,9 +75,9 @@ impl KernelSource for FlashKernel {
         let t = self.tiles;
         // PART: which half of [dK | dV] flash_backward_dkv.wgsl computes (unused by the others).
         let part = u32::from(self.stage == Stage::BackwardDv);
-        let elem = if self.f16 { "enable f16;\nalias elem = f16;" } else { "alias elem = f32;" };
+        let elem = crate::wgsl::elem_header(if self.f16 { DType::F16 } else { DType::F32 });
         let header = format!(
-            "{elem}\nconst DH: u32 = {}u;\nconst DV: u32 = {}u;\nconst BC: u32 = {}u;\nconst BR: u32 = {}u;\nconst PART: u32 = {part}u;\n",
+            "{elem}const DH: u32 = {}u;\nconst DV: u32 = {}u;\nconst BC: u32 = {}u;\nconst BR: u32 = {}u;\nconst PART: u32 = {part}u;\n",
             t.head_dim,
             t.head_dim / 4,
             t.cols,
@@ -105,18 +104,6 @@ fn dims(t: &CubeTensor) -> [usize; 4] {
     let shape = t.shape();
     assert_eq!(shape.num_dims(), 4, "flash attention expects [B, H, N, Dh] tensors, got {shape:?}");
     [shape[0], shape[1], shape[2], shape[3]]
-}
-
-/// The element type the kernels read and write for inputs like `t`: f16 where `t` is f16 and the
-/// adapter has shader-f16, f32 otherwise (other float types are cast to f32 and the results back).
-fn storage_dtype(t: &CubeTensor) -> DType {
-    let f16 = t.dtype == DType::F16 && t.client.properties().supports_type(ElemType::Float(FloatKind::F16));
-    if f16 { DType::F16 } else { DType::F32 }
-}
-
-/// `t` as `dtype` (cast only where it differs).
-fn cast(t: CubeTensor, dtype: DType) -> CubeTensor {
-    if t.dtype == dtype { t } else { CubeBackend::float_cast(t, FloatDType::from(dtype)) }
 }
 
 /// `[N, heads, rule, prefix, scale bits, B*H*N]`, the `params` buffer of `flash_common.wgsl`.

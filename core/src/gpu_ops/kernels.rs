@@ -10,7 +10,7 @@ use cubecl::CubeCount;
 use cubecl::prelude::KernelId;
 use cubecl::server::KernelArguments;
 
-use crate::wgsl::{grid, output, words};
+use crate::wgsl::{cast, elem_header, grid, output, storage_dtype, words};
 
 const ROWS: &str = include_str!("../../../shaders/rows_common.wgsl");
 const LAYER_NORM: &str = include_str!("../../../shaders/layer_norm_forward.wgsl");
@@ -38,10 +38,11 @@ enum Stage {
 }
 
 /// One kernel; the row kernels are compiled per row width `d` (each invocation keeps `ceil(d / WORKGROUP)` of
-/// a row's values in registers), GELU's `d` is 0.
+/// a row's values in registers), GELU's `d` is 0 and its storage type `elem` f32 or f16 (the others: f32).
 struct GpuOpKernel {
     stage: Stage,
     d: u32,
+    f16: bool,
 }
 
 impl KernelSource for GpuOpKernel {
@@ -58,13 +59,16 @@ impl KernelSource for GpuOpKernel {
             }
             Stage::Softmax => rows(SOFTMAX),
             Stage::SoftmaxBackward => rows(SOFTMAX_BACKWARD),
-            Stage::Gelu => SourceTemplate::new("const BACKWARD: u32 = 0u;\n").add_template(GELU),
-            Stage::GeluBackward => SourceTemplate::new("const BACKWARD: u32 = 1u;\n").add_template(GELU),
+            Stage::Gelu | Stage::GeluBackward => {
+                let elem = elem_header(if self.f16 { DType::F16 } else { DType::F32 });
+                let backward = u32::from(self.stage == Stage::GeluBackward);
+                SourceTemplate::new(format!("{elem}const BACKWARD: u32 = {backward}u;\n")).add_template(GELU)
+            }
         }
     }
 
     fn id(&self) -> KernelId {
-        KernelId::new::<Self>().info((self.stage, self.d))
+        KernelId::new::<Self>().info((self.stage, self.d, self.f16))
     }
 
     fn lang(&self) -> &'static str {
@@ -75,7 +79,8 @@ impl KernelSource for GpuOpKernel {
 fn launch(stage: Stage, d: usize, count: CubeCount, buffers: &[&CubeTensor]) {
     let client = &buffers[0].client;
     let args = buffers.iter().fold(KernelArguments::new(), |args, t| args.with_buffer(t.handle.clone().binding()));
-    let kernel = GpuOpKernel { stage, d: u32::try_from(d).expect("gpu_ops: rows wider than 2^32") };
+    let f16 = buffers[0].dtype == DType::F16;
+    let kernel = GpuOpKernel { stage, d: u32::try_from(d).expect("gpu_ops: rows wider than 2^32"), f16 };
     let workgroup = if matches!(stage, Stage::Gelu | Stage::GeluBackward) { GELU_WORKGROUP } else { WORKGROUP };
     client.launch(Box::new(SourceKernel::new(kernel, CubeDim::new_1d(workgroup))), count, args);
 }
@@ -158,18 +163,23 @@ pub fn softmax_backward(y: CubeTensor, g: CubeTensor, scale: f64) -> CubeTensor 
     dx
 }
 
-/// Exact GELU of `x`, or with `g` the gradient `g * GELU'(x)`.
+/// Exact GELU of `x`, or with `g` the gradient `g * GELU'(x)`; f32, or f16 (read and written as f16 where the
+/// adapter has shader-f16, else through f32), the result in `x`'s dtype.
 pub fn gelu(x: CubeTensor, g: Option<CubeTensor>) -> CubeTensor {
     let n = x.shape().num_elements();
-    rows_and_width(&x);
-    let x = into_contiguous(x);
-    let out = output(&x, x.shape().to_vec(), DType::F32);
+    assert!(n > 0 && u32::try_from(n).is_ok(), "gpu_ops: gelu of {n} elements");
+    let (dtype, st) = (x.dtype, storage_dtype(&x));
+    let x = into_contiguous(cast(x, st));
+    let out = output(&x, x.shape().to_vec(), st);
     let params = words(&x, &[n as u32]);
     let groups = grid(n.div_ceil(GELU_WORKGROUP as usize));
     match g {
-        Some(g) => launch(Stage::GeluBackward, 0, groups, &[&x, &into_contiguous(g), &params, &out]),
+        Some(g) => {
+            let g = into_contiguous(cast(g, st));
+            launch(Stage::GeluBackward, 0, groups, &[&x, &g, &params, &out]);
+        }
         // The forward binds x twice in g's place: the shader reads g only in the backward.
         None => launch(Stage::Gelu, 0, groups, &[&x, &x, &params, &out]),
     }
-    out
+    cast(out, dtype)
 }

@@ -32,7 +32,7 @@ pub trait GpuOpsBackend: Backend {
     ) -> FloatTensor<Self>;
     /// `softmax(scale * x)` over the last dim (f32).
     fn gpu_softmax(x: FloatTensor<Self>, scale: f64) -> FloatTensor<Self>;
-    /// Exact (erf) GELU (f32).
+    /// Exact (erf) GELU (f32 or f16).
     fn gpu_gelu(x: FloatTensor<Self>) -> FloatTensor<Self>;
 }
 
@@ -145,13 +145,19 @@ type CubeDispatched = burn::backend::wgpu::CubeBackend;
 #[cfg(feature = "fusion")]
 type CubeDispatched = burn::backend::fusion::Fusion<burn::backend::wgpu::CubeBackend>;
 
-/// Whether [`softmax_last`] and [`gelu`] take `x`: a non-empty f32 tensor on a wgpu device (with or without
-/// autodiff).
+/// Whether [`softmax_last`] takes `x` (and [`layer_norm`], with its parameters): a non-empty f32 tensor on a
+/// wgpu device (with or without autodiff).
 pub fn supports<const D: usize>(x: &Tensor<D>) -> bool {
-    x.dtype() == DType::F32
-        && D > 0
-        && x.shape().num_elements() > 0
-        && matches!(x.device().inner().as_dispatch(), DispatchDevice::Cube(_))
+    x.dtype() == DType::F32 && on_wgpu(x)
+}
+
+/// Whether [`gelu`] takes `x`: a non-empty f32 or f16 (mixed precision's) tensor on a wgpu device.
+pub fn supports_gelu<const D: usize>(x: &Tensor<D>) -> bool {
+    matches!(x.dtype(), DType::F32 | DType::F16) && on_wgpu(x)
+}
+
+fn on_wgpu<const D: usize>(x: &Tensor<D>) -> bool {
+    D > 0 && x.shape().num_elements() > 0 && matches!(x.device().inner().as_dispatch(), DispatchDevice::Cube(_))
 }
 
 /// Whether [`layer_norm`] takes `x`: a non-empty f32 tensor on a wgpu device (with or without autodiff), with
@@ -181,7 +187,7 @@ pub fn softmax_last<const D: usize>(x: Tensor<D>, scale: f64) -> Tensor<D> {
     Tensor::from_dispatch(<Dispatch as GpuOpsBackend>::gpu_softmax(x.into_dispatch(), scale))
 }
 
-/// Exact (erf) GELU through the kernels; differentiable. Call only where [`supports`] holds.
+/// Exact (erf) GELU through the kernels, in `x`'s dtype; differentiable. Call only where [`supports_gelu`] holds.
 pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     Tensor::from_dispatch(<Dispatch as GpuOpsBackend>::gpu_gelu(x.into_dispatch()))
 }
