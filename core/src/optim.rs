@@ -114,24 +114,31 @@ pub fn no_decay_ids<M: Module>(model: &M) -> Vec<ParamId> {
 /// The gradients are not touched: [`step_with_decoder_lr`] hands the factor to AdamW, which applies it as
 /// it reads each gradient (one pass over each instead of two; on wgpu a launch per parameter fewer).
 pub fn clip_grad_norm<M: Module>(model: &M, grads: &GradientsParams, max_norm: f64, loss_scale: f64) -> Clip {
-    struct SumSq<'a>(&'a GradientsParams, Option<Tensor<1>>);
+    /// The gradients our kernel takes (flattened), and burn's running total of the others' squares.
+    struct SumSq<'a>(&'a GradientsParams, Vec<Tensor<1>>, Option<Tensor<1>>);
     impl ModuleVisitor for SumSq<'_> {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
             if let Some(g) = self.0.get::<D>(param.id) {
-                // On wgpu one kernel adds this gradient's squares to the running total (four burn ops otherwise).
-                self.1 = Some(match self.1.take() {
-                    Some(acc) if optim_gpu::supports_sum_squares(&g) && acc.dtype() == DType::F32 => {
-                        optim_gpu::sum_squares_add(g, acc)
-                    }
-                    Some(acc) => acc + g.square().sum(),
-                    None => g.square().sum(),
-                });
+                if optim_gpu::supports_sum_squares(&g) {
+                    let n = g.shape().num_elements();
+                    self.1.push(g.reshape([n]));
+                } else {
+                    let sq = g.square().sum();
+                    self.2 = Some(self.2.take().map_or(sq.clone(), |acc| acc + sq));
+                }
             }
         }
     }
-    let mut sum = SumSq(grads, None);
+    let mut sum = SumSq(grads, Vec::new(), None);
     model.visit(&mut sum);
-    let norm = sum.1.map(|s| (s.into_scalar::<f32>() as f64).sqrt()).unwrap_or(0.0) / loss_scale;
+    // On wgpu one kernel adds five gradients' squares to the running total (four burn ops each otherwise).
+    let total = match (sum.1.is_empty(), sum.2) {
+        (true, burn_total) => burn_total,
+        (false, Some(acc)) if acc.dtype() == DType::F32 => Some(optim_gpu::sum_squares_add(&sum.1, Some(acc))),
+        (false, Some(acc)) => Some(optim_gpu::sum_squares_add(&sum.1, None) + acc.cast(DType::F32)),
+        (false, None) => Some(optim_gpu::sum_squares_add(&sum.1, None)),
+    };
+    let norm = total.map(|s| (s.into_scalar::<f32>() as f64).sqrt()).unwrap_or(0.0) / loss_scale;
     let clip = if norm > max_norm { max_norm / (norm + 1e-6) } else { 1.0 };
     Clip { norm, factor: clip / loss_scale }
 }

@@ -1,11 +1,11 @@
 //! The optimiser's kernels on burn's wgpu backend (`shaders/adamw.wgsl`, `shaders/sum_squares.wgsl`): AdamW's
-//! update in one kernel per parameter, and the squared norm for global grad-norm clipping in one per parameter.
+//! update in one kernel per parameter, and the squared norm for global grad-norm clipping in one per five.
 //!
 //! burn's `AdamW` updates each parameter with about a dozen element-wise tensor ops, each its own GPU
 //! dispatch; with ~250 parameter tensors that was some 3,000 of a tiny training step's ~8,000 kernel
 //! launches (`ov3 bench step --kernels count`), and on a GPU a launch costs microseconds whatever it
 //! carries (docs/PERFORMANCE.md "Kernel launches per step"). Clipping's `g.square().sum()` plus the running add
-//! was four launches per parameter more. [`optim::AdamW`](crate::optim::AdamW) calls [`adamw`] for f32
+//! was four launches per parameter more; the kernel takes five gradients a launch. [`optim::AdamW`](crate::optim::AdamW) calls [`adamw`] for f32
 //! parameters on a wgpu device, as it calls `cpu_ops::adamw` on flex; its state is burn's either way;
 //! [`optim::clip_grad_norm`](crate::optim::clip_grad_norm) calls [`sum_squares_add`].
 //! `core/tests/optim_gpu.rs` checks both against float64 code, and AdamW against burn's AdamW.
@@ -41,10 +41,24 @@ pub trait OptimKernels: Backend {
         step: AdamWStep,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
 
-    /// `acc + sum(x^2)`: `acc` a one-element f32 tensor, `x` f32.
-    #[fusion(meta = |_x, acc| acc.clone())]
-    fn sum_squares_add(x: FloatTensor<Self>, acc: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// `acc + sum(x_i^2)` over the first `used` of `x0..x4` (f32; the unused ones are ignored): `acc` a
+    /// one-element f32 tensor.
+    #[allow(clippy::too_many_arguments)]
+    #[fusion(meta = |_x0, _x1, _x2, _x3, _x4, acc, _used| acc.clone())]
+    fn sum_squares_add(
+        x0: FloatTensor<Self>,
+        x1: FloatTensor<Self>,
+        x2: FloatTensor<Self>,
+        x3: FloatTensor<Self>,
+        x4: FloatTensor<Self>,
+        acc: FloatTensor<Self>,
+        used: usize,
+    ) -> FloatTensor<Self>;
 }
+
+/// Gradients per launch of the sum-of-squares kernel (shaders/sum_squares.wgsl: WebGPU's 8 storage buffers a
+/// stage, less the running total in and out and the counts).
+pub const SUM_SQUARES_INPUTS: usize = 5;
 
 /// Whether [`sum_squares_add`] takes `x`: a non-empty f32 tensor on a wgpu device.
 pub fn supports_sum_squares<const D: usize>(x: &Tensor<D>) -> bool {
@@ -53,9 +67,25 @@ pub fn supports_sum_squares<const D: usize>(x: &Tensor<D>) -> bool {
         && matches!(x.device().inner().as_dispatch(), DispatchDevice::Cube(_))
 }
 
-/// `acc + sum(x^2)` in one kernel (`acc`: `[1]`, f32). Call only where [`supports_sum_squares`] holds.
-pub fn sum_squares_add<const D: usize>(x: Tensor<D>, acc: Tensor<1>) -> Tensor<1> {
-    Tensor::from_dispatch(<Dispatch as OptimKernels>::sum_squares_add(x.into_dispatch(), acc.into_dispatch()))
+/// `acc + sum(x^2)` over every element of every tensor of `xs`, a kernel launch per [`SUM_SQUARES_INPUTS`] of
+/// them (`acc`: `[1]`, f32; a zero when `None`). Call only where [`supports_sum_squares`] holds for each.
+pub fn sum_squares_add(xs: &[Tensor<1>], acc: Option<Tensor<1>>) -> Tensor<1> {
+    let first = xs.first().expect("sum_squares_add: no tensors");
+    let mut acc = acc.unwrap_or_else(|| Tensor::zeros([1], &first.device()));
+    for group in xs.chunks(SUM_SQUARES_INPUTS) {
+        // Unused slots repeat the group's first tensor; the kernel reads only the first `used`.
+        let x = |i: usize| group.get(i).unwrap_or(&group[0]).clone().into_dispatch();
+        acc = Tensor::from_dispatch(<Dispatch as OptimKernels>::sum_squares_add(
+            x(0),
+            x(1),
+            x(2),
+            x(3),
+            x(4),
+            acc.into_dispatch(),
+            group.len(),
+        ));
+    }
+    acc
 }
 
 /// Whether [`adamw`] can step `param` with `grad`: f32 tensors on a wgpu device (the optimiser's tensors
@@ -168,20 +198,34 @@ impl OptimKernels for CubeBackend {
         (p_out, m_out, v_out)
     }
 
-    fn sum_squares_add(x: CubeTensor, acc: CubeTensor) -> CubeTensor {
-        assert!(x.dtype == DType::F32 && acc.dtype == DType::F32, "sum_squares_add: f32 tensors");
+    fn sum_squares_add(
+        x0: CubeTensor,
+        x1: CubeTensor,
+        x2: CubeTensor,
+        x3: CubeTensor,
+        x4: CubeTensor,
+        acc: CubeTensor,
+        used: usize,
+    ) -> CubeTensor {
+        let xs = [x0, x1, x2, x3, x4];
+        assert!((1..=SUM_SQUARES_INPUTS).contains(&used), "sum_squares_add: {used} tensors used of 5");
+        assert!(xs.iter().all(|x| x.dtype == DType::F32) && acc.dtype == DType::F32, "sum_squares_add: f32 tensors");
         assert!(acc.shape().num_elements() == 1, "sum_squares_add: acc must hold one value, not {:?}", acc.shape());
-        let n = u32::try_from(x.shape().num_elements()).expect("sum_squares_add: more than 2^32 elements");
-        let [x, acc] = [x, acc].map(into_contiguous);
-        let client = x.client.clone();
-        let params = client.create_from_slice(&n.to_le_bytes());
+        let count = |(i, x): (usize, &CubeTensor)| {
+            let n = if i < used { x.shape().num_elements() } else { 0 };
+            u32::try_from(n).expect("sum_squares_add: more than 2^32 elements")
+        };
+        let counts: Vec<u32> = xs.iter().enumerate().map(count).collect();
+        let xs = xs.map(into_contiguous);
+        let acc = into_contiguous(acc);
+        let client = acc.client.clone();
+        let params = crate::wgsl::words(&acc, &counts);
         let out =
-            CubeTensor::new_contiguous(client.clone(), x.device.clone(), acc.shape(), client.empty(4), DType::F32);
-        let args = KernelArguments::new()
-            .with_buffer(x.handle.clone().binding())
-            .with_buffer(acc.handle.clone().binding())
-            .with_buffer(params.binding())
-            .with_buffer(out.handle.clone().binding());
+            CubeTensor::new_contiguous(client.clone(), acc.device.clone(), acc.shape(), client.empty(4), DType::F32);
+        let args = xs
+            .iter()
+            .chain([&acc, &params, &out])
+            .fold(KernelArguments::new(), |args, t| args.with_buffer(t.handle.clone().binding()));
         client.launch(
             Box::new(SourceKernel::new(SumSquaresSource, CubeDim::new_1d(WORKGROUP))),
             CubeCount::Static(1, 1, 1),

@@ -1,6 +1,6 @@
 //! The optimiser's WGSL kernels (`ov3_core::optim_gpu`): AdamW (shaders/adamw.wgsl) against float64 code step
 //! by step, and `optim::adamw` on wgpu against burn's AdamW (its tensor ops) over a few steps of a small model;
-//! the sum of squares for grad-norm clipping (shaders/sum_squares.wgsl) against float64 code, and
+//! the sum of squares for grad-norm clipping (shaders/sum_squares.wgsl, five tensors a launch) against float64 code, and
 //! `optim::clip_grad_norm` on wgpu against the float64 norm of the same gradients. Launches are counted to
 //! show the kernels are what ran.
 //!
@@ -115,36 +115,40 @@ fn optim_adamw_on_wgpu_matches_burn_adamw() {
     assert!(rel_err(&ours.weight, &initial) > 1e-3, "the steps must move the weights");
 }
 
-/// `acc + sum(x^2)` against float64 for lengths around the workgroup's 256 and far above it, values over
-/// four orders of magnitude: relative error < 1e-5 (f32 sums of up to 4,000 squares per invocation).
+/// `acc + sum(x^2)` over lists of tensors against float64: lengths around the workgroup's 256 and far above
+/// it, values over four orders of magnitude, one tensor (four slots of the kernel unused), five (all used), six
+/// and eleven (a second and third launch, chained through the running total), with and without a starting
+/// total: relative error < 1e-5 (f32 sums of up to 4,000 squares per invocation). One launch per five tensors.
 #[test]
 fn sum_squares_matches_f64() {
     let _serial = serial();
     let Some(device) = wgpu_device() else { return };
-    for (n, seed) in [(1, 1), (255, 2), (256, 3), (257, 4), (100_003, 5), (1_000_000, 6)] {
-        let x: Vec<f64> = noise(n, seed)
-            .iter()
-            .enumerate()
-            .map(|(i, v)| f64::from((v * 10f64.powi(i as i32 % 4 - 2)) as f32))
-            .collect();
-        let acc = 0.375f64;
-        let want = acc + x.iter().map(|v| v * v).sum::<f64>();
-        let xt = tensor(&x, &device);
-        assert!(optim_gpu::supports_sum_squares(&xt));
-        let (got, count) =
-            launches(|| to_f64(&optim_gpu::sum_squares_add(xt.clone().reshape([n, 1]), tensor(&[acc], &device))));
+    let lengths = [1, 255, 256, 257, 100_003, 1_000_000, 3, 77, 4_096, 12, 5];
+    let xs: Vec<Vec<f64>> = lengths
+        .iter()
+        .enumerate()
+        .map(|(seed, &n)| {
+            let v = noise(n, seed as u64 + 1);
+            v.iter().enumerate().map(|(i, v)| f64::from((v * 10f64.powi(i as i32 % 4 - 2)) as f32)).collect()
+        })
+        .collect();
+    for (take, acc) in [(1, Some(0.375f64)), (5, None), (6, Some(2.5)), (11, None), (11, Some(0.125))] {
+        let want = acc.unwrap_or(0.0) + xs[..take].iter().flatten().map(|v| v * v).sum::<f64>();
+        let ts: Vec<Tensor<1>> = xs[..take].iter().map(|x| tensor(x, &device)).collect();
+        assert!(ts.iter().all(optim_gpu::supports_sum_squares));
+        let (got, count) = launches(|| to_f64(&optim_gpu::sum_squares_add(&ts, acc.map(|a| tensor(&[a], &device)))));
         assert_eq!(got.len(), 1);
         let err = (got[0] - want).abs() / want;
-        assert!(err < 1e-5, "n {n}: {} against {want}, relative error {err:.2e}", got[0]);
+        assert!(err < 1e-5, "{take} tensors: {} against {want}, relative error {err:.2e}", got[0]);
         let ours = count.iter().filter(|(k, _)| k.contains("SumSquaresSource")).map(|(_, c)| c).sum::<usize>();
-        assert_eq!(ours, 1, "n {n}: one launch");
+        assert_eq!(ours, take.div_ceil(5), "{take} tensors: a launch per five");
     }
 }
 
 /// `optim::clip_grad_norm` on wgpu: the norm it returns against the float64 norm of the same gradients, and
 /// its factor against float64 clipping's, both to 1e-5 relative; the gradients are left as they were (the
-/// optimiser applies the factor); the kernel runs once per parameter after the first (the first starts the
-/// total with burn's sum), and nothing scales the gradients.
+/// optimiser applies the factor); the kernel runs once for both parameters (after a fill of the zero it adds
+/// to), and nothing scales the gradients.
 #[test]
 fn clip_grad_norm_on_wgpu_matches_f64() {
     use burn::module::{Module, ModuleVisitor, Param};
@@ -181,11 +185,10 @@ fn clip_grad_norm_on_wgpu_matches_f64() {
         let err = (clip.factor - want_factor).abs() / want_factor;
         assert!(err < 1e-5, "max norm {max_norm}: factor {} against {want_factor}", clip.factor);
         let ours = count.iter().filter(|(k, _)| k.contains("SumSquaresSource")).map(|(_, c)| c).sum::<usize>();
-        assert_eq!(ours, 1, "one kernel for the second parameter");
-        // burn's square, fill and sum for the first parameter, our kernel for the second; scaling the
-        // gradients here would add a launch per parameter.
+        assert_eq!(ours, 1, "one kernel for both parameters");
+        // The zero's fill and our kernel; scaling the gradients here would add a launch per parameter.
         let total = count.values().sum::<usize>();
-        assert_eq!(total, 4, "launches: {count:?}");
+        assert_eq!(total, 2, "launches: {count:?}");
     }
     let mut after = Grads(&grads, Vec::new());
     model.visit(&mut after);
