@@ -65,11 +65,12 @@ for shape in "${shapes[@]}"; do
     --steps "$step_steps" --warmup "$warm" --threads 16
   run 150 python3 bench/torch_ref.py --device "$torch_dev" --amp --preset "$preset" --batch "$batch" --res "$res" \
     --steps "$step_steps" --warmup "$warm" --threads 16
-  # f32 with both attention paths, then mixed precision (f16 blocks, loss scaling) on the reference path.
-  for variant in "reference f32" "fused f32" "reference f16"; do
-    read -r attention precision <<<"$variant"
+  # f32 with both attention paths (and the reference path once more with burn's layer norm, softmax and GELU
+  # instead of ours, as before session 36), then mixed precision (f16 blocks, loss scaling) on the reference path.
+  for variant in "reference f32 ov3" "reference f32 burn" "fused f32 ov3" "reference f16 ov3"; do
+    read -r attention precision ops <<<"$variant"
     run 150 "$ov3" bench step --backend wgpu --attention "$attention" --precision "$precision" --preset "$preset" \
-      --batch "$batch" --res "$res" --steps "$step_steps" --warmup "$warm" --kernels count
+      --batch "$batch" --res "$res" --steps "$step_steps" --warmup "$warm" --kernels count --wgpu-ops "$ops"
   done
 done
 
@@ -101,6 +102,8 @@ if steps:
         base = {r.get("precision"): r["ms_per_step"] for r in group if r["impl"] == "pytorch"}
         for r in group:
             impl = "PyTorch eager" if r["impl"] == "pytorch" else f'ov3 wgpu, {r.get("attention", "")} attention'
+            if r.get("wgpu_ops") == "burn":
+                impl += ", burn's norm/softmax/GELU"
             prec = r.get("precision", "f32")
             ratio = lambda p: f'{r["ms_per_step"] / base[p]:.2f}x' if p in base else "-"
             out.append(f'| {key[0]} | {key[1]} | {key[2]} | {impl} | {prec} | {r["ms_per_step"]:.1f} | '

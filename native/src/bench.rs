@@ -84,6 +84,10 @@ pub struct StepArgs {
     /// JSON line with the totals and the most expensive kernels.
     #[arg(long)]
     kernels: Option<KernelsMode>,
+    /// wgpu: layer norm, softmax and GELU as ov3's WGSL kernels (`ov3`, what training uses) or as burn's
+    /// composite ops (`burn`, for comparison).
+    #[arg(long, default_value = "ov3", value_parser = ["ov3", "burn"])]
+    wgpu_ops: String,
 }
 
 /// What `--kernels` observes.
@@ -168,6 +172,7 @@ fn step(args: StepArgs, group: &dyn Group) -> anyhow::Result<()> {
         group.size()
     );
     let selected = args.common.device_in(group)?;
+    ov3_core::gpu_ops::set_enabled(args.wgpu_ops == "ov3");
     anyhow::ensure!(
         args.kernels.is_none() || selected.kind == BackendChoice::Wgpu,
         "--kernels needs --backend wgpu (the CPU backend launches no GPU kernels)"
@@ -220,12 +225,13 @@ fn step(args: StepArgs, group: &dyn Group) -> anyhow::Result<()> {
     let peak_mib = device_mem.map(|b| b as f64).unwrap_or_else(process_peak_bytes) / (1 << 20) as f64;
     let adapter = selected.adapter.as_ref().map(|a| a.to_string()).unwrap_or_else(|| "cpu (flex)".into());
     println!(
-        "{{\"bench\":\"step\",\"impl\":\"ov3\",\"backend\":\"{:?}\",\"adapter\":\"{}\",\"preset\":\"{}\",\"attention\":\"{}\",\"precision\":\"{}\",\"batch\":{},\"res\":{},\"context\":{},\
+        "{{\"bench\":\"step\",\"impl\":\"ov3\",\"backend\":\"{:?}\",\"adapter\":\"{}\",\"preset\":\"{}\",\"attention\":\"{}\",\"wgpu_ops\":\"{}\",\"precision\":\"{}\",\"batch\":{},\"res\":{},\"context\":{},\
          \"ms_per_step\":{:.1},\"images_per_s\":{:.2},\"peak_mib\":{:.0},\"peak_kind\":\"{}\",\"threads\":{},\"ranks\":{}}}",
         selected.kind,
         adapter,
         args.common.preset.name(),
         args.attention,
+        args.wgpu_ops,
         args.precision.name(),
         args.batch,
         args.res,
@@ -240,7 +246,7 @@ fn step(args: StepArgs, group: &dyn Group) -> anyhow::Result<()> {
     if let Some(launches) = launches {
         let context = serde_json::json!({
             "adapter": adapter, "preset": args.common.preset.name(), "attention": args.attention,
-            "precision": args.precision.name(), "batch": args.batch, "res": args.res,
+            "wgpu_ops": args.wgpu_ops, "precision": args.precision.name(), "batch": args.batch, "res": args.res,
         });
         println!("{}", launches.json(12, &context, median * 1e3));
     }

@@ -145,6 +145,14 @@ type CubeDispatched = burn::backend::wgpu::CubeBackend;
 #[cfg(feature = "fusion")]
 type CubeDispatched = burn::backend::fusion::Fusion<burn::backend::wgpu::CubeBackend>;
 
+static ENABLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Use these kernels on wgpu (the default), or not (burn's composite ops instead, as before them): for
+/// `ov3 bench step --wgpu-ops burn`, which compares the two on one adapter.
+pub fn set_enabled(on: bool) {
+    ENABLED.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Whether [`softmax_last`] takes `x` (and [`layer_norm`], with its parameters): a non-empty f32 tensor on a
 /// wgpu device (with or without autodiff).
 pub fn supports<const D: usize>(x: &Tensor<D>) -> bool {
@@ -157,7 +165,10 @@ pub fn supports_gelu<const D: usize>(x: &Tensor<D>) -> bool {
 }
 
 fn on_wgpu<const D: usize>(x: &Tensor<D>) -> bool {
-    D > 0 && x.shape().num_elements() > 0 && matches!(x.device().inner().as_dispatch(), DispatchDevice::Cube(_))
+    ENABLED.load(std::sync::atomic::Ordering::Relaxed)
+        && D > 0
+        && x.shape().num_elements() > 0
+        && matches!(x.device().inner().as_dispatch(), DispatchDevice::Cube(_))
 }
 
 /// Whether [`layer_norm`] takes `x`: a non-empty f32 tensor on a wgpu device (with or without autodiff), with
