@@ -328,3 +328,24 @@ fn model_softmax_and_gelu_on_wgpu_match_burn_ops() {
         assert!(err < 1e-5, "{op} gradient: relative error {err:.2e}");
     }
 }
+
+/// `gpu_ops::set_enabled(false)` (`ov3 bench step --wgpu-ops burn`, `OV3_WGPU_OPS=burn`) leaves the model's layer
+/// norm, softmax and GELU to burn's ops on wgpu: none of our kernels launch; switched back on, each launches one.
+#[test]
+fn switched_off_the_model_ops_are_burns() {
+    let _serial = serial();
+    let Some(device) = wgpu_device() else { return };
+    let x = Tensor::<2>::random([6, 40], Distribution::Normal(0.0, 1.0), &device);
+    let (gamma, beta) = (Tensor::<1>::ones([40], &device), Tensor::<1>::zeros([40], &device));
+    let ours = |on: bool| {
+        gpu_ops::set_enabled(on);
+        let (_, count) = launches(|| {
+            let y = cpu_ops::layer_norm(x.clone(), gamma.clone(), beta.clone(), 1e-5);
+            cpu_ops::gelu(cpu_ops::softmax_last(y, 0.5))
+        });
+        count.iter().filter(|(k, _)| k.contains("GpuOpKernel")).map(|(_, n)| n).sum::<usize>()
+    };
+    let off = ours(false);
+    let on = ours(true);
+    assert_eq!((off, on), (0, 3), "kernel launches switched off, then on");
+}

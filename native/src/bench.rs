@@ -85,9 +85,9 @@ pub struct StepArgs {
     #[arg(long)]
     kernels: Option<KernelsMode>,
     /// wgpu: layer norm, softmax and GELU as ov3's WGSL kernels (`ov3`, what training uses) or as burn's
-    /// composite ops (`burn`, for comparison).
-    #[arg(long, default_value = "ov3", value_parser = ["ov3", "burn"])]
-    wgpu_ops: String,
+    /// composite ops (`burn`, for comparison); `$OV3_WGPU_OPS` (`burn` or not) by default.
+    #[arg(long, value_parser = ["ov3", "burn"])]
+    wgpu_ops: Option<String>,
 }
 
 /// What `--kernels` observes.
@@ -172,7 +172,10 @@ fn step(args: StepArgs, group: &dyn Group) -> anyhow::Result<()> {
         group.size()
     );
     let selected = args.common.device_in(group)?;
-    ov3_core::gpu_ops::set_enabled(args.wgpu_ops == "ov3");
+    if let Some(ops) = &args.wgpu_ops {
+        ov3_core::gpu_ops::set_enabled(ops == "ov3");
+    }
+    let wgpu_ops = if ov3_core::gpu_ops::enabled() { "ov3" } else { "burn" };
     anyhow::ensure!(
         args.kernels.is_none() || selected.kind == BackendChoice::Wgpu,
         "--kernels needs --backend wgpu (the CPU backend launches no GPU kernels)"
@@ -231,7 +234,7 @@ fn step(args: StepArgs, group: &dyn Group) -> anyhow::Result<()> {
         adapter,
         args.common.preset.name(),
         args.attention,
-        args.wgpu_ops,
+        wgpu_ops,
         args.precision.name(),
         args.batch,
         args.res,
@@ -246,7 +249,7 @@ fn step(args: StepArgs, group: &dyn Group) -> anyhow::Result<()> {
     if let Some(launches) = launches {
         let context = serde_json::json!({
             "adapter": adapter, "preset": args.common.preset.name(), "attention": args.attention,
-            "wgpu_ops": args.wgpu_ops, "precision": args.precision.name(), "batch": args.batch, "res": args.res,
+            "wgpu_ops": wgpu_ops, "precision": args.precision.name(), "batch": args.batch, "res": args.res,
         });
         println!("{}", launches.json(12, &context, median * 1e3));
     }

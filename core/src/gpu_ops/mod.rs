@@ -18,6 +18,7 @@ mod kernels;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Backend, DType, Dispatch, DispatchDevice, backend_extension};
 use burn::tensor::Tensor;
+use std::sync::atomic::{AtomicU8, Ordering};
 
 /// The differentiable ops the model calls: on burn's autodiff backend each records its backward kernels
 /// ([`GpuKernels`]) for the backward pass (`autodiff.rs`), on the plain backend it is the forward kernel alone.
@@ -145,12 +146,27 @@ type CubeDispatched = burn::backend::wgpu::CubeBackend;
 #[cfg(feature = "fusion")]
 type CubeDispatched = burn::backend::fusion::Fusion<burn::backend::wgpu::CubeBackend>;
 
-static ENABLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+/// 0: not decided yet (`OV3_WGPU_OPS` decides at the first use), 1: our kernels, 2: burn's ops.
+static SETTING: AtomicU8 = AtomicU8::new(0);
 
-/// Use these kernels on wgpu (the default), or not (burn's composite ops instead, as before them): for
-/// `ov3 bench step --wgpu-ops burn`, which compares the two on one adapter.
+/// Use these kernels on wgpu, or not (burn's composite ops instead, as before them): `ov3 bench step
+/// --wgpu-ops` compares the two on one adapter. Without a call, `OV3_WGPU_OPS=burn` in the environment turns
+/// them off (a way around a driver that mis-compiles one of them); anything else, or nothing, keeps them on.
 pub fn set_enabled(on: bool) {
-    ENABLED.store(on, std::sync::atomic::Ordering::Relaxed);
+    SETTING.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+}
+
+/// Whether the model's layer norms, softmaxes and GELUs on wgpu go through these kernels.
+pub fn enabled() -> bool {
+    match SETTING.load(Ordering::Relaxed) {
+        1 => true,
+        2 => false,
+        _ => {
+            let on = std::env::var("OV3_WGPU_OPS").map_or(true, |v| v.trim() != "burn");
+            set_enabled(on);
+            on
+        }
+    }
 }
 
 /// Whether [`softmax_last`] takes `x` (and [`layer_norm`], with its parameters): a non-empty f32 tensor on a
@@ -165,10 +181,10 @@ pub fn supports_gelu<const D: usize>(x: &Tensor<D>) -> bool {
 }
 
 fn on_wgpu<const D: usize>(x: &Tensor<D>) -> bool {
-    ENABLED.load(std::sync::atomic::Ordering::Relaxed)
-        && D > 0
+    D > 0
         && x.shape().num_elements() > 0
         && matches!(x.device().inner().as_dispatch(), DispatchDevice::Cube(_))
+        && enabled()
 }
 
 /// Whether [`layer_norm`] takes `x`: a non-empty f32 tensor on a wgpu device (with or without autodiff), with
