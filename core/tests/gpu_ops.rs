@@ -31,6 +31,24 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// A test's turn ([`serial`]) during which every kernel output is NaN-filled before its launch; dropping it
+/// (also on a failed assertion) turns that off before the next test's turn.
+struct Turn(#[allow(dead_code)] std::sync::MutexGuard<'static, ()>);
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        flash::set_poison_outputs(false);
+    }
+}
+
+/// The turn and the wgpu device with autodiff, outputs poisoned; `None` (the test is skipped) without an adapter.
+fn poisoned_wgpu() -> Option<(Turn, Device)> {
+    let turn = Turn(serial());
+    let device = wgpu_device()?;
+    flash::set_poison_outputs(true);
+    Some((turn, device.autodiff()))
+}
+
 /// `rows` rows of width `d` of different scales and offsets, row 5 (when there is one) nearly constant (where
 /// rstd is large), through `gpu_ops::layer_norm` forward and backward with upstream gradient `w`:
 /// forward to 1e-5 of each row's scale plus the f32 rounding of its mean (as `cpu_ops.rs` states it), `dx` row
@@ -86,14 +104,10 @@ fn matches_f64(device: &Device, rows: usize, d: usize, check_row: impl Fn(usize)
 /// gradients' first sum (5,000 rows: 79 chunks and a reduction).
 #[test]
 fn layer_norm_matches_f64() {
-    let _serial = serial();
-    let Some(device) = wgpu_device() else { return };
-    flash::set_poison_outputs(true);
-    let device = device.autodiff();
+    let Some((_turn, device)) = poisoned_wgpu() else { return };
     for (rows, d) in [(70, 24), (9, 1), (7, 300), (5_000, 16)] {
         matches_f64(&device, rows, d, |_| true);
     }
-    flash::set_poison_outputs(false);
 }
 
 /// More rows than one grid dimension's 65,535 workgroups (the kernels' 2-D grid and its surplus workgroups,
@@ -101,12 +115,9 @@ fn layer_norm_matches_f64() {
 /// row, the parameter gradients over all of them.
 #[test]
 fn layer_norm_covers_a_two_dimensional_grid() {
-    let _serial = serial();
-    let Some(device) = wgpu_device() else { return };
-    flash::set_poison_outputs(true);
+    let Some((_turn, device)) = poisoned_wgpu() else { return };
     let rows = 65_535 + 1_234;
-    matches_f64(&device.autodiff(), rows, 8, |r| r < 100 || r + 200 >= rows);
-    flash::set_poison_outputs(false);
+    matches_f64(&device, rows, 8, |r| r < 100 || r + 200 >= rows);
 }
 
 /// `cpu_ops::layer_norm` (what the model calls) on wgpu with autodiff against burn's composite op on the same
@@ -167,10 +178,7 @@ fn gelu_grad_f64(x: f64) -> f64 {
 /// kernels are held to 1e-6 forward; Vulkan lets a GPU's exp be 3 + 2|x| ulp off.)
 #[test]
 fn softmax_matches_f64() {
-    let _serial = serial();
-    let Some(device) = wgpu_device() else { return };
-    flash::set_poison_outputs(true);
-    let device = device.autodiff();
+    let Some((_turn, device)) = poisoned_wgpu() else { return };
     let scale = 0.35f32;
     for (rows, d) in [(70, 24), (9, 300)] {
         let mut x: Vec<f64> = noise(rows * d, 5).iter().map(|v| 4.0 * v).collect();
@@ -201,7 +209,6 @@ fn softmax_matches_f64() {
             assert!(err < 1e-5, "{rows}x{d}: softmax dx, row {r}: relative error {err:.2e}");
         }
     }
-    flash::set_poison_outputs(false);
 }
 
 /// Exact GELU over [-8, 8] in steps of 1e-3 (erf's two approximations meet at |x / sqrt 2| = 0.75): forward
@@ -210,10 +217,7 @@ fn softmax_matches_f64() {
 /// every 997th element and the last 3,000.
 #[test]
 fn gelu_matches_f64() {
-    let _serial = serial();
-    let Some(device) = wgpu_device() else { return };
-    flash::set_poison_outputs(true);
-    let device = device.autodiff();
+    let Some((_turn, device)) = poisoned_wgpu() else { return };
     let check = |x: &[f64], pick: &dyn Fn(usize) -> bool| {
         let n = x.len();
         let w = exact(noise(n, 7));
@@ -235,7 +239,6 @@ fn gelu_matches_f64() {
     let n = 65_535 * 256 + 4_321;
     let big = exact(noise(n, 8).iter().map(|v| 6.0 * v).collect());
     check(&big, &|i| i % 997 == 0 || i + 3_000 >= n);
-    flash::set_poison_outputs(false);
 }
 
 /// GELU on f16 tensors (mixed precision's activations) over [-8, 8]: values and gradient to 1e-3 relative
@@ -244,10 +247,7 @@ fn gelu_matches_f64() {
 /// launch each way and no casts.
 #[test]
 fn gelu_in_f16_matches_f64() {
-    let _serial = serial();
-    let Some(device) = wgpu_device() else { return };
-    flash::set_poison_outputs(true);
-    let device = device.autodiff();
+    let Some((_turn, device)) = poisoned_wgpu() else { return };
     let x: Vec<f64> = (0..=4_000).map(|i| f64::from(half::f16::from_f64(-8.0 + i as f64 * 4e-3))).collect();
     let w: Vec<f64> = noise(x.len(), 9).iter().map(|&v| f64::from(half::f16::from_f64(v))).collect();
     let n = x.len();
@@ -276,7 +276,6 @@ fn gelu_in_f16_matches_f64() {
     if f16_kernels {
         assert_eq!(casts(&forward), 0, "no cast forward: {forward:?}");
     }
-    flash::set_poison_outputs(false);
 }
 
 /// `cpu_ops::softmax_last` and `cpu_ops::gelu` (what the model calls) on wgpu with autodiff, on a strided input
