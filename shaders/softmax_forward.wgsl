@@ -18,10 +18,11 @@ fn main(
     let at = row_of(wid, groups, rows);
     let base = at.x * D;
     var v: array<f32, PER>;
-    var m = -3.4028235e38;
+    // The lowest f32 WGSL takes as a literal (-3.4028235e38, f32::MIN printed short, is out of range for Tint).
+    var m = -3.4028234e38;
     for (var k = 0u; k < PER; k++) {
         let j = lane + k * WG;
-        var e = -3.4028235e38;
+        var e = -3.4028234e38;
         if (j < D) {
             e = scale * x[base + j];
         }

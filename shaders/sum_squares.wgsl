@@ -1,10 +1,10 @@
 // acc_out = acc_in + sum_i x_i^2 over up to five gradient tensors x0..x4, in one workgroup: global grad-norm
 // clipping (optim::clip_grad_norm on wgpu; core/src/optim_gpu.rs launches it once per five parameters, each
-// launch adding to the running total the last one wrote, the first to a zero). burn's
-// full `sum` is a fill and an atomic sum after the square, plus an add for the running total: four launches per
-// parameter instead of one per five. Five because WebGPU guarantees 8 storage buffers per shader stage (the
-// five, acc_in, params, acc_out); unused slots repeat x0 with a count of 0. One workgroup suffices: a gradient
-// is read once, and the launches of one step run one after another anyway (each reads the previous total).
+// launch adding to the running total the last one wrote, the first to a zero). burn's full `sum` is a fill and
+// an atomic sum after the square, plus an add for the running total: four launches per parameter instead of one
+// per five. Five because WebGPU guarantees 8 storage buffers per shader stage (the five, acc_in, params,
+// acc_out); unused slots are one-word stand-ins with a count of 0. One workgroup suffices: a gradient is read
+// once, and the launches of one step run one after another anyway (each reads the previous total).
 // Every binding is read_write: burn's memory pool packs many tensors into one wgpu buffer, and wgpu refuses a
 // buffer bound read-only and read-write in the same dispatch.
 

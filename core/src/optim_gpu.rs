@@ -73,7 +73,8 @@ pub fn sum_squares_add(xs: &[Tensor<1>], acc: Option<Tensor<1>>) -> Tensor<1> {
     let first = xs.first().expect("sum_squares_add: no tensors");
     let mut acc = acc.unwrap_or_else(|| Tensor::zeros([1], &first.device()));
     for group in xs.chunks(SUM_SQUARES_INPUTS) {
-        // Unused slots repeat the group's first tensor; the kernel reads only the first `used`.
+        // Unused slots repeat the group's first tensor (the kernel reads only the first `used`; its launch binds
+        // a stand-in for each).
         let x = |i: usize| group.get(i).unwrap_or(&group[0]).clone().into_dispatch();
         acc = Tensor::from_dispatch(<Dispatch as OptimKernels>::sum_squares_add(
             x(0),
@@ -216,7 +217,11 @@ impl OptimKernels for CubeBackend {
             u32::try_from(n).expect("sum_squares_add: more than 2^32 elements")
         };
         let counts: Vec<u32> = xs.iter().enumerate().map(count).collect();
+        // Unused slots get one-word buffers of their own: a tensor bound twice would alias two writable
+        // bindings, which WebGPU refuses.
         let xs = xs.map(into_contiguous);
+        let xs: Vec<CubeTensor> =
+            xs.into_iter().enumerate().map(|(i, x)| if i < used { x } else { crate::wgsl::words(&x, &[0]) }).collect();
         let acc = into_contiguous(acc);
         let client = acc.client.clone();
         let params = crate::wgsl::words(&acc, &counts);
@@ -233,4 +238,12 @@ impl OptimKernels for CubeBackend {
         );
         out
     }
+}
+
+/// Every kernel's WGSL as compiled: `(name, source)`, for `wgsl::every_kernel`.
+pub(crate) fn sources() -> Vec<(String, String)> {
+    vec![
+        ("optim AdamW".to_string(), AdamWSource.source().complete()),
+        ("optim sum of squares".to_string(), SumSquaresSource.source().complete()),
+    ]
 }

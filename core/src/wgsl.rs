@@ -72,3 +72,14 @@ pub fn cast(t: CubeTensor, dtype: DType) -> CubeTensor {
 pub fn elem_header(dtype: DType) -> &'static str {
     if dtype == DType::F16 { "enable f16;\nalias elem = f16;\n" } else { "alias elem = f32;\n" }
 }
+
+/// The WGSL of every kernel ov3 compiles, as compiled (constants prepended, files joined), one or more variants
+/// each: `(name, source)`. `ov3 info --wgsl FILE` writes them, and the browser test has Chromium's WGSL compiler
+/// (Tint, stricter than the naga of native wgpu) compile each one; `core/tests/gpu_ops.rs` checks that every file
+/// of `shaders/` is in one.
+pub fn every_kernel() -> Vec<(String, String)> {
+    let mut all = crate::flash::kernels::sources();
+    all.extend(crate::gpu_ops::kernels::sources());
+    all.extend(crate::optim_gpu::sources());
+    all
+}

@@ -348,3 +348,26 @@ fn switched_off_the_model_ops_are_burns() {
     let on = ours(true);
     assert_eq!((off, on), (0, 3), "kernel launches switched off, then on");
 }
+
+/// `wgsl::every_kernel` (what `ov3 info --wgsl` writes and the browser test has Chromium compile) holds every
+/// file of `shaders/`, each name once: a new kernel cannot miss the Tint check by being left off the list.
+#[test]
+fn every_shader_file_is_in_the_listed_kernels() {
+    let kernels = ov3_core::wgsl::every_kernel();
+    let mut names: Vec<&str> = kernels.iter().map(|(n, _)| n.as_str()).collect();
+    names.sort_unstable();
+    names.dedup();
+    assert_eq!(names.len(), kernels.len(), "kernel names repeat");
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shaders");
+    let mut files = 0;
+    for entry in std::fs::read_dir(&dir).expect("shaders/") {
+        let path = entry.expect("a shaders/ entry").path();
+        if path.extension().is_some_and(|e| e == "wgsl") {
+            let text = std::fs::read_to_string(&path).expect("a WGSL file");
+            let listed = kernels.iter().any(|(_, src)| src.contains(text.trim()));
+            assert!(listed, "{} is in none of wgsl::every_kernel's sources", path.display());
+            files += 1;
+        }
+    }
+    assert!(files >= 14, "{files} WGSL files found in {}", dir.display());
+}

@@ -12,9 +12,21 @@ pub struct InfoArgs {
     preset: Preset,
     #[arg(long, default_value = "auto")]
     backend: BackendChoice,
+    /// Also write every WGSL kernel ov3 compiles, as compiled, to FILE (JSON: name -> source; the browser test
+    /// has Chromium compile them).
+    #[arg(long, value_name = "FILE")]
+    wgsl: Option<std::path::PathBuf>,
 }
 
 pub fn run(args: InfoArgs) -> anyhow::Result<()> {
+    if let Some(path) = &args.wgsl {
+        let kernels: serde_json::Map<String, serde_json::Value> =
+            ov3_core::wgsl::every_kernel().into_iter().map(|(name, src)| (name, src.into())).collect();
+        let json = serde_json::to_vec_pretty(&kernels)?;
+        ov3_core::fsio::atomic_write(path, &json)
+            .map_err(|e| anyhow::anyhow!("--wgsl: cannot write {}: {e}", path.display()))?;
+        println!("{} WGSL kernels written to {}", kernels.len(), path.display());
+    }
     let adapters = device::adapters();
     if adapters.is_empty() {
         println!("wgpu adapters: none found");

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The browser test: build the page (web/build.sh), compute what the native CLI says for the same files, serve
-# dist/ on localhost and let headless Chromium (WebGPU on SwiftShader, with burn's attention and with our
-# fused kernels, then without WebGPU) check the page.
+# dist/ on localhost, have headless Chromium compile every WGSL kernel of ov3's, and let it (WebGPU on
+# SwiftShader, with burn's attention and with our fused kernels, then without WebGPU) check the page.
 # Needs wasm-bindgen on PATH, /usr/bin/chromium, node, python3 and `npm ci --prefix web/tests` (see README).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -51,6 +51,9 @@ server=$!
 trap 'kill $server 2>/dev/null' EXIT
 sleep 1
 
+echo "== every WGSL kernel (shaders/, as ov3 compiles them) through Chromium's compiler"
+cargo run -q -p ov3 -- info --backend cpu --wgsl "$out/wgsl.json" 2>/dev/null | grep "WGSL kernels"
+node web/tests/wgsl.mjs "http://127.0.0.1:$port/" "$out/wgsl.json"
 echo "== Chromium with WebGPU (SwiftShader)"
 node web/tests/browser.mjs "http://127.0.0.1:$port/" "$out/expected.json" "$out"
 echo "== Chromium with WebGPU, our fused attention kernels (shaders/) compiled by Tint"

@@ -188,3 +188,16 @@ pub fn backward(
     };
     (cast(dq, dtype), half(0), half(1))
 }
+
+/// Every kernel's WGSL as compiled, for WebGPU's default limits (16 KiB of workgroup memory, 256 invocations)
+/// and 64-wide heads, in f32 and f16: `(name, source)`, for `wgsl::every_kernel`.
+pub(crate) fn sources() -> Vec<(String, String)> {
+    let tiles = Tiles::choose(64, 16 * 1024, 256);
+    let stages = [Stage::Forward, Stage::BackwardDq, Stage::BackwardDk, Stage::BackwardDv];
+    let each = stages.into_iter().flat_map(|stage| [false, true].map(|f16| (stage, f16)));
+    each.map(|(stage, f16)| {
+        let name = format!("flash {stage:?}{}", if f16 { " f16" } else { "" });
+        (name, FlashKernel { stage, tiles, f16 }.source().complete())
+    })
+    .collect()
+}

@@ -9,7 +9,7 @@
 //! reference path of `model::attention` there.
 
 mod autodiff;
-mod kernels;
+pub(crate) mod kernels;
 
 use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::{Backend, Dispatch, DispatchDevice, backend_extension};

@@ -178,8 +178,26 @@ pub fn gelu(x: CubeTensor, g: Option<CubeTensor>) -> CubeTensor {
             let g = into_contiguous(cast(g, st));
             launch(Stage::GeluBackward, 0, groups, &[&x, &g, &params, &out]);
         }
-        // The forward binds x twice in g's place: the shader reads g only in the backward.
-        None => launch(Stage::Gelu, 0, groups, &[&x, &x, &params, &out]),
+        // The forward never reads g: a one-word buffer of its own stands in (binding x twice would alias two
+        // writable bindings, which WebGPU refuses).
+        None => launch(Stage::Gelu, 0, groups, &[&x, &words(&x, &[0]), &params, &out]),
     }
     cast(out, dtype)
+}
+
+/// Every kernel's WGSL as compiled (rows of 1, 64, 192 and 300 values: narrower and wider than a workgroup, and
+/// a ragged last share; GELU in f32 and f16): `(name, source)`, for `wgsl::every_kernel`.
+pub(crate) fn sources() -> Vec<(String, String)> {
+    let rows =
+        [Stage::LayerNorm, Stage::LayerNormBackward, Stage::LayerNormParams, Stage::Softmax, Stage::SoftmaxBackward];
+    let row_kernels = rows.into_iter().flat_map(|stage| [1, 64, 192, 300].map(|d| (stage, d, false)));
+    let gelu =
+        [Stage::Gelu, Stage::GeluBackward].into_iter().flat_map(|stage| [false, true].map(|f16| (stage, 0, f16)));
+    row_kernels
+        .chain(gelu)
+        .map(|(stage, d, f16)| {
+            let name = format!("gpu_ops {stage:?} d={d}{}", if f16 { " f16" } else { "" });
+            (name, GpuOpKernel { stage, d, f16 }.source().complete())
+        })
+        .collect()
 }

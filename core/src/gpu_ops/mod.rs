@@ -13,7 +13,7 @@
 //! `core/tests/gpu_ops.rs` checks values and gradients against float64 code and against burn's own ops.
 
 mod autodiff;
-mod kernels;
+pub(crate) mod kernels;
 
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Backend, DType, Dispatch, DispatchDevice, backend_extension};
