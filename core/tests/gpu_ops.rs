@@ -31,6 +31,11 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// Launches of our kernels in a [`launches`] count.
+fn ours_in(count: &std::collections::HashMap<&str, usize>) -> usize {
+    count.iter().filter(|(k, _)| k.contains("GpuOpKernel")).map(|(_, n)| n).sum()
+}
+
 /// A test's turn ([`serial`]) during which every kernel output is NaN-filled before its launch; dropping it
 /// (also on a failed assertion) turns that off before the next test's turn.
 struct Turn(#[allow(dead_code)] std::sync::MutexGuard<'static, ()>);
@@ -136,20 +141,24 @@ fn model_layer_norm_on_wgpu_matches_burn_op() {
         let x = base.clone().require_grad();
         let (g, b) = (gamma.clone().require_grad(), beta.clone().require_grad());
         let input = x.clone().swap_dims(1, 2); // [2, 24, 40]: last dim 40, strided
-        let (y, forward) = launches(|| {
-            if ours {
+        // Each count reads its results back inside it, so burn's fusion backend (`--features fusion`), which
+        // queues operations, runs what it queued there.
+        let ((y, y_values), forward) = launches(|| {
+            let y = if ours {
                 cpu_ops::layer_norm(input, g.clone(), b.clone(), 1e-5)
             } else {
                 burn::tensor::module::layer_norm(input, g.clone(), Some(b.clone()), 1e-5)
-            }
+            };
+            let values = to_f64(&y);
+            (y, values)
         });
-        let loss = (y.clone() * upstream.clone()).sum();
-        let (grads, backward) = launches(|| loss.backward());
-        let grad = |t: &Tensor<1>| to_f64(&t.grad(&grads).expect("gradient"));
-        let ours_in = |c: &std::collections::HashMap<&str, usize>| {
-            c.iter().filter(|(k, _)| k.contains("GpuOpKernel")).map(|(_, n)| n).sum::<usize>()
-        };
-        let values = (to_f64(&y), to_f64(&x.grad(&grads).expect("gradient")), grad(&g), grad(&b));
+        let loss = (y * upstream.clone()).sum();
+        let (grads, backward) = launches(|| {
+            let grads = loss.backward();
+            let grad = |t: &Tensor<1>| to_f64(&t.grad(&grads).expect("gradient"));
+            (to_f64(&x.grad(&grads).expect("gradient")), grad(&g), grad(&b))
+        });
+        let values = (y_values, grads.0, grads.1, grads.2);
         (values, [ours_in(&forward), ours_in(&backward)])
     };
     let ((ours, ours_launches), (reference, burn_launches)) = (run(true), run(false));
@@ -254,25 +263,32 @@ fn gelu_in_f16_matches_f64() {
     let xt = tensor(&x, [n], &device).cast(burn::tensor::DType::F16).require_grad();
     let wt = tensor(&w, [n], &device).cast(burn::tensor::DType::F16);
     assert!(gpu_ops::supports_gelu(&xt));
-    let (y, forward) = launches(|| gpu_ops::gelu(xt.clone()));
+    // The inputs' casts run now, before the counts (burn's fusion backend queues them until a read).
+    let _ = (to_f64(&xt), to_f64(&wt));
+    // Each count reads its results back inside it (burn's fusion backend runs what it queued there).
+    let ((y, y_values), forward) = launches(|| {
+        let y = gpu_ops::gelu(xt.clone());
+        let values = to_f64(&y);
+        (y, values)
+    });
     assert_eq!(y.dtype(), burn::tensor::DType::F16);
-    let (grads, backward) = launches(|| (y.clone() * wt).sum().backward());
-    let dx = xt.grad(&grads).expect("dx");
+    let ((dx, dx_values), backward) = launches(|| {
+        let dx = xt.grad(&(y * wt).sum().backward()).expect("dx");
+        let values = to_f64(&dx);
+        (dx, values)
+    });
     assert_eq!(dx.dtype(), burn::tensor::DType::F16);
-    let err = rel_err(&to_f64(&y), &x.iter().map(|&v| gelu_f64(v)).collect::<Vec<_>>());
+    let err = rel_err(&y_values, &x.iter().map(|&v| gelu_f64(v)).collect::<Vec<_>>());
     assert!(err < 1e-3, "f16 gelu forward: relative error {err:.2e}");
     let want: Vec<f64> = x.iter().zip(&w).map(|(&v, &g)| g * gelu_grad_f64(v)).collect();
-    let err = rel_err(&to_f64(&dx), &want);
+    let err = rel_err(&dx_values, &want);
     assert!(err < 1e-3, "f16 gelu backward: relative error {err:.2e}");
     let f16_kernels = device.supports_dtype(burn::tensor::DType::F16);
     eprintln!("adapter shader-f16: {f16_kernels}");
     let casts = |c: &std::collections::HashMap<&str, usize>| {
         c.iter().filter(|(k, _)| k.to_lowercase().contains("cast")).map(|(_, n)| n).sum::<usize>()
     };
-    let ours = |c: &std::collections::HashMap<&str, usize>| {
-        c.iter().filter(|(k, _)| k.contains("GpuOpKernel")).map(|(_, n)| n).sum::<usize>()
-    };
-    assert_eq!([ours(&forward), ours(&backward)], [1, 1], "one kernel forward, one backward");
+    assert_eq!([ours_in(&forward), ours_in(&backward)], [1, 1], "one kernel forward, one backward");
     if f16_kernels {
         assert_eq!(casts(&forward), 0, "no cast forward: {forward:?}");
     }
@@ -294,19 +310,23 @@ fn model_softmax_and_gelu_on_wgpu_match_burn_ops() {
         let run = |ours: bool| {
             let x = base.clone().require_grad();
             let input = x.clone().swap_dims(1, 2); // [2, 24, 40]: last dim 40, strided
-            let (y, forward) = launches(|| match (op, ours) {
-                ("softmax", true) => cpu_ops::softmax_last(input, 0.4),
-                ("softmax", false) => burn::tensor::activation::softmax(input.mul_scalar(0.4), 2),
-                (_, true) => cpu_ops::gelu(input),
-                (_, false) => burn::tensor::activation::gelu(input),
+            // Each count reads its results back inside it (burn's fusion backend runs what it queued there).
+            let ((y, y_values), forward) = launches(|| {
+                let y = match (op, ours) {
+                    ("softmax", true) => cpu_ops::softmax_last(input, 0.4),
+                    ("softmax", false) => burn::tensor::activation::softmax(input.mul_scalar(0.4), 2),
+                    (_, true) => cpu_ops::gelu(input),
+                    (_, false) => burn::tensor::activation::gelu(input),
+                };
+                let values = to_f64(&y);
+                (y, values)
             });
-            let (grads, backward) = launches(|| (y.clone() * upstream.clone()).sum().backward());
-            let ours_in = |c: &std::collections::HashMap<&str, usize>| {
-                c.iter().filter(|(k, _)| k.contains("GpuOpKernel")).map(|(_, n)| n).sum::<usize>()
-            };
             // The gradient in the input's layout ([2, 24, 40]), as y and the upstream gradient are.
-            let dx = to_f64(&x.grad(&grads).expect("gradient").swap_dims(1, 2));
-            ((to_f64(&y), dx), [ours_in(&forward), ours_in(&backward)])
+            let (dx, backward) = launches(|| {
+                let grads = (y * upstream.clone()).sum().backward();
+                to_f64(&x.grad(&grads).expect("gradient").swap_dims(1, 2))
+            });
+            ((y_values, dx), [ours_in(&forward), ours_in(&backward)])
         };
         let ((ours, ours_launches), (mut reference, burn_launches)) = (run(true), run(false));
         if op == "gelu" {
@@ -340,9 +360,10 @@ fn switched_off_the_model_ops_are_burns() {
         gpu_ops::set_enabled(on);
         let (_, count) = launches(|| {
             let y = cpu_ops::layer_norm(x.clone(), gamma.clone(), beta.clone(), 1e-5);
-            cpu_ops::gelu(cpu_ops::softmax_last(y, 0.5))
+            // Read back inside the count: burn's fusion backend runs what it queued there.
+            to_f64(&cpu_ops::gelu(cpu_ops::softmax_last(y, 0.5)))
         });
-        count.iter().filter(|(k, _)| k.contains("GpuOpKernel")).map(|(_, n)| n).sum::<usize>()
+        ours_in(&count)
     };
     let off = ours(false);
     let on = ours(true);
