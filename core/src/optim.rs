@@ -124,7 +124,10 @@ pub fn clip_grad_norm<M: Module>(model: &M, grads: &GradientsParams, max_norm: f
                     self.1.push(g.reshape([n]));
                 } else {
                     let sq = g.square().sum();
-                    self.2 = Some(self.2.take().map_or(sq.clone(), |acc| acc + sq));
+                    self.2 = Some(match self.2.take() {
+                        Some(acc) => acc + sq,
+                        None => sq,
+                    });
                 }
             }
         }
@@ -132,11 +135,12 @@ pub fn clip_grad_norm<M: Module>(model: &M, grads: &GradientsParams, max_norm: f
     let mut sum = SumSq(grads, Vec::new(), None);
     model.visit(&mut sum);
     // On wgpu one kernel adds five gradients' squares to the running total (four burn ops each otherwise).
-    let total = match (sum.1.is_empty(), sum.2) {
-        (true, burn_total) => burn_total,
-        (false, Some(acc)) if acc.dtype() == DType::F32 => Some(optim_gpu::sum_squares_add(&sum.1, Some(acc))),
-        (false, Some(acc)) => Some(optim_gpu::sum_squares_add(&sum.1, None) + acc.cast(DType::F32)),
-        (false, None) => Some(optim_gpu::sum_squares_add(&sum.1, None)),
+    // burn's total, if any, is the kernel's starting value (in f32, as the kernel keeps it).
+    let total = if sum.1.is_empty() {
+        sum.2
+    } else {
+        let start = sum.2.map(|acc| if acc.dtype() == DType::F32 { acc } else { acc.cast(DType::F32) });
+        Some(optim_gpu::sum_squares_add(&sum.1, start))
     };
     let norm = total.map(|s| (s.into_scalar::<f32>() as f64).sqrt()).unwrap_or(0.0) / loss_scale;
     let clip = if norm > max_norm { max_norm / (norm + 1e-6) } else { 1.0 };
