@@ -2,7 +2,9 @@
 //! gradients, on fresh random inputs, for every mask the model uses, odd lengths and head widths
 //! 32/64/128. Tolerance: relative error (max abs diff / max abs reference; absolute where the reference
 //! is exactly zero) < 1e-4 in f32. Outputs are
-//! NaN-poisoned before each launch, so an element a kernel never writes fails.
+//! NaN-poisoned before each launch, so an element a kernel never writes fails. The same for the model's
+//! attention op on wgpu (`gpu_ops::attention`: the fused projection in, heads split, attended by either path,
+//! merged), and that op against burn's tensor ops where a query sees no key at all.
 //!
 //! The kernels run on burn's wgpu backend only: on a machine without an adapter these tests are
 //! skipped, unless `OV3_TEST_WGPU=1` (CI, on lavapipe) makes that a failure.
@@ -161,6 +163,113 @@ fn f16_inputs_match_f64_reference() {
     for case in cases(&device) {
         check(&case, DType::F16, 2e-3, &device);
     }
+}
+
+/// q, k, v `[B, H, N, Dh]` as the fused projection `[B, N, 3D]` (q, k, v in thirds, heads within each).
+fn to_qkv(parts: [&[f64]; 3], [b, h, n, dh]: [usize; 4]) -> Vec<f64> {
+    let mut out = Vec::with_capacity(3 * parts[0].len());
+    for bi in 0..b {
+        for i in 0..n {
+            for part in parts {
+                for hi in 0..h {
+                    let at = ((bi * h + hi) * n + i) * dh;
+                    out.extend_from_slice(&part[at..at + dh]);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// `[B, H, N, Dh]` -> `[B, N, H * Dh]`.
+fn merge_heads(x: &[f64], [b, h, n, dh]: [usize; 4]) -> Vec<f64> {
+    let mut out = Vec::with_capacity(x.len());
+    for bi in 0..b {
+        for i in 0..n {
+            for hi in 0..h {
+                let at = ((bi * h + hi) * n + i) * dh;
+                out.extend_from_slice(&x[at..at + dh]);
+            }
+        }
+    }
+    out
+}
+
+/// [`check`] for the model's attention op: random q, k, v rearranged into the projection it takes, its
+/// output and projection gradient against the float64 reference rearranged the same way.
+fn check_op(case: &Case, dtype: DType, fused: bool, tolerance: f64, device: &Device) {
+    let [b, h, n, dh] = case.shape;
+    let random = || to_f64(&Tensor::<4>::random(case.shape, Distribution::Normal(0.0, 1.0), device).cast(dtype));
+    let (q, k, v, w) = (random(), random(), random(), random());
+    let qkv = Tensor::<3>::from_data(TensorData::new(to_qkv([&q, &k, &v], case.shape), [b, n, 3 * h * dh]), device)
+        .cast(dtype)
+        .require_grad();
+    let w_merged = Tensor::<3>::from_data(TensorData::new(merge_heads(&w, case.shape), [b, n, h * dh]), device);
+    let masks = case.mask.clone().prepare(n, device);
+    let out = ov3_core::gpu_ops::attention(qkv.clone(), h, &masks, fused);
+    let grads = (out.clone() * w_merged.cast(dtype)).sum().backward();
+    let d_qkv = qkv.grad(&grads).expect("a gradient");
+    assert_eq!((out.dtype(), d_qkv.dtype()), (dtype, dtype), "{}: output and gradient dtypes", case.name);
+    let expect = reference(&q, &k, &v, &w, case.shape, &case.allowed);
+    let name = format!("{} ({dtype:?}, {})", case.name, if fused { "fused" } else { "reference" });
+    for (what, actual, reference) in [
+        ("output", to_f64(&out), merge_heads(&expect.out, case.shape)),
+        ("d qkv", to_f64(&d_qkv), to_qkv([&expect.dq, &expect.dk, &expect.dv], case.shape)),
+    ] {
+        assert!(actual.iter().all(|x| x.is_finite()), "{name}: {what} has unwritten (NaN) elements");
+        let err = rel_err(&actual, &reference);
+        assert!(err < tolerance, "{name}: {what} error {err:.2e} >= {tolerance:.0e}");
+    }
+}
+
+/// Tolerances as for the kernels alone: 1e-4 in f32; 2e-3 in f16, where the reference path also rounds the
+/// probabilities and their gradient to f16 between its matmuls (as autocast does).
+#[test]
+fn attention_op_matches_f64_reference() {
+    let Some(device) = wgpu_device() else { return };
+    flash::set_poison_outputs(true);
+    let device = device.autodiff();
+    for case in cases(&device) {
+        for fused in [false, true] {
+            check_op(&case, DType::F32, fused, 1e-4, &device);
+            check_op(&case, DType::F16, fused, 2e-3, &device);
+        }
+    }
+}
+
+/// The reference path of the op against the same maths in burn's tensor ops (`scaled_dot_product_attention`
+/// on heads split with `narrow`), including a sequence that is all padding: there every logit is masked, the
+/// probabilities are uniform, and burn's mask_fill passes no gradient back through them. Tolerance 1e-5.
+#[test]
+fn attention_op_matches_burn_ops_with_a_query_that_sees_nothing() {
+    use ov3_core::model::attention::scaled_dot_product_attention;
+    let Some(device) = wgpu_device() else { return };
+    let device = device.autodiff();
+    let [b, h, n, dh] = [2, 2, 9, 32];
+    let mask = padding(&[5, 0], n, &device);
+    let qkv = Tensor::<3>::random([b, n, 3 * h * dh], Distribution::Normal(0.0, 1.0), &device);
+    let w = Tensor::<3>::random([b, n, h * dh], Distribution::Normal(0.0, 1.0), &device);
+    let masks = mask.prepare(n, &device);
+
+    let run = |burn_ops: bool| {
+        let qkv = qkv.clone().require_grad();
+        let out = if burn_ops {
+            let x = qkv.clone().reshape([b, n, 3, h, dh]).permute([2, 0, 3, 1, 4]);
+            let part = |i: usize| x.clone().narrow(0, i, 1).reshape([b, h, n, dh]);
+            let heads = scaled_dot_product_attention(part(0), part(1), part(2), masks.dense.clone());
+            heads.swap_dims(1, 2).reshape([b, n, h * dh])
+        } else {
+            ov3_core::gpu_ops::attention(qkv.clone(), h, &masks, false)
+        };
+        let grads = (out.clone() * w.clone()).sum().backward();
+        (to_f64(&out), to_f64(&qkv.grad(&grads).expect("a gradient")))
+    };
+    let ((out, grad), (burn_out, burn_grad)) = (run(false), run(true));
+    // The second sequence's queries see only padding: uniform weights over all nine values.
+    let at = |i: usize, c: usize| burn_out[(n + i) * h * dh + c];
+    assert!((at(0, 0) - at(8, 0)).abs() < 1e-6, "all-padding rows: uniform weights, equal outputs");
+    assert!(rel_err(&out, &burn_out) < 1e-5, "output: {:.2e}", rel_err(&out, &burn_out));
+    assert!(rel_err(&grad, &burn_grad) < 1e-5, "gradient: {:.2e}", rel_err(&grad, &burn_grad));
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! The GPU ops (`ov3_core::gpu_ops`: layer norm, softmax and GELU, shaders/layer_norm_*.wgsl, softmax_*.wgsl,
 //! gelu.wgsl) on wgpu: values and gradients through burn's autodiff against float64 code (forward against the
 //! textbook formulas, gradients against central differences of them), the same on a strided input against
-//! burn's own composite ops, and the launches they make.
+//! burn's own composite ops, and the launches they make (also those of the attention op, `gpu_ops::attention`).
 //! Every kernel output is NaN-filled before its launch, so an element a kernel forgets to write fails.
 //!
 //! The kernels run on burn's wgpu backend only: on a machine without an adapter these tests are skipped,
@@ -368,6 +368,44 @@ fn switched_off_the_model_ops_are_burns() {
     let off = ours(false);
     let on = ours(true);
     assert_eq!((off, on), (0, 3), "kernel launches switched off, then on");
+}
+
+/// The attention op (`gpu_ops::attention`) against the model's previous formulation in burn's tensor ops (heads
+/// split by `narrow`, `scaled_dot_product_attention`, heads merged), forward and backward of a layer without a
+/// mask: the op splits the heads with one copy forward and joins their gradients with three slice-assigns,
+/// where burn's autodiff makes a zero fill, a slice-assign and an add of the whole projection's size per head
+/// group. Values are checked in `flash_attention.rs`; here the launches.
+#[test]
+fn attention_op_launches_fewer_kernels_than_burn_ops() {
+    use ov3_core::model::attention::{AttentionMask, scaled_dot_product_attention};
+    let _serial = serial();
+    let Some(device) = wgpu_device() else { return };
+    let device = device.autodiff();
+    let [b, h, n, dh] = [2, 2, 16, 32];
+    let masks = AttentionMask::None.prepare(n, &device);
+    let qkv = Tensor::<3>::random([b, n, 3 * h * dh], Distribution::Normal(0.0, 1.0), &device);
+    let count = |burn_ops: bool| {
+        let qkv = qkv.clone().require_grad();
+        let (_, count) = launches(|| {
+            let out = if burn_ops {
+                let x = qkv.clone().reshape([b, n, 3, h, dh]).permute([2, 0, 3, 1, 4]);
+                let part = |i: usize| x.clone().narrow(0, i, 1).reshape([b, h, n, dh]);
+                scaled_dot_product_attention(part(0), part(1), part(2), None).swap_dims(1, 2).reshape([b, n, h * dh])
+            } else {
+                gpu_ops::attention(qkv.clone(), h, &masks, false)
+            };
+            // Read back inside the count: burn's fusion backend runs what it queued there.
+            to_f64(&qkv.grad(&out.sum().backward()).expect("a gradient"))
+        });
+        let fills = count.iter().filter(|(k, _)| k.contains("Full")).map(|(_, n)| n).sum::<usize>();
+        (count.values().sum::<usize>(), fills)
+    };
+    let (op, op_fills) = count(false);
+    let (burn, burn_fills) = count(true);
+    eprintln!("attention forward + backward: {op} launches through the op, {burn} through burn's ops");
+    // Both count the fills of the loss's own backward (its ones); burn's ops add one per narrowed head group.
+    assert!(burn_fills >= op_fills + 3, "zero fills: op {op_fills}, burn's ops {burn_fills}");
+    assert!(op + 6 <= burn, "launches: op {op}, burn's ops {burn}");
 }
 
 /// `wgsl::every_kernel` (what `ov3 info --wgsl` writes and the browser test has Chromium compile) holds every

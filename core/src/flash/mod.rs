@@ -107,7 +107,7 @@ impl FlashKernels for burn::backend::wgpu::CubeBackend {
 }
 
 /// The key padding `[B, N]` (nonzero = padding) as the float mask the kernels read.
-fn padding_as_float<B: Backend>(key_padding: IntTensor<B>) -> FloatTensor<B> {
+pub(crate) fn padding_as_float<B: Backend>(key_padding: IntTensor<B>) -> FloatTensor<B> {
     B::int_into_float(key_padding, burn::backend::FloatDType::F32)
 }
 
@@ -144,19 +144,25 @@ fn supports_head_dim(head_dim: usize) -> bool {
     head_dim % 4 == 0 && (4..=MAX_HEAD_DIM).contains(&head_dim)
 }
 
-/// softmax(Q K^T / sqrt(Dh) + mask) V for `[B, H, N, Dh]` inputs through the fused kernels;
-/// differentiable in `q`, `k` and `v`. Call only where [`supports`] holds.
-///
-/// A query row that may see no key at all gets zeros (the model's masks never produce one).
-pub fn flash_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, mask: &AttentionMask) -> Tensor<4> {
-    let [b, _, n, _] = q.dims();
+/// `mask` as the kernels read it: the key padding `[B, N]` (nonzero = padding; zeros where there is none) and
+/// the rule.
+pub(crate) fn padding_and_rule(mask: &AttentionMask, b: usize, n: usize, device: &Device) -> (Tensor<2, Int>, Rule) {
     let (padding, rule) = match mask {
         AttentionMask::None => (None, Rule::All),
         AttentionMask::KeyPadding(pad) => (Some(pad.clone().int()), Rule::All),
         AttentionMask::Causal => (None, Rule::Causal),
         AttentionMask::Prefix(p) => (None, Rule::Prefix(*p)),
     };
-    let padding = padding.unwrap_or_else(|| Tensor::<2, Int>::zeros([b, n], &q.device()));
+    (padding.unwrap_or_else(|| Tensor::<2, Int>::zeros([b, n], device)), rule)
+}
+
+/// softmax(Q K^T / sqrt(Dh) + mask) V for `[B, H, N, Dh]` inputs through the fused kernels;
+/// differentiable in `q`, `k` and `v`. Call only where [`supports`] holds.
+///
+/// A query row that may see no key at all gets zeros (the model's masks never produce one).
+pub fn flash_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, mask: &AttentionMask) -> Tensor<4> {
+    let [b, _, n, _] = q.dims();
+    let (padding, rule) = padding_and_rule(mask, b, n, &q.device());
     Tensor::from_dispatch(<Dispatch as FlashAttentionBackend>::flash_attention(
         q.into_dispatch(),
         k.into_dispatch(),

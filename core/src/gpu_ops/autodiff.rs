@@ -1,5 +1,6 @@
 //! The backward passes of the GPU ops for burn's autodiff: each forward keeps what its backward kernel reads
-//! (the layer norm's input, gamma and row statistics; the softmax's output; the GELU's input).
+//! (the layer norm's input, gamma and row statistics; the softmax's output; the GELU's input; the attention's
+//! heads and probabilities, or the flash kernels' output and log-sum-exp).
 
 use std::marker::PhantomData;
 
@@ -8,9 +9,10 @@ use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
-use burn::backend::tensor::FloatTensor;
+use burn::backend::tensor::{BoolTensor, FloatTensor, IntTensor};
 
-use super::{GpuKernels, GpuOpsBackend};
+use super::{GpuKernels, GpuOpsBackend, attend, attention};
+use crate::flash::{FlashKernels, Rule};
 
 struct LayerNormBackward<B>(PhantomData<B>);
 
@@ -80,7 +82,27 @@ impl<B: GpuKernels> Backward<B, 1> for GeluBackward<B> {
     }
 }
 
-impl<B: GpuKernels, C: CheckpointStrategy> GpuOpsBackend for Autodiff<B, C> {
+struct AttentionBackward<B>(PhantomData<B>);
+
+impl<B> std::fmt::Debug for AttentionBackward<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AttentionBackward")
+    }
+}
+
+impl<B: GpuKernels + FlashKernels> Backward<B, 1> for AttentionBackward<B> {
+    type State = attention::Saved<B>;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+        let [node_qkv] = ops.parents;
+        let g = grads.consume::<B>(&ops.node);
+        if let Some(node) = node_qkv {
+            grads.register::<B>(node.id, attention::backward(ops.state, g));
+        }
+    }
+}
+
+impl<B: GpuKernels + FlashKernels, C: CheckpointStrategy> GpuOpsBackend for Autodiff<B, C> {
     fn gpu_layer_norm(
         x: FloatTensor<Self>,
         gamma: FloatTensor<Self>,
@@ -117,6 +139,25 @@ impl<B: GpuKernels, C: CheckpointStrategy> GpuOpsBackend for Autodiff<B, C> {
                 prep.finish(x.clone(), B::erf_gelu_forward(x))
             }
             OpsKind::UnTracked(prep) => prep.finish(B::erf_gelu_forward(x.into_primitive())),
+        }
+    }
+
+    fn gpu_attention(
+        qkv: FloatTensor<Self>,
+        heads: usize,
+        mask: BoolTensor<Self>,
+        masked: bool,
+        padding: IntTensor<Self>,
+        rule: Rule,
+        fused: bool,
+    ) -> FloatTensor<Self> {
+        let how = attend::<B>(masked.then_some(mask), padding, rule, fused);
+        match AttentionBackward::<B>(PhantomData).prepare::<C>([qkv.node()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let (out, saved) = attention::forward::<B>(qkv.primitive().clone(), heads, how);
+                prep.finish(saved, out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(attention::forward::<B>(qkv.into_primitive(), heads, how).0),
         }
     }
 }

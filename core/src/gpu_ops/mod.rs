@@ -13,12 +13,16 @@
 //! (1630 with clipping's sum of squares taking five gradients a launch, `optim_gpu`).
 //! `core/tests/gpu_ops.rs` checks values and gradients against float64 code and against burn's own ops.
 
+mod attention;
 mod autodiff;
 pub(crate) mod kernels;
 
-use burn::backend::tensor::FloatTensor;
+use burn::backend::tensor::{BoolTensor, FloatTensor, IntTensor};
 use burn::backend::{Backend, DType, Dispatch, DispatchDevice, backend_extension};
-use burn::tensor::Tensor;
+use burn::tensor::{Bool, Int, Tensor};
+
+use crate::flash::{FlashKernels, Rule};
+use crate::model::attention::Masks;
 use std::sync::atomic::{AtomicU8, Ordering};
 
 /// The differentiable ops the model calls: on burn's autodiff backend each records its backward kernels
@@ -36,6 +40,20 @@ pub trait GpuOpsBackend: Backend {
     fn gpu_softmax(x: FloatTensor<Self>, scale: f64) -> FloatTensor<Self>;
     /// Exact (erf) GELU (f32 or f16).
     fn gpu_gelu(x: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// Multi-head self-attention from the fused projection `qkv` `[B, N, 3D]` to the heads' merged output
+    /// `[B, N, D]`, in `qkv`'s dtype (`attention.rs`): the reference maths, under `mask` (broadcastable to
+    /// `[B, H, N, N]`, true where masked) where `masked`, or with `fused` the flash kernels under `padding`
+    /// (`[B, N]`, nonzero where the key is padding) and `rule`.
+    #[allow(clippy::too_many_arguments)]
+    fn gpu_attention(
+        qkv: FloatTensor<Self>,
+        heads: usize,
+        mask: BoolTensor<Self>,
+        masked: bool,
+        padding: IntTensor<Self>,
+        rule: Rule,
+        fused: bool,
+    ) -> FloatTensor<Self>;
 }
 
 /// The kernels themselves, on the backend that runs them: cubecl's, or (with burn's `fusion` feature) the
@@ -139,6 +157,32 @@ impl GpuOpsBackend for CubeDispatched {
     fn gpu_gelu(x: FloatTensor<Self>) -> FloatTensor<Self> {
         Self::erf_gelu_forward(x)
     }
+
+    fn gpu_attention(
+        qkv: FloatTensor<Self>,
+        heads: usize,
+        mask: BoolTensor<Self>,
+        masked: bool,
+        padding: IntTensor<Self>,
+        rule: Rule,
+        fused: bool,
+    ) -> FloatTensor<Self> {
+        attention::forward::<Self>(qkv, heads, attend::<Self>(masked.then_some(mask), padding, rule, fused)).0
+    }
+}
+
+/// The attention op's arguments as the way its heads attend.
+fn attend<B: GpuKernels + FlashKernels>(
+    mask: Option<BoolTensor<B>>,
+    padding: IntTensor<B>,
+    rule: Rule,
+    fused: bool,
+) -> attention::Attend<B> {
+    if fused {
+        attention::Attend::Fused { padding: crate::flash::padding_as_float::<B>(padding), rule }
+    } else {
+        attention::Attend::Reference { mask }
+    }
 }
 
 /// The backend burn's dispatch runs a wgpu device on: cubecl's, wrapped by fusion when that feature is on.
@@ -213,6 +257,39 @@ pub fn layer_norm<const D: usize>(x: Tensor<D>, gamma: Tensor<1>, beta: Tensor<1
 /// holds.
 pub fn softmax_last<const D: usize>(x: Tensor<D>, scale: f64) -> Tensor<D> {
     Tensor::from_dispatch(<Dispatch as GpuOpsBackend>::gpu_softmax(x.into_dispatch(), scale))
+}
+
+/// Whether [`attention`] takes the projection `qkv`: a non-empty float tensor on a wgpu device, with these ops on.
+pub fn supports_attention(qkv: &Tensor<3>) -> bool {
+    matches!(qkv.dtype(), DType::F32 | DType::F16 | DType::BF16) && on_wgpu(qkv)
+}
+
+/// Multi-head self-attention between the two projections: `qkv` `[B, N, 3D]` split into `heads` heads, each
+/// attending under `mask` (by the flash kernels where `fused`, else by two matmuls around the softmax kernel),
+/// merged into `[B, N, D]`; differentiable in `qkv`. Call only where [`supports_attention`] holds (and with
+/// `fused` only where `flash::supports` does).
+pub fn attention(qkv: Tensor<3>, heads: usize, mask: &Masks, fused: bool) -> Tensor<3> {
+    let [b, n, _] = qkv.dims();
+    let device = qkv.device();
+    // The op takes every tensor argument either way (burn's extension macro passes no optional bool tensor);
+    // those the chosen path does not read are empty stand-ins, which launch nothing.
+    let (padding, rule, dense) = if fused {
+        let (padding, rule) = crate::flash::padding_and_rule(&mask.rule, b, n, &device);
+        (padding, rule, None)
+    } else {
+        (Tensor::<2, Int>::empty([1, 1], &device), Rule::All, mask.dense.clone())
+    };
+    let masked = dense.is_some();
+    let dense = dense.unwrap_or_else(|| Tensor::<4, Bool>::empty([1, 1, 1, 1], &device));
+    Tensor::from_dispatch(<Dispatch as GpuOpsBackend>::gpu_attention(
+        qkv.into_dispatch(),
+        heads,
+        dense.into_dispatch(),
+        masked,
+        padding.into_dispatch(),
+        rule,
+        fused,
+    ))
 }
 
 /// Exact (erf) GELU through the kernels, in `x`'s dtype; differentiable. Call only where [`supports_gelu`] holds.

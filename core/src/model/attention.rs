@@ -122,10 +122,22 @@ impl Attention {
     }
 
     /// `x`: `[B, N, D]` -> `[B, N, D]`, in `x`'s dtype.
+    ///
+    /// On wgpu everything between the two projections is one op (`gpu_ops::attention`: burn's autodiff makes
+    /// the head split below a dozen kernel launches per layer); elsewhere, and for cached decoding, the heads are
+    /// split and merged with burn's tensor ops.
     pub fn forward(&self, x: Tensor<3>, mask: &Masks) -> Tensor<3> {
-        let [b, n, d] = x.dims();
-        let (q, k, v) = self.split_heads(x);
-        self.merge_heads(self.attend(q, k, v, mask), [b, n, d])
+        let qkv = linear(&self.qkv, x);
+        let heads = if crate::gpu_ops::supports_attention(&qkv) {
+            let dh = qkv.dims()[2] / (3 * self.heads);
+            let fused = self.implementation == AttentionImpl::Fused && flash::supports(&qkv.device(), dh);
+            crate::gpu_ops::attention(qkv, self.heads, mask, fused)
+        } else {
+            let [b, n, d3] = qkv.dims();
+            let (q, k, v) = self.split_heads(qkv);
+            merge_heads(self.attend(q, k, v, mask), [b, n, d3 / 3])
+        };
+        linear(&self.proj, heads)
     }
 
     /// [`Self::forward`] for `x`, the tokens that follow those whose keys and values are in `cache`:
@@ -133,21 +145,21 @@ impl Attention {
     /// `[cached + N]`), and their own keys and values are appended to the cache.
     pub fn forward_cached(&self, x: Tensor<3>, mask: &Masks, cache: &mut KeyValues) -> Tensor<3> {
         let [b, n, d] = x.dims();
-        let (q, k, v) = self.split_heads(x);
+        let (q, k, v) = self.split_heads(linear(&self.qkv, x));
         let (k, v) = match cache.take() {
             Some((k0, v0)) => (Tensor::cat(vec![k0, k], 2), Tensor::cat(vec![v0, v], 2)),
             None => (k, v),
         };
         *cache = Some((k.clone(), v.clone()));
-        self.merge_heads(self.attend(q, k, v, mask), [b, n, d])
+        linear(&self.proj, merge_heads(self.attend(q, k, v, mask), [b, n, d]))
     }
 
-    /// `[B, N, D]` -> q, k, v, each `[B, H, N, Dh]`.
-    fn split_heads(&self, x: Tensor<3>) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
-        let [b, n, d] = x.dims();
-        let dh = d / self.heads;
+    /// The projection `[B, N, 3D]` -> q, k, v, each `[B, H, N, Dh]`.
+    fn split_heads(&self, qkv: Tensor<3>) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
+        let [b, n, d3] = qkv.dims();
+        let dh = d3 / (3 * self.heads);
         // [B, N, 3, H, Dh] -> [3, B, H, N, Dh]
-        let qkv = linear(&self.qkv, x).reshape([b, n, 3, self.heads, dh]).permute([2, 0, 3, 1, 4]);
+        let qkv = qkv.reshape([b, n, 3, self.heads, dh]).permute([2, 0, 3, 1, 4]);
         let part = |i: usize| qkv.clone().narrow(0, i, 1).reshape([b, self.heads, n, dh]);
         (part(0), part(1), part(2))
     }
@@ -163,9 +175,9 @@ impl Attention {
             scaled_dot_product_attention(q, k, v, mask.dense.clone())
         }
     }
+}
 
-    /// `[B, H, N, Dh]` -> `[B, N, D]`, projected.
-    fn merge_heads(&self, out: Tensor<4>, [b, n, d]: [usize; 3]) -> Tensor<3> {
-        linear(&self.proj, out.swap_dims(1, 2).reshape([b, n, d]))
-    }
+/// `[B, H, N, Dh]` -> `[B, N, D]`.
+fn merge_heads(out: Tensor<4>, [b, n, d]: [usize; 3]) -> Tensor<3> {
+    out.swap_dims(1, 2).reshape([b, n, d])
 }
