@@ -372,7 +372,7 @@ fn switched_off_the_model_ops_are_burns() {
 
 /// The attention op (`gpu_ops::attention`) against the model's previous formulation in burn's tensor ops (heads
 /// split by `narrow`, `scaled_dot_product_attention`, heads merged), forward and backward of a layer without a
-/// mask: the op splits the heads with one copy forward and joins their gradients with three slice-assigns,
+/// mask: the op splits the heads with one copy forward and joins their gradients with one kernel,
 /// where burn's autodiff makes a zero fill, a slice-assign and an add of the whole projection's size per head
 /// group. Values are checked in `flash_attention.rs`; here the launches.
 #[test]

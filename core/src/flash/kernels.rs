@@ -18,6 +18,9 @@ const KV_TILES: &str = include_str!("../../../shaders/flash_kv_tiles.wgsl");
 const FORWARD: &str = include_str!("../../../shaders/flash_forward.wgsl");
 const BACKWARD_DQ: &str = include_str!("../../../shaders/flash_backward_dq.wgsl");
 const BACKWARD_DKV: &str = include_str!("../../../shaders/flash_backward_dkv.wgsl");
+const STATS: &str = include_str!("../../../shaders/flash_stats.wgsl");
+/// Invocations per workgroup of flash_stats.wgsl, one row each.
+const STATS_WORKGROUP: u32 = 256;
 
 /// Tile sizes for one head dimension on one adapter (the `BR`, `BC` and `DH` of the shaders).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -57,6 +60,8 @@ fn prev_power_of_two(x: u32) -> u32 {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Stage {
     Forward,
+    /// The backward pass's row statistics (flash_stats.wgsl, standalone).
+    Stats,
     BackwardDq,
     BackwardDk,
     BackwardDv,
@@ -84,6 +89,10 @@ impl KernelSource for FlashKernel {
             t.rows
         );
         let parts: &[&str] = match self.stage {
+            Stage::Stats => {
+                let header = format!("{elem}const DV: u32 = {}u;\n", t.head_dim / 4);
+                return SourceTemplate::new(header).add_template(STATS);
+            }
             Stage::Forward => &[KV_TILES, FORWARD],
             Stage::BackwardDq => &[KV_TILES, BACKWARD_DQ],
             Stage::BackwardDk | Stage::BackwardDv => &[BACKWARD_DKV],
@@ -166,15 +175,16 @@ pub fn backward(
     let shape = dims(&q);
     let [b, h, n, dh] = shape;
     let (dtype, st) = (q.dtype, storage_dtype(&q));
-    // D_i = dO_i . O_i in f32, then [L | D] in one buffer (the kernels stay within 8 storage bindings).
-    let d = CubeBackend::float_sum_dim(
-        CubeBackend::float_mul(cast(grad_out.clone(), DType::F32), cast(out, DType::F32)),
-        3,
-    );
-    let [q, k, v, grad_out] = [q, k, v, grad_out].map(|t| into_contiguous(cast(t, st)));
-    let flat = |t: CubeTensor| CubeBackend::float_reshape(t, Shape::from(vec![b * h * n]));
-    let stats = into_contiguous(CubeBackend::float_cat(vec![flat(lse), flat(d)], 0));
+    let [q, k, v, out, grad_out] = [q, k, v, out, grad_out].map(|t| into_contiguous(cast(t, st)));
     let tiles = Tiles::for_tensor(&q, dh);
+    // [L | D] in one buffer, D_i = dO_i . O_i (the kernels stay within 8 storage bindings).
+    let rows = b * h * n;
+    let stats = output(&q, vec![2 * rows], DType::F32);
+    let stats_args = [&out, &grad_out, &into_contiguous(lse), &words(&q, &[rows as u32]), &stats];
+    let args = stats_args.iter().fold(KernelArguments::new(), |args, t| args.with_buffer(t.handle.clone().binding()));
+    let kernel = FlashKernel { stage: Stage::Stats, tiles, f16: st == DType::F16 };
+    let groups = crate::wgsl::grid(rows.div_ceil(STATS_WORKGROUP as usize));
+    q.client.launch(Box::new(SourceKernel::new(kernel, CubeDim::new_1d(STATS_WORKGROUP))), groups, args);
     let params = params(&q, shape, rule);
     let dq = output(&q, vec![b, h, n, dh], st);
     let dkv = output(&q, vec![2, b, h, n, dh], st);
@@ -193,7 +203,7 @@ pub fn backward(
 /// and 64-wide heads, in f32 and f16: `(name, source)`, for `wgsl::every_kernel`.
 pub(crate) fn sources() -> Vec<(String, String)> {
     let tiles = Tiles::choose(64, 16 * 1024, 256);
-    let stages = [Stage::Forward, Stage::BackwardDq, Stage::BackwardDk, Stage::BackwardDv];
+    let stages = [Stage::Forward, Stage::Stats, Stage::BackwardDq, Stage::BackwardDk, Stage::BackwardDv];
     let each = stages.into_iter().flat_map(|stage| [false, true].map(|f16| (stage, f16)));
     each.map(|(stage, f16)| {
         let name = format!("flash {stage:?}{}", if f16 { " f16" } else { "" });

@@ -5,7 +5,7 @@
 //! launches per attention layer: three copies forward (a `narrow` of the permuted projection, reshaped, for
 //! each of q, k and v), and backward a zero fill, a slice-assign and an add for each of the three (burn's
 //! autodiff gives every `narrow` a gradient as large as its input) and one more copy. Here the split is one
-//! copy forward (q, k, v are views of it) and three slice-assigns backward into one gradient. Between split
+//! copy forward (q, k, v are views of it) and one kernel backward (`shaders/heads_join.wgsl`). Between split
 //! and merge the heads attend by the reference maths (two matmuls around our softmax kernel, in the inputs'
 //! dtype as `scaled_dot_product_attention` does) or by the fused flash kernels (`crate::flash`).
 
@@ -92,12 +92,12 @@ pub fn backward<B: GpuKernels + FlashKernels>(saved: Saved<B>, g: FloatTensor<B>
             let ds = cast::<B>(ds, dtype);
             let dq = B::float_matmul(ds.clone(), k);
             let dk = B::float_matmul(B::float_swap_dims(ds, 2, 3), q);
-            join::<B>([dq, dk, dv])
+            B::heads_join(dq, dk, dv)
         }
         Saved::Fused { qkv: [q, k, v], out, lse, padding, rule, heads } => {
             let g = unmerge::<B>(g, heads);
             let (dq, dk, dv) = B::flash_backward(q, k, v, out, lse, g, padding, rule);
-            join::<B>([dq, dk, dv])
+            B::heads_join(dq, dk, dv)
         }
     }
 }
@@ -124,28 +124,17 @@ fn split<B: Backend>(qkv: FloatTensor<B>, heads: usize) -> [FloatTensor<B>; 3] {
     })
 }
 
-/// The gradients of q, k, v `[B, H, N, Dh]` -> that of `qkv` `[B, N, 3D]`, each written into its third.
-fn join<B: Backend>(parts: [FloatTensor<B>; 3]) -> FloatTensor<B> {
-    let [b, h, n, dh] = parts[0].shape().dims::<4>();
-    let device = parts[0].device();
-    let dtype = FloatDType::from(parts[0].dtype());
-    let mut out = B::float_empty(Shape::from(vec![b, n, 3, h, dh]), &device, dtype);
-    for (i, part) in parts.into_iter().enumerate() {
-        // [B, H, N, Dh] -> [B, N, 1, H, Dh], a view.
-        let part = B::float_permute(B::float_reshape(part, Shape::from(vec![b, h, n, 1, dh])), &[0, 2, 3, 1, 4]);
-        out = B::float_slice_assign(out, &[Slice::from(..), Slice::from(..), Slice::from(i..i + 1)], part);
-    }
-    B::float_reshape(out, Shape::from(vec![b, n, 3 * h * dh]))
-}
-
 /// `[B, H, N, Dh]` -> `[B, N, H * Dh]` (a copy).
 fn merge<B: Backend>(out: FloatTensor<B>) -> FloatTensor<B> {
     let [b, h, n, dh] = out.shape().dims::<4>();
     B::float_reshape(B::float_swap_dims(out, 1, 2), Shape::from(vec![b, n, h * dh]))
 }
 
-/// The gradient of [`merge`]'s output -> that of its input (a view).
+/// The gradient of [`merge`]'s output -> that of its input, contiguous (one copy, where the matmuls that read
+/// it would each make their own).
 fn unmerge<B: Backend>(g: FloatTensor<B>, heads: usize) -> FloatTensor<B> {
     let [b, n, d] = g.shape().dims::<3>();
-    B::float_swap_dims(B::float_reshape(g, Shape::from(vec![b, n, heads, d / heads])), 1, 2)
+    let g = B::float_swap_dims(B::float_reshape(g, Shape::from(vec![b, n, heads, d / heads])), 1, 2);
+    let g = B::float_reshape(g, Shape::from(vec![b * heads, n, d / heads]));
+    B::float_reshape(g, Shape::from(vec![b, heads, n, d / heads]))
 }

@@ -19,10 +19,11 @@ const LAYER_NORM_PARAMS: &str = include_str!("../../../shaders/layer_norm_params
 const SOFTMAX: &str = include_str!("../../../shaders/softmax_forward.wgsl");
 const SOFTMAX_BACKWARD: &str = include_str!("../../../shaders/softmax_backward.wgsl");
 const GELU: &str = include_str!("../../../shaders/gelu.wgsl");
+const HEADS_JOIN: &str = include_str!("../../../shaders/heads_join.wgsl");
 /// Invocations per workgroup of the row kernels (`WG` in rows_common.wgsl) and of layer_norm_params.wgsl.
 const WORKGROUP: u32 = 64;
-/// Invocations per workgroup of gelu.wgsl, one element each.
-const GELU_WORKGROUP: u32 = 256;
+/// Invocations per workgroup of the element-wise kernels (gelu.wgsl, heads_join.wgsl), one element each.
+const ELEMENT_WORKGROUP: u32 = 256;
 /// Rows per chunk of the parameter gradients' first sum (`CHUNK` in layer_norm_params.wgsl), at least.
 const CHUNK_ROWS: usize = 64;
 
@@ -35,10 +36,12 @@ enum Stage {
     SoftmaxBackward,
     Gelu,
     GeluBackward,
+    HeadsJoin,
 }
 
 /// One kernel; the row kernels are compiled per row width `d` (each invocation keeps `ceil(d / WORKGROUP)` of
-/// a row's values in registers), GELU's `d` is 0 and its storage type `elem` f32 or f16 (the others: f32).
+/// a row's values in registers), the element-wise kernels' `d` is 0 and their storage type `elem` f32 or f16
+/// (the row kernels': f32).
 struct GpuOpKernel {
     stage: Stage,
     d: u32,
@@ -64,6 +67,8 @@ impl KernelSource for GpuOpKernel {
                 let backward = u32::from(self.stage == Stage::GeluBackward);
                 SourceTemplate::new(format!("{elem}const BACKWARD: u32 = {backward}u;\n")).add_template(GELU)
             }
+            Stage::HeadsJoin => SourceTemplate::new(elem_header(if self.f16 { DType::F16 } else { DType::F32 }))
+                .add_template(HEADS_JOIN),
         }
     }
 
@@ -81,7 +86,8 @@ fn launch(stage: Stage, d: usize, count: CubeCount, buffers: &[&CubeTensor]) {
     let args = buffers.iter().fold(KernelArguments::new(), |args, t| args.with_buffer(t.handle.clone().binding()));
     let f16 = buffers[0].dtype == DType::F16;
     let kernel = GpuOpKernel { stage, d: u32::try_from(d).expect("gpu_ops: rows wider than 2^32"), f16 };
-    let workgroup = if matches!(stage, Stage::Gelu | Stage::GeluBackward) { GELU_WORKGROUP } else { WORKGROUP };
+    let element_wise = matches!(stage, Stage::Gelu | Stage::GeluBackward | Stage::HeadsJoin);
+    let workgroup = if element_wise { ELEMENT_WORKGROUP } else { WORKGROUP };
     client.launch(Box::new(SourceKernel::new(kernel, CubeDim::new_1d(workgroup))), count, args);
 }
 
@@ -172,7 +178,7 @@ pub fn gelu(x: CubeTensor, g: Option<CubeTensor>) -> CubeTensor {
     let x = into_contiguous(cast(x, st));
     let out = output(&x, x.shape().to_vec(), st);
     let params = words(&x, &[n as u32]);
-    let groups = grid(n.div_ceil(GELU_WORKGROUP as usize));
+    let groups = grid(n.div_ceil(ELEMENT_WORKGROUP as usize));
     match g {
         Some(g) => {
             let g = into_contiguous(cast(g, st));
@@ -185,14 +191,33 @@ pub fn gelu(x: CubeTensor, g: Option<CubeTensor>) -> CubeTensor {
     cast(out, dtype)
 }
 
+/// The gradients of q, k, v `[B, H, N, Dh]` (one shape and float dtype) -> that of the projection they were
+/// split from, `[B, N, 3 H Dh]`, in their dtype (f16 read and written as f16 where the adapter has shader-f16;
+/// other dtypes through f32).
+pub fn heads_join(dq: CubeTensor, dk: CubeTensor, dv: CubeTensor) -> CubeTensor {
+    let shape = dq.shape();
+    assert!(shape.num_dims() == 4 && dk.shape() == shape && dv.shape() == shape, "heads_join: {shape:?}");
+    assert!(dk.dtype == dq.dtype && dv.dtype == dq.dtype, "heads_join: q, k and v gradients of one dtype");
+    let [b, h, n, dh] = [shape[0], shape[1], shape[2], shape[3]];
+    let total = 3 * shape.num_elements();
+    assert!(total > 0 && u32::try_from(total).is_ok(), "heads_join: {total} elements");
+    let (dtype, st) = (dq.dtype, storage_dtype(&dq));
+    let [dq, dk, dv] = [dq, dk, dv].map(|t| into_contiguous(cast(t, st)));
+    let out = output(&dq, vec![b, n, 3 * h * dh], st);
+    let params = words(&dq, &[n as u32, h as u32, dh as u32, total as u32]);
+    let groups = grid(total.div_ceil(ELEMENT_WORKGROUP as usize));
+    launch(Stage::HeadsJoin, 0, groups, &[&dq, &dk, &dv, &params, &out]);
+    cast(out, dtype)
+}
+
 /// Every kernel's WGSL as compiled (rows of 1, 64, 192 and 300 values: narrower and wider than a workgroup, and
-/// a ragged last share; GELU in f32 and f16): `(name, source)`, for `wgsl::every_kernel`.
+/// a ragged last share; GELU and the head join in f32 and f16): `(name, source)`, for `wgsl::every_kernel`.
 pub(crate) fn sources() -> Vec<(String, String)> {
     let rows =
         [Stage::LayerNorm, Stage::LayerNormBackward, Stage::LayerNormParams, Stage::Softmax, Stage::SoftmaxBackward];
     let row_kernels = rows.into_iter().flat_map(|stage| [1, 64, 192, 300].map(|d| (stage, d, false)));
-    let gelu =
-        [Stage::Gelu, Stage::GeluBackward].into_iter().flat_map(|stage| [false, true].map(|f16| (stage, 0, f16)));
+    let element_wise = [Stage::Gelu, Stage::GeluBackward, Stage::HeadsJoin];
+    let gelu = element_wise.into_iter().flat_map(|stage| [false, true].map(|f16| (stage, 0, f16)));
     row_kernels
         .chain(gelu)
         .map(|(stage, d, f16)| {

@@ -93,6 +93,11 @@ pub trait GpuKernels: Backend {
     /// The input gradient of [`GpuKernels::erf_gelu_forward`] for the upstream gradient `g`.
     #[fusion(meta = |x, _g| x.clone())]
     fn erf_gelu_backward(x: FloatTensor<Self>, g: FloatTensor<Self>) -> FloatTensor<Self>;
+
+    /// The gradients of an attention layer's q, k, v heads `[B, H, N, Dh]` -> that of the projection they were
+    /// split from, `[B, N, 3 H Dh]`.
+    #[fusion(meta = |dq, _dk, _dv| joined_spec(dq))]
+    fn heads_join(dq: FloatTensor<Self>, dk: FloatTensor<Self>, dv: FloatTensor<Self>) -> FloatTensor<Self>;
 }
 
 /// The statistics' shape and dtype for input `x` (`[rows, 2]`, f32), for the fusion backend's queue.
@@ -102,6 +107,13 @@ fn stats_spec(x: &burn::backend::fusion::custom::TensorSpec) -> burn::backend::f
     let d = dims[dims.num_dims() - 1];
     let shape = burn::tensor::Shape::from(vec![dims.num_elements() / d, 2]);
     burn::backend::fusion::custom::TensorSpec::new(shape, DType::F32)
+}
+
+/// The joined gradient's shape and dtype for head gradients like `dq` (`[B, N, 3 H Dh]`), for fusion's queue.
+#[cfg(feature = "fusion")]
+fn joined_spec(dq: &burn::backend::fusion::custom::TensorSpec) -> burn::backend::fusion::custom::TensorSpec {
+    let [b, h, n, dh] = dq.shape.dims::<4>();
+    burn::backend::fusion::custom::TensorSpec::new(burn::tensor::Shape::from(vec![b, n, 3 * h * dh]), dq.dtype)
 }
 
 impl GpuKernels for burn::backend::wgpu::CubeBackend {
@@ -137,6 +149,10 @@ impl GpuKernels for burn::backend::wgpu::CubeBackend {
 
     fn erf_gelu_backward(x: FloatTensor<Self>, g: FloatTensor<Self>) -> FloatTensor<Self> {
         kernels::gelu(x, Some(g))
+    }
+
+    fn heads_join(dq: FloatTensor<Self>, dk: FloatTensor<Self>, dv: FloatTensor<Self>) -> FloatTensor<Self> {
+        kernels::heads_join(dq, dk, dv)
     }
 }
 
