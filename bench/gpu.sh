@@ -103,7 +103,7 @@ if steps:
         for r in group:
             impl = "PyTorch eager" if r["impl"] == "pytorch" else f'ov3 wgpu, {r.get("attention", "")} attention'
             if r.get("wgpu_ops") == "burn":
-                impl += ", burn's norm/softmax/GELU"
+                impl += ", burn's ops (norm, softmax, GELU, head split)"
             prec = r.get("precision", "f32")
             ratio = lambda p: f'{r["ms_per_step"] / base[p]:.2f}x' if p in base else "-"
             out.append(f'| {key[0]} | {key[1]} | {key[2]} | {impl} | {prec} | {r["ms_per_step"]:.1f} | '

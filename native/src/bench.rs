@@ -84,8 +84,9 @@ pub struct StepArgs {
     /// JSON line with the totals and the most expensive kernels.
     #[arg(long)]
     kernels: Option<KernelsMode>,
-    /// wgpu: layer norm, softmax and GELU as ov3's WGSL kernels (`ov3`, what training uses) or as burn's
-    /// composite ops (`burn`, for comparison); `$OV3_WGPU_OPS` (`burn` or not) by default.
+    /// wgpu: layer norm, softmax, GELU and the attention layers' head split as ov3's WGSL kernels (`ov3`, what
+    /// training uses) or as burn's composite ops (`burn`, for comparison); `$OV3_WGPU_OPS` (`burn` or not) by
+    /// default.
     #[arg(long, value_parser = ["ov3", "burn"])]
     wgpu_ops: Option<String>,
 }

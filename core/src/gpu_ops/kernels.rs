@@ -1,4 +1,4 @@
-//! Launching the layer norm, softmax and GELU kernels of `shaders/` on a cubecl (wgpu) tensor's client.
+//! Launching the layer norm, softmax, GELU and head-join kernels of `shaders/` on a cubecl (wgpu) tensor's client.
 
 use burn::backend::ops::FloatTensorOps;
 use burn::backend::wgpu::{
