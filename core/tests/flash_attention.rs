@@ -129,15 +129,20 @@ fn check(case: &Case, dtype: DType, tolerance: f64, device: &Device) {
         ("dK", grad(&k), &expect.dk),
         ("dV", grad(&v), &expect.dv),
     ] {
-        assert!(actual.iter().all(|x| x.is_finite()), "{}: {what} has unwritten (NaN) elements", case.name);
-        // An exactly-zero reference (dQ of a single key) has no scale: there the error is absolute.
-        let err = if reference.iter().all(|x| *x == 0.0) {
-            actual.iter().fold(0f64, |m, x| m.max(x.abs()))
-        } else {
-            rel_err(&actual, reference)
-        };
-        assert!(err < tolerance, "{} ({dtype:?}): {what} error {err:.2e} >= {tolerance:.0e}", case.name);
+        assert_matches(&format!("{} ({dtype:?})", case.name), what, &actual, reference, tolerance);
     }
+}
+
+/// Every element written (finite), and within `tolerance` of `reference`: relative to its largest magnitude, or
+/// absolute where it is exactly zero (dQ of a single key has no scale).
+fn assert_matches(name: &str, what: &str, actual: &[f64], reference: &[f64], tolerance: f64) {
+    assert!(actual.iter().all(|x| x.is_finite()), "{name}: {what} has unwritten (NaN) elements");
+    let err = if reference.iter().all(|x| *x == 0.0) {
+        actual.iter().fold(0f64, |m, x| m.max(x.abs()))
+    } else {
+        rel_err(actual, reference)
+    };
+    assert!(err < tolerance, "{name}: {what} error {err:.2e} >= {tolerance:.0e}");
 }
 
 #[test]
@@ -216,9 +221,7 @@ fn check_op(case: &Case, dtype: DType, fused: bool, tolerance: f64, device: &Dev
         ("output", to_f64(&out), merge_heads(&expect.out, case.shape)),
         ("d qkv", to_f64(&d_qkv), to_qkv([&expect.dq, &expect.dk, &expect.dv], case.shape)),
     ] {
-        assert!(actual.iter().all(|x| x.is_finite()), "{name}: {what} has unwritten (NaN) elements");
-        let err = rel_err(&actual, &reference);
-        assert!(err < tolerance, "{name}: {what} error {err:.2e} >= {tolerance:.0e}");
+        assert_matches(&name, what, &actual, &reference, tolerance);
     }
 }
 
