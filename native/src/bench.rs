@@ -177,6 +177,14 @@ fn step(args: StepArgs, group: &dyn Group) -> anyhow::Result<()> {
         ov3_core::gpu_ops::set_enabled(ops == "ov3");
     }
     let wgpu_ops = if ov3_core::gpu_ops::enabled() { "ov3" } else { "burn" };
+    // cubecl's matmul autotuning effort (how many candidate kernels it times per shape); cubecl reads the
+    // variable itself, `balanced` when it is unset or not one of its levels.
+    let autotune = match std::env::var("CUBECL_AUTOTUNE_LEVEL").as_deref() {
+        Ok("minimal" | "0") => "minimal",
+        Ok("extensive" | "2") => "extensive",
+        Ok("full" | "3") => "full",
+        _ => "balanced",
+    };
     anyhow::ensure!(
         args.kernels.is_none() || selected.kind == BackendChoice::Wgpu,
         "--kernels needs --backend wgpu (the CPU backend launches no GPU kernels)"
@@ -229,13 +237,14 @@ fn step(args: StepArgs, group: &dyn Group) -> anyhow::Result<()> {
     let peak_mib = device_mem.map(|b| b as f64).unwrap_or_else(process_peak_bytes) / (1 << 20) as f64;
     let adapter = selected.adapter.as_ref().map(|a| a.to_string()).unwrap_or_else(|| "cpu (flex)".into());
     println!(
-        "{{\"bench\":\"step\",\"impl\":\"ov3\",\"backend\":\"{:?}\",\"adapter\":\"{}\",\"preset\":\"{}\",\"attention\":\"{}\",\"wgpu_ops\":\"{}\",\"precision\":\"{}\",\"batch\":{},\"res\":{},\"context\":{},\
+        "{{\"bench\":\"step\",\"impl\":\"ov3\",\"backend\":\"{:?}\",\"adapter\":\"{}\",\"preset\":\"{}\",\"attention\":\"{}\",\"wgpu_ops\":\"{}\",\"autotune\":\"{}\",\"precision\":\"{}\",\"batch\":{},\"res\":{},\"context\":{},\
          \"ms_per_step\":{:.1},\"images_per_s\":{:.2},\"peak_mib\":{:.0},\"peak_kind\":\"{}\",\"threads\":{},\"ranks\":{}}}",
         selected.kind,
         adapter,
         args.common.preset.name(),
         args.attention,
         wgpu_ops,
+        autotune,
         args.precision.name(),
         args.batch,
         args.res,
@@ -250,7 +259,8 @@ fn step(args: StepArgs, group: &dyn Group) -> anyhow::Result<()> {
     if let Some(launches) = launches {
         let context = serde_json::json!({
             "adapter": adapter, "preset": args.common.preset.name(), "attention": args.attention,
-            "wgpu_ops": wgpu_ops, "precision": args.precision.name(), "batch": args.batch, "res": args.res,
+            "wgpu_ops": wgpu_ops, "autotune": autotune, "precision": args.precision.name(), "batch": args.batch,
+            "res": args.res,
         });
         println!("{}", launches.json(12, &context, median * 1e3));
     }

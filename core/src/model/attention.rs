@@ -7,7 +7,7 @@ use burn::module::Module;
 use burn::nn::{Initializer, Linear, LinearConfig};
 use burn::tensor::{Bool, Device, Int, Tensor};
 
-use super::precision::{linear, to_f32};
+use super::precision::{linear, linear_to_f32, to_f32};
 use crate::config::AttentionImpl;
 use crate::flash;
 
@@ -121,7 +121,7 @@ impl Attention {
         }
     }
 
-    /// `x`: `[B, N, D]` -> `[B, N, D]`, in `x`'s dtype.
+    /// `x`: `[B, N, D]` -> `[B, N, D]`, computed in `x`'s dtype, returned in f32 (the residual stream's).
     ///
     /// On wgpu everything between the two projections is one op (`gpu_ops::attention`: burn's autodiff makes
     /// the head split below a dozen kernel launches per layer); elsewhere, and for cached decoding, the heads are
@@ -137,7 +137,7 @@ impl Attention {
             let (q, k, v) = self.split_heads(qkv);
             merge_heads(self.attend(q, k, v, mask), [b, n, d3 / 3])
         };
-        linear(&self.proj, heads)
+        linear_to_f32(&self.proj, heads)
     }
 
     /// [`Self::forward`] for `x`, the tokens that follow those whose keys and values are in `cache`:
@@ -151,7 +151,7 @@ impl Attention {
             None => (k, v),
         };
         *cache = Some((k.clone(), v.clone()));
-        linear(&self.proj, merge_heads(self.attend(q, k, v, mask), [b, n, d]))
+        linear_to_f32(&self.proj, merge_heads(self.attend(q, k, v, mask), [b, n, d]))
     }
 
     /// The projection `[B, N, 3D]` -> q, k, v, each `[B, H, N, Dh]`.

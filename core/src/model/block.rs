@@ -6,10 +6,10 @@ use burn::tensor::{Device, Tensor};
 
 use super::attention::{Attention, AttentionMask, KeyValues, Masks};
 use super::norm::LayerNorm;
-use super::precision::{linear, to_f32};
+use super::precision::{linear, linear_to_f32};
 use crate::config::{ModelConfig, Precision, TowerConfig};
 
-/// MLP with ratio 4 and exact (erf) GELU, no dropout; computes in its input's dtype.
+/// MLP with ratio 4 and exact (erf) GELU, no dropout; computes in its input's dtype, returns f32.
 #[derive(Module, Debug)]
 pub struct Mlp {
     pub fc1: Linear,
@@ -26,7 +26,7 @@ impl Mlp {
     }
 
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        linear(&self.fc2, crate::cpu_ops::gelu(linear(&self.fc1, x)))
+        linear_to_f32(&self.fc2, crate::cpu_ops::gelu(linear(&self.fc1, x)))
     }
 }
 
@@ -62,11 +62,12 @@ impl Block {
         self.residuals(x, |h| self.attn.forward_cached(h, mask, cache))
     }
 
-    /// The layer norms in f32, each branch in `precision`, its output back in f32 for the residual add.
+    /// The layer norms in f32, each branch in `precision`, its output back in f32 (by its last linear layer,
+    /// `precision::linear_to_f32`) for the residual add.
     fn residuals(&self, x: Tensor<3>, attn: impl FnOnce(Tensor<3>) -> Tensor<3>) -> Tensor<3> {
         let compute = self.precision.dtype();
-        let x = x.clone() + to_f32(attn(self.norm1.forward(x).cast(compute)));
-        x.clone() + to_f32(self.mlp.forward(self.norm2.forward(x).cast(compute)))
+        let x = x.clone() + attn(self.norm1.forward(x).cast(compute));
+        x.clone() + self.mlp.forward(self.norm2.forward(x).cast(compute))
     }
 }
 
