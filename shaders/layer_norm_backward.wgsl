@@ -1,12 +1,13 @@
 // The input gradient of layer_norm_forward.wgsl, one row per workgroup, from the upstream gradient g and the
 // row's (mean, rstd): with xhat = (x - mean) * rstd and gh = g * gamma,
 // dx = rstd * (gh - mean(gh) - xhat * mean(gh * xhat)). dgamma and dbeta are layer_norm_params.wgsl's.
+// g is `elem`, the forward output's type (f32 or f16); everything else, dx included, is f32.
 // Every binding is read_write (see layer_norm_forward.wgsl).
 
 @group(0) @binding(0) var<storage, read_write> x: array<f32>;
 @group(0) @binding(1) var<storage, read_write> gamma: array<f32>;
 @group(0) @binding(2) var<storage, read_write> stats: array<f32>;
-@group(0) @binding(3) var<storage, read_write> g: array<f32>;
+@group(0) @binding(3) var<storage, read_write> g: array<elem>;
 // [0] rows.
 @group(0) @binding(4) var<storage, read_write> params: array<u32>;
 @group(0) @binding(5) var<storage, read_write> dx: array<f32>;
@@ -32,7 +33,7 @@ fn main(
         var gg = 0.0;
         if (j < D) {
             xh = (x[base + j] - mean) * rstd;
-            gg = g[base + j] * gamma[j];
+            gg = f32(g[base + j]) * gamma[j];
         }
         xhat[k] = xh;
         gh[k] = gg;

@@ -1,6 +1,8 @@
 // Layer norm over the last dim, one row per workgroup: y = (x - mean) * rstd * gamma + beta with the biased
 // variance, rstd = 1 / sqrt(var + eps); also each row's (mean, rstd) for the backward pass. Two passes over the
 // row held in registers (the mean, then the centred squares: no cancellation for rows far from zero).
+// x, gamma, beta and the statistics are f32; y is `elem`, which the host prepends: f32, or f16 where a
+// mixed-precision block wants its normalised input in f16 and the adapter has shader-f16 (arithmetic in f32).
 // Every binding is read_write: burn's memory pool packs many tensors into one wgpu buffer, and wgpu refuses a
 // buffer bound read-only and read-write in the same dispatch.
 
@@ -9,7 +11,7 @@
 @group(0) @binding(2) var<storage, read_write> beta: array<f32>;
 // [0] rows, [1] eps (f32 bits).
 @group(0) @binding(3) var<storage, read_write> params: array<u32>;
-@group(0) @binding(4) var<storage, read_write> y: array<f32>;
+@group(0) @binding(4) var<storage, read_write> y: array<elem>;
 // [rows, 2]: mean, rstd.
 @group(0) @binding(5) var<storage, read_write> stats: array<f32>;
 
@@ -47,7 +49,7 @@ fn main(
         for (var k = 0u; k < PER; k++) {
             let j = lane + k * WG;
             if (j < D) {
-                y[base + j] = (v[k] - mean) * rstd * gamma[j] + beta[j];
+                y[base + j] = elem((v[k] - mean) * rstd * gamma[j] + beta[j]);
             }
         }
         if (lane == 0u) {

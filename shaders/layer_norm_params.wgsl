@@ -2,12 +2,12 @@
 // with xhat = (x - mean) * rstd. Invocation (column j, chunk c) sums rows c * CHUNK .. (c + 1) * CHUNK of column
 // j (neighbouring invocations read neighbouring columns) and writes partial[c][0][j] = its dgamma part and
 // partial[c][1][j] = its dbeta part; core/src/gpu_ops/kernels.rs sums the chunks (one reduction) when there is
-// more than one. Each sum runs in row order: the same bits on every run.
+// more than one. Each sum runs in row order: the same bits on every run. g is `elem` (f32 or f16), the rest f32.
 // Every binding is read_write (see layer_norm_forward.wgsl).
 
 @group(0) @binding(0) var<storage, read_write> x: array<f32>;
 @group(0) @binding(1) var<storage, read_write> stats: array<f32>;
-@group(0) @binding(2) var<storage, read_write> g: array<f32>;
+@group(0) @binding(2) var<storage, read_write> g: array<elem>;
 // [0] rows, [1] CHUNK (rows per chunk).
 @group(0) @binding(3) var<storage, read_write> params: array<u32>;
 // [chunks, 2, D].
@@ -27,7 +27,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     var dgamma = 0.0;
     var dbeta = 0.0;
     for (var r = first; r < last; r++) {
-        let gr = g[r * D + j];
+        let gr = f32(g[r * D + j]);
         dgamma += gr * (x[r * D + j] - stats[2u * r]) * stats[2u * r + 1u];
         dbeta += gr;
     }

@@ -11,7 +11,7 @@ mod common;
 
 use std::sync::Mutex;
 
-use burn::tensor::{Device, Distribution, Tensor, TensorData};
+use burn::tensor::{DType, Device, Distribution, Tensor, TensorData};
 use common::{gelu_f64, launches, layer_norm_f64, noise, numeric_grad, rel_err, softmax_f64, to_f64, wgpu_device};
 use ov3_core::{cpu_ops, flash, gpu_ops};
 
@@ -58,7 +58,9 @@ fn poisoned_wgpu() -> Option<(Turn, Device)> {
 /// rstd is large), through `gpu_ops::layer_norm` forward and backward with upstream gradient `w`:
 /// forward to 1e-5 of each row's scale plus the f32 rounding of its mean (as `cpu_ops.rs` states it), `dx` row
 /// by row and `dgamma`, `dbeta` to 1e-4 relative against central differences of the float64 formula.
-fn matches_f64(device: &Device, rows: usize, d: usize, check_row: impl Fn(usize) -> bool) {
+/// With `half` the output is f16 (and so the upstream gradient): the forward may also be off by f16's rounding
+/// (2^-11 of each value), the gradients are held to the same bounds against the f16-rounded `w`.
+fn matches_f64(device: &Device, rows: usize, d: usize, half: bool, check_row: impl Fn(usize) -> bool) {
     let eps = 1e-6;
     let mut x = noise(rows * d, 1);
     for (r, row) in x.chunks_mut(d).enumerate() {
@@ -72,13 +74,15 @@ fn matches_f64(device: &Device, rows: usize, d: usize, check_row: impl Fn(usize)
     let gamma = exact(noise(d, 2).iter().map(|v| 1.0 + v).collect());
     let beta = exact(noise(d, 3));
     let w = exact(noise(rows * d, 4));
+    let w = if half { w.iter().map(|&v| half::f16::from_f64(v).to_f64()).collect() } else { w };
 
     let xt = tensor(&x, [rows, d], device).require_grad();
     let gt = tensor(&gamma, [d], device).require_grad();
     let bt = tensor(&beta, [d], device).require_grad();
     assert!(gpu_ops::supports_layer_norm(&xt, &gt, &bt), "an f32 tensor on wgpu must take the kernels");
-    let y = gpu_ops::layer_norm(xt.clone(), gt.clone(), bt.clone(), eps);
-    let grads = (y.clone() * tensor(&w, [rows, d], device)).sum().backward();
+    let y = gpu_ops::layer_norm(xt.clone(), gt.clone(), bt.clone(), eps, half);
+    assert_eq!(y.dtype(), if half { DType::F16 } else { DType::F32 }, "the output's dtype");
+    let grads = (y.clone() * tensor(&w, [rows, d], device).cast(y.dtype())).sum().backward();
     let (y, dx) = (to_f64(&y), to_f64(&xt.grad(&grads).expect("dx")));
 
     let want = layer_norm_f64(&x, &gamma, &beta, d, eps);
@@ -89,7 +93,8 @@ fn matches_f64(device: &Device, rows: usize, d: usize, check_row: impl Fn(usize)
         let mean = row.iter().sum::<f64>() / d as f64;
         let rstd = 1.0 / (row.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / d as f64 + eps).sqrt();
         let scale = want[span.clone()].iter().fold(0f64, |m, v| m.max(v.abs()));
-        let allowed = 1e-5 * scale + 2.0 * f64::from(f32::EPSILON) * mean.abs() * rstd * max_gamma;
+        let rounding = if half { 2f64.powi(-11) * scale } else { 0.0 };
+        let allowed = 1e-5 * scale + 2.0 * f64::from(f32::EPSILON) * mean.abs() * rstd * max_gamma + rounding;
         let err = y[span.clone()].iter().zip(&want[span.clone()]).fold(0f64, |m, (a, b)| m.max((a - b).abs()));
         assert!(err <= allowed, "{rows}x{d}, forward row {r}: error {err:.2e} > {allowed:.2e}");
         let want_dx = numeric_grad(row, &w[span.clone()], &|v| layer_norm_f64(v, &gamma, &beta, d, eps));
@@ -111,7 +116,17 @@ fn matches_f64(device: &Device, rows: usize, d: usize, check_row: impl Fn(usize)
 fn layer_norm_matches_f64() {
     let Some((_turn, device)) = poisoned_wgpu() else { return };
     for (rows, d) in [(70, 24), (9, 1), (7, 300), (5_000, 16)] {
-        matches_f64(&device, rows, d, |_| true);
+        matches_f64(&device, rows, d, false, |_| true);
+    }
+}
+
+/// The same with the output in f16, as a mixed-precision block takes it (`cpu_ops::layer_norm_as`): written as
+/// f16 by the kernel and its f16 gradient read as such where the adapter has shader-f16 (lavapipe has).
+#[test]
+fn layer_norm_with_f16_output_matches_f64() {
+    let Some((_turn, device)) = poisoned_wgpu() else { return };
+    for (rows, d) in [(70, 24), (7, 300), (5_000, 16)] {
+        matches_f64(&device, rows, d, true, |_| true);
     }
 }
 
@@ -122,7 +137,7 @@ fn layer_norm_matches_f64() {
 fn layer_norm_covers_a_two_dimensional_grid() {
     let Some((_turn, device)) = poisoned_wgpu() else { return };
     let rows = 65_535 + 1_234;
-    matches_f64(&device, rows, 8, |r| r < 100 || r + 200 >= rows);
+    matches_f64(&device, rows, 8, false, |r| r < 100 || r + 200 >= rows);
 }
 
 /// `cpu_ops::layer_norm` (what the model calls) on wgpu with autodiff against burn's composite op on the same

@@ -63,7 +63,7 @@ pub fn layer_norm<const D: usize>(x: Tensor<D>, gamma: Tensor<1>, beta: Tensor<1
         return layer_norm(x.cast(DType::F32), gamma.cast(DType::F32), beta.cast(DType::F32), eps).cast(dtype);
     }
     if crate::gpu_ops::supports_layer_norm(&x, &gamma, &beta) {
-        return crate::gpu_ops::layer_norm(x, gamma, beta, eps);
+        return crate::gpu_ops::layer_norm(x, gamma, beta, eps, false);
     }
     if !fused(&x) || gamma.dtype() != DType::F32 || beta.dtype() != DType::F32 {
         return burn::tensor::module::layer_norm(x, gamma, Some(beta), eps);
@@ -74,6 +74,21 @@ pub fn layer_norm<const D: usize>(x: Tensor<D>, gamma: Tensor<1>, beta: Tensor<1
         beta.into_dispatch(),
         eps,
     ))
+}
+
+/// [`layer_norm`] with its output in `dtype` (a mixed-precision block's normalised input): f32 inside, the output
+/// cast, except on wgpu, where the kernel writes f16 itself and reads its f16 gradient (no cast either way).
+pub fn layer_norm_as<const D: usize>(
+    x: Tensor<D>,
+    gamma: Tensor<1>,
+    beta: Tensor<1>,
+    eps: f64,
+    dtype: DType,
+) -> Tensor<D> {
+    if dtype == DType::F16 && crate::gpu_ops::supports_layer_norm(&x, &gamma, &beta) {
+        return crate::gpu_ops::layer_norm(x, gamma, beta, eps, true);
+    }
+    layer_norm(x, gamma, beta, eps).cast(dtype)
 }
 
 /// `softmax(scale * x)` over the last dim (attention's scaled logits in one pass).

@@ -108,16 +108,17 @@ impl<B: GpuKernels + FlashKernels, C: CheckpointStrategy> GpuOpsBackend for Auto
         gamma: FloatTensor<Self>,
         beta: FloatTensor<Self>,
         eps: f64,
+        half: bool,
     ) -> FloatTensor<Self> {
         let backward = LayerNormBackward::<B>(PhantomData);
         match backward.prepare::<C>([x.node(), gamma.node(), beta.node()]).compute_bound().stateful() {
             OpsKind::Tracked(prep) => {
                 let (x, gamma) = (x.primitive().clone(), gamma.primitive().clone());
-                let (y, stats) = B::layer_norm_forward(x.clone(), gamma.clone(), beta.primitive().clone(), eps);
+                let (y, stats) = B::layer_norm_forward(x.clone(), gamma.clone(), beta.primitive().clone(), eps, half);
                 prep.finish((x, gamma, stats), y)
             }
             OpsKind::UnTracked(prep) => prep.finish(
-                B::layer_norm_forward(x.into_primitive(), gamma.into_primitive(), beta.into_primitive(), eps).0,
+                B::layer_norm_forward(x.into_primitive(), gamma.into_primitive(), beta.into_primitive(), eps, half).0,
             ),
         }
     }

@@ -11,6 +11,7 @@ use cubecl::prelude::KernelId;
 use cubecl::server::KernelArguments;
 
 use crate::wgsl::{cast, elem_header, grid, output, storage_dtype, words};
+use cubecl::ir::{ElemType, FloatKind};
 
 const ROWS: &str = include_str!("../../../shaders/rows_common.wgsl");
 const LAYER_NORM: &str = include_str!("../../../shaders/layer_norm_forward.wgsl");
@@ -40,8 +41,8 @@ enum Stage {
 }
 
 /// One kernel; the row kernels are compiled per row width `d` (each invocation keeps `ceil(d / WORKGROUP)` of
-/// a row's values in registers), the element-wise kernels' `d` is 0 and their storage type `elem` f32 or f16
-/// (the row kernels': f32).
+/// a row's values in registers), the element-wise kernels' `d` is 0. `elem` is the storage type of the
+/// element-wise kernels' data and of the layer norm's output and upstream gradient: f16 or f32 (the rest f32).
 struct GpuOpKernel {
     stage: Stage,
     d: u32,
@@ -50,25 +51,25 @@ struct GpuOpKernel {
 
 impl KernelSource for GpuOpKernel {
     fn source(&self) -> SourceTemplate {
+        let elem = elem_header(if self.f16 { DType::F16 } else { DType::F32 });
         let rows = |kernel: &str| {
-            let header = format!("const D: u32 = {}u;\nconst PER: u32 = {}u;\n", self.d, self.d.div_ceil(WORKGROUP));
+            let per = self.d.div_ceil(WORKGROUP);
+            let header = format!("{elem}const D: u32 = {}u;\nconst PER: u32 = {per}u;\n", self.d);
             SourceTemplate::new(header).add_template(ROWS).add_template(kernel)
         };
         match self.stage {
             Stage::LayerNorm => rows(LAYER_NORM),
             Stage::LayerNormBackward => rows(LAYER_NORM_BACKWARD),
             Stage::LayerNormParams => {
-                SourceTemplate::new(format!("const D: u32 = {}u;\n", self.d)).add_template(LAYER_NORM_PARAMS)
+                SourceTemplate::new(format!("{elem}const D: u32 = {}u;\n", self.d)).add_template(LAYER_NORM_PARAMS)
             }
             Stage::Softmax => rows(SOFTMAX),
             Stage::SoftmaxBackward => rows(SOFTMAX_BACKWARD),
             Stage::Gelu | Stage::GeluBackward => {
-                let elem = elem_header(if self.f16 { DType::F16 } else { DType::F32 });
                 let backward = u32::from(self.stage == Stage::GeluBackward);
                 SourceTemplate::new(format!("{elem}const BACKWARD: u32 = {backward}u;\n")).add_template(GELU)
             }
-            Stage::HeadsJoin => SourceTemplate::new(elem_header(if self.f16 { DType::F16 } else { DType::F32 }))
-                .add_template(HEADS_JOIN),
+            Stage::HeadsJoin => SourceTemplate::new(elem).add_template(HEADS_JOIN),
         }
     }
 
@@ -81,10 +82,10 @@ impl KernelSource for GpuOpKernel {
     }
 }
 
-fn launch(stage: Stage, d: usize, count: CubeCount, buffers: &[&CubeTensor]) {
+/// `f16`: the variant whose `elem` is f16.
+fn launch(stage: Stage, d: usize, f16: bool, count: CubeCount, buffers: &[&CubeTensor]) {
     let client = &buffers[0].client;
     let args = buffers.iter().fold(KernelArguments::new(), |args, t| args.with_buffer(t.handle.clone().binding()));
-    let f16 = buffers[0].dtype == DType::F16;
     let kernel = GpuOpKernel { stage, d: u32::try_from(d).expect("gpu_ops: rows wider than 2^32"), f16 };
     let element_wise = matches!(stage, Stage::Gelu | Stage::GeluBackward | Stage::HeadsJoin);
     let workgroup = if element_wise { ELEMENT_WORKGROUP } else { WORKGROUP };
@@ -109,16 +110,24 @@ fn layer_norm_rows(x: &CubeTensor, gamma: &CubeTensor) -> (usize, usize) {
     (rows, d)
 }
 
-/// The output (`x`'s shape) and the rows' `[rows, 2]` (mean, rstd).
-pub fn layer_norm(x: CubeTensor, gamma: CubeTensor, beta: CubeTensor, eps: f64) -> (CubeTensor, CubeTensor) {
+/// The output (`x`'s shape; f16 with `half`, else f32) and the rows' `[rows, 2]` (mean, rstd).
+pub fn layer_norm(
+    x: CubeTensor,
+    gamma: CubeTensor,
+    beta: CubeTensor,
+    eps: f64,
+    half: bool,
+) -> (CubeTensor, CubeTensor) {
     let (rows, d) = layer_norm_rows(&x, &gamma);
     assert!(beta.shape().dims::<1>() == [d] && beta.dtype == DType::F32, "layer norm: beta must be [{d}] f32");
     let [x, gamma, beta] = [x, gamma, beta].map(into_contiguous);
     let params = words(&x, &[rows as u32, (eps as f32).to_bits()]);
-    let y = output(&x, x.shape().to_vec(), DType::F32);
+    // f16 written by the kernel where the adapter has shader-f16, else f32 cast afterwards.
+    let f16 = half && x.client.properties().supports_type(ElemType::Float(FloatKind::F16));
+    let y = output(&x, x.shape().to_vec(), if f16 { DType::F16 } else { DType::F32 });
     let stats = output(&x, vec![rows, 2], DType::F32);
-    launch(Stage::LayerNorm, d, grid(rows), &[&x, &gamma, &beta, &params, &y, &stats]);
-    (y, stats)
+    launch(Stage::LayerNorm, d, f16, grid(rows), &[&x, &gamma, &beta, &params, &y, &stats]);
+    (if half { cast(y, DType::F16) } else { y }, stats)
 }
 
 /// `(dx, dgamma, dbeta)` for the upstream gradient `g`.
@@ -129,17 +138,22 @@ pub fn layer_norm_backward(
     g: CubeTensor,
 ) -> (CubeTensor, CubeTensor, CubeTensor) {
     let (rows, d) = layer_norm_rows(&x, &gamma);
+    // The upstream gradient in the forward output's dtype: f16 read as f16 where the adapter has shader-f16.
+    let st = storage_dtype(&g);
+    let g = cast(g, st);
+    let f16 = g.dtype == DType::F16;
     let [x, gamma, stats, g] = [x, gamma, stats, g].map(into_contiguous);
     let rows32 = u32::try_from(rows).expect("layer norm: more than 2^32 rows");
     let dx = output(&x, x.shape().to_vec(), DType::F32);
-    launch(Stage::LayerNormBackward, d, grid(rows), &[&x, &gamma, &stats, &g, &words(&x, &[rows32]), &dx]);
+    launch(Stage::LayerNormBackward, d, f16, grid(rows), &[&x, &gamma, &stats, &g, &words(&x, &[rows32]), &dx]);
 
     // Chunks of at least CHUNK_ROWS rows, at most 65,535 of them (one grid dimension).
     let chunk = CHUNK_ROWS.max(rows.div_ceil(crate::wgsl::MAX_GROUPS as usize));
     let chunks = rows.div_ceil(chunk);
     let partial = output(&x, vec![chunks, 2, d], DType::F32);
     let count = CubeCount::Static(d.div_ceil(WORKGROUP as usize) as u32, chunks as u32, 1);
-    launch(Stage::LayerNormParams, d, count, &[&x, &stats, &g, &words(&x, &[rows32, chunk as u32]), &partial]);
+    let params = words(&x, &[rows32, chunk as u32]);
+    launch(Stage::LayerNormParams, d, f16, count, &[&x, &stats, &g, &params, &partial]);
     let sums = if chunks > 1 { CubeBackend::float_sum_dim(partial, 0) } else { partial };
     let sums = CubeBackend::float_reshape(sums, Shape::from(vec![2, d]));
     let part = |i: usize| {
@@ -155,7 +169,7 @@ pub fn softmax(x: CubeTensor, scale: f64) -> CubeTensor {
     let x = into_contiguous(x);
     let params = words(&x, &[rows as u32, (scale as f32).to_bits()]);
     let y = output(&x, x.shape().to_vec(), DType::F32);
-    launch(Stage::Softmax, d, grid(rows), &[&x, &params, &y]);
+    launch(Stage::Softmax, d, false, grid(rows), &[&x, &params, &y]);
     y
 }
 
@@ -165,7 +179,7 @@ pub fn softmax_backward(y: CubeTensor, g: CubeTensor, scale: f64) -> CubeTensor 
     let [y, g] = [y, g].map(into_contiguous);
     let params = words(&y, &[rows as u32, (scale as f32).to_bits()]);
     let dx = output(&y, y.shape().to_vec(), DType::F32);
-    launch(Stage::SoftmaxBackward, d, grid(rows), &[&y, &g, &params, &dx]);
+    launch(Stage::SoftmaxBackward, d, false, grid(rows), &[&y, &g, &params, &dx]);
     dx
 }
 
@@ -182,11 +196,11 @@ pub fn gelu(x: CubeTensor, g: Option<CubeTensor>) -> CubeTensor {
     match g {
         Some(g) => {
             let g = into_contiguous(cast(g, st));
-            launch(Stage::GeluBackward, 0, groups, &[&x, &g, &params, &out]);
+            launch(Stage::GeluBackward, 0, st == DType::F16, groups, &[&x, &g, &params, &out]);
         }
         // The forward never reads g: a one-word buffer of its own stands in (binding x twice would alias two
         // writable bindings, which WebGPU refuses).
-        None => launch(Stage::Gelu, 0, groups, &[&x, &words(&x, &[0]), &params, &out]),
+        None => launch(Stage::Gelu, 0, st == DType::F16, groups, &[&x, &words(&x, &[0]), &params, &out]),
     }
     cast(out, dtype)
 }
@@ -206,7 +220,7 @@ pub fn heads_join(dq: CubeTensor, dk: CubeTensor, dv: CubeTensor) -> CubeTensor 
     let out = output(&dq, vec![b, n, 3 * h * dh], st);
     let params = words(&dq, &[n as u32, h as u32, dh as u32, total as u32]);
     let groups = grid(total.div_ceil(ELEMENT_WORKGROUP as usize));
-    launch(Stage::HeadsJoin, 0, groups, &[&dq, &dk, &dv, &params, &out]);
+    launch(Stage::HeadsJoin, 0, st == DType::F16, groups, &[&dq, &dk, &dv, &params, &out]);
     cast(out, dtype)
 }
 
@@ -216,6 +230,10 @@ pub(crate) fn sources() -> Vec<(String, String)> {
     let rows =
         [Stage::LayerNorm, Stage::LayerNormBackward, Stage::LayerNormParams, Stage::Softmax, Stage::SoftmaxBackward];
     let row_kernels = rows.into_iter().flat_map(|stage| [1, 64, 192, 300].map(|d| (stage, d, false)));
+    // The layer norm with f16 output and upstream gradient (mixed precision's blocks).
+    let half_norms =
+        [Stage::LayerNorm, Stage::LayerNormBackward, Stage::LayerNormParams].map(|stage| (stage, 64, true));
+    let row_kernels = row_kernels.chain(half_norms);
     let element_wise = [Stage::Gelu, Stage::GeluBackward, Stage::HeadsJoin];
     let gelu = element_wise.into_iter().flat_map(|stage| [false, true].map(|f16| (stage, 0, f16)));
     row_kernels

@@ -34,12 +34,14 @@ use std::sync::atomic::{AtomicU8, Ordering};
 /// ([`GpuKernels`]) for the backward pass (`autodiff.rs`), on the plain backend it is the forward kernel alone.
 #[backend_extension(Cube, Autodiff)]
 pub trait GpuOpsBackend: Backend {
-    /// Layer norm over the last dim of `x` (f32) with `gamma`, `beta` `[d]` (f32).
+    /// Layer norm over the last dim of `x` (f32) with `gamma`, `beta` `[d]` (f32); the output in f16 with `half`
+    /// (a mixed-precision block's input), else f32.
     fn gpu_layer_norm(
         x: FloatTensor<Self>,
         gamma: FloatTensor<Self>,
         beta: FloatTensor<Self>,
         eps: f64,
+        half: bool,
     ) -> FloatTensor<Self>;
     /// `softmax(scale * x)` over the last dim (f32).
     fn gpu_softmax(x: FloatTensor<Self>, scale: f64) -> FloatTensor<Self>;
@@ -65,16 +67,18 @@ pub trait GpuOpsBackend: Backend {
 /// fusion backend wrapping it, which queues them as opaque operations between its fused element-wise blocks.
 #[backend_extension(Cube, Fusion: cfg(feature = "fusion"))]
 pub trait GpuKernels: Backend {
-    /// The output (`x`'s shape) and each row's `(mean, rstd)`, `[rows, 2]`.
-    #[fusion(meta = |x, _gamma, _beta, _eps| (x.clone(), stats_spec(x)))]
+    /// The output (`x`'s shape; f16 with `half`, else f32) and each row's `(mean, rstd)`, `[rows, 2]`.
+    #[fusion(meta = |x, _gamma, _beta, _eps, half| (output_spec(x, *half), stats_spec(x)))]
     fn layer_norm_forward(
         x: FloatTensor<Self>,
         gamma: FloatTensor<Self>,
         beta: FloatTensor<Self>,
         eps: f64,
+        half: bool,
     ) -> (FloatTensor<Self>, FloatTensor<Self>);
 
-    /// `(dx, dgamma, dbeta)` for the upstream gradient `g`, from the input and the forward's `stats`.
+    /// `(dx, dgamma, dbeta)` for the upstream gradient `g` (the output's dtype), from the input and the forward's
+    /// `stats`; all three f32.
     #[fusion(meta = |x, gamma, _stats, _g| (x.clone(), gamma.clone(), gamma.clone()))]
     fn layer_norm_backward(
         x: FloatTensor<Self>,
@@ -105,6 +109,12 @@ pub trait GpuKernels: Backend {
     fn heads_join(dq: FloatTensor<Self>, dk: FloatTensor<Self>, dv: FloatTensor<Self>) -> FloatTensor<Self>;
 }
 
+/// The layer norm output's shape and dtype for input `x`, for the fusion backend's queue.
+#[cfg(feature = "fusion")]
+fn output_spec(x: &burn::backend::fusion::custom::TensorSpec, half: bool) -> burn::backend::fusion::custom::TensorSpec {
+    burn::backend::fusion::custom::TensorSpec::new(x.shape.clone(), if half { DType::F16 } else { DType::F32 })
+}
+
 /// The statistics' shape and dtype for input `x` (`[rows, 2]`, f32), for the fusion backend's queue.
 #[cfg(feature = "fusion")]
 fn stats_spec(x: &burn::backend::fusion::custom::TensorSpec) -> burn::backend::fusion::custom::TensorSpec {
@@ -127,8 +137,9 @@ impl GpuKernels for burn::backend::wgpu::CubeBackend {
         gamma: FloatTensor<Self>,
         beta: FloatTensor<Self>,
         eps: f64,
+        half: bool,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        kernels::layer_norm(x, gamma, beta, eps)
+        kernels::layer_norm(x, gamma, beta, eps, half)
     }
 
     fn layer_norm_backward(
@@ -167,8 +178,9 @@ impl GpuOpsBackend for CubeDispatched {
         gamma: FloatTensor<Self>,
         beta: FloatTensor<Self>,
         eps: f64,
+        half: bool,
     ) -> FloatTensor<Self> {
-        Self::layer_norm_forward(x, gamma, beta, eps).0
+        Self::layer_norm_forward(x, gamma, beta, eps, half).0
     }
 
     fn gpu_softmax(x: FloatTensor<Self>, scale: f64) -> FloatTensor<Self> {
@@ -264,13 +276,16 @@ pub fn supports_layer_norm<const D: usize>(x: &Tensor<D>, gamma: &Tensor<1>, bet
 }
 
 /// `(x - mean) / sqrt(var + eps) * gamma + beta` over the last dim (biased variance) through the kernels;
-/// differentiable in all three. Call only where [`supports_layer_norm`] holds.
-pub fn layer_norm<const D: usize>(x: Tensor<D>, gamma: Tensor<1>, beta: Tensor<1>, eps: f64) -> Tensor<D> {
+/// differentiable in all three. The output is f16 with `half` (written so by the kernel where the adapter has
+/// shader-f16: a mixed-precision block's input without a cast of its own each way), else f32. Call only where
+/// [`supports_layer_norm`] holds.
+pub fn layer_norm<const D: usize>(x: Tensor<D>, gamma: Tensor<1>, beta: Tensor<1>, eps: f64, half: bool) -> Tensor<D> {
     Tensor::from_dispatch(<Dispatch as GpuOpsBackend>::gpu_layer_norm(
         x.into_dispatch(),
         gamma.into_dispatch(),
         beta.into_dispatch(),
         eps,
+        half,
     ))
 }
 

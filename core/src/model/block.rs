@@ -66,8 +66,8 @@ impl Block {
     /// `precision::linear_to_f32`) for the residual add.
     fn residuals(&self, x: Tensor<3>, attn: impl FnOnce(Tensor<3>) -> Tensor<3>) -> Tensor<3> {
         let compute = self.precision.dtype();
-        let x = x.clone() + attn(self.norm1.forward(x).cast(compute));
-        x.clone() + self.mlp.forward(self.norm2.forward(x).cast(compute))
+        let x = x.clone() + attn(self.norm1.forward_as(x, compute));
+        x.clone() + self.mlp.forward(self.norm2.forward_as(x, compute))
     }
 }
 

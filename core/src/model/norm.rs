@@ -3,7 +3,7 @@
 
 use burn::module::{Module, Param};
 use burn::nn::Initializer;
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{DType, Device, Tensor};
 
 #[derive(Module, Debug)]
 pub struct LayerNorm {
@@ -22,5 +22,10 @@ impl LayerNorm {
     /// `[..., width]` -> `[..., width]`.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         crate::cpu_ops::layer_norm(x, self.gamma.val(), self.beta.val(), self.epsilon)
+    }
+
+    /// [`Self::forward`] with the output in `dtype` (computed in f32; see `cpu_ops::layer_norm_as`).
+    pub fn forward_as<const D: usize>(&self, x: Tensor<D>, dtype: DType) -> Tensor<D> {
+        crate::cpu_ops::layer_norm_as(x, self.gamma.val(), self.beta.val(), self.epsilon, dtype)
     }
 }
