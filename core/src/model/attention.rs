@@ -1,5 +1,7 @@
 //! Multi-head self-attention shared by all four transformers: the reference (unfused) path here, the
-//! fused WGSL kernels in `crate::flash`; `Ov3::with_attention` chooses.
+//! fused WGSL kernels in `crate::flash`; `Ov3::with_attention` chooses. On wgpu both run inside one op from the
+//! `qkv` projection to the merged heads (`crate::gpu_ops::attention`), which splits the heads in fewer launches
+//! than the tensor ops below.
 //!
 //! Parameter names follow timm/OpenCLIP: `qkv` (one fused projection) and `proj`.
 
