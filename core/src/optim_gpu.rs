@@ -227,15 +227,8 @@ impl OptimKernels for CubeBackend {
         let params = crate::wgsl::words(&acc, &counts);
         let out =
             CubeTensor::new_contiguous(client.clone(), acc.device.clone(), acc.shape(), client.empty(4), DType::F32);
-        let args = xs
-            .iter()
-            .chain([&acc, &params, &out])
-            .fold(KernelArguments::new(), |args, t| args.with_buffer(t.handle.clone().binding()));
-        client.launch(
-            Box::new(SourceKernel::new(SumSquaresSource, CubeDim::new_1d(WORKGROUP))),
-            CubeCount::Static(1, 1, 1),
-            args,
-        );
+        let buffers: Vec<&CubeTensor> = xs.iter().chain([&acc, &params, &out]).collect();
+        crate::wgsl::launch(SumSquaresSource, WORKGROUP, CubeCount::Static(1, 1, 1), &buffers);
         out
     }
 }

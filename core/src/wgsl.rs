@@ -1,15 +1,16 @@
 //! What launching our WGSL kernels (`shaders/`) on a cubecl (wgpu) tensor's client needs, in one place: new
 //! output tensors (NaN-poisoned under test), small `u32` parameter buffers, and 2-D grids for more workgroups
-//! than one grid dimension holds. Used by `flash`, `gpu_ops` and `optim_gpu`.
+//! than one grid dimension holds, and the launch itself. Used by `flash`, `gpu_ops` and `optim_gpu`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use burn::backend::ops::FloatTensorOps;
-use burn::backend::wgpu::{CubeBackend, CubeTensor};
+use burn::backend::wgpu::{CubeBackend, CubeDim, CubeTensor, KernelSource, SourceKernel};
 use burn::backend::{DType, FloatDType};
 use burn::tensor::Shape;
 use cubecl::CubeCount;
 use cubecl::ir::{ElemType, FloatKind};
+use cubecl::server::KernelArguments;
 
 /// Tests fill every output with NaN before a launch, so an element a kernel forgets to write fails
 /// the comparison instead of passing on whatever the memory pool held.
@@ -43,6 +44,13 @@ pub fn words(like: &CubeTensor, words: &[u32]) -> CubeTensor {
         handle,
         DType::U32,
     )
+}
+
+/// Launch `kernel` on `buffers[0]`'s client: `workgroup` invocations per workgroup, `count` workgroups, the
+/// buffers bound in order (binding 0, 1, ...).
+pub fn launch<K: KernelSource + 'static>(kernel: K, workgroup: u32, count: CubeCount, buffers: &[&CubeTensor]) {
+    let args = buffers.iter().fold(KernelArguments::new(), |args, t| args.with_buffer(t.handle.clone().binding()));
+    buffers[0].client.launch(Box::new(SourceKernel::new(kernel, CubeDim::new_1d(workgroup))), count, args);
 }
 
 /// Workgroups per grid dimension (WebGPU's minimum limit).

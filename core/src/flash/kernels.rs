@@ -1,14 +1,11 @@
 //! Launching the WGSL kernels of `shaders/` on a cubecl (wgpu) tensor's client.
 
 use burn::backend::ops::FloatTensorOps;
-use burn::backend::wgpu::{
-    CubeBackend, CubeDim, CubeTensor, KernelSource, SourceKernel, SourceTemplate, into_contiguous,
-};
+use burn::backend::wgpu::{CubeBackend, CubeTensor, KernelSource, SourceTemplate, into_contiguous};
 use burn::backend::{DType, TensorMetadata};
 use burn::tensor::Shape;
 use cubecl::CubeCount;
 use cubecl::prelude::KernelId;
-use cubecl::server::KernelArguments;
 
 use super::Rule;
 use crate::wgsl::{cast, output, storage_dtype, words};
@@ -127,15 +124,10 @@ fn params(like: &CubeTensor, [b, h, n, dh]: [usize; 4], rule: Rule) -> CubeTenso
 }
 
 fn launch(stage: Stage, tiles: Tiles, [b, h, n, _]: [usize; 4], buffers: &[&CubeTensor]) {
-    let client = &buffers[0].client;
     let f16 = buffers[0].dtype == DType::F16;
     let groups = n.div_ceil(tiles.rows as usize) as u32;
-    let args = buffers.iter().fold(KernelArguments::new(), |args, t| args.with_buffer(t.handle.clone().binding()));
-    client.launch(
-        Box::new(SourceKernel::new(FlashKernel { stage, tiles, f16 }, CubeDim::new_1d(tiles.rows))),
-        CubeCount::Static(groups, (b * h) as u32, 1),
-        args,
-    );
+    let count = CubeCount::Static(groups, (b * h) as u32, 1);
+    crate::wgsl::launch(FlashKernel { stage, tiles, f16 }, tiles.rows, count, buffers);
 }
 
 /// Output `[B, H, N, Dh]` (the inputs' dtype) and log-sum-exp `[B, H, N]` (f32). `padding`: `[B, N]`
@@ -180,11 +172,10 @@ pub fn backward(
     // [L | D] in one buffer, D_i = dO_i . O_i (the kernels stay within 8 storage bindings).
     let rows = b * h * n;
     let stats = output(&q, vec![2 * rows], DType::F32);
-    let stats_args = [&out, &grad_out, &into_contiguous(lse), &words(&q, &[rows as u32]), &stats];
-    let args = stats_args.iter().fold(KernelArguments::new(), |args, t| args.with_buffer(t.handle.clone().binding()));
     let kernel = FlashKernel { stage: Stage::Stats, tiles, f16: st == DType::F16 };
     let groups = crate::wgsl::grid(rows.div_ceil(STATS_WORKGROUP as usize));
-    q.client.launch(Box::new(SourceKernel::new(kernel, CubeDim::new_1d(STATS_WORKGROUP))), groups, args);
+    let buffers = [&out, &grad_out, &into_contiguous(lse), &words(&q, &[rows as u32]), &stats];
+    crate::wgsl::launch(kernel, STATS_WORKGROUP, groups, &buffers);
     let params = params(&q, shape, rule);
     let dq = output(&q, vec![b, h, n, dh], st);
     let dkv = output(&q, vec![2, b, h, n, dh], st);

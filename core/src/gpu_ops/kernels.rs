@@ -1,14 +1,11 @@
 //! Launching the layer norm, softmax, GELU and head-join kernels of `shaders/` on a cubecl (wgpu) tensor's client.
 
 use burn::backend::ops::FloatTensorOps;
-use burn::backend::wgpu::{
-    CubeBackend, CubeDim, CubeTensor, KernelSource, SourceKernel, SourceTemplate, into_contiguous,
-};
+use burn::backend::wgpu::{CubeBackend, CubeTensor, KernelSource, SourceTemplate, into_contiguous};
 use burn::backend::{DType, TensorMetadata};
 use burn::tensor::Shape;
 use cubecl::CubeCount;
 use cubecl::prelude::KernelId;
-use cubecl::server::KernelArguments;
 
 use crate::wgsl::{cast, elem_header, grid, output, storage_dtype, words};
 use cubecl::ir::{ElemType, FloatKind};
@@ -84,12 +81,10 @@ impl KernelSource for GpuOpKernel {
 
 /// `f16`: the variant whose `elem` is f16.
 fn launch(stage: Stage, d: usize, f16: bool, count: CubeCount, buffers: &[&CubeTensor]) {
-    let client = &buffers[0].client;
-    let args = buffers.iter().fold(KernelArguments::new(), |args, t| args.with_buffer(t.handle.clone().binding()));
     let kernel = GpuOpKernel { stage, d: u32::try_from(d).expect("gpu_ops: rows wider than 2^32"), f16 };
     let element_wise = matches!(stage, Stage::Gelu | Stage::GeluBackward | Stage::HeadsJoin);
     let workgroup = if element_wise { ELEMENT_WORKGROUP } else { WORKGROUP };
-    client.launch(Box::new(SourceKernel::new(kernel, CubeDim::new_1d(workgroup))), count, args);
+    crate::wgsl::launch(kernel, workgroup, count, buffers);
 }
 
 /// `(rows, d)` of `x` (the last dim is a row), a non-empty f32 tensor.
