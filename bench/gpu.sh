@@ -4,6 +4,9 @@
 # bench/gpu_prepare.sh here:   run(command="bash bench/gpu.sh", carry=[".gpu", ".gl"], timeout_s=560)
 # Prints and writes $OUT/gpu.jsonl (every JSON line) and $OUT/gpu.md (the table with ratios), within ~8 min.
 #   OV3_GPU_SMOKE=1 bench/gpu.sh    tiny sizes, CPU torch, lavapipe: the local end-to-end test of this script
+#   OV3_GPU_BUILD=vulkan            the second call: the `--features vulkan` binary from .gpu-vk/ (cubecl's SPIR-V
+#                                   compiler, cooperative-matrix matmuls; burn's ops stand in for our WGSL kernels),
+#                                   fewer rows, PyTorch's from the first call when the machine is still the same
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/ov3-gpu-out}
@@ -15,8 +18,10 @@ note() { echo "## $*"; }
 
 # The binary and, if the machine has none, the Vulkan loader.
 # OV3=path uses that binary instead (the local smoke test: .gpu/ may hold an older build).
+vulkan=0 dir=.gpu
+[ "${OV3_GPU_BUILD:-}" = vulkan ] && vulkan=1 dir=.gpu-vk
 if [ -n "${OV3:-}" ]; then ov3=$OV3
-elif [ -f .gpu/ov3.xz ]; then xz -dc .gpu/ov3.xz >/tmp/ov3 && chmod +x /tmp/ov3; ov3=/tmp/ov3
+elif [ -f $dir/ov3.xz ]; then xz -dc $dir/ov3.xz >/tmp/ov3-$dir && chmod +x /tmp/ov3-$dir; ov3=/tmp/ov3-$dir
 else ov3=${CARGO_TARGET_DIR:-target}/debug/ov3; fi
 # The loader and glvnd (libGLX_nvidia, NVIDIA's Vulkan ICD, needs libGLdispatch): unpacked always, since a
 # machine with libvulkan may still lack glvnd ("Could not get 'vkCreateInstance'" from the loader).
@@ -25,7 +30,7 @@ if [ "${OV3_GPU_SMOKE:-0}" != 1 ] && ls .gl/*.deb >/dev/null 2>&1; then
   ldconfig
 fi
 export CUBECL_AUTOTUNE_LEVEL=${CUBECL_AUTOTUNE_LEVEL:-minimal}
-note "commit $( { [ -z "${OV3:-}" ] && cat .gpu/commit 2>/dev/null; } || git rev-parse --short HEAD 2>/dev/null)"
+note "commit $( { [ -z "${OV3:-}" ] && cat $dir/commit 2>/dev/null; } || git rev-parse --short HEAD 2>/dev/null)"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | sed 's/^/## nvidia-smi: /'
 info=$("$ov3" info --backend wgpu 2>&1)
 if ! grep -q "wgpu on" <<<"$info" && [ -f /usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json ]; then
@@ -35,7 +40,7 @@ if ! grep -q "wgpu on" <<<"$info" && [ -f /usr/local/nvidia/share/vulkan/icd.d/n
   export __EGL_VENDOR_LIBRARY_FILENAMES=/usr/local/nvidia/share/glvnd/egl_vendor.d/10_nvidia.json
   info=$("$ov3" info --backend wgpu 2>&1)
 fi
-echo "$info" | grep -iE "adapter|wgpu|backend|driver|limit|f16" | head -20
+echo "$info" | grep -iE "adapter|wgpu|backend|driver|limit|f16|compiled" | head -20
 
 if [ "${OV3_GPU_SMOKE:-0}" = 1 ]; then
   torch_dev=cpu seqs=64 step_steps=1 warm=1
@@ -45,6 +50,17 @@ else
   torch_dev=cuda seqs=64,256,1024 step_steps=5 warm=3
   shapes=("tiny 8 128" "tiny 64 128" "small 64 128" "base 32 256")
   kernel_shapes=("tiny 8 128" "base 32 256")
+fi
+# The f32 rows' variants (attention, precision, our kernels or burn's): both attention paths, burn's layer norm,
+# softmax, GELU and head split instead of ours (as before session 36), mixed precision on the reference path.
+variants=("reference f32 ov3" "reference f32 burn" "fused f32 ov3" "reference f16 ov3")
+# PyTorch's rows of this call, kept on the machine for a second call while it stays warm (the same card).
+baseline=/tmp/ov3-gpu-baseline.jsonl
+if [ $vulkan = 1 ]; then
+  # SPIR-V: no fused attention or our kernels to compare; bf16 where the driver gives the runtime bfloat16.
+  variants=("reference f32 burn" "reference f16 burn" "reference bf16 burn")
+  [ "${OV3_GPU_SMOKE:-0}" = 1 ] || shapes=("tiny 8 128" "small 64 128" "base 32 256")
+  kernel_shapes=("${kernel_shapes[-1]}")
 fi
 
 # Each command has its own time limit, so one hang costs its slot, not the whole call.
@@ -61,13 +77,20 @@ run 120 "$ov3" bench attention --seq "$seqs"
 for shape in "${shapes[@]}"; do
   read -r preset batch res <<<"$shape"
   note "step: $preset batch $batch at $res px ($(( $(date +%s) - start )) s so far)"
-  run 150 python3 bench/torch_ref.py --device "$torch_dev" --preset "$preset" --batch "$batch" --res "$res" \
-    --steps "$step_steps" --warmup "$warm" --threads 16
-  run 150 python3 bench/torch_ref.py --device "$torch_dev" --amp --preset "$preset" --batch "$batch" --res "$res" \
-    --steps "$step_steps" --warmup "$warm" --threads 16
-  # f32 with both attention paths (and the reference path once more with burn's layer norm, softmax and GELU
-  # instead of ours, as before session 36), then mixed precision (f16 blocks, loss scaling) on the reference path.
-  for variant in "reference f32 ov3" "reference f32 burn" "fused f32 ov3" "reference f16 ov3"; do
+  shape_rows=$(grep -F "\"preset\": \"$preset\", \"batch\": $batch, \"res\": $res," "$baseline" 2>/dev/null)
+  kept=$(for p in f32 "bf16 autocast"; do grep -F "\"precision\": \"$p\"" <<<"$shape_rows" | tail -1; done)
+  if [ $vulkan = 1 ] && [ "$(grep -c . <<<"$kept")" = 2 ]; then
+    echo "## PyTorch rows from the first call on this machine"
+    echo "$kept" | tee -a "$log"
+  else
+    for amp in "" --amp; do
+      n=$(wc -l <"$log")
+      run 150 python3 bench/torch_ref.py --device "$torch_dev" $amp --preset "$preset" --batch "$batch" --res "$res" \
+        --steps "$step_steps" --warmup "$warm" --threads 16
+      tail -n +$((n + 1)) "$log" | grep -F '"impl": "pytorch"' >>"$baseline"
+    done
+  fi
+  for variant in "${variants[@]}"; do
     read -r attention precision ops <<<"$variant"
     run 150 "$ov3" bench step --backend wgpu --attention "$attention" --precision "$precision" --preset "$preset" \
       --batch "$batch" --res "$res" --steps "$step_steps" --warmup "$warm" --kernels count --wgpu-ops "$ops"
@@ -120,7 +143,8 @@ if steps:
         group = [r for r in steps if (r["preset"], r["batch"], r["res"]) == key]
         base = {r.get("precision"): r["ms_per_step"] for r in group if r["impl"] == "pytorch"}
         for r in group:
-            impl = "PyTorch eager" if r["impl"] == "pytorch" else f'ov3 wgpu, {r.get("attention", "")} attention'
+            spirv = " (SPIR-V)" if r.get("compiler") == "wgpu<spirv>" else ""
+            impl = "PyTorch eager" if r["impl"] == "pytorch" else f'ov3 wgpu{spirv}, {r.get("attention", "")} attention'
             if r.get("wgpu_ops") == "burn":
                 impl += ", burn's ops (norm, softmax, GELU, head split)"
             if tuned(r):

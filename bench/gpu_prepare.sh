@@ -10,20 +10,29 @@ grep -qx '/.gl/' .git/info/exclude 2>/dev/null || echo /.gl/ >>.git/info/exclude
 grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo /.gpu/ >>.git/info/exclude
 # OV3_GPU_FUSION=1 builds with burn's kernel fusion (`--features fusion`, a cold build of the burn stack the
 # first time: ~45 min on 2 cores), the comparison issue 22 needs next (docs/GPU.md).
+# OV3_GPU_BUILD=vulkan builds `--features vulkan` (cubecl compiles SPIR-V on Vulkan: cooperative-matrix
+# matmuls, burn's ops in place of our WGSL kernels) into .gpu-vk/ instead, for the second call:
+#   run(command="OV3_GPU_BUILD=vulkan bash bench/gpu.sh", carry=[".gpu-vk", ".gl"], timeout_s=...)
+# (two binaries do not fit one transfer beside the tracked tree). Give it a target dir of its own
+# (CARGO_TARGET_DIR): its features rebuild the burn stack (~40 min cold on 2 cores).
 features=()
+dir=.gpu
 [ "${OV3_GPU_FUSION:-0}" = 1 ] && features=(--features fusion)
+[ "${OV3_GPU_BUILD:-}" = vulkan ] && features=(--features vulkan) && dir=.gpu-vk
+grep -qx "/$dir/" .git/info/exclude 2>/dev/null || echo "/$dir/" >>.git/info/exclude
 cargo build -q -p ov3 "${features[@]}"
-mkdir -p .gpu .gl /tmp/amd64/partial
-cp "${CARGO_TARGET_DIR:-target}/debug/ov3" .gpu/ov3
-strip .gpu/ov3
-xz -f -T2 -6 .gpu/ov3
+mkdir -p "$dir" .gl /tmp/amd64/partial
+cp "${CARGO_TARGET_DIR:-target}/debug/ov3" "$dir/ov3"
+strip "$dir/ov3"
+xz -f -T2 -6 "$dir/ov3"
 o=(-oAPT::Architecture=amd64 -oAPT::Architectures=amd64 -oDir::State::Lists=/tmp/amd64)
 apt-get "${o[@]}" update -qq
 # libvulkan1 and glvnd: NVIDIA's Vulkan ICD (libGLX_nvidia) needs libGLdispatch; without it the loader says
 # "Could not get 'vkCreateInstance'" and wgpu finds no adapter (session 22, H100).
 (cd .gl && apt-get "${o[@]}" download libvulkan1 libegl1 libglvnd0 libopengl0 libgl1 libglx0 libgles2 >/dev/null)
-echo "$(git rev-parse --short HEAD)${features:+ ${features[*]}}" >.gpu/commit
-ls -l .gpu .gl
+echo "$(git rev-parse --short HEAD)${features:+ ${features[*]}}" >"$dir/commit"
+ls -l "$dir" .gl
+[ "$dir" = .gpu ] || exit 0
 
 # The autoencoder's training images for bench/gpu_ae.sh (issue 23), if `ov3 data prepare real` can run here
 # (it needs the Debian/PyPI packages the README names): real photographs + 1200 world scenes, shrunk to

@@ -81,6 +81,40 @@ pub fn adapters() -> Vec<AdapterSummary> {
     out
 }
 
+/// What cubecl compiles kernels to on a wgpu device, and the matrix products it can run on cooperative-matrix
+/// (tensor-core) units there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Compiler {
+    /// cubecl's runtime name: `wgpu<wgsl>` (every wgpu build: our WGSL kernels run), `wgpu<spirv>` (the `vulkan`
+    /// feature on a Vulkan adapter with the features cubecl needs: burn's ops instead of ours, see
+    /// [`crate::wgsl::runs_here`]) or `wgpu<msl>`.
+    pub runtime: &'static str,
+    /// Each cooperative-matrix shape the driver offers, `a x b -> c mxnxk` (e.g. `f16 x f16 -> f32 16x16x16`);
+    /// empty under WGSL, which has no such operations.
+    pub cmma: Vec<String>,
+}
+
+impl fmt::Display for Compiler {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.cmma.is_empty() {
+            true => write!(f, "{}, no cooperative-matrix (tensor-core) matmuls", self.runtime),
+            false => write!(f, "{}, cooperative-matrix matmuls: {}", self.runtime, self.cmma.join(", ")),
+        }
+    }
+}
+
+/// [`Compiler`] of `device`, `None` off wgpu. Starts the device's runtime if it is not running yet.
+pub fn compiler(device: &Device) -> Option<Compiler> {
+    let inner = device.clone().inner();
+    let burn::backend::DispatchDevice::Cube(cube) = inner.as_dispatch() else {
+        return None;
+    };
+    let client = cube.client();
+    let cmma = client.properties().features.matmul.cmma.iter();
+    let cmma = cmma.map(|c| format!("{} x {} -> {} {}x{}x{}", c.a_type, c.b_type, c.cd_type, c.m, c.n, c.k));
+    Some(Compiler { runtime: client.name(), cmma: cmma.collect() })
+}
+
 /// burn's name for `adapters[index]`: its index among the adapters of its type.
 fn kind_of(adapters: &[AdapterSummary], index: usize) -> DeviceKind {
     let ty = &adapters[index].device_type;

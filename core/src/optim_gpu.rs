@@ -14,7 +14,7 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::wgpu::{
     CubeBackend, CubeDim, CubeTensor, KernelSource, SourceKernel, SourceTemplate, into_contiguous,
 };
-use burn::backend::{Backend, DType, Dispatch, DispatchDevice, TensorMetadata, backend_extension};
+use burn::backend::{Backend, DType, Dispatch, TensorMetadata, backend_extension};
 use burn::tensor::Tensor;
 use cubecl::CubeCount;
 use cubecl::prelude::KernelId;
@@ -62,9 +62,7 @@ pub const SUM_SQUARES_INPUTS: usize = 5;
 
 /// Whether [`sum_squares_add`] takes `x`: a non-empty f32 tensor on a wgpu device.
 pub fn supports_sum_squares<const D: usize>(x: &Tensor<D>) -> bool {
-    x.dtype() == DType::F32
-        && x.shape().num_elements() > 0
-        && matches!(x.device().inner().as_dispatch(), DispatchDevice::Cube(_))
+    x.dtype() == DType::F32 && x.shape().num_elements() > 0 && crate::wgsl::runs_here(&x.device())
 }
 
 /// `acc + sum(x^2)` over every element of every tensor of `xs`, a kernel launch per [`SUM_SQUARES_INPUTS`] of
@@ -95,7 +93,7 @@ pub fn supports<const D: usize>(param: &Tensor<D>, grad: &Tensor<D>) -> bool {
     param.dtype() == DType::F32
         && grad.dtype() == DType::F32
         && param.shape().num_elements() > 0
-        && matches!(param.device().inner().as_dispatch(), DispatchDevice::Cube(_))
+        && crate::wgsl::runs_here(&param.device())
 }
 
 /// One AdamW step in one kernel: `(param, moment_1, moment_2)` after it. Call only where [`supports`]

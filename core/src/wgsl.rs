@@ -6,11 +6,24 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use burn::backend::ops::FloatTensorOps;
 use burn::backend::wgpu::{CubeBackend, CubeDim, CubeTensor, KernelSource, SourceKernel};
-use burn::backend::{DType, FloatDType};
-use burn::tensor::Shape;
+use burn::backend::{DType, DispatchDevice, FloatDType};
+use burn::tensor::{Device, Shape};
 use cubecl::CubeCount;
 use cubecl::ir::{ElemType, FloatKind};
 use cubecl::server::KernelArguments;
+
+/// Whether our WGSL kernels can run on `device`: a device of burn's cubecl backend (wgpu, with or without
+/// autodiff) whose runtime compiles WGSL. Every wgpu device does in the default build; with the `vulkan` feature
+/// cubecl compiles its kernels to SPIR-V on a Vulkan adapter that has the features it needs (runtime
+/// `wgpu<spirv>`), a compiler that refuses WGSL source, so there the model, the optimiser and clipping take
+/// burn's ops instead of our kernels (docs/GPU.md, "A SPIR-V build").
+pub fn runs_here(device: &Device) -> bool {
+    match device.clone().inner().as_dispatch() {
+        DispatchDevice::Cube(_) if cfg!(not(feature = "vulkan")) => true,
+        DispatchDevice::Cube(cube) => cube.client().name() == "wgpu<wgsl>",
+        _ => false,
+    }
+}
 
 /// Tests fill every output with NaN before a launch, so an element a kernel forgets to write fails
 /// the comparison instead of passing on whatever the memory pool held.

@@ -176,7 +176,10 @@ fn step(args: StepArgs, group: &dyn Group) -> anyhow::Result<()> {
     if let Some(ops) = &args.wgpu_ops {
         ov3_core::gpu_ops::set_enabled(ops == "ov3");
     }
-    let wgpu_ops = if ov3_core::gpu_ops::enabled() { "ov3" } else { "burn" };
+    // Our kernels run where they are on and the runtime compiles WGSL (not under the `vulkan` feature's SPIR-V).
+    let ours = ov3_core::gpu_ops::enabled() && ov3_core::wgsl::runs_here(&selected.device);
+    let wgpu_ops = if ours { "ov3" } else { "burn" };
+    let compiler = ov3_core::device::compiler(&selected.device).map_or("flex", |c| c.runtime);
     // cubecl's matmul autotuning effort (how many candidate kernels it times per shape); cubecl reads the
     // variable itself, `balanced` when it is unset or not one of its levels.
     let autotune = match std::env::var("CUBECL_AUTOTUNE_LEVEL").as_deref() {
@@ -237,13 +240,14 @@ fn step(args: StepArgs, group: &dyn Group) -> anyhow::Result<()> {
     let peak_mib = device_mem.map(|b| b as f64).unwrap_or_else(process_peak_bytes) / (1 << 20) as f64;
     let adapter = selected.adapter.as_ref().map(|a| a.to_string()).unwrap_or_else(|| "cpu (flex)".into());
     println!(
-        "{{\"bench\":\"step\",\"impl\":\"ov3\",\"backend\":\"{:?}\",\"adapter\":\"{}\",\"preset\":\"{}\",\"attention\":\"{}\",\"wgpu_ops\":\"{}\",\"autotune\":\"{}\",\"precision\":\"{}\",\"batch\":{},\"res\":{},\"context\":{},\
+        "{{\"bench\":\"step\",\"impl\":\"ov3\",\"backend\":\"{:?}\",\"adapter\":\"{}\",\"preset\":\"{}\",\"attention\":\"{}\",\"wgpu_ops\":\"{}\",\"compiler\":\"{}\",\"autotune\":\"{}\",\"precision\":\"{}\",\"batch\":{},\"res\":{},\"context\":{},\
          \"ms_per_step\":{:.1},\"images_per_s\":{:.2},\"peak_mib\":{:.0},\"peak_kind\":\"{}\",\"threads\":{},\"ranks\":{}}}",
         selected.kind,
         adapter,
         args.common.preset.name(),
         args.attention,
         wgpu_ops,
+        compiler,
         autotune,
         args.precision.name(),
         args.batch,
@@ -259,7 +263,7 @@ fn step(args: StepArgs, group: &dyn Group) -> anyhow::Result<()> {
     if let Some(launches) = launches {
         let context = serde_json::json!({
             "adapter": adapter, "preset": args.common.preset.name(), "attention": args.attention,
-            "wgpu_ops": wgpu_ops, "autotune": autotune, "precision": args.precision.name(), "batch": args.batch,
+            "wgpu_ops": wgpu_ops, "compiler": compiler, "autotune": autotune, "precision": args.precision.name(), "batch": args.batch,
             "res": args.res,
         });
         println!("{}", launches.json(12, &context, median * 1e3));

@@ -43,7 +43,11 @@ pub fn run(args: InfoArgs) -> anyhow::Result<()> {
             a.shader_f16
         );
     }
-    println!("{}", device::select(args.backend).map_err(anyhow::Error::msg)?.reason);
+    let selected = device::select(args.backend).map_err(anyhow::Error::msg)?;
+    println!("{}", selected.reason);
+    if let Some(compiler) = device::compiler(&selected.device) {
+        println!("  kernels compiled by cubecl's {compiler}");
+    }
 
     let cfg = args.preset.config();
     // Parameters are counted on the CPU whatever the backend: no kernels run.

@@ -12,7 +12,7 @@ mod autodiff;
 pub(crate) mod kernels;
 
 use burn::backend::tensor::{FloatTensor, IntTensor};
-use burn::backend::{Backend, Dispatch, DispatchDevice, backend_extension};
+use burn::backend::{Backend, Dispatch, backend_extension};
 use burn::tensor::{Device, Int, Tensor};
 
 use crate::model::attention::AttentionMask;
@@ -137,7 +137,7 @@ pub const MAX_HEAD_DIM: usize = 256;
 /// autodiff) for heads of width `head_dim`: a multiple of 4 (rows are read as vec4s) up to
 /// [`MAX_HEAD_DIM`].
 pub fn supports(device: &Device, head_dim: usize) -> bool {
-    matches!(device.clone().inner().as_dispatch(), DispatchDevice::Cube(_)) && supports_head_dim(head_dim)
+    crate::wgsl::runs_here(device) && supports_head_dim(head_dim)
 }
 
 fn supports_head_dim(head_dim: usize) -> bool {

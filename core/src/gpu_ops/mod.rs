@@ -23,7 +23,7 @@ mod autodiff;
 pub(crate) mod kernels;
 
 use burn::backend::tensor::{BoolTensor, FloatTensor, IntTensor};
-use burn::backend::{Backend, DType, Dispatch, DispatchDevice, backend_extension};
+use burn::backend::{Backend, DType, Dispatch, backend_extension};
 use burn::tensor::{Bool, Int, Tensor};
 
 use crate::flash::{FlashKernels, Rule};
@@ -259,10 +259,7 @@ pub fn supports_gelu<const D: usize>(x: &Tensor<D>) -> bool {
 }
 
 fn on_wgpu<const D: usize>(x: &Tensor<D>) -> bool {
-    D > 0
-        && x.shape().num_elements() > 0
-        && matches!(x.device().inner().as_dispatch(), DispatchDevice::Cube(_))
-        && enabled()
+    D > 0 && x.shape().num_elements() > 0 && crate::wgsl::runs_here(&x.device()) && enabled()
 }
 
 /// Whether [`layer_norm`] takes `x`: a non-empty f32 tensor on a wgpu device (with or without autodiff), with
