@@ -93,7 +93,8 @@ impl Precision {
         } else {
             Err(format!(
                 "precision {} is not available on this device; use f16 or f32 (bf16 needs a backend with \
-                 bfloat16 matmuls: the CPU's flex has them, wgpu does not)",
+                 bfloat16 matmuls: the CPU's flex has them, wgpu's WGSL does not; a `--features vulkan` build \
+                 may, on a driver with bfloat16 shaders)",
                 self.name()
             ))
         }

@@ -385,6 +385,25 @@ fn switched_off_the_model_ops_are_burns() {
     assert_eq!((off, on), (0, 3), "kernel launches switched off, then on");
 }
 
+/// Where our WGSL kernels run (`wgsl::runs_here`, which every caller of theirs asks): a wgpu device, plain or
+/// with autodiff, in this (WGSL-compiling) build, whose cubecl runtime says so (`device::compiler`: `wgpu<wgsl>`,
+/// no cooperative-matrix shapes, since WGSL has none); never flex, which has no compiler to name. A
+/// `--features vulkan` build on a Vulkan adapter answers `wgpu<spirv>` and routes to burn's ops instead
+/// (docs/GPU.md "A SPIR-V build"; not built by the tests).
+#[test]
+fn wgsl_kernels_run_where_the_runtime_compiles_wgsl() {
+    use ov3_core::{device, wgsl};
+    let flex = Device::flex();
+    assert!(!wgsl::runs_here(&flex) && !wgsl::runs_here(&flex.clone().autodiff()), "flex runs no WGSL");
+    assert_eq!(device::compiler(&flex), None);
+    let _serial = serial();
+    let Some(device) = wgpu_device() else { return };
+    let compiler = device::compiler(&device).expect("a wgpu device has a compiler");
+    assert_eq!(compiler.runtime, "wgpu<wgsl>", "{compiler}");
+    assert!(compiler.cmma.is_empty(), "WGSL has no cooperative-matrix operations: {compiler}");
+    assert!(wgsl::runs_here(&device) && wgsl::runs_here(&device.autodiff()));
+}
+
 /// The attention op (`gpu_ops::attention`) against the model's previous formulation in burn's tensor ops (heads
 /// split by `narrow`, `scaled_dot_product_attention`, heads merged), forward and backward of a layer without a
 /// mask: the op splits the heads with one copy forward and joins their gradients with one kernel,
