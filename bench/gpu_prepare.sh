@@ -13,8 +13,9 @@ grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo /.gpu/ >>.git/info/exclu
 # OV3_GPU_BUILD=vulkan builds `--features vulkan` (cubecl compiles SPIR-V on Vulkan: cooperative-matrix
 # matmuls, burn's ops in place of our WGSL kernels) into .gpu-vk/ instead, for the second call:
 #   run(command="OV3_GPU_BUILD=vulkan bash bench/gpu.sh", carry=[".gpu-vk", ".gl"], timeout_s=...)
-# (two binaries do not fit one transfer beside the tracked tree). Give it a target dir of its own
-# (CARGO_TARGET_DIR): its features rebuild the burn stack (~40 min cold on 2 cores).
+# (two binaries do not fit one transfer beside the tracked tree). Its features rebuild cubecl and burn (12 min
+# on 2 cores after the default build, in the same target dir: cargo keeps both sets of artifacts, and switching
+# back to the default build relinks nothing).
 features=()
 dir=.gpu
 [ "${OV3_GPU_FUSION:-0}" = 1 ] && features=(--features fusion)

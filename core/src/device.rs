@@ -188,7 +188,14 @@ pub fn select_for(choice: BackendChoice, local_rank: usize) -> Result<Selected, 
         }
         _ => format!("backend: wgpu on {a}, as requested"),
     };
-    Ok(Selected { device: Device::wgpu(kind), kind: BackendChoice::Wgpu, adapter: Some(a), reason })
+    let device = Device::wgpu(kind);
+    // A `vulkan` build says which compiler it got: SPIR-V runs burn's ops in place of our WGSL kernels.
+    #[cfg(feature = "vulkan")]
+    let reason = match compiler(&device) {
+        Some(c) => format!("{reason}\n  kernels compiled by cubecl's {c}"),
+        None => reason,
+    };
+    Ok(Selected { device, kind: BackendChoice::Wgpu, adapter: Some(a), reason })
 }
 
 /// The device RNG is one per process (burn's backends keep it in a global), so seeding it and drawing from it

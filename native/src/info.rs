@@ -45,7 +45,8 @@ pub fn run(args: InfoArgs) -> anyhow::Result<()> {
     }
     let selected = device::select(args.backend).map_err(anyhow::Error::msg)?;
     println!("{}", selected.reason);
-    if let Some(compiler) = device::compiler(&selected.device) {
+    // (A `vulkan` build's reason already names it.)
+    if let Some(compiler) = device::compiler(&selected.device).filter(|_| !cfg!(feature = "vulkan")) {
         println!("  kernels compiled by cubecl's {compiler}");
     }
 
