@@ -55,8 +55,11 @@ fi
 # The f32 rows' variants (attention, precision, our kernels or burn's): both attention paths, burn's layer norm,
 # softmax, GELU and head split instead of ours (as before session 36), mixed precision on the reference path.
 variants=("reference f32 ov3" "reference f32 burn" "fused f32 ov3" "reference f16 ov3")
-# PyTorch's rows, kept on the machine for the other call while it stays warm (the same card, measured once).
-baseline=/tmp/ov3-gpu-baseline.jsonl
+# What stays on the machine between calls while it is warm (the same card): PyTorch's rows, measured once and
+# reused by the other call, and every call's lines, so the last call's tables hold both builds side by side.
+state=${OV3_GPU_STATE:-/tmp/ov3-gpu-state}
+mkdir -p "$state"
+baseline=$state/pytorch.jsonl
 if [ $vulkan = 1 ]; then
   # SPIR-V: no fused attention or our kernels to compare; bf16 where the driver gives the runtime bfloat16.
   variants=("reference f32 burn" "reference f16 burn" "reference bf16 burn")
@@ -119,9 +122,12 @@ else
   note "autotune full: skipped ($(( $(date +%s) - start )) s so far)"
 fi
 
-python3 - "$log" "$OUT/gpu.md" <<'PY'
+cat "$log" >>"$state/calls.jsonl"
+python3 - "$state/calls.jsonl" "$OUT/gpu.md" <<'PY'
 import json, sys
-rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip().startswith("{")]
+# Every call's lines on this machine, in order; a PyTorch row a later call reused appears once.
+lines = [l.strip() for l in open(sys.argv[1]) if l.strip().startswith("{")]
+rows = [json.loads(l) for i, l in enumerate(lines) if not ('"impl": "pytorch"' in l and l in lines[:i])]
 out = []
 # The step's kernel launches (`--kernels count`) printed right after it; the rows of the timed-kernels runs
 # (`--kernels time`) repeat a step above and go in the last table only.
@@ -136,6 +142,8 @@ script_level = levels.get(os.environ.get("CUBECL_AUTOTUNE_LEVEL", ""), os.enviro
 if script_level not in levels.values():
     script_level = "balanced"  # cubecl's default, as `ov3 bench step` reports it
 tuned = lambda r: r["impl"] != "pytorch" and r.get("autotune", script_level) != script_level
+# Which ov3 build: burn's kernel fusion (`--features fusion`), cubecl's SPIR-V compiler (`--features vulkan`).
+build = lambda r: (" (fusion)" if r.get("fusion") else "") + (" (SPIR-V)" if r.get("compiler") == "wgpu<spirv>" else "")
 steps = [r for r in rows if r.get("bench") == "step" and (not r.get("timed_run") or tuned(r))]
 if steps:
     out += ["| preset | batch | res | implementation | precision | ms / step | images / s | peak MiB | kernel launches | vs PyTorch f32 | vs PyTorch bf16 |",
@@ -144,8 +152,7 @@ if steps:
         group = [r for r in steps if (r["preset"], r["batch"], r["res"]) == key]
         base = {r.get("precision"): r["ms_per_step"] for r in group if r["impl"] == "pytorch"}
         for r in group:
-            spirv = " (SPIR-V)" if r.get("compiler") == "wgpu<spirv>" else ""
-            impl = "PyTorch eager" if r["impl"] == "pytorch" else f'ov3 wgpu{spirv}, {r.get("attention", "")} attention'
+            impl = "PyTorch eager" if r["impl"] == "pytorch" else f'ov3 wgpu{build(r)}, {r.get("attention", "")} attention'
             if r.get("wgpu_ops") == "burn":
                 impl += ", burn's ops (norm, softmax, GELU, head split)"
             if tuned(r):
@@ -159,17 +166,18 @@ if att:
     out += ["", "| attention seq | implementation | forward ms | fwd+bwd ms | held for backward MiB | fwd+bwd speed vs unfused (>1 faster) |",
             "|---:|---|---:|---:|---:|---:|"]
     for r in att:
-        unfused = next((u for u in att if u["seq"] == r["seq"] and u["impl"].startswith("unfused")), None)
+        # Against the unfused path of the same build.
+        unfused = next((u for u in att if u["seq"] == r["seq"] and u["impl"].startswith("unfused") and build(u) == build(r)), None)
         speed = f'{unfused["forward_backward_ms"] / r["forward_backward_ms"]:.2f}x' if unfused else "-"
-        out.append(f'| {r["seq"]} | {r["impl"]} | {r["forward_ms"]:.2f} | {r["forward_backward_ms"]:.2f} | '
+        out.append(f'| {r["seq"]} | {r["impl"]}{build(r)} | {r["forward_ms"]:.2f} | {r["forward_backward_ms"]:.2f} | '
                    f'{r["held_for_backward_mib"]:.1f} | {speed} |')
 timed = [r for r in rows if r.get("bench") == "kernels" and r.get("timing")]
 if timed:
-    out += ["", "| preset | batch | res | autotune | launches / step | device ms (kernels one at a time) | step ms | device share | top kernels (ms) |",
-            "|---|---:|---:|---|---:|---:|---:|---:|---|"]
+    out += ["", "| preset | batch | res | build | autotune | launches / step | device ms (kernels one at a time) | step ms | device share | top kernels (ms) |",
+            "|---|---:|---:|---|---|---:|---:|---:|---:|---|"]
     for r in timed:
         top = "; ".join(f'{k["kernel"].replace(" | ", "/")} x{k["launches"]} {k["ms"]:.1f}' for k in r["top"][:4])
-        out.append(f'| {r["preset"]} | {r["batch"]} | {r["res"]} | {r.get("autotune", script_level)} | {r["launches_per_step"]} | '
+        out.append(f'| {r["preset"]} | {r["batch"]} | {r["res"]} | wgpu{build(r)} | {r.get("autotune", script_level)} | {r["launches_per_step"]} | '
                    f'{r["device_ms_per_step"]:.1f} | {r["step_ms"]:.1f} | {r["device_ms_per_step"] / r["step_ms"]:.0%} | {top} |')
 text = "\n".join(out)
 print(text)

@@ -240,7 +240,7 @@ fn step(args: StepArgs, group: &dyn Group) -> anyhow::Result<()> {
     let peak_mib = device_mem.map(|b| b as f64).unwrap_or_else(process_peak_bytes) / (1 << 20) as f64;
     let adapter = selected.adapter.as_ref().map(|a| a.to_string()).unwrap_or_else(|| "cpu (flex)".into());
     println!(
-        "{{\"bench\":\"step\",\"impl\":\"ov3\",\"backend\":\"{:?}\",\"adapter\":\"{}\",\"preset\":\"{}\",\"attention\":\"{}\",\"wgpu_ops\":\"{}\",\"compiler\":\"{}\",\"autotune\":\"{}\",\"precision\":\"{}\",\"batch\":{},\"res\":{},\"context\":{},\
+        "{{\"bench\":\"step\",\"impl\":\"ov3\",\"backend\":\"{:?}\",\"adapter\":\"{}\",\"preset\":\"{}\",\"attention\":\"{}\",\"wgpu_ops\":\"{}\",\"compiler\":\"{}\",\"fusion\":{},\"autotune\":\"{}\",\"precision\":\"{}\",\"batch\":{},\"res\":{},\"context\":{},\
          \"ms_per_step\":{:.1},\"images_per_s\":{:.2},\"peak_mib\":{:.0},\"peak_kind\":\"{}\",\"threads\":{},\"ranks\":{}}}",
         selected.kind,
         adapter,
@@ -248,6 +248,7 @@ fn step(args: StepArgs, group: &dyn Group) -> anyhow::Result<()> {
         args.attention,
         wgpu_ops,
         compiler,
+        cfg!(feature = "fusion"),
         autotune,
         args.precision.name(),
         args.batch,
@@ -263,7 +264,7 @@ fn step(args: StepArgs, group: &dyn Group) -> anyhow::Result<()> {
     if let Some(launches) = launches {
         let context = serde_json::json!({
             "adapter": adapter, "preset": args.common.preset.name(), "attention": args.attention,
-            "wgpu_ops": wgpu_ops, "compiler": compiler, "autotune": autotune, "precision": args.precision.name(), "batch": args.batch,
+            "wgpu_ops": wgpu_ops, "compiler": compiler, "fusion": cfg!(feature = "fusion"), "autotune": autotune, "precision": args.precision.name(), "batch": args.batch,
             "res": args.res,
         });
         println!("{}", launches.json(12, &context, median * 1e3));

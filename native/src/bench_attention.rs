@@ -83,14 +83,16 @@ pub fn run(args: AttentionArgs) -> anyhow::Result<()> {
         if ours { &[Impl::Fused, Impl::Unfused, Impl::BurnBuiltin][..] } else { &[Impl::Unfused, Impl::BurnBuiltin] };
     let adapter = selected.adapter.as_ref().map(|a| a.to_string()).unwrap_or_default();
     eprintln!("adapter: {adapter}");
+    let compiler = ov3_core::device::compiler(&device).map_or("", |c| c.runtime);
     let mut rows = vec![];
     for &seq in &args.seq {
         anyhow::ensure!(seq >= 1, "sequence lengths must be >= 1");
         for &which in impls {
             let row = measure(&args, seq, which, &device)?;
             println!(
-                "{{\"bench\":\"attention\",\"adapter\":\"{adapter}\",\"impl\":\"{}\",\"batch\":{},\"heads\":{},\"head_dim\":{},\
+                "{{\"bench\":\"attention\",\"adapter\":\"{adapter}\",\"compiler\":\"{compiler}\",\"fusion\":{},\"impl\":\"{}\",\"batch\":{},\"heads\":{},\"head_dim\":{},\
                  \"seq\":{seq},\"forward_ms\":{:.2},\"forward_backward_ms\":{:.2},\"held_for_backward_mib\":{:.1}}}",
+                cfg!(feature = "fusion"),
                 which.name(),
                 args.batch,
                 args.heads,
