@@ -38,6 +38,8 @@ fn bench_step_prints_one_json_line() {
     let v: serde_json::Value = serde_json::from_str(stdout.trim()).expect("bench prints JSON");
     assert!(v["ms_per_step"].as_f64().expect("ms_per_step") > 0.0);
     assert_eq!(v["batch"], 2);
+    // No cubecl compiler on the CPU backend; which build ran is in the line.
+    assert_eq!((&v["compiler"], &v["fusion"]), (&"flex".into(), &cfg!(feature = "fusion").into()), "{stdout}");
 }
 
 /// `--kernels count` on wgpu: a second JSON line with the step's kernel launches, our AdamW kernel among them
@@ -55,6 +57,10 @@ fn bench_step_counts_kernel_launches_on_wgpu() {
     let lines: Vec<serde_json::Value> =
         stdout.lines().map(|l| serde_json::from_str(l).expect("bench prints JSON lines")).collect();
     assert_eq!(lines.len(), 2, "{stdout}");
+    // The default build compiles WGSL, so our kernels ran (a `vulkan` build's SPIR-V runs burn's ops).
+    if !cfg!(feature = "vulkan") {
+        assert_eq!((&lines[0]["compiler"], &lines[0]["wgpu_ops"]), (&"wgpu<wgsl>".into(), &"ov3".into()), "{stdout}");
+    }
     let k = &lines[1];
     assert_eq!(k["bench"], "kernels");
     let total = k["launches_per_step"].as_u64().expect("launches_per_step");
