@@ -52,8 +52,8 @@ else
   shapes=("tiny 8 128" "tiny 64 128" "small 64 128" "base 32 256")
   kernel_shapes=("tiny 8 128" "base 32 256")
 fi
-# The f32 rows' variants (attention, precision, our kernels or burn's): both attention paths, burn's layer norm,
-# softmax, GELU and head split instead of ours (as before session 36), mixed precision on the reference path.
+# The rows' variants (attention, precision, our kernels or burn's): both attention paths, burn's ops in place of
+# every kernel of ours (norm, softmax, GELU, head split, AdamW, clipping), mixed precision on the reference path.
 variants=("reference f32 ov3" "reference f32 burn" "fused f32 ov3" "reference f16 ov3")
 # What stays on the machine between calls while it is warm (the same card): PyTorch's rows, measured once and
 # reused by the other call, and every call's lines, so the last call's tables hold both builds side by side.
@@ -154,7 +154,7 @@ if steps:
         for r in group:
             impl = "PyTorch eager" if r["impl"] == "pytorch" else f'ov3 wgpu{build(r)}, {r.get("attention", "")} attention'
             if r.get("wgpu_ops") == "burn":
-                impl += ", burn's ops (norm, softmax, GELU, head split)"
+                impl += ", burn's ops (none of our kernels)"
             if tuned(r):
                 impl += f', matmuls autotuned {r["autotune"]}'
             prec = r.get("precision", "f32")

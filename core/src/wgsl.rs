@@ -2,7 +2,7 @@
 //! output tensors (NaN-poisoned under test), small `u32` parameter buffers, and 2-D grids for more workgroups
 //! than one grid dimension holds, and the launch itself. Used by `flash`, `gpu_ops` and `optim_gpu`.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
 use burn::backend::ops::FloatTensorOps;
 use burn::backend::wgpu::{CubeBackend, CubeDim, CubeTensor, KernelSource, SourceKernel};
@@ -12,12 +12,41 @@ use cubecl::CubeCount;
 use cubecl::ir::{ElemType, FloatKind};
 use cubecl::server::KernelArguments;
 
-/// Whether our WGSL kernels can run on `device`: a device of burn's cubecl backend (wgpu, with or without
-/// autodiff) whose runtime compiles WGSL. Every wgpu device does in the default build; with the `vulkan` feature
-/// cubecl compiles its kernels to SPIR-V on a Vulkan adapter that has the features it needs (runtime
-/// `wgpu<spirv>`), a compiler that refuses WGSL source, so there the model, the optimiser and clipping take
-/// burn's ops instead of our kernels (docs/GPU.md, "A SPIR-V build").
+/// 0: not decided yet (`OV3_WGPU_OPS` decides at the first use), 1: our kernels, 2: burn's ops.
+static SETTING: AtomicU8 = AtomicU8::new(0);
+
+/// Use our WGSL kernels on wgpu, or not (burn's composite ops instead: layer norm, softmax, GELU, the attention
+/// layers' head split, AdamW and clipping's sum of squares, as before them): `ov3 bench step --wgpu-ops` compares
+/// the two on one adapter. Without a call, `OV3_WGPU_OPS=burn` in the environment turns them off (a way around a
+/// driver that mis-compiles one of them; `attention = "Fused"` then takes the reference path); anything else, or
+/// nothing, keeps them on.
+pub fn set_enabled(on: bool) {
+    SETTING.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+}
+
+/// Whether our WGSL kernels are on ([`set_enabled`]); [`runs_here`] asks it.
+pub fn enabled() -> bool {
+    match SETTING.load(Ordering::Relaxed) {
+        1 => true,
+        2 => false,
+        _ => {
+            let on = std::env::var("OV3_WGPU_OPS").map_or(true, |v| v.trim() != "burn");
+            set_enabled(on);
+            on
+        }
+    }
+}
+
+/// Whether our WGSL kernels run on `device`: they are on ([`enabled`]) and it is a device of burn's cubecl
+/// backend (wgpu, with or without autodiff) whose runtime compiles WGSL. Every wgpu device does in the default
+/// build; with the `vulkan` feature cubecl compiles its kernels to SPIR-V on a Vulkan adapter that has the
+/// features it needs (runtime `wgpu<spirv>`), a compiler that refuses WGSL source, so there the model, the
+/// optimiser and clipping take burn's ops instead of our kernels (docs/GPU.md, "A SPIR-V build"). Every caller
+/// of a kernel asks this first.
 pub fn runs_here(device: &Device) -> bool {
+    if !enabled() {
+        return false;
+    }
     match device.clone().inner().as_dispatch() {
         DispatchDevice::Cube(_) if cfg!(not(feature = "vulkan")) => true,
         DispatchDevice::Cube(cube) => cube.client().name() == "wgpu<wgsl>",

@@ -363,8 +363,9 @@ fn model_softmax_and_gelu_on_wgpu_match_burn_ops() {
     }
 }
 
-/// `gpu_ops::set_enabled(false)` (`ov3 bench step --wgpu-ops burn`, `OV3_WGPU_OPS=burn`) leaves the model's layer
+/// `wgsl::set_enabled(false)` (`ov3 bench step --wgpu-ops burn`, `OV3_WGPU_OPS=burn`) leaves the model's layer
 /// norm, softmax and GELU to burn's ops on wgpu: none of our kernels launch; switched back on, each launches one.
+/// AdamW, clipping's sum of squares and the fused attention decline their kernels with them.
 #[test]
 fn switched_off_the_model_ops_are_burns() {
     let _serial = serial();
@@ -372,7 +373,7 @@ fn switched_off_the_model_ops_are_burns() {
     let x = Tensor::<2>::random([6, 40], Distribution::Normal(0.0, 1.0), &device);
     let (gamma, beta) = (Tensor::<1>::ones([40], &device), Tensor::<1>::zeros([40], &device));
     let ours = |on: bool| {
-        gpu_ops::set_enabled(on);
+        ov3_core::wgsl::set_enabled(on);
         let (_, count) = launches(|| {
             let y = cpu_ops::layer_norm(x.clone(), gamma.clone(), beta.clone(), 1e-5);
             // Read back inside the count: burn's fusion backend runs what it queued there.
@@ -383,6 +384,16 @@ fn switched_off_the_model_ops_are_burns() {
     let off = ours(false);
     let on = ours(true);
     assert_eq!((off, on), (0, 3), "kernel launches switched off, then on");
+    let p = Tensor::<1>::zeros([8], &device);
+    let takes = |on: bool| {
+        ov3_core::wgsl::set_enabled(on);
+        [
+            ov3_core::optim_gpu::supports(&p, &p),
+            ov3_core::optim_gpu::supports_sum_squares(&p),
+            flash::supports(&device, 64),
+        ]
+    };
+    assert_eq!((takes(false), takes(true)), ([false; 3], [true; 3]), "AdamW, clipping, fused attention: off, then on");
 }
 
 /// Where our WGSL kernels run (`wgsl::runs_here`, which every caller of theirs asks): a wgpu device, plain or

@@ -84,9 +84,9 @@ pub struct StepArgs {
     /// JSON line with the totals and the most expensive kernels.
     #[arg(long)]
     kernels: Option<KernelsMode>,
-    /// wgpu: layer norm, softmax, GELU and the attention layers' head split as ov3's WGSL kernels (`ov3`, what
-    /// training uses) or as burn's composite ops (`burn`, for comparison); `$OV3_WGPU_OPS` (`burn` or not) by
-    /// default.
+    /// wgpu: layer norm, softmax, GELU, the attention layers' head split, AdamW and clipping as ov3's WGSL
+    /// kernels (`ov3`, what training uses) or as burn's composite ops (`burn`, for comparison; fused attention
+    /// then takes the reference path); `$OV3_WGPU_OPS` (`burn` or not) by default.
     #[arg(long, value_parser = ["ov3", "burn"])]
     wgpu_ops: Option<String>,
 }
@@ -174,10 +174,10 @@ fn step(args: StepArgs, group: &dyn Group) -> anyhow::Result<()> {
     );
     let selected = args.common.device_in(group)?;
     if let Some(ops) = &args.wgpu_ops {
-        ov3_core::gpu_ops::set_enabled(ops == "ov3");
+        ov3_core::wgsl::set_enabled(ops == "ov3");
     }
     // Our kernels run where they are on and the runtime compiles WGSL (not under the `vulkan` feature's SPIR-V).
-    let ours = ov3_core::gpu_ops::enabled() && ov3_core::wgsl::runs_here(&selected.device);
+    let ours = ov3_core::wgsl::runs_here(&selected.device);
     let wgpu_ops = if ours { "ov3" } else { "burn" };
     let compiler = ov3_core::device::compiler(&selected.device).map_or("flex", |c| c.runtime);
     // cubecl's matmul autotuning effort (how many candidate kernels it times per shape); cubecl reads the

@@ -28,7 +28,6 @@ use burn::tensor::{Bool, Int, Tensor};
 
 use crate::flash::{FlashKernels, Rule};
 use crate::model::attention::Masks;
-use std::sync::atomic::{AtomicU8, Ordering};
 
 /// The differentiable ops the model calls: on burn's autodiff backend each records its backward kernels
 /// ([`GpuKernels`]) for the backward pass (`autodiff.rs`), on the plain backend it is the forward kernel alone.
@@ -224,29 +223,6 @@ type CubeDispatched = burn::backend::wgpu::CubeBackend;
 #[cfg(feature = "fusion")]
 type CubeDispatched = burn::backend::fusion::Fusion<burn::backend::wgpu::CubeBackend>;
 
-/// 0: not decided yet (`OV3_WGPU_OPS` decides at the first use), 1: our kernels, 2: burn's ops.
-static SETTING: AtomicU8 = AtomicU8::new(0);
-
-/// Use these kernels on wgpu, or not (burn's composite ops instead, as before them): `ov3 bench step
-/// --wgpu-ops` compares the two on one adapter. Without a call, `OV3_WGPU_OPS=burn` in the environment turns
-/// them off (a way around a driver that mis-compiles one of them); anything else, or nothing, keeps them on.
-pub fn set_enabled(on: bool) {
-    SETTING.store(if on { 1 } else { 2 }, Ordering::Relaxed);
-}
-
-/// Whether the model's layer norms, softmaxes, GELUs and attention layers on wgpu go through these kernels.
-pub fn enabled() -> bool {
-    match SETTING.load(Ordering::Relaxed) {
-        1 => true,
-        2 => false,
-        _ => {
-            let on = std::env::var("OV3_WGPU_OPS").map_or(true, |v| v.trim() != "burn");
-            set_enabled(on);
-            on
-        }
-    }
-}
-
 /// Whether [`softmax_last`] takes `x` (and [`layer_norm`], with its parameters): a non-empty f32 tensor on a
 /// wgpu device (with or without autodiff).
 pub fn supports<const D: usize>(x: &Tensor<D>) -> bool {
@@ -259,7 +235,7 @@ pub fn supports_gelu<const D: usize>(x: &Tensor<D>) -> bool {
 }
 
 fn on_wgpu<const D: usize>(x: &Tensor<D>) -> bool {
-    D > 0 && x.shape().num_elements() > 0 && crate::wgsl::runs_here(&x.device()) && enabled()
+    D > 0 && x.shape().num_elements() > 0 && crate::wgsl::runs_here(&x.device())
 }
 
 /// Whether [`layer_norm`] takes `x`: a non-empty f32 tensor on a wgpu device (with or without autodiff), with
