@@ -10,6 +10,7 @@
 # PyTorch's rows are measured once per machine: a second call while it is still warm reuses the first's.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+case "${OV3_GPU_BUILD:-}" in "" | vulkan) ;; *) echo "OV3_GPU_BUILD must be unset or vulkan, not '$OV3_GPU_BUILD'" >&2; exit 2 ;; esac
 OUT=${OUT:-/tmp/ov3-gpu-out}
 mkdir -p "$OUT"
 log="$OUT/gpu.jsonl"

@@ -6,6 +6,7 @@
 # and, in the device time left, run(command="bash bench/gpu_ae.sh", carry=[".gpu-ae"], timeout_s=...)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+case "${OV3_GPU_BUILD:-}" in "" | vulkan) ;; *) echo "OV3_GPU_BUILD must be unset or vulkan, not '$OV3_GPU_BUILD'" >&2; exit 2 ;; esac
 grep -qx '/.gl/' .git/info/exclude 2>/dev/null || echo /.gl/ >>.git/info/exclude
 grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo /.gpu/ >>.git/info/exclude
 # OV3_GPU_FUSION=1 builds with burn's kernel fusion (`--features fusion`, a cold build of the burn stack the

@@ -69,7 +69,8 @@ pub fn run(args: AttentionArgs) -> anyhow::Result<()> {
     // The fused kernels exist on wgpu only, so this benchmark runs there whatever the adapter.
     let selected = select(BackendChoice::Wgpu).map_err(anyhow::Error::msg)?;
     let device = selected.device.clone();
-    // A `vulkan` build's SPIR-V compiler cannot run our WGSL kernels: the other two rows still compare there.
+    // Our WGSL kernels may be off (`OV3_WGPU_OPS=burn`) or unable to run (a `vulkan` build's SPIR-V compiler):
+    // the other two rows still compare there.
     let ours = ov3_core::wgsl::runs_here(&device);
     anyhow::ensure!(
         !ours || flash::supports(&device, args.head_dim),
@@ -77,7 +78,7 @@ pub fn run(args: AttentionArgs) -> anyhow::Result<()> {
         flash::MAX_HEAD_DIM
     );
     if !ours {
-        eprintln!("no fused row: cubecl compiles SPIR-V on this adapter (the `vulkan` feature), not our WGSL kernels");
+        eprintln!("no fused row: our WGSL kernels do not run here (OV3_WGPU_OPS=burn, or a `vulkan` build's SPIR-V)");
     }
     let impls =
         if ours { &[Impl::Fused, Impl::Unfused, Impl::BurnBuiltin][..] } else { &[Impl::Unfused, Impl::BurnBuiltin] };

@@ -133,8 +133,8 @@ type CubeDispatched = burn::backend::fusion::Fusion<burn::backend::wgpu::CubeBac
 /// registers, so very wide heads would spill; the model's heads are 32-128 wide.
 pub const MAX_HEAD_DIM: usize = 256;
 
-/// Whether the fused kernels can run on `device` (burn's cubecl backends: wgpu, with or without
-/// autodiff) for heads of width `head_dim`: a multiple of 4 (rows are read as vec4s) up to
+/// Whether the fused kernels run on `device` ([`crate::wgsl::runs_here`]: wgpu, with or without autodiff, our
+/// kernels on and compiled as WGSL) for heads of width `head_dim`: a multiple of 4 (rows are read as vec4s) up to
 /// [`MAX_HEAD_DIM`].
 pub fn supports(device: &Device, head_dim: usize) -> bool {
     crate::wgsl::runs_here(device) && supports_head_dim(head_dim)
