@@ -56,6 +56,9 @@ fi
 # The rows' variants (attention, precision, our kernels or burn's): both attention paths, burn's ops in place of
 # every kernel of ours (norm, softmax, GELU, head split, AdamW, clipping), mixed precision on the reference path.
 variants=("reference f32 ov3" "reference f32 burn" "fused f32 ov3" "reference f16 ov3")
+# Fused attention with each row shared by 4 lanes (OV3_FLASH_SPLIT=4, subgroup shuffles) at the smallest and the
+# largest shape, beside the fused rows' one row per lane.
+split_shapes=("tiny 8 128" "base 32 256" "tiny 2 32")
 # What stays on the machine between calls while it is warm (the same card): PyTorch's rows, measured once and
 # reused by the other call, and every call's lines, so the last call's tables hold both builds side by side.
 state=${OV3_GPU_STATE:-/tmp/ov3-gpu-state}
@@ -95,10 +98,15 @@ for shape in "${shapes[@]}"; do
       tail -n +$((n + 1)) "$log" | grep -F '"impl": "pytorch"' >>"$baseline"
     done
   fi
-  for variant in "${variants[@]}"; do
-    read -r attention precision ops <<<"$variant"
-    run 150 "$ov3" bench step --backend wgpu --attention "$attention" --precision "$precision" --preset "$preset" \
-      --batch "$batch" --res "$res" --steps "$step_steps" --warmup "$warm" --kernels count --wgpu-ops "$ops"
+  shape_variants=("${variants[@]}")
+  if [ $vulkan = 0 ] && [[ " ${split_shapes[*]/%/,} " == *" $shape,"* ]]; then
+    shape_variants+=("fused f32 ov3 4")
+  fi
+  for variant in "${shape_variants[@]}"; do
+    read -r attention precision ops split <<<"$variant"
+    OV3_FLASH_SPLIT=${split:-1} run 150 "$ov3" bench step --backend wgpu --attention "$attention" \
+      --precision "$precision" --preset "$preset" --batch "$batch" --res "$res" --steps "$step_steps" \
+      --warmup "$warm" --kernels count --wgpu-ops "$ops"
   done
 done
 
@@ -154,6 +162,8 @@ if steps:
         base = {r.get("precision"): r["ms_per_step"] for r in group if r["impl"] == "pytorch"}
         for r in group:
             impl = "PyTorch eager" if r["impl"] == "pytorch" else f'ov3 wgpu{build(r)}, {r.get("attention", "")} attention'
+            if r.get("attention") == "fused" and r.get("split", 1) > 1:
+                impl += f', rows over {r["split"]} lanes'
             if r.get("wgpu_ops") == "burn":
                 impl += ", burn's ops (none of our kernels)"
             if tuned(r):
@@ -164,14 +174,14 @@ if steps:
                        f'{r["images_per_s"]:.1f} | {r["peak_mib"]:.0f} | {r.get("launches", "-")} | {ratio("f32")} | {ratio("bf16 autocast")} |')
 att = [r for r in rows if r.get("bench") == "attention"]
 if att:
-    out += ["", "| attention seq | implementation | forward ms | fwd+bwd ms | held for backward MiB | fwd+bwd speed vs unfused (>1 faster) |",
-            "|---:|---|---:|---:|---:|---:|"]
+    out += ["", "| attention seq | implementation | forward ms | fwd+bwd ms | held for backward MiB | fwd+bwd speed vs unfused (>1 faster) | error vs unfused |",
+            "|---:|---|---:|---:|---:|---:|---:|"]
     for r in att:
         # Against the unfused path of the same build.
         unfused = next((u for u in att if u["seq"] == r["seq"] and u["impl"].startswith("unfused") and build(u) == build(r)), None)
         speed = f'{unfused["forward_backward_ms"] / r["forward_backward_ms"]:.2f}x' if unfused else "-"
         out.append(f'| {r["seq"]} | {r["impl"]}{build(r)} | {r["forward_ms"]:.2f} | {r["forward_backward_ms"]:.2f} | '
-                   f'{r["held_for_backward_mib"]:.1f} | {speed} |')
+                   f'{r["held_for_backward_mib"]:.1f} | {speed} | {r.get("error_vs_unfused") if r.get("error_vs_unfused") is not None else "-"} |')
 timed = [r for r in rows if r.get("bench") == "kernels" and r.get("timing")]
 if timed:
     out += ["", "| preset | batch | res | build | autotune | launches / step | device ms (kernels one at a time) | step ms | device share | top kernels (ms) |",

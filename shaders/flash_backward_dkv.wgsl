@@ -1,9 +1,9 @@
-// Flash attention backward, part 2: dK or dV. One invocation per key row; Q, dO and the per-row
-// statistics stream through workgroup memory. Splitting dQ from dK/dV costs a recomputation of the
+// Flash attention backward, part 2: dK or dV. Each lane holds its share of SPLIT key rows; Q, dO and the
+// per-row statistics stream through workgroup memory. Splitting dQ from dK/dV costs a recomputation of the
 // scores but needs no atomics, which WGSL does not have for floats.
 //   dV_j = sum_i P_ij dO_i,   dK_j = scale * sum_i dS_ij Q_i.
 // The host compiles this file twice, with PART = 0 (dK) and PART = 1 (dV), and launches both: one
-// kernel holding K_j, V_j, dK_j and dV_j would need 4 * DH registers per invocation and spill.
+// kernel holding K_j, V_j, dK_j and dV_j would need 4 * DH registers per row and spill.
 
 @group(0) @binding(5) var<storage, read_write> dout: array<vec4<elem>>;
 // [L | D], each B*H*N.
@@ -24,22 +24,27 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let bh = wg.y;
     let b = batch_of(bh);
     let col0 = wg.x * BR;
-    let j = col0 + lane;
-    let in_range = j < n;
+    // This lane's key rows, first .. first + SPLIT - 1, and its share of each: vec4s col .. col + DQ - 1.
+    let first = col0 + lane / SPLIT * SPLIT;
+    let col = lane % SPLIT * DQ;
     let head = bh * n * DV;
     let scale = softmax_scale();
 
-    // A padding key is seen by no query: its gradients are zero, but they are still written.
-    var attended = false;
-    var kj: array<vec4<f32>, DV>;
-    var vj: array<vec4<f32>, DV>;
-    var acc: array<vec4<f32>, DV>;
-    if (in_range) {
-        attended = key_open(b, j);
-        for (var d = 0u; d < DV; d++) {
-            kj[d] = vec4<f32>(k[head + j * DV + d]);
-            if (PART == PART_DK) {
-                vj[d] = vec4<f32>(v[head + j * DV + d]);
+    // Row t's share at t * DQ. A padding key is seen by no query: its gradients are zero, but they are
+    // still written.
+    var attended: array<bool, SPLIT>;
+    var kj: array<vec4<f32>, SPLIT * DQ>;
+    var vj: array<vec4<f32>, SPLIT * DQ>;
+    var acc: array<vec4<f32>, SPLIT * DQ>;
+    for (var t = 0u; t < SPLIT; t++) {
+        let j = first + t;
+        if (j < n) {
+            attended[t] = key_open(b, j);
+            for (var d = 0u; d < DQ; d++) {
+                kj[t * DQ + d] = vec4<f32>(k[head + j * DV + col + d]);
+                if (PART == PART_DK) {
+                    vj[t * DQ + d] = vec4<f32>(v[head + j * DV + col + d]);
+                }
             }
         }
     }
@@ -71,41 +76,57 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         }
         workgroupBarrier();
 
-        if (attended) {
-            for (var r = 0u; r < cnt; r += KB) {
-                // Queries past the tile's count are zero rows with L = 0: closed explicitly.
-                let exists = vec4(r, r + 1u, r + 2u, r + 3u) < vec4(cnt);
-                let visible = exists & allowed4_queries(t0 + r, j);
-                let row_lse = vec4(lse_tile[r], lse_tile[r + 1u], lse_tile[r + 2u], lse_tile[r + 3u]);
-                var s = vec4(0.0);
-                var dp = vec4(0.0);
-                for (var d = 0u; d < DV; d++) {
-                    s += tile_dots(kj[d], TILE_Q, r, d);
-                    if (PART == PART_DK) {
-                        dp += tile_dots(vj[d], TILE_DO, r, d);
+        for (var r = 0u; r < cnt; r += KB) {
+            // Queries past the tile's count are zero rows with L = 0: closed explicitly.
+            let exists = vec4(r, r + 1u, r + 2u, r + 3u) < vec4(cnt);
+            let row_lse = vec4(lse_tile[r], lse_tile[r + 1u], lse_tile[r + 2u], lse_tile[r + 3u]);
+            var s: array<vec4<f32>, SPLIT>;
+            var dp: array<vec4<f32>, SPLIT>;
+            for (var d = 0u; d < DQ; d++) {
+                let queries = tile4(TILE_Q, r, col + d);
+                for (var t = 0u; t < SPLIT; t++) {
+                    s[t] += kj[t * DQ + d] * queries;
+                }
+                if (PART == PART_DK) {
+                    let grads = tile4(TILE_DO, r, col + d);
+                    for (var t = 0u; t < SPLIT; t++) {
+                        dp[t] += vj[t * DQ + d] * grads;
                     }
                 }
-                let p = select(vec4(0.0), exp(s - row_lse), visible);
+            }
+            // dS for dK (the Q tile already carries the scale), P for dV.
+            var w: array<vec4<f32>, SPLIT>;
+            for (var t = 0u; t < SPLIT; t++) {
+                let visible = exists & allowed4_queries(t0 + r, first + t) & vec4(attended[t]);
+                let p = select(vec4(0.0), exp(lanes_sum(s[t]) - row_lse), visible);
                 if (PART == PART_DK) {
                     let row_d = vec4(d_tile[r], d_tile[r + 1u], d_tile[r + 2u], d_tile[r + 3u]);
-                    let ds = p * (dp - row_d);
-                    // The Q tile already carries the scale.
-                    for (var d = 0u; d < DV; d++) {
-                        acc[d] += tile_mix(ds, TILE_Q, r, d);
-                    }
+                    w[t] = p * (lanes_sum(dp[t]) - row_d);
                 } else {
-                    for (var d = 0u; d < DV; d++) {
-                        acc[d] += tile_mix(p, TILE_DO, r, d);
-                    }
+                    w[t] = p;
+                }
+            }
+            for (var d = 0u; d < DQ; d++) {
+                var rows: mat4x4<f32>;
+                if (PART == PART_DK) {
+                    rows = tile4(TILE_Q, r, col + d);
+                } else {
+                    rows = tile4(TILE_DO, r, col + d);
+                }
+                for (var t = 0u; t < SPLIT; t++) {
+                    acc[t * DQ + d] += rows * w[t];
                 }
             }
         }
         workgroupBarrier();
     }
 
-    if (in_range) {
-        for (var d = 0u; d < DV; d++) {
-            dkv[PART * half_offset() * DV + head + j * DV + d] = vec4<elem>(acc[d]);
+    for (var t = 0u; t < SPLIT; t++) {
+        let j = first + t;
+        if (j < n) {
+            for (var d = 0u; d < DQ; d++) {
+                dkv[PART * half_offset() * DV + head + j * DV + col + d] = vec4<elem>(acc[t * DQ + d]);
+            }
         }
     }
 }

@@ -1,4 +1,4 @@
-// Flash attention backward, part 1: dQ. One invocation per query row; K and V stream through
+// Flash attention backward, part 1: dQ. Each lane holds its share of SPLIT query rows; K and V stream through
 // workgroup memory as in the forward pass. Probabilities are recomputed from the saved log-sum-exp,
 // P_ij = exp(s_ij - L_i), so no N x N matrix is stored:
 //   dS_ij = P_ij (dO_i . V_j - D_i),  D_i = dO_i . O_i,   dQ_i = scale * sum_j dS_ij K_j.
@@ -14,23 +14,28 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let bh = wg.y;
     let b = batch_of(bh);
     let row0 = wg.x * BR;
-    let i = row0 + lane;
-    let live = i < n;
+    // This lane's query rows, first .. first + SPLIT - 1, and its share of each: vec4s col .. col + DQ - 1.
+    let first = row0 + lane / SPLIT * SPLIT;
+    let col = lane % SPLIT * DQ;
     let head = bh * n * DV;
     let scale = softmax_scale();
 
-    var qi: array<vec4<f32>, DV>;
-    var doi: array<vec4<f32>, DV>;
-    var acc: array<vec4<f32>, DV>;
-    var row_lse = 0.0;
-    var row_d = 0.0;
-    if (live) {
-        for (var d = 0u; d < DV; d++) {
-            qi[d] = vec4<f32>(q[head + i * DV + d]) * scale;
-            doi[d] = vec4<f32>(dout[head + i * DV + d]);
+    // Row t's share at t * DQ.
+    var qi: array<vec4<f32>, SPLIT * DQ>;
+    var doi: array<vec4<f32>, SPLIT * DQ>;
+    var acc: array<vec4<f32>, SPLIT * DQ>;
+    var row_lse: array<f32, SPLIT>;
+    var row_d: array<f32, SPLIT>;
+    for (var t = 0u; t < SPLIT; t++) {
+        let i = first + t;
+        if (i < n) {
+            for (var d = 0u; d < DQ; d++) {
+                qi[t * DQ + d] = vec4<f32>(q[head + i * DV + col + d]) * scale;
+                doi[t * DQ + d] = vec4<f32>(dout[head + i * DV + col + d]);
+            }
+            row_lse[t] = stats[bh * n + i];
+            row_d[t] = stats[half_offset() + bh * n + i];
         }
-        row_lse = stats[bh * n + i];
-        row_d = stats[half_offset() + bh * n + i];
     }
 
     let end = uniform_bounds(lane, 0u, key_end(row0)).y;
@@ -39,27 +44,38 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         load_kv_tile(lane, b, head, t0, cnt);
         workgroupBarrier();
 
-        if (live) {
-            for (var r = 0u; r < cnt; r += KB) {
-                var s = vec4(0.0);
-                var dp = vec4(0.0);
-                for (var d = 0u; d < DV; d++) {
-                    s += tile_dots(qi[d], TILE_K, r, d);
-                    dp += tile_dots(doi[d], TILE_V, r, d);
+        for (var r = 0u; r < cnt; r += KB) {
+            var s: array<vec4<f32>, SPLIT>;
+            var dp: array<vec4<f32>, SPLIT>;
+            for (var d = 0u; d < DQ; d++) {
+                let keys = tile4(TILE_K, r, col + d);
+                let values = tile4(TILE_V, r, col + d);
+                for (var t = 0u; t < SPLIT; t++) {
+                    s[t] += qi[t * DQ + d] * keys;
+                    dp[t] += doi[t * DQ + d] * values;
                 }
-                let p = select(vec4(0.0), exp(s - row_lse), visible4(i, t0, r));
-                let ds = p * (dp - row_d);
-                for (var d = 0u; d < DV; d++) {
-                    acc[d] += tile_mix(ds, TILE_K, r, d);
+            }
+            var ds: array<vec4<f32>, SPLIT>;
+            for (var t = 0u; t < SPLIT; t++) {
+                let p = select(vec4(0.0), exp(lanes_sum(s[t]) - row_lse[t]), visible4(first + t, t0, r));
+                ds[t] = p * (lanes_sum(dp[t]) - row_d[t]);
+            }
+            for (var d = 0u; d < DQ; d++) {
+                let keys = tile4(TILE_K, r, col + d);
+                for (var t = 0u; t < SPLIT; t++) {
+                    acc[t * DQ + d] += keys * ds[t];
                 }
             }
         }
         workgroupBarrier();
     }
 
-    if (live) {
-        for (var d = 0u; d < DV; d++) {
-            dq[head + i * DV + d] = vec4<elem>(acc[d] * scale);
+    for (var t = 0u; t < SPLIT; t++) {
+        let i = first + t;
+        if (i < n) {
+            for (var d = 0u; d < DQ; d++) {
+                dq[head + i * DV + col + d] = vec4<elem>(acc[t * DQ + d] * scale);
+            }
         }
     }
 }

@@ -3,16 +3,22 @@
 // The host prepends the constants chosen from the adapter's limits:
 //   DH  the head dimension (a multiple of 4), DV = DH / 4 the vec4s per row
 //   BC  rows of K/V (or Q/dO) held in workgroup memory per tile (a multiple of KB)
-//   BR  invocations per workgroup; each owns one query row (or one key row in dK/dV)
+//   BR  invocations per workgroup, and rows (query rows, or key rows in dK/dV) per workgroup
+//   SPLIT  lanes that share a group of SPLIT rows (1, 2 or 4), DQ = DV / SPLIT: lane c of a group holds
+//       vec4s c * DQ .. (c + 1) * DQ - 1 of each of the group's SPLIT rows, and the group adds its partial dot
+//       products up with `lanes_sum` (subgroup shuffles; the identity for SPLIT = 1, one row per lane)
 // Tensors are contiguous [B*H, N, DH] of `elem` (f32, or f16 where the adapter has shader-f16; the
 // host prepends the alias), read and written as vec4; all arithmetic is f32. One workgroup covers BR rows of
 // one (batch, head).
 //
-// Why it is fast on a GPU: each invocation keeps its own row(s) in registers as vec4s and walks the
-// tile KB keys at a time, so every vec4 read from workgroup memory (the same address for the whole
-// workgroup: a broadcast) feeds 4 multiply-adds, and the softmax bookkeeping happens once per KB keys.
-// Every loop over DV has a constant trip count, so drivers unroll it and the row arrays stay in
-// registers instead of spilling to memory.
+// Why it is fast on a GPU: each invocation keeps its rows in registers as vec4s and walks the tile KB keys at
+// a time, so every vec4 read from workgroup memory (the same address for every group of the workgroup: a
+// broadcast) feeds 4 multiply-adds for each of the lane's SPLIT rows, and the softmax bookkeeping happens once
+// per KB keys. Reads from workgroup memory, not arithmetic, bound one row per lane (4 multiply-adds a read);
+// SPLIT = 4 makes it 16 for the same registers, at the cost of two shuffles per 4 keys and row.
+// Every loop over DQ and SPLIT has a constant trip count, so drivers unroll it and the row arrays stay in
+// registers instead of spilling to memory. Subgroup operations must run in uniform control flow, so dead rows
+// (past N) compute like live ones and only skip their writes.
 // Every binding is read_write although most are only read: burn's memory pool packs many tensors into
 // one wgpu buffer, and wgpu refuses a buffer bound read-only and read-write in the same dispatch.
 
@@ -54,16 +60,11 @@ fn key_open(b: u32, j: u32) -> bool {
 // forward and dQ kernels; Q (scaled) and dO in dK/dV.
 var<workgroup> tile: array<vec4<f32>, 2u * BC * DV>;
 
-// The dot products of `a` with vec4 d of the tile rows r .. r + 3 of the operand at `base`.
-fn tile_dots(a: vec4<f32>, base: u32, r: u32, d: u32) -> vec4<f32> {
+// The tile rows r .. r + 3 of the operand at `base`, vec4 column d, as a matrix's columns: for a row share
+// `a`, `a * rows` is the 4 dot products and `rows * w` the sum over c of w[c] * row r + c.
+fn tile4(base: u32, r: u32, d: u32) -> mat4x4<f32> {
     let at = base + r * DV + d;
-    return vec4(dot(a, tile[at]), dot(a, tile[at + DV]), dot(a, tile[at + 2u * DV]), dot(a, tile[at + 3u * DV]));
-}
-
-// sum over c of w[c] * (vec4 d of tile row r + c) of the operand at `base`.
-fn tile_mix(w: vec4<f32>, base: u32, r: u32, d: u32) -> vec4<f32> {
-    let at = base + r * DV + d;
-    return w.x * tile[at] + w.y * tile[at + DV] + w.z * tile[at + 2u * DV] + w.w * tile[at + 3u * DV];
+    return mat4x4(tile[at], tile[at + DV], tile[at + 2u * DV], tile[at + 3u * DV]);
 }
 
 // `allowed` for query i and the KB keys j0 .. j0 + 3.

@@ -1,7 +1,7 @@
 // Flash attention forward: O = softmax(scale * Q K^T + mask) V and the row-wise log-sum-exp L,
 // in one pass over K and V with an online softmax (Dao et al. 2022, algorithm 1). The N x N score
-// matrix never exists: each invocation keeps its query row, a running max m, a running sum l and
-// an unnormalised output row in registers, and K/V stream through workgroup memory a tile at a time.
+// matrix never exists: each lane keeps its share of SPLIT query rows, their running maxima m, running
+// sums l and unnormalised output rows in registers, and K/V stream through workgroup memory a tile at a time.
 
 @group(0) @binding(5) var<storage, read_write> out: array<vec4<elem>>;
 // [B*H*N]: m + ln(l) per query row, what the backward pass recomputes the probabilities from.
@@ -14,21 +14,25 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let bh = wg.y;
     let b = batch_of(bh);
     let row0 = wg.x * BR;
-    let i = row0 + lane;
-    let live = i < n;
+    // This lane's query rows, first .. first + SPLIT - 1, and its share of each: vec4s col .. col + DQ - 1.
+    let first = row0 + lane / SPLIT * SPLIT;
+    let col = lane % SPLIT * DQ;
     let head = bh * n * DV;
 
-    // The scale is folded into q once instead of into every score.
-    var qi: array<vec4<f32>, DV>;
-    var acc: array<vec4<f32>, DV>;
-    if (live) {
-        let scale = softmax_scale();
-        for (var d = 0u; d < DV; d++) {
-            qi[d] = vec4<f32>(q[head + i * DV + d]) * scale;
+    // Row t's share at t * DQ. The scale is folded into q once instead of into every score.
+    var qi: array<vec4<f32>, SPLIT * DQ>;
+    var acc: array<vec4<f32>, SPLIT * DQ>;
+    var m: array<f32, SPLIT>;
+    var l: array<f32, SPLIT>;
+    let scale = softmax_scale();
+    for (var t = 0u; t < SPLIT; t++) {
+        m[t] = MASKED;
+        if (first + t < n) {
+            for (var d = 0u; d < DQ; d++) {
+                qi[t * DQ + d] = vec4<f32>(q[head + (first + t) * DV + col + d]) * scale;
+            }
         }
     }
-    var m = MASKED;
-    var l = 0.0;
 
     let end = uniform_bounds(lane, 0u, key_end(row0)).y;
     for (var t0 = 0u; t0 < end; t0 += BC) {
@@ -36,42 +40,53 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         load_kv_tile(lane, b, head, t0, cnt);
         workgroupBarrier();
 
-        if (live) {
-            for (var r = 0u; r < cnt; r += KB) {
-                var s = vec4(0.0);
-                for (var d = 0u; d < DV; d++) {
-                    s += tile_dots(qi[d], TILE_K, r, d);
+        for (var r = 0u; r < cnt; r += KB) {
+            var s: array<vec4<f32>, SPLIT>;
+            for (var d = 0u; d < DQ; d++) {
+                let keys = tile4(TILE_K, r, col + d);
+                for (var t = 0u; t < SPLIT; t++) {
+                    s[t] += qi[t * DQ + d] * keys;
                 }
-                s = select(vec4(MASKED), s, visible4(i, t0, r));
-                let block_max = max(max(s.x, s.y), max(s.z, s.w));
-                if (block_max > MASKED) {
-                    // Rescale what was accumulated under the old max once per KB keys.
-                    let m_new = max(m, block_max);
-                    let correction = exp(m - m_new);
-                    // A masked score sits ~3e38 below m_new: its exp is exactly 0.
-                    let p = exp(s - m_new);
-                    l = l * correction + (p.x + p.y + p.z + p.w);
-                    for (var d = 0u; d < DV; d++) {
-                        acc[d] = acc[d] * correction + tile_mix(p, TILE_V, r, d);
-                    }
-                    m = m_new;
+            }
+            // Rescale what was accumulated under the old max once per KB keys. A block with no visible key
+            // leaves a row as it was: p = 0 and, while m is still MASKED, correction = exp(0) = 1.
+            var p: array<vec4<f32>, SPLIT>;
+            var correction: array<f32, SPLIT>;
+            for (var t = 0u; t < SPLIT; t++) {
+                let visible = visible4(first + t, t0, r);
+                let st = select(vec4(MASKED), lanes_sum(s[t]), visible);
+                let m_new = max(m[t], max(max(st.x, st.y), max(st.z, st.w)));
+                correction[t] = exp(m[t] - m_new);
+                p[t] = select(vec4(0.0), exp(st - m_new), visible);
+                l[t] = l[t] * correction[t] + (p[t].x + p[t].y + p[t].z + p[t].w);
+                m[t] = m_new;
+            }
+            for (var d = 0u; d < DQ; d++) {
+                let values = tile4(TILE_V, r, col + d);
+                for (var t = 0u; t < SPLIT; t++) {
+                    acc[t * DQ + d] = acc[t * DQ + d] * correction[t] + values * p[t];
                 }
             }
         }
         workgroupBarrier();
     }
 
-    if (live) {
-        // A row that sees no key at all outputs zeros (the reference path agrees: see attention.rs).
-        var inv = 0.0;
-        var row_lse = -MASKED;
-        if (l > 0.0) {
-            inv = 1.0 / l;
-            row_lse = m + log(l);
+    for (var t = 0u; t < SPLIT; t++) {
+        let i = first + t;
+        if (i < n) {
+            // A row that sees no key at all outputs zeros (the reference path agrees: see attention.rs).
+            var inv = 0.0;
+            var row_lse = -MASKED;
+            if (l[t] > 0.0) {
+                inv = 1.0 / l[t];
+                row_lse = m[t] + log(l[t]);
+            }
+            for (var d = 0u; d < DQ; d++) {
+                out[head + i * DV + col + d] = vec4<elem>(acc[t * DQ + d] * inv);
+            }
+            if (col == 0u) {
+                lse[bh * n + i] = row_lse;
+            }
         }
-        for (var d = 0u; d < DV; d++) {
-            out[head + i * DV + d] = vec4<elem>(acc[d] * inv);
-        }
-        lse[bh * n + i] = row_lse;
     }
 }

@@ -43,6 +43,9 @@ pub struct AdapterSummary {
     pub max_compute_workgroup_storage_size: u32,
     pub max_compute_invocations_per_workgroup: u32,
     pub shader_f16: bool,
+    /// wgpu's subgroup feature (WGSL's subgroup operations), which the fused attention's split rows need
+    /// ([`crate::flash::set_split`]).
+    pub subgroups: bool,
 }
 
 impl fmt::Display for AdapterSummary {
@@ -74,6 +77,7 @@ pub fn adapters() -> Vec<AdapterSummary> {
                 max_compute_workgroup_storage_size: limits.max_compute_workgroup_storage_size,
                 max_compute_invocations_per_workgroup: limits.max_compute_invocations_per_workgroup,
                 shader_f16: adapter.features().contains(wgpu::Features::SHADER_F16),
+                subgroups: adapter.features().contains(wgpu::Features::SUBGROUP),
             }
         })
         .collect();
@@ -179,6 +183,7 @@ pub fn select_for(choice: BackendChoice, local_rank: usize) -> Result<Selected, 
     }
     let kind = if local_rank > 0 { kind_of(&all, local_rank) } else { DeviceKind::DefaultDevice };
     let a = all[local_rank].clone();
+    check_flash_split(&a)?;
     let reason = match choice {
         BackendChoice::Auto => format!("backend: wgpu on {a}"),
         _ if a.software => {
@@ -196,6 +201,23 @@ pub fn select_for(choice: BackendChoice, local_rank: usize) -> Result<Selected, 
         None => reason,
     };
     Ok(Selected { device, kind: BackendChoice::Wgpu, adapter: Some(a), reason })
+}
+
+/// `OV3_FLASH_SPLIT` (the fused attention's lanes per row group, [`crate::flash::set_split`]) is 1, 2 or 4, and
+/// above 1 only on an adapter with subgroups: a clear error at the start, not a shader that fails to compile.
+fn check_flash_split(a: &AdapterSummary) -> Result<(), String> {
+    let split = match std::env::var("OV3_FLASH_SPLIT") {
+        Ok(value) => crate::flash::parse_split(&value)?,
+        Err(_) => crate::flash::split(),
+    };
+    if split > 1 && !a.subgroups {
+        return Err(format!(
+            "OV3_FLASH_SPLIT={split} splits attention rows over subgroup lanes, but {} has no subgroups \
+             (wgpu's SUBGROUP feature); unset it",
+            a.name
+        ));
+    }
+    Ok(())
 }
 
 /// The device RNG is one per process (burn's backends keep it in a global), so seeding it and drawing from it

@@ -145,13 +145,55 @@ fn assert_matches(name: &str, what: &str, actual: &[f64], reference: &[f64], tol
     assert!(err < tolerance, "{name}: {what} error {err:.2e} >= {tolerance:.0e}");
 }
 
+/// The lanes per row group ([`flash::set_split`]) are one setting for the whole process: the tests of this file
+/// take turns, each setting the split it means to check.
+static SPLIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Runs `body` with rows split over `lanes` lanes, alone among this file's tests.
+fn with_split<R>(lanes: u32, body: impl FnOnce() -> R) -> R {
+    let _turn = SPLIT.lock().unwrap_or_else(|e| e.into_inner());
+    flash::set_split(lanes);
+    body()
+}
+
+/// The splits this machine's adapter can run: 1, and 2 and 4 where it has wgpu's subgroup feature.
+fn splits() -> Vec<u32> {
+    let subgroups = ov3_core::device::adapters().first().is_some_and(|a| a.subgroups);
+    if !subgroups {
+        eprintln!("the adapter has no subgroups: rows split over lanes not checked");
+    }
+    if subgroups { vec![1, 2, 4] } else { vec![1] }
+}
+
 #[test]
 fn forward_and_gradients_match_f64_reference() {
     let Some(device) = wgpu_device() else { return };
     flash::set_poison_outputs(true);
     let device = device.autodiff();
-    for case in cases(&device) {
-        check(&case, DType::F32, 1e-4, &device);
+    with_split(1, || {
+        for case in cases(&device) {
+            check(&case, DType::F32, 1e-4, &device);
+        }
+    });
+}
+
+/// The same with each query (and key) row shared by 2 or 4 lanes that add their partial dot products up through
+/// subgroup shuffles, and the kernels' tiles as the adapter chose them (checked to be the split asked for).
+#[test]
+fn rows_split_over_lanes_match_f64_reference() {
+    let Some(device) = wgpu_device() else { return };
+    flash::set_poison_outputs(true);
+    let device = device.autodiff();
+    for lanes in splits().into_iter().filter(|&l| l > 1) {
+        with_split(lanes, || {
+            for case in cases(&device) {
+                let [_, _, _, dh] = case.shape;
+                let tiles = Tiles::for_device(&device, dh);
+                assert_eq!(tiles.map(|t| t.split), Some(lanes), "{}: tiles {tiles:?}", case.name);
+                check(&case, DType::F32, 1e-4, &device);
+                check(&case, DType::F16, 2e-3, &device);
+            }
+        });
     }
 }
 
@@ -165,9 +207,11 @@ fn f16_inputs_match_f64_reference() {
     let native = device.supports_dtype(DType::F16);
     eprintln!("adapter shader-f16: {native} ({})", if native { "f16 kernels" } else { "through f32" });
     let device = device.autodiff();
-    for case in cases(&device) {
-        check(&case, DType::F16, 2e-3, &device);
-    }
+    with_split(1, || {
+        for case in cases(&device) {
+            check(&case, DType::F16, 2e-3, &device);
+        }
+    });
 }
 
 /// q, k, v `[B, H, N, Dh]` as the fused projection `[B, N, 3D]` (q, k, v in thirds, heads within each).
@@ -232,12 +276,14 @@ fn attention_op_matches_f64_reference() {
     let Some(device) = wgpu_device() else { return };
     flash::set_poison_outputs(true);
     let device = device.autodiff();
-    for case in cases(&device) {
-        for fused in [false, true] {
-            check_op(&case, DType::F32, fused, 1e-4, &device);
-            check_op(&case, DType::F16, fused, 2e-3, &device);
+    with_split(1, || {
+        for case in cases(&device) {
+            for fused in [false, true] {
+                check_op(&case, DType::F32, fused, 1e-4, &device);
+                check_op(&case, DType::F16, fused, 2e-3, &device);
+            }
         }
-    }
+    });
 }
 
 /// The reference path of the op against the same maths in burn's tensor ops (`scaled_dot_product_attention`
@@ -280,7 +326,7 @@ fn tiles_fit_the_adapter_limits() {
     // WebGPU's default limits (16 KiB of workgroup memory, 256 invocations) and a roomier adapter.
     for (shared, invocations) in [(16_384, 256), (32_768, 1024), (65_536, 64)] {
         for head_dim in [32, 64, 128, 256] {
-            let t = Tiles::choose(head_dim, shared, invocations);
+            let t = Tiles::choose(head_dim, shared, invocations, 1);
             let bytes = (2 * t.cols as usize * head_dim + 2 * t.cols as usize) * 4;
             assert!(bytes <= shared, "Dh {head_dim}: {bytes} bytes of workgroup memory > {shared}");
             assert!(t.rows <= invocations && t.rows.is_power_of_two() && t.cols.is_power_of_two());
@@ -289,7 +335,12 @@ fn tiles_fit_the_adapter_limits() {
             assert!(t.cols == 64 || doubled > shared, "Dh {head_dim}: tile of {} rows is not the largest", t.cols);
         }
     }
-    assert_eq!(Tiles::choose(128, 16_384, 256).cols, 8);
+    assert_eq!(Tiles::choose(128, 16_384, 256, 1).cols, 8);
+    // A split takes lanes that divide the head's vec4s and the workgroup's rows, halving until it does.
+    assert_eq!(Tiles::choose(64, 16_384, 256, 4).split, 4);
+    assert_eq!(Tiles::choose(8, 16_384, 256, 4).split, 2, "Dh 8: two vec4s a row");
+    assert_eq!(Tiles::choose(12, 16_384, 256, 4).split, 1, "Dh 12: three vec4s a row");
+    assert_eq!(Tiles::choose(64, 16_384, 2, 4).split, 2, "two invocations a workgroup");
 }
 
 /// The whole model through the fused kernels: every loss term and the gradients of the attention
@@ -322,15 +373,19 @@ fn model_losses_and_gradients_match_the_reference_path() {
         let grads: Vec<Vec<f64>> = weights.iter().map(|w| to_f64(&w.grad(&grads).expect("a gradient"))).collect();
         (terms.iter().map(|t| to_f64(t)[0]).collect::<Vec<f64>>(), grads)
     };
-    let (fused_terms, fused_grads) = run(&fused);
     let (ref_terms, ref_grads) = run(&reference);
-    for (name, (a, r)) in ["total", "caption", "contrastive"].iter().zip(fused_terms.iter().zip(&ref_terms)) {
-        assert!((a - r).abs() <= 1e-3 * r.abs().max(1.0), "{name} loss: fused {a} vs reference {r}");
-    }
-    for (tower, (a, r)) in
-        ["encoder", "decoder", "text encoder", "text decoder"].iter().zip(fused_grads.iter().zip(&ref_grads))
-    {
-        let err = rel_err(a, r);
-        assert!(err < 1e-3, "{tower} attention weight gradient: relative error {err:.2e}");
+    // One row per lane, and rows split over the most lanes the adapter runs.
+    let most = *splits().last().expect("split 1");
+    for lanes in if most > 1 { vec![1, most] } else { vec![1] } {
+        let (fused_terms, fused_grads) = with_split(lanes, || run(&fused));
+        for (name, (a, r)) in ["total", "caption", "contrastive"].iter().zip(fused_terms.iter().zip(&ref_terms)) {
+            assert!((a - r).abs() <= 1e-3 * r.abs().max(1.0), "split {lanes}, {name} loss: fused {a} vs reference {r}");
+        }
+        for (tower, (a, r)) in
+            ["encoder", "decoder", "text encoder", "text decoder"].iter().zip(fused_grads.iter().zip(&ref_grads))
+        {
+            let err = rel_err(a, r);
+            assert!(err < 1e-3, "split {lanes}, {tower} attention weight gradient: relative error {err:.2e}");
+        }
     }
 }

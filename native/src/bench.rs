@@ -236,16 +236,19 @@ fn step(args: StepArgs, group: &dyn Group) -> anyhow::Result<()> {
     if !group.is_writer() {
         return Ok(());
     }
+    // The fused kernels' lanes per row group (`OV3_FLASH_SPLIT`), where they run.
+    let split = if attention == AttentionImpl::Fused && ours { ov3_core::flash::split() } else { 1 };
     let device_mem = selected.device.memory_pool_usage().map(|u| u.bytes_reserved);
     let peak_mib = device_mem.map(|b| b as f64).unwrap_or_else(process_peak_bytes) / (1 << 20) as f64;
     let adapter = selected.adapter.as_ref().map(|a| a.to_string()).unwrap_or_else(|| "cpu (flex)".into());
     println!(
-        "{{\"bench\":\"step\",\"impl\":\"ov3\",\"backend\":\"{:?}\",\"adapter\":\"{}\",\"preset\":\"{}\",\"attention\":\"{}\",\"wgpu_ops\":\"{}\",\"compiler\":\"{}\",\"fusion\":{},\"autotune\":\"{}\",\"precision\":\"{}\",\"batch\":{},\"res\":{},\"context\":{},\
+        "{{\"bench\":\"step\",\"impl\":\"ov3\",\"backend\":\"{:?}\",\"adapter\":\"{}\",\"preset\":\"{}\",\"attention\":\"{}\",\"split\":{},\"wgpu_ops\":\"{}\",\"compiler\":\"{}\",\"fusion\":{},\"autotune\":\"{}\",\"precision\":\"{}\",\"batch\":{},\"res\":{},\"context\":{},\
          \"ms_per_step\":{:.1},\"images_per_s\":{:.2},\"peak_mib\":{:.0},\"peak_kind\":\"{}\",\"threads\":{},\"ranks\":{}}}",
         selected.kind,
         adapter,
         args.common.preset.name(),
         args.attention,
+        split,
         wgpu_ops,
         compiler,
         cfg!(feature = "fusion"),

@@ -35,12 +35,13 @@ pub fn run(args: InfoArgs) -> anyhow::Result<()> {
         println!("wgpu adapter: {a}{}", if a.software { " [software]" } else { "" });
         println!(
             "  max storage buffer binding {} MiB, max buffer {} MiB, workgroup storage {} KiB, \
-             invocations/workgroup {}, shader-f16 {}",
+             invocations/workgroup {}, shader-f16 {}, subgroups {}",
             a.max_storage_buffer_binding_size >> 20,
             a.max_buffer_size >> 20,
             a.max_compute_workgroup_storage_size >> 10,
             a.max_compute_invocations_per_workgroup,
-            a.shader_f16
+            a.shader_f16,
+            a.subgroups
         );
     }
     let selected = device::select(args.backend).map_err(anyhow::Error::msg)?;

@@ -5,7 +5,8 @@
 //   node wgsl.mjs URL KERNELS.json
 //
 // KERNELS.json is `ov3 info --wgsl FILE`'s (name -> source). URL: any page on the local server (a secure
-// context, for navigator.gpu). f16 variants are skipped, and said so, when the adapter has no shader-f16.
+// context, for navigator.gpu). f16 variants are skipped, and said so, when the adapter has no shader-f16, and
+// the flash kernels' split variants when it has no subgroups.
 // Exits 1 on any compilation error.
 
 import { chromium } from 'playwright-core';
@@ -33,11 +34,17 @@ try {
     const adapter = await navigator.gpu.requestAdapter();
     if (!adapter) return { error: 'no WebGPU adapter' };
     const f16 = adapter.features.has('shader-f16');
-    const device = await adapter.requestDevice({ requiredFeatures: f16 ? ['shader-f16'] : [] });
+    const subgroups = adapter.features.has('subgroups');
+    const requiredFeatures = [...(f16 ? ['shader-f16'] : []), ...(subgroups ? ['subgroups'] : [])];
+    const device = await adapter.requestDevice({ requiredFeatures });
     const out = {};
     for (const [name, code] of Object.entries(kernels)) {
       if (!f16 && /^\s*enable f16;/m.test(code)) {
         out[name] = 'skipped (no shader-f16)';
+        continue;
+      }
+      if (!subgroups && /^\s*enable subgroups;/m.test(code)) {
+        out[name] = 'skipped (no subgroups)';
         continue;
       }
       const info = await device.createShaderModule({ code }).getCompilationInfo();

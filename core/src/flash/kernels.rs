@@ -19,34 +19,58 @@ const STATS: &str = include_str!("../../../shaders/flash_stats.wgsl");
 /// Invocations per workgroup of flash_stats.wgsl, one row each.
 const STATS_WORKGROUP: u32 = 256;
 
-/// Tile sizes for one head dimension on one adapter (the `BR`, `BC` and `DH` of the shaders).
+/// Tile sizes for one head dimension on one adapter (the `BR`, `BC`, `DH` and `SPLIT` of the shaders).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Tiles {
     pub head_dim: u32,
-    /// Rows per workgroup, one invocation each.
+    /// Rows per workgroup, as many invocations.
     pub rows: u32,
     /// Rows of K/V (Q/dO in dK/dV) per tile of workgroup memory.
     pub cols: u32,
+    /// Lanes that share a group of `split` rows, each holding `head_dim / split` of every row and adding the
+    /// partial dot products up through subgroup shuffles (1: one row per lane, no subgroup operations).
+    pub split: u32,
 }
 
 impl Tiles {
     /// The largest tiles the adapter's limits allow, capped at 64: every kernel holds two `cols x
     /// head_dim` tiles plus two `cols` vectors in workgroup memory, and walks a tile 4 rows at a time
     /// (`KB` in the shaders), so `cols` stays a multiple of 4 (WebGPU's minimum 16 KiB allows 4 rows
-    /// of the widest head, 256).
-    pub fn choose(head_dim: usize, max_shared_bytes: usize, max_invocations: u32) -> Self {
+    /// of the widest head, 256). `split` as asked where it divides the head's vec4s and the rows, halved until
+    /// it does.
+    pub fn choose(head_dim: usize, max_shared_bytes: usize, max_invocations: u32, split: u32) -> Self {
         let fits = |cols: usize| (2 * cols * head_dim + 2 * cols) * 4 <= max_shared_bytes;
         let mut cols = 64;
         while cols > 4 && !fits(cols) {
             cols /= 2;
         }
-        let rows = max_invocations.clamp(1, 64);
-        Self { head_dim: head_dim as u32, rows: prev_power_of_two(rows), cols: cols as u32 }
+        let rows = prev_power_of_two(max_invocations.clamp(1, 64));
+        let mut split = prev_power_of_two(split.clamp(1, super::MAX_SPLIT));
+        while split > 1 && ((head_dim / 4) % split as usize != 0 || rows % split != 0) {
+            split /= 2;
+        }
+        Self { head_dim: head_dim as u32, rows, cols: cols as u32, split }
+    }
+
+    /// The tiles the kernels use on an adapter of these properties, with [`super::split`]'s lanes where its
+    /// subgroups are at least that wide.
+    fn for_adapter(hw: &cubecl::ir::HardwareProperties, head_dim: usize) -> Self {
+        let split = super::split();
+        let split = if hw.plane_size_min >= split { split } else { 1 };
+        Self::choose(head_dim, hw.max_shared_memory_size, hw.max_units_per_cube, split)
     }
 
     fn for_tensor(t: &CubeTensor, head_dim: usize) -> Self {
-        let hw = &t.client.properties().hardware;
-        Self::choose(head_dim, hw.max_shared_memory_size, hw.max_units_per_cube)
+        Self::for_adapter(&t.client.properties().hardware, head_dim)
+    }
+
+    /// The tiles the kernels would use on `device` for heads of `head_dim` now; `None` off wgpu.
+    pub fn for_device(device: &burn::tensor::Device, head_dim: usize) -> Option<Self> {
+        let inner = device.clone().inner();
+        let burn::backend::DispatchDevice::Cube(cube) = inner.as_dispatch() else {
+            return None;
+        };
+        Some(Self::for_adapter(&cube.client().properties().hardware, head_dim))
     }
 }
 
@@ -70,6 +94,21 @@ struct FlashKernel {
     tiles: Tiles,
     /// Q, K, V, O and their gradients in f16 (`elem` in the shaders); arithmetic stays f32.
     f16: bool,
+    /// WebGPU's WGSL (Chromium's Tint) rather than native wgpu's (naga): `enable subgroups;` where a split uses
+    /// them, which Tint requires and naga refuses.
+    webgpu: bool,
+}
+
+/// `lanes_sum` of the shaders, the sum of a vec4 over the `split` lanes of a row group, the same bits on each
+/// (every lane adds the same pairs, and IEEE addition commutes), and the directive it needs first.
+fn lanes_sum(split: u32, webgpu: bool) -> (&'static str, String) {
+    let body = match split {
+        1 => "return x;",
+        2 => "return x + subgroupShuffleXor(x, 1u);",
+        _ => "let y = x + subgroupShuffleXor(x, 1u);\n    return y + subgroupShuffleXor(y, 2u);",
+    };
+    let enable = if split > 1 && webgpu { "enable subgroups;\n" } else { "" };
+    (enable, format!("fn lanes_sum(x: vec4<f32>) -> vec4<f32> {{\n    {body}\n}}\n"))
 }
 
 impl KernelSource for FlashKernel {
@@ -78,12 +117,17 @@ impl KernelSource for FlashKernel {
         // PART: which half of [dK | dV] flash_backward_dkv.wgsl computes (unused by the others).
         let part = u32::from(self.stage == Stage::BackwardDv);
         let elem = crate::wgsl::elem_header(if self.f16 { DType::F16 } else { DType::F32 });
+        // Directives (`enable ...;`) first, then the constants.
+        let (enable, sum) = lanes_sum(t.split, self.webgpu);
         let header = format!(
-            "{elem}const DH: u32 = {}u;\nconst DV: u32 = {}u;\nconst BC: u32 = {}u;\nconst BR: u32 = {}u;\nconst PART: u32 = {part}u;\n",
+            "{enable}{elem}const DH: u32 = {}u;\nconst DV: u32 = {}u;\nconst BC: u32 = {}u;\nconst BR: u32 = {}u;\n\
+             const SPLIT: u32 = {}u;\nconst DQ: u32 = {}u;\nconst PART: u32 = {part}u;\n{sum}",
             t.head_dim,
             t.head_dim / 4,
             t.cols,
-            t.rows
+            t.rows,
+            t.split,
+            t.head_dim / 4 / t.split
         );
         let parts: &[&str] = match self.stage {
             Stage::Stats => {
@@ -98,7 +142,7 @@ impl KernelSource for FlashKernel {
     }
 
     fn id(&self) -> KernelId {
-        KernelId::new::<Self>().info((self.stage, self.tiles, self.f16))
+        KernelId::new::<Self>().info((self.stage, self.tiles, self.f16, self.webgpu))
     }
 
     fn lang(&self) -> &'static str {
@@ -127,7 +171,8 @@ fn launch(stage: Stage, tiles: Tiles, [b, h, n, _]: [usize; 4], buffers: &[&Cube
     let f16 = buffers[0].dtype == DType::F16;
     let groups = n.div_ceil(tiles.rows as usize) as u32;
     let count = CubeCount::Static(groups, (b * h) as u32, 1);
-    crate::wgsl::launch(FlashKernel { stage, tiles, f16 }, tiles.rows, count, buffers);
+    let webgpu = cfg!(target_arch = "wasm32");
+    crate::wgsl::launch(FlashKernel { stage, tiles, f16, webgpu }, tiles.rows, count, buffers);
 }
 
 /// Output `[B, H, N, Dh]` (the inputs' dtype) and log-sum-exp `[B, H, N]` (f32). `padding`: `[B, N]`
@@ -172,7 +217,7 @@ pub fn backward(
     // [L | D] in one buffer, D_i = dO_i . O_i (the kernels stay within 8 storage bindings).
     let rows = b * h * n;
     let stats = output(&q, vec![2 * rows], DType::F32);
-    let kernel = FlashKernel { stage: Stage::Stats, tiles, f16: st == DType::F16 };
+    let kernel = FlashKernel { stage: Stage::Stats, tiles, f16: st == DType::F16, webgpu: false };
     let groups = crate::wgsl::grid(rows.div_ceil(STATS_WORKGROUP as usize));
     let buffers = [&out, &grad_out, &into_contiguous(lse), &words(&q, &[rows as u32]), &stats];
     crate::wgsl::launch(kernel, STATS_WORKGROUP, groups, &buffers);
@@ -190,15 +235,20 @@ pub fn backward(
     (cast(dq, dtype), half(0), half(1))
 }
 
-/// Every kernel's WGSL as compiled, for WebGPU's default limits (16 KiB of workgroup memory, 256 invocations)
-/// and 64-wide heads, in f32 and f16: `(name, source)`, for `wgsl::every_kernel`.
+/// Every kernel's WGSL as WebGPU compiles it, for WebGPU's default limits (16 KiB of workgroup memory, 256
+/// invocations) and 64-wide heads, in f32 and f16, one row per lane and (the forward and backward kernels) rows
+/// split over 4 lanes: `(name, source)`, for `wgsl::every_kernel`.
 pub(crate) fn sources() -> Vec<(String, String)> {
-    let tiles = Tiles::choose(64, 16 * 1024, 256);
     let stages = [Stage::Forward, Stage::Stats, Stage::BackwardDq, Stage::BackwardDk, Stage::BackwardDv];
-    let each = stages.into_iter().flat_map(|stage| [false, true].map(|f16| (stage, f16)));
-    each.map(|(stage, f16)| {
-        let name = format!("flash {stage:?}{}", if f16 { " f16" } else { "" });
-        (name, FlashKernel { stage, tiles, f16 }.source().complete())
+    let each = stages.into_iter().flat_map(|stage| {
+        let splits: &[u32] = if stage == Stage::Stats { &[1] } else { &[1, 4] };
+        splits.iter().flat_map(move |&split| [false, true].map(|f16| (stage, split, f16)))
+    });
+    each.map(|(stage, split, f16)| {
+        let tiles = Tiles::choose(64, 16 * 1024, 256, split);
+        let lanes = if split > 1 { format!(" split {split}") } else { String::new() };
+        let name = format!("flash {stage:?}{lanes}{}", if f16 { " f16" } else { "" });
+        (name, FlashKernel { stage, tiles, f16, webgpu: true }.source().complete())
     })
     .collect()
 }

@@ -11,6 +11,8 @@
 mod autodiff;
 pub(crate) mod kernels;
 
+use std::sync::atomic::{AtomicU32, Ordering};
+
 use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::{Backend, Dispatch, backend_extension};
 use burn::tensor::{Device, Int, Tensor};
@@ -128,6 +130,47 @@ impl FlashAttentionBackend for CubeDispatched {
 type CubeDispatched = burn::backend::wgpu::CubeBackend;
 #[cfg(feature = "fusion")]
 type CubeDispatched = burn::backend::fusion::Fusion<burn::backend::wgpu::CubeBackend>;
+
+/// The most lanes a row group splits over ([`set_split`]).
+pub const MAX_SPLIT: u32 = 4;
+
+/// 0: not decided yet (`OV3_FLASH_SPLIT` decides at the first use), else the lanes per row group.
+static SPLIT: AtomicU32 = AtomicU32::new(0);
+
+/// How many lanes share each group of rows in the fused kernels: 1 (one row per lane, as measured on the
+/// H100 in session 22; the default), 2 or 4 (each lane holds that many rows, a 1/2 or 1/4 of each, and the group
+/// adds its partial dot products up through subgroup shuffles: 2 or 4 times the multiply-adds per read from
+/// workgroup memory, for the same registers; docs/PERFORMANCE.md). Without a call, `OV3_FLASH_SPLIT` in the
+/// environment decides ([`parse_split`]). A split above 1 needs an adapter with wgpu's subgroup feature
+/// ([`crate::device::AdapterSummary::subgroups`]) whose subgroups are at least that wide (every GPU's are);
+/// kernels for subgroups narrower than it, or heads whose vec4s it does not divide, take a smaller one.
+pub fn set_split(lanes: u32) {
+    assert!(matches!(lanes, 1 | 2 | 4), "flash attention splits rows over 1, 2 or 4 lanes, not {lanes}");
+    SPLIT.store(lanes, Ordering::Relaxed);
+}
+
+/// `OV3_FLASH_SPLIT`'s value: 1, 2 or 4, or an error that says what it accepts.
+pub fn parse_split(value: &str) -> Result<u32, String> {
+    match value.trim() {
+        "1" => Ok(1),
+        "2" => Ok(2),
+        "4" => Ok(4),
+        other => Err(format!("OV3_FLASH_SPLIT must be 1, 2 or 4 (lanes per group of rows), not {other:?}")),
+    }
+}
+
+/// The lanes per row group in use ([`set_split`]); an unset or invalid `OV3_FLASH_SPLIT` is 1 (the `ov3` commands
+/// refuse an invalid one before they get here).
+pub fn split() -> u32 {
+    match SPLIT.load(Ordering::Relaxed) {
+        0 => {
+            let lanes = std::env::var("OV3_FLASH_SPLIT").ok().and_then(|v| parse_split(&v).ok()).unwrap_or(1);
+            set_split(lanes);
+            lanes
+        }
+        lanes => lanes,
+    }
+}
 
 /// Head dimensions the kernels are compiled for: each invocation keeps a few rows of this length in
 /// registers, so very wide heads would spill; the model's heads are 32-128 wide.
