@@ -73,6 +73,49 @@ fn bench_step_counts_kernel_launches_on_wgpu() {
     assert!((100..1000).contains(&adamw), "AdamW launched {adamw} times (once per parameter tensor)");
 }
 
+/// `OV3_FLASH_SPLIT` takes 1, 2 or 4: anything else is refused with the variable named, whatever the backend.
+#[test]
+fn a_bad_flash_split_is_refused() {
+    let out = Command::new(env!("CARGO_BIN_EXE_ov3"))
+        .args(["bench", "step", "--backend", "cpu", "--batch", "2", "--res", "32", "--steps", "1", "--warmup", "0"])
+        .env("OV3_FLASH_SPLIT", "3")
+        .output()
+        .expect("ov3 binary runs");
+    let (_, stderr) = text(&out);
+    assert!(!out.status.success(), "OV3_FLASH_SPLIT=3 accepted");
+    assert!(stderr.contains("OV3_FLASH_SPLIT must be 1, 2 or 4"), "{stderr}");
+}
+
+/// `ov3 bench attention --split 1,4` on wgpu: a fused row per split, each within 1e-4 of the unfused path (its
+/// own check, over the output and the three gradients). Skipped without an adapter unless `OV3_TEST_WGPU=1`.
+#[test]
+fn bench_attention_checks_each_split_against_the_unfused_path() {
+    let args = ["bench", "attention", "--seq", "37", "--batch", "1", "--heads", "2", "--steps", "1", "--warmup", "0"];
+    let out = ov3(&[&args[..], &["--split", "1,4"]].concat());
+    let (stdout, stderr) = text(&out);
+    if !out.status.success() && stderr.contains("adapter") && std::env::var("OV3_TEST_WGPU").as_deref() != Ok("1") {
+        eprintln!("skipping: {stderr}");
+        return;
+    }
+    if !out.status.success() && stderr.contains("has none") {
+        eprintln!("skipping: the adapter has no subgroups ({stderr})");
+        return;
+    }
+    assert!(out.status.success(), "bench attention failed: {stderr}");
+    let lines: Vec<serde_json::Value> =
+        stdout.lines().map(|l| serde_json::from_str(l).expect("bench prints JSON lines")).collect();
+    let splits: Vec<u64> = lines.iter().filter_map(|l| l["split"].as_u64()).filter(|&s| s > 0).collect();
+    assert_eq!(splits, [1, 4], "{stdout}");
+    for line in &lines {
+        if line["impl"] == "unfused matmul-softmax-matmul" {
+            assert!(line["error_vs_unfused"].is_null(), "{line}");
+        } else {
+            let err = line["error_vs_unfused"].as_f64().expect("error_vs_unfused");
+            assert!(err < 1e-4, "{}: {err:.2e} from the unfused path", line["impl"]);
+        }
+    }
+}
+
 /// A PNG whose header claims 12000 x 12000 pixels (144 Mpx, over the 64 Mpx limit): every command that
 /// reads an image refuses it from the header, before decoding, as the data loader does.
 fn bomb_png(path: &std::path::Path) {

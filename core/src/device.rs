@@ -150,6 +150,9 @@ pub fn select(choice: BackendChoice) -> Result<Selected, String> {
 /// error, two ranks never share one by accident); on the CPU, one flex device per process. `auto` on a machine
 /// with no hardware adapter puts every rank on the CPU.
 pub fn select_for(choice: BackendChoice, local_rank: usize) -> Result<Selected, String> {
+    if let Ok(value) = std::env::var("OV3_FLASH_SPLIT") {
+        crate::flash::parse_split(&value)?;
+    }
     // `cpu` never touches the GPU drivers.
     let all = if choice == BackendChoice::Cpu { vec![] } else { adapters() };
     let cpu = |reason: String| Selected { device: Device::flex(), kind: BackendChoice::Cpu, adapter: None, reason };
