@@ -21,7 +21,7 @@ pub fn adamw<M: Module>(model: &M, weight_decay: f32) -> ModuleOptimizer {
 
 /// AdamW, betas (0.9, 0.95), epsilon 1e-8: burn's `AdamW` with each f32 parameter's update in one pass
 /// instead of a dozen tensor ops that each read and write every parameter: `cpu_ops::adamw` on the CPU
-/// backend, one kernel (`optim_gpu`, shaders/adamw.wgsl) on wgpu, where every op is also a dispatch.
+/// backend, one kernel (`optim_gpu`, a CubeCL kernel) on wgpu, where every op is also a dispatch.
 /// The state is burn's own (`AdamWState`), so checkpoints are the same either way; for other dtypes burn's
 /// `AdamW` takes the step. `core/tests/cpu_ops.rs` and `core/tests/optim_gpu.rs` check both against
 /// float64 code and burn's AdamW.

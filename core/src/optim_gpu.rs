@@ -1,5 +1,5 @@
-//! The optimiser's kernels on burn's wgpu backend (`shaders/adamw.wgsl`, `shaders/sum_squares.wgsl`): AdamW's
-//! update in one kernel per parameter, and the squared norm for global grad-norm clipping in one per five.
+//! The optimiser's kernels on burn's wgpu backend (AdamW's, a CubeCL kernel below; `shaders/sum_squares.wgsl`):
+//! AdamW's update in one kernel per parameter, and the squared norm for global grad-norm clipping in one per five.
 //!
 //! burn's `AdamW` updates each parameter with about a dozen element-wise tensor ops, each its own GPU
 //! dispatch; with ~250 parameter tensors that was some 3,000 of a tiny training step's ~8,000 kernel
@@ -11,18 +11,14 @@
 //! `core/tests/optim_gpu.rs` checks both against float64 code, and AdamW against burn's AdamW.
 
 use burn::backend::tensor::FloatTensor;
-use burn::backend::wgpu::{
-    CubeBackend, CubeDim, CubeTensor, KernelSource, SourceKernel, SourceTemplate, into_contiguous,
-};
+use burn::backend::wgpu::{CubeBackend, CubeDim, CubeTensor, KernelSource, SourceTemplate, into_contiguous};
 use burn::backend::{Backend, DType, Dispatch, TensorMetadata, backend_extension};
 use burn::tensor::Tensor;
 use cubecl::CubeCount;
 use cubecl::prelude::KernelId;
-use cubecl::server::KernelArguments;
 
 pub use crate::cpu_ops::AdamWStep;
 
-const ADAMW: &str = include_str!("../../shaders/adamw.wgsl");
 const SUM_SQUARES: &str = include_str!("../../shaders/sum_squares.wgsl");
 /// Invocations per workgroup (`WG` in the shader).
 const WORKGROUP: u32 = 256;
@@ -88,12 +84,13 @@ pub fn sum_squares_add(xs: &[Tensor<1>], acc: Option<Tensor<1>>) -> Tensor<1> {
 }
 
 /// Whether [`adamw`] can step `param` with `grad`: f32 tensors on a wgpu device (the optimiser's tensors
-/// are plain, not autodiff), not empty.
+/// are plain, not autodiff), not empty. A CubeCL kernel: it runs under a `vulkan` build's SPIR-V too
+/// ([`crate::wgsl::cube_runs_here`]).
 pub fn supports<const D: usize>(param: &Tensor<D>, grad: &Tensor<D>) -> bool {
     param.dtype() == DType::F32
         && grad.dtype() == DType::F32
         && param.shape().num_elements() > 0
-        && crate::wgsl::runs_here(&param.device())
+        && crate::wgsl::cube_runs_here(&param.device())
 }
 
 /// One AdamW step in one kernel: `(param, moment_1, moment_2)` after it. Call only where [`supports`]
@@ -115,22 +112,56 @@ pub fn adamw<const D: usize>(
     (Tensor::from_dispatch(p), Tensor::from_dispatch(m), Tensor::from_dispatch(v))
 }
 
-struct AdamWSource;
-struct SumSquaresSource;
+/// The CubeCL kernels (cubecl's Rust dialect; `Tensor` here is cubecl's).
+mod cube {
+    use cubecl::prelude::*;
 
-impl KernelSource for AdamWSource {
-    fn source(&self) -> SourceTemplate {
-        SourceTemplate::new(ADAMW)
+    /// One AdamW step on one parameter tensor, an element per unit: the same arithmetic as the CPU kernel
+    /// (`kernels/src/lib.rs` `adamw`), in f32, with `g = grad_scale * grad` (clipping's factor over the loss scale, so
+    /// clipping needs no pass of its own over the gradient):
+    ///   `m' = b1 m + (1 - b1) g,  v' = b2 v + (1 - b2) g^2,  p' = decay p - lr (m' / c1) / (sqrt(v' / c2) + eps)`.
+    /// A CubeCL kernel, not WGSL text, so cubecl compiles it for whichever runtime the device has (WGSL, or SPIR-V
+    /// in a `vulkan` build); it writes new tensors (burn's pool may share the inputs).
+    #[cube(launch)]
+    #[allow(clippy::too_many_arguments)]
+    pub fn adamw_kernel(
+        param: &Tensor<f32>,
+        grad: &Tensor<f32>,
+        moment_1: &Tensor<f32>,
+        moment_2: &Tensor<f32>,
+        param_out: &mut Tensor<f32>,
+        moment_1_out: &mut Tensor<f32>,
+        moment_2_out: &mut Tensor<f32>,
+        h: AdamWScalars,
+    ) {
+        let i = ABSOLUTE_POS;
+        if i >= param_out.len() {
+            terminate!();
+        }
+        let g = h.grad_scale * grad[i];
+        let m = h.beta_1 * moment_1[i] + (1.0 - h.beta_1) * g;
+        let v = h.beta_2 * moment_2[i] + (1.0 - h.beta_2) * (g * g);
+        let delta = (m / h.correction_1) / (f32::sqrt(v / h.correction_2) + h.epsilon);
+        param_out[i] = h.decay * param[i] - h.lr * delta;
+        moment_1_out[i] = m;
+        moment_2_out[i] = v;
     }
 
-    fn id(&self) -> KernelId {
-        KernelId::new::<Self>()
-    }
-
-    fn lang(&self) -> &'static str {
-        "wgsl"
+    /// [`AdamWStep`]'s numbers as the kernel's runtime scalars.
+    #[derive(CubeLaunch, CubeType, Clone, Copy)]
+    pub struct AdamWScalars {
+        pub lr: f32,
+        pub beta_1: f32,
+        pub beta_2: f32,
+        pub epsilon: f32,
+        pub decay: f32,
+        pub correction_1: f32,
+        pub correction_2: f32,
+        pub grad_scale: f32,
     }
 }
+
+struct SumSquaresSource;
 
 impl KernelSource for SumSquaresSource {
     fn source(&self) -> SourceTemplate {
@@ -163,9 +194,14 @@ impl OptimKernels for CubeBackend {
             [&param, &grad, &moment_1, &moment_2].iter().all(|t| t.dtype == DType::F32),
             "adamw: the kernel steps f32 tensors"
         );
-        let n32 = u32::try_from(n).expect("adamw: a parameter of more than 2^32 elements");
         let [param, grad, moment_1, moment_2] = [param, grad, moment_1, moment_2].map(into_contiguous);
-        let h = [
+        let client = param.client.clone();
+        let output = || {
+            let handle = client.empty(n * 4);
+            CubeTensor::new_contiguous(client.clone(), param.device.clone(), shape.clone(), handle, DType::F32)
+        };
+        let (p_out, m_out, v_out) = (output(), output(), output());
+        let h = cube::AdamWScalarsLaunch::new(
             step.lr,
             step.beta_1,
             step.beta_2,
@@ -173,26 +209,21 @@ impl OptimKernels for CubeBackend {
             step.decay,
             step.correction_1,
             step.correction_2,
-            f32::from_bits(n32),
             step.grad_scale,
-        ];
-        let client = param.client.clone();
-        let bytes: Vec<u8> = h.iter().flat_map(|x| x.to_le_bytes()).collect();
-        let h = client.create_from_slice(&bytes);
-        let output = || {
-            let handle = client.empty(n * 4);
-            CubeTensor::new_contiguous(client.clone(), param.device.clone(), shape.clone(), handle, DType::F32)
-        };
-        let (p_out, m_out, v_out) = (output(), output(), output());
-        let args = [&param, &grad, &moment_1, &moment_2]
-            .iter()
-            .fold(KernelArguments::new(), |args, t| args.with_buffer(t.handle.clone().binding()))
-            .with_buffer(h.binding());
-        let args = [&p_out, &m_out, &v_out].iter().fold(args, |args, t| args.with_buffer(t.handle.clone().binding()));
-        client.launch(
-            Box::new(SourceKernel::new(AdamWSource, CubeDim::new_1d(WORKGROUP))),
+        );
+        let cube_dim = CubeDim::new_1d(WORKGROUP);
+        cube::adamw_kernel::launch(
+            &client,
             crate::wgsl::grid(n.div_ceil(WORKGROUP as usize)),
-            args,
+            cube_dim,
+            param.into_tensor_arg(),
+            grad.into_tensor_arg(),
+            moment_1.into_tensor_arg(),
+            moment_2.into_tensor_arg(),
+            p_out.clone().into_tensor_arg(),
+            m_out.clone().into_tensor_arg(),
+            v_out.clone().into_tensor_arg(),
+            h,
         );
         (p_out, m_out, v_out)
     }
@@ -233,8 +264,5 @@ impl OptimKernels for CubeBackend {
 
 /// Every kernel's WGSL as compiled: `(name, source)`, for `wgsl::every_kernel`.
 pub(crate) fn sources() -> Vec<(String, String)> {
-    vec![
-        ("optim AdamW".to_string(), AdamWSource.source().complete()),
-        ("optim sum of squares".to_string(), SumSquaresSource.source().complete()),
-    ]
+    vec![("optim sum of squares".to_string(), SumSquaresSource.source().complete())]
 }

@@ -54,6 +54,14 @@ pub fn runs_here(device: &Device) -> bool {
     }
 }
 
+/// Whether our CubeCL kernels (written in cubecl's Rust dialect, `#[cube]`, so cubecl compiles them for the
+/// runtime's own compiler: WGSL, or SPIR-V in a `vulkan` build) run on `device`: they are on ([`enabled`]) and it
+/// is a device of burn's cubecl backend (wgpu, with or without autodiff). AdamW's kernel is one
+/// (`optim_gpu.rs`); the others are still WGSL text ([`runs_here`]).
+pub fn cube_runs_here(device: &Device) -> bool {
+    enabled() && matches!(device.clone().inner().as_dispatch(), DispatchDevice::Cube(_))
+}
+
 /// Tests fill every output with NaN before a launch, so an element a kernel forgets to write fails
 /// the comparison instead of passing on whatever the memory pool held.
 static POISON: AtomicBool = AtomicBool::new(false);

@@ -1,4 +1,4 @@
-//! The optimiser's WGSL kernels (`ov3_core::optim_gpu`): AdamW (shaders/adamw.wgsl) against float64 code step
+//! The optimiser's kernels (`ov3_core::optim_gpu`): AdamW (a CubeCL kernel) against float64 code step
 //! by step, and `optim::adamw` on wgpu against burn's AdamW (its tensor ops) over a few steps of a small model;
 //! the sum of squares for grad-norm clipping (shaders/sum_squares.wgsl, five tensors a launch) against float64 code, and
 //! `optim::clip_grad_norm` on wgpu against the float64 norm of the same gradients. Launches are counted to
@@ -105,7 +105,7 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 fn optim_adamw_on_wgpu_matches_burn_adamw() {
     let _serial = serial();
     let Some(device) = wgpu_device() else { return };
-    let ([ours, reference], initial) = adamw_against_burn(&device.autodiff(), "AdamWSource");
+    let ([ours, reference], initial) = adamw_against_burn(&device.autodiff(), "AdamwKernel");
     assert_eq!(ours.launches, vec![2; 4], "one kernel per parameter and step");
     assert_eq!(reference.launches, vec![0; 4], "burn's AdamW does not use the kernel");
     for (what, a, b) in [("weight", &ours.weight, &reference.weight), ("bias", &ours.bias, &reference.bias)] {

@@ -178,7 +178,12 @@ fn step(args: StepArgs, group: &dyn Group) -> anyhow::Result<()> {
     }
     // Our kernels run where they are on and the runtime compiles WGSL (not under the `vulkan` feature's SPIR-V).
     let ours = ov3_core::wgsl::runs_here(&selected.device);
-    let wgpu_ops = if ours { "ov3" } else { "burn" };
+    // Which of our kernels ran: all (`ov3`), only the CubeCL ones (AdamW's: a `vulkan` build's SPIR-V), or none.
+    let wgpu_ops = match (ours, ov3_core::wgsl::cube_runs_here(&selected.device)) {
+        (true, _) => "ov3",
+        (false, true) => "cubecl",
+        (false, false) => "burn",
+    };
     let compiler = ov3_core::device::compiler(&selected.device).map_or("flex", |c| c.runtime);
     // cubecl's matmul autotuning effort (how many candidate kernels it times per shape); cubecl reads the
     // variable itself, `balanced` when it is unset or not one of its levels.
