@@ -80,8 +80,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             // Queries past the tile's count are zero rows with L = 0: closed explicitly.
             let exists = vec4(r, r + 1u, r + 2u, r + 3u) < vec4(cnt);
             let row_lse = vec4(lse_tile[r], lse_tile[r + 1u], lse_tile[r + 2u], lse_tile[r + 3u]);
-            var s: array<vec4<f32>, SPLIT>;
-            var dp: array<vec4<f32>, SPLIT>;
+            var s = array<vec4<f32>, SPLIT>();
+            var dp = array<vec4<f32>, SPLIT>();
             for (var d = 0u; d < DQ; d++) {
                 let queries = tile4(TILE_Q, r, col + d);
                 for (var t = 0u; t < SPLIT; t++) {
@@ -95,7 +95,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
                 }
             }
             // dS for dK (the Q tile already carries the scale), P for dV.
-            var w: array<vec4<f32>, SPLIT>;
+            var w = array<vec4<f32>, SPLIT>();
             for (var t = 0u; t < SPLIT; t++) {
                 let visible = exists & allowed4_queries(t0 + r, first + t) & vec4(attended[t]);
                 let p = select(vec4(0.0), exp(lanes_sum(s[t]) - row_lse), visible);
@@ -106,13 +106,10 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
                     w[t] = p;
                 }
             }
+            // dK sums the Q tile's rows, dV the dO tile's.
+            let mixed = select(TILE_DO, TILE_Q, PART == PART_DK);
             for (var d = 0u; d < DQ; d++) {
-                var rows: mat4x4<f32>;
-                if (PART == PART_DK) {
-                    rows = tile4(TILE_Q, r, col + d);
-                } else {
-                    rows = tile4(TILE_DO, r, col + d);
-                }
+                let rows = tile4(mixed, r, col + d);
                 for (var t = 0u; t < SPLIT; t++) {
                     acc[t * DQ + d] += rows * w[t];
                 }

@@ -45,8 +45,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         workgroupBarrier();
 
         for (var r = 0u; r < cnt; r += KB) {
-            var s: array<vec4<f32>, SPLIT>;
-            var dp: array<vec4<f32>, SPLIT>;
+            var s = array<vec4<f32>, SPLIT>();
+            var dp = array<vec4<f32>, SPLIT>();
             for (var d = 0u; d < DQ; d++) {
                 let keys = tile4(TILE_K, r, col + d);
                 let values = tile4(TILE_V, r, col + d);
@@ -55,7 +55,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
                     dp[t] += doi[t * DQ + d] * values;
                 }
             }
-            var ds: array<vec4<f32>, SPLIT>;
+            var ds = array<vec4<f32>, SPLIT>();
             for (var t = 0u; t < SPLIT; t++) {
                 let p = select(vec4(0.0), exp(lanes_sum(s[t]) - row_lse[t]), visible4(first + t, t0, r));
                 ds[t] = p * (lanes_sum(dp[t]) - row_d[t]);

@@ -41,7 +41,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         workgroupBarrier();
 
         for (var r = 0u; r < cnt; r += KB) {
-            var s: array<vec4<f32>, SPLIT>;
+            var s = array<vec4<f32>, SPLIT>();
             for (var d = 0u; d < DQ; d++) {
                 let keys = tile4(TILE_K, r, col + d);
                 for (var t = 0u; t < SPLIT; t++) {
@@ -50,8 +50,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             }
             // Rescale what was accumulated under the old max once per KB keys. A block with no visible key
             // leaves a row as it was: p = 0 and, while m is still MASKED, correction = exp(0) = 1.
-            var p: array<vec4<f32>, SPLIT>;
-            var correction: array<f32, SPLIT>;
+            var p = array<vec4<f32>, SPLIT>();
+            var correction = array<f32, SPLIT>();
             for (var t = 0u; t < SPLIT; t++) {
                 let visible = visible4(first + t, t0, r);
                 let st = select(vec4(MASKED), lanes_sum(s[t]), visible);

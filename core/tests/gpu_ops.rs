@@ -483,3 +483,21 @@ fn every_shader_file_is_in_the_listed_kernels() {
     }
     assert!(files >= 14, "{files} WGSL files found in {}", dir.display());
 }
+
+/// No `var` without an initializer below a function's top level in any kernel: Chromium's Tint (156, on
+/// SwiftShader) zero-initialised such a variable declared inside a loop once, not on every iteration as WGSL says,
+/// so an accumulator declared `var s: array<vec4<f32>, SPLIT>;` in a loop summed over every iteration there while
+/// naga's kernels were right (session 39: the page's fused attention lost 3 dB). Declared `var s =
+/// array<vec4<f32>, SPLIT>();` it is re-zeroed everywhere. Function-level declarations (4 spaces in) run once.
+#[test]
+fn no_block_local_var_relies_on_implicit_zero_initialisation() {
+    for (name, src) in ov3_core::wgsl::every_kernel() {
+        for (i, line) in src.lines().enumerate() {
+            let indent = line.len() - line.trim_start().len();
+            let decl = line.trim_start().strip_prefix("var ").map(|rest| rest.split(['=', ';']).next().unwrap_or(""));
+            if let Some(decl) = decl.filter(|_| indent > 4 && !line.contains('=')) {
+                panic!("{name}, line {}: `var {decl}` inside a block needs an initializer (Tint): {line}", i + 1);
+            }
+        }
+    }
+}
