@@ -206,13 +206,11 @@ pub fn select_for(choice: BackendChoice, local_rank: usize) -> Result<Selected, 
     Ok(Selected { device, kind: BackendChoice::Wgpu, adapter: Some(a), reason })
 }
 
-/// `OV3_FLASH_SPLIT` (the fused attention's lanes per row group, [`crate::flash::set_split`]) is 1, 2 or 4, and
-/// above 1 only on an adapter with subgroups: a clear error at the start, not a shader that fails to compile.
+/// The fused attention's lanes per row group ([`crate::flash::split`], `OV3_FLASH_SPLIT`, already checked to be
+/// 1, 2 or 4) above 1 only on an adapter with subgroups: a clear error at the start, not a shader that fails to
+/// compile.
 fn check_flash_split(a: &AdapterSummary) -> Result<(), String> {
-    let split = match std::env::var("OV3_FLASH_SPLIT") {
-        Ok(value) => crate::flash::parse_split(&value)?,
-        Err(_) => crate::flash::split(),
-    };
+    let split = crate::flash::split();
     if split > 1 && !a.subgroups {
         return Err(format!(
             "OV3_FLASH_SPLIT={split} splits attention rows over subgroup lanes, but {} has no subgroups \

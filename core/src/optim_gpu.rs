@@ -147,7 +147,8 @@ mod cube {
         moment_2_out[i] = v;
     }
 
-    /// [`AdamWStep`]'s numbers as the kernel's runtime scalars.
+    /// [`super::AdamWStep`]'s numbers as the kernel's runtime scalars (a cubecl launch type: the CPU kernels'
+    /// crate, where `AdamWStep` lives, does not depend on cubecl).
     #[derive(CubeLaunch, CubeType, Clone, Copy)]
     pub struct AdamWScalars {
         pub lr: f32,
