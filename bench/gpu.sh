@@ -121,6 +121,29 @@ for shape in "${kernel_shapes[@]}"; do
     --steps "$step_steps" --warmup "$warm" --kernels time
 done
 
+# The host's share of a step: the smallest shape on wgpu's no-op adapter (dressed as this card; every command
+# validated and recorded, none run: the step's host cost on this machine's CPU, the floor under its GPU step), with
+# cubecl's default memory pool and with exclusive pages (less host work per allocation, more memory), and the card's
+# own step with exclusive pages at the smallest and (time allowing) the largest shape (docs/PERFORMANCE.md, "The
+# host's share of a step").
+if [ $vulkan = 0 ]; then
+  read -r preset batch res <<<"${shapes[0]}"
+  note "host: $preset batch $batch at $res px on the no-op adapter, and exclusive memory pages ($(( $(date +%s) - start )) s so far)"
+  for memory in adaptive exclusive; do
+    OV3_WGPU_MEMORY=$memory run 90 "$ov3" bench step --noop --preset "$preset" --batch "$batch" --res "$res" \
+      --steps 20 --warmup "$warm" --kernels count
+  done
+  host_shapes=("${shapes[0]}")
+  [ "${shapes[-1]}" = "${shapes[0]}" ] || host_shapes+=("${shapes[-1]}")
+  for shape in "${host_shapes[@]}"; do
+    read -r preset batch res <<<"$shape"
+    if [ "$shape" = "${shapes[0]}" ] || (( $(date +%s) - start <= 300 )); then
+      OV3_WGPU_MEMORY=exclusive run 150 "$ov3" bench step --backend wgpu --preset "$preset" --batch "$batch" \
+        --res "$res" --steps "$step_steps" --warmup "$warm" --kernels count
+    fi
+  done
+fi
+
 # The largest shape once more with cubecl's most thorough matmul autotuning (every candidate kernel timed per
 # shape, instead of the first within 60% of its roofline): whether better matmul kernels exist for this card.
 # Skipped past 330 s, so the call still ends with the tables inside its ~560 s.
@@ -172,6 +195,10 @@ if steps:
                 impl += ", burn's ops but our AdamW (CubeCL)"
             if tuned(r):
                 impl += f', matmuls autotuned {r["autotune"]}'
+            if r.get("memory") == "exclusive":
+                impl += ", exclusive memory pages"
+            if r.get("noop"):
+                impl += ", NO-OP ADAPTER: host cost only, nothing ran"
             prec = r.get("precision", "f32")
             ratio = lambda p: f'{r["ms_per_step"] / base[p]:.2f}x' if p in base else "-"
             out.append(f'| {key[0]} | {key[1]} | {key[2]} | {impl} | {prec} | {r["ms_per_step"]:.1f} | '

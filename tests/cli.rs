@@ -62,7 +62,7 @@ fn bench_step_prints_one_json_line() {
 #[test]
 fn bench_step_counts_kernel_launches_on_wgpu() {
     let args = ["bench", "step", "--backend", "wgpu", "--batch", "2", "--res", "32", "--steps", "1", "--warmup", "1"];
-    let Some((stdout, stderr)) = wgpu_run(&[&args[..], &["--kernels", "count"]].concat()) else { return };
+    let Some((stdout, _)) = wgpu_run(&[&args[..], &["--kernels", "count"]].concat()) else { return };
     let lines: Vec<serde_json::Value> =
         stdout.lines().map(|l| serde_json::from_str(l).expect("bench prints JSON lines")).collect();
     assert_eq!(lines.len(), 2, "{stdout}");
@@ -80,6 +80,47 @@ fn bench_step_counts_kernel_launches_on_wgpu() {
     let adamw = top.iter().find(|t| t["kernel"].as_str().is_some_and(|n| n.contains("AdamwKernel")));
     let adamw = adamw.expect("AdamW's kernel among the most launched")["launches"].as_u64().unwrap();
     assert!((100..1000).contains(&adamw), "AdamW launched {adamw} times (once per parameter tensor)");
+    // The no-op adapter is dressed as this machine's first adapter, so cubecl and ov3 choose the same kernels:
+    // the same launches, none of them run.
+    let noop = ov3(&[&args[..], &["--kernels", "count", "--noop"]].concat());
+    let (noop_out, noop_err) = text(&noop);
+    assert!(noop.status.success(), "bench step --noop failed: {noop_err}");
+    let noop_lines: Vec<serde_json::Value> = noop_out.lines().map(|l| serde_json::from_str(l).expect("JSON")).collect();
+    assert_eq!((&noop_lines[0]["noop"], &lines[0]["noop"]), (&true.into(), &false.into()), "{noop_out}");
+    assert_eq!(noop_lines[1]["launches_per_step"], k["launches_per_step"], "{noop_out}\n{stdout}");
+}
+
+/// `bench step --noop`: wgpu's no-op adapter, which needs no GPU or driver (dressed as the first adapter where
+/// there is one, as everything wgpu can report where there is none): the step's host cost, every launch of a
+/// wgpu step recorded. Bad settings of the pool variable and a CPU backend are refused.
+#[test]
+fn bench_step_on_the_noop_adapter_runs_anywhere() {
+    let args = ["bench", "step", "--noop", "--batch", "2", "--res", "32", "--steps", "1", "--warmup", "1"];
+    let out = Command::new(env!("CARGO_BIN_EXE_ov3"))
+        .args([&args[..], &["--kernels", "count"]].concat())
+        .env("OV3_WGPU_MEMORY", "exclusive")
+        .output()
+        .expect("ov3 binary runs");
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "bench step --noop failed: {stderr}");
+    assert!(stderr.contains("nothing runs"), "the no-op adapter is not named as such: {stderr}");
+    let lines: Vec<serde_json::Value> = stdout.lines().map(|l| serde_json::from_str(l).expect("JSON")).collect();
+    assert_eq!((&lines[0]["noop"], &lines[0]["memory"]), (&true.into(), &"exclusive".into()), "{stdout}");
+    assert!(lines[0]["adapter"].as_str().is_some_and(|a| a.starts_with("wgpu no-op")), "{stdout}");
+    let launches = lines[1]["launches_per_step"].as_u64().expect("launches_per_step");
+    assert!(launches > 1000, "{launches} launches recorded for a whole training step");
+    for (env, extra, says) in [
+        ("adaptive", &["--backend", "cpu"][..], "not with --backend cpu"),
+        ("pages", &[][..], "OV3_WGPU_MEMORY must be adaptive or exclusive, got 'pages'"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_ov3"))
+            .args([&args[..], extra].concat())
+            .env("OV3_WGPU_MEMORY", env)
+            .output()
+            .expect("ov3 binary runs");
+        let (_, stderr) = text(&out);
+        assert!(!out.status.success() && stderr.contains(says), "{extra:?} with OV3_WGPU_MEMORY={env}: {stderr}");
+    }
 }
 
 /// `OV3_FLASH_SPLIT` takes 1, 2 or 4: anything else is refused with the variable named, whatever the backend.

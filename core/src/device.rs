@@ -56,33 +56,93 @@ impl fmt::Display for AdapterSummary {
 
 /// Every adapter burn's wgpu runtime can use (Vulkan, Metal, DX12, WebGPU; not GL), hardware first.
 pub fn adapters() -> Vec<AdapterSummary> {
-    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
-    let found = futures_lite::future::block_on(instance.enumerate_adapters(wgpu::Backends::PRIMARY));
-    let mut out: Vec<AdapterSummary> = found
-        .iter()
-        .map(|adapter| {
-            let info = adapter.get_info();
-            let limits = adapter.limits();
-            let lower = info.name.to_lowercase();
-            let software = info.device_type == wgpu::DeviceType::Cpu
-                || ["llvmpipe", "swiftshader", "lavapipe", "softpipe", "warp"].iter().any(|s| lower.contains(s));
-            AdapterSummary {
-                name: info.name.clone(),
-                api: format!("{:?}", info.backend),
-                driver: format!("{} {}", info.driver, info.driver_info).trim().to_string(),
-                device_type: format!("{:?}", info.device_type),
-                software,
-                max_storage_buffer_binding_size: limits.max_storage_buffer_binding_size as u64,
-                max_buffer_size: limits.max_buffer_size,
-                max_compute_workgroup_storage_size: limits.max_compute_workgroup_storage_size,
-                max_compute_invocations_per_workgroup: limits.max_compute_invocations_per_workgroup,
-                shader_f16: adapter.features().contains(wgpu::Features::SHADER_F16),
-                subgroups: adapter.features().contains(wgpu::Features::SUBGROUP),
-            }
-        })
-        .collect();
+    let mut out: Vec<AdapterSummary> = wgpu_adapters().iter().map(summary).collect();
     out.sort_by_key(|a| a.software);
     out
+}
+
+/// The adapters wgpu finds on this machine (primary APIs), in its order.
+fn wgpu_adapters() -> Vec<wgpu::Adapter> {
+    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+    futures_lite::future::block_on(instance.enumerate_adapters(wgpu::Backends::PRIMARY))
+}
+
+fn summary(adapter: &wgpu::Adapter) -> AdapterSummary {
+    let info = adapter.get_info();
+    let limits = adapter.limits();
+    let lower = info.name.to_lowercase();
+    let software = info.device_type == wgpu::DeviceType::Cpu
+        || ["llvmpipe", "swiftshader", "lavapipe", "softpipe", "warp"].iter().any(|s| lower.contains(s));
+    AdapterSummary {
+        name: info.name.clone(),
+        api: format!("{:?}", info.backend),
+        driver: format!("{} {}", info.driver, info.driver_info).trim().to_string(),
+        device_type: format!("{:?}", info.device_type),
+        software,
+        max_storage_buffer_binding_size: limits.max_storage_buffer_binding_size as u64,
+        max_buffer_size: limits.max_buffer_size,
+        max_compute_workgroup_storage_size: limits.max_compute_workgroup_storage_size,
+        max_compute_invocations_per_workgroup: limits.max_compute_invocations_per_workgroup,
+        shader_f16: adapter.features().contains(wgpu::Features::SHADER_F16),
+        subgroups: adapter.features().contains(wgpu::Features::SUBGROUP),
+    }
+}
+
+/// A wgpu device on wgpu's no-op backend, which validates and records every command (wgpu-core's checks,
+/// cubecl's launches, burn's graph: all the host does for a step) and runs none: kernels write nothing, so
+/// every value computed on it is meaningless. The time a step takes there is its host cost alone, the floor
+/// under a step on any GPU, measurable on a machine without one (`ov3 bench step --noop`). It reports the
+/// features, limits and subgroup sizes of the machine's first adapter (hardware first), so that cubecl and
+/// ov3 choose the kernels they would choose there; without an adapter, everything wgpu can report.
+#[cfg(not(target_arch = "wasm32"))]
+pub fn noop() -> Result<Selected, String> {
+    check_env()?;
+    let mut real = wgpu_adapters();
+    real.sort_by_key(|a| summary(a).software);
+    let like = real.first();
+    let mut options = wgpu::NoopBackendOptions::enabled();
+    if let Some(a) = like {
+        let info = a.get_info();
+        options.limits = Some(a.limits());
+        options.features = Some(a.features());
+        options.device_type = Some(info.device_type);
+        options.subgroup_min_size = Some(info.subgroup_min_size);
+        options.subgroup_max_size = Some(info.subgroup_max_size);
+    }
+    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor {
+        backends: wgpu::Backends::NOOP,
+        backend_options: wgpu::BackendOptions { noop: options, ..Default::default() },
+        ..wgpu::InstanceDescriptor::new_without_display_handle()
+    });
+    let adapter = futures_lite::future::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions::default()))
+        .map_err(|e| format!("wgpu's no-op adapter: {e}"))?;
+    // The device cubecl would request on it (its WGSL path): every feature but mappable primary buffers (and
+    // wgpu's experimental ones, which WGSL kernels do not use), the adapter's limits.
+    let features = wgpu::Features::MAPPABLE_PRIMARY_BUFFERS | wgpu::Features::all_experimental_mask();
+    let descriptor = wgpu::DeviceDescriptor {
+        label: Some("ov3 no-op"),
+        required_features: adapter.features().difference(features),
+        required_limits: adapter.limits(),
+        memory_hints: wgpu::MemoryHints::MemoryUsage,
+        trace: wgpu::Trace::Off,
+        experimental_features: wgpu::ExperimentalFeatures::disabled(),
+    };
+    let (device, queue) = futures_lite::future::block_on(adapter.request_device(&descriptor))
+        .map_err(|e| format!("wgpu's no-op device: {e}"))?;
+    let mut a = summary(&adapter);
+    a.name = match like {
+        Some(l) => format!("wgpu no-op, as {}", l.get_info().name),
+        None => "wgpu no-op".into(),
+    };
+    check_flash_split(&a)?;
+    let setup = burn::tensor::wgpu::WgpuSetup { instance, adapter, device, queue, backend: wgpu::Backend::Noop };
+    let mut options = Device::wgpu_options().setup(setup);
+    if let Some(memory) = memory_config()? {
+        options = options.memory_config(memory);
+    }
+    let device = options.init().map_err(|e| format!("wgpu's no-op device: {e}"))?;
+    let reason = format!("backend: {a}: nothing runs, every value is meaningless; steps take their host cost");
+    Ok(Selected { device, kind: BackendChoice::Wgpu, adapter: Some(a), reason })
 }
 
 /// What cubecl compiles kernels to on a wgpu device, and the matrix products it can run on cooperative-matrix
@@ -150,9 +210,7 @@ pub fn select(choice: BackendChoice) -> Result<Selected, String> {
 /// error, two ranks never share one by accident); on the CPU, one flex device per process. `auto` on a machine
 /// with no hardware adapter puts every rank on the CPU.
 pub fn select_for(choice: BackendChoice, local_rank: usize) -> Result<Selected, String> {
-    if let Ok(value) = std::env::var("OV3_FLASH_SPLIT") {
-        crate::flash::parse_split(&value)?;
-    }
+    check_env()?;
     // `cpu` never touches the GPU drivers.
     let all = if choice == BackendChoice::Cpu { vec![] } else { adapters() };
     let cpu = |reason: String| Selected { device: Device::flex(), kind: BackendChoice::Cpu, adapter: None, reason };
@@ -196,7 +254,7 @@ pub fn select_for(choice: BackendChoice, local_rank: usize) -> Result<Selected, 
         }
         _ => format!("backend: wgpu on {a}, as requested"),
     };
-    let device = Device::wgpu(kind);
+    let device = wgpu_device(kind)?;
     // A `vulkan` build says which compiler it got: SPIR-V runs burn's ops in place of our WGSL kernels.
     #[cfg(feature = "vulkan")]
     let reason = match compiler(&device) {
@@ -204,6 +262,42 @@ pub fn select_for(choice: BackendChoice, local_rank: usize) -> Result<Selected, 
         None => reason,
     };
     Ok(Selected { device, kind: BackendChoice::Wgpu, adapter: Some(a), reason })
+}
+
+/// burn's wgpu device of `kind`, with cubecl's memory pool as [`memory_config`] says (started at once then: the
+/// pool is set when the runtime starts; lazily otherwise, as burn does).
+fn wgpu_device(kind: DeviceKind) -> Result<Device, String> {
+    #[cfg(not(target_arch = "wasm32"))]
+    if let Some(memory) = memory_config()? {
+        return Device::wgpu_options()
+            .device_kind(kind)
+            .memory_config(memory)
+            .init()
+            .map_err(|e| format!("wgpu device with OV3_WGPU_MEMORY: {e}"));
+    }
+    Ok(Device::wgpu(kind))
+}
+
+/// The variables device selection reads, checked before any device is touched.
+fn check_env() -> Result<(), String> {
+    if let Ok(value) = std::env::var("OV3_FLASH_SPLIT") {
+        crate::flash::parse_split(&value)?;
+    }
+    memory_config().map(|_| ())
+}
+
+/// How cubecl's memory pool carves a wgpu device's buffers, `OV3_WGPU_MEMORY`: unset or `adaptive` (cubecl's
+/// default, `None`: tensors are slices of large pages, found and coalesced on every allocation) or `exclusive` (a
+/// buffer of its own per tensor, in exponentially spaced size buckets: less host work per allocation, more memory).
+/// On the no-op adapter `exclusive` takes 15-20% off a tiny step's host cost (docs/PERFORMANCE.md, "The host's
+/// share of a step"); a GPU call measures what it does there.
+pub fn memory_config() -> Result<Option<burn::tensor::wgpu::MemoryConfiguration>, String> {
+    use burn::tensor::wgpu::MemoryConfiguration;
+    match std::env::var("OV3_WGPU_MEMORY").as_deref().map(str::trim) {
+        Err(_) | Ok("" | "adaptive") => Ok(None),
+        Ok("exclusive") => Ok(Some(MemoryConfiguration::ExclusivePages)),
+        Ok(other) => Err(format!("OV3_WGPU_MEMORY must be adaptive or exclusive, got '{other}'")),
+    }
 }
 
 /// The fused attention's lanes per row group ([`crate::flash::split`], `OV3_FLASH_SPLIT`, already checked to be

@@ -89,6 +89,11 @@ pub struct StepArgs {
     /// then takes the reference path); `$OV3_WGPU_OPS` (`burn` or not) by default.
     #[arg(long, value_parser = ["ov3", "burn"])]
     wgpu_ops: Option<String>,
+    /// On wgpu's no-op adapter (dressed as this machine's first adapter): every command is validated and
+    /// recorded, none runs, so the time is the step's host cost (burn, cubecl, wgpu) alone, the floor under a step
+    /// on any GPU; the values computed are meaningless.
+    #[arg(long)]
+    noop: bool,
 }
 
 /// What `--kernels` observes.
@@ -172,7 +177,20 @@ fn step(args: StepArgs, group: &dyn Group) -> anyhow::Result<()> {
         args.batch,
         group.size()
     );
-    let selected = args.common.device_in(group)?;
+    let selected = match args.noop {
+        true => {
+            anyhow::ensure!(group.size() == 1, "--noop times one process's host cost: run it without mpirun");
+            anyhow::ensure!(
+                args.common.backend != BackendChoice::Cpu,
+                "--noop is a wgpu adapter: not with --backend cpu"
+            );
+            let selected = ov3_core::device::noop().map_err(anyhow::Error::msg)?;
+            eprintln!("{}", selected.reason);
+            selected.device.seed(args.common.seed);
+            selected
+        }
+        false => args.common.device_in(group)?,
+    };
     if let Some(ops) = &args.wgpu_ops {
         ov3_core::wgsl::set_enabled(ops == "ov3");
     }
@@ -247,7 +265,7 @@ fn step(args: StepArgs, group: &dyn Group) -> anyhow::Result<()> {
     let peak_mib = device_mem.map(|b| b as f64).unwrap_or_else(process_peak_bytes) / (1 << 20) as f64;
     let adapter = selected.adapter.as_ref().map(|a| a.to_string()).unwrap_or_else(|| "cpu (flex)".into());
     println!(
-        "{{\"bench\":\"step\",\"impl\":\"ov3\",\"backend\":\"{:?}\",\"adapter\":\"{}\",\"preset\":\"{}\",\"attention\":\"{}\",\"split\":{},\"wgpu_ops\":\"{}\",\"compiler\":\"{}\",\"fusion\":{},\"autotune\":\"{}\",\"precision\":\"{}\",\"batch\":{},\"res\":{},\"context\":{},\
+        "{{\"bench\":\"step\",\"impl\":\"ov3\",\"backend\":\"{:?}\",\"adapter\":\"{}\",\"preset\":\"{}\",\"attention\":\"{}\",\"split\":{},\"wgpu_ops\":\"{}\",\"compiler\":\"{}\",\"fusion\":{},\"noop\":{},\"memory\":\"{}\",\"autotune\":\"{}\",\"precision\":\"{}\",\"batch\":{},\"res\":{},\"context\":{},\
          \"ms_per_step\":{:.1},\"images_per_s\":{:.2},\"peak_mib\":{:.0},\"peak_kind\":\"{}\",\"threads\":{},\"ranks\":{}}}",
         selected.kind,
         adapter,
@@ -257,6 +275,12 @@ fn step(args: StepArgs, group: &dyn Group) -> anyhow::Result<()> {
         wgpu_ops,
         compiler,
         cfg!(feature = "fusion"),
+        args.noop,
+        // cubecl's memory pool on wgpu (`OV3_WGPU_MEMORY`, checked at device selection).
+        match ov3_core::device::memory_config() {
+            Ok(Some(_)) => "exclusive",
+            _ => "adaptive",
+        },
         autotune,
         args.precision.name(),
         args.batch,
