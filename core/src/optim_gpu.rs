@@ -1,5 +1,6 @@
 //! The optimiser's kernels on burn's wgpu backend (AdamW's, a CubeCL kernel below; `shaders/sum_squares.wgsl`):
-//! AdamW's update in one kernel per parameter, and the squared norm for global grad-norm clipping in one per five.
+//! AdamW's update in one kernel per parameter (in place where the optimiser owns the parameter and its moments, as a
+//! training step does: no new buffers), and the squared norm for global grad-norm clipping in one per five.
 //!
 //! burn's `AdamW` updates each parameter with about a dozen element-wise tensor ops, each its own GPU
 //! dispatch; with ~250 parameter tensors that was some 3,000 of a tiny training step's ~8,000 kernel
@@ -138,13 +139,49 @@ mod cube {
         if i >= param_out.len() {
             terminate!();
         }
-        let g = h.grad_scale * grad[i];
-        let m = h.beta_1 * moment_1[i] + (1.0 - h.beta_1) * g;
-        let v = h.beta_2 * moment_2[i] + (1.0 - h.beta_2) * (g * g);
+        let next = adamw_element(param[i], grad[i], moment_1[i], moment_2[i], &h);
+        param_out[i] = next.param;
+        moment_1_out[i] = next.moment_1;
+        moment_2_out[i] = next.moment_2;
+    }
+
+    /// [`adamw_kernel`] writing its results over its inputs: for a parameter and moments that nothing else holds
+    /// (burn's optimiser moves them in, so this is the training step's case), no new buffers and 4 bindings
+    /// instead of 7. The same arithmetic ([`adamw_element`]), each element read before it is written.
+    #[cube(launch)]
+    pub fn adamw_in_place_kernel(
+        param: &mut Tensor<f32>,
+        grad: &Tensor<f32>,
+        moment_1: &mut Tensor<f32>,
+        moment_2: &mut Tensor<f32>,
+        h: AdamWScalars,
+    ) {
+        let i = ABSOLUTE_POS;
+        if i >= param.len() {
+            terminate!();
+        }
+        let next = adamw_element(param[i], grad[i], moment_1[i], moment_2[i], &h);
+        param[i] = next.param;
+        moment_1[i] = next.moment_1;
+        moment_2[i] = next.moment_2;
+    }
+
+    /// One element's step, the arithmetic both kernels share (see [`adamw_kernel`]).
+    #[cube]
+    fn adamw_element(param: f32, grad: f32, moment_1: f32, moment_2: f32, h: &AdamWScalars) -> Stepped {
+        let g = h.grad_scale * grad;
+        let m = h.beta_1 * moment_1 + (1.0 - h.beta_1) * g;
+        let v = h.beta_2 * moment_2 + (1.0 - h.beta_2) * (g * g);
         let delta = (m / h.correction_1) / (f32::sqrt(v / h.correction_2) + h.epsilon);
-        param_out[i] = h.decay * param[i] - h.lr * delta;
-        moment_1_out[i] = m;
-        moment_2_out[i] = v;
+        Stepped { param: h.decay * param - h.lr * delta, moment_1: m, moment_2: v }
+    }
+
+    /// [`adamw_element`]'s result.
+    #[derive(CubeType)]
+    struct Stepped {
+        param: f32,
+        moment_1: f32,
+        moment_2: f32,
     }
 
     /// [`super::AdamWStep`]'s numbers as the kernel's runtime scalars (a cubecl launch type: the CPU kernels'
@@ -197,11 +234,6 @@ impl OptimKernels for CubeBackend {
         );
         let [param, grad, moment_1, moment_2] = [param, grad, moment_1, moment_2].map(into_contiguous);
         let client = param.client.clone();
-        let output = || {
-            let handle = client.empty(n * 4);
-            CubeTensor::new_contiguous(client.clone(), param.device.clone(), shape.clone(), handle, DType::F32)
-        };
-        let (p_out, m_out, v_out) = (output(), output(), output());
         let h = cube::AdamWScalarsLaunch::new(
             step.lr,
             step.beta_1,
@@ -213,9 +245,31 @@ impl OptimKernels for CubeBackend {
             step.grad_scale,
         );
         let cube_dim = CubeDim::new_1d(WORKGROUP);
+        let grid = crate::wgsl::grid(n.div_ceil(WORKGROUP as usize));
+        // In place where nothing else holds the parameter or its moments (contiguous now; each its own buffer and
+        // the gradient another: burn's pool never hands one buffer to two live handles, and a view shares its
+        // tensor's handle, so a tensor with a live view is not `can_mut`).
+        if param.can_mut() && moment_1.can_mut() && moment_2.can_mut() {
+            cube::adamw_in_place_kernel::launch(
+                &client,
+                grid,
+                cube_dim,
+                param.clone().into_tensor_arg(),
+                grad.into_tensor_arg(),
+                moment_1.clone().into_tensor_arg(),
+                moment_2.clone().into_tensor_arg(),
+                h,
+            );
+            return (param, moment_1, moment_2);
+        }
+        let output = || {
+            let handle = client.empty(n * 4);
+            CubeTensor::new_contiguous(client.clone(), param.device.clone(), shape.clone(), handle, DType::F32)
+        };
+        let (p_out, m_out, v_out) = (output(), output(), output());
         cube::adamw_kernel::launch(
             &client,
-            crate::wgsl::grid(n.div_ceil(WORKGROUP as usize)),
+            grid,
             cube_dim,
             param.into_tensor_arg(),
             grad.into_tensor_arg(),

@@ -1,5 +1,5 @@
-//! The optimiser's kernels (`ov3_core::optim_gpu`): AdamW (a CubeCL kernel) against float64 code step
-//! by step, and `optim::adamw` on wgpu against burn's AdamW (its tensor ops) over a few steps of a small model;
+//! The optimiser's kernels (`ov3_core::optim_gpu`): AdamW (CubeCL kernels, in place and not) against float64
+//! code step by step, and `optim::adamw` on wgpu against burn's AdamW (its tensor ops) over a few steps of a small model;
 //! the sum of squares for grad-norm clipping (shaders/sum_squares.wgsl, five tensors a launch) against float64 code, and
 //! `optim::clip_grad_norm` on wgpu against the float64 norm of the same gradients. Launches are counted to
 //! show the kernels are what ran.
@@ -24,7 +24,10 @@ fn tensor(values: &[f64], device: &Device) -> Tensor<1> {
 /// Five steps, each from the kernel's own previous state (so errors do not compound), on `n` elements with
 /// gradients over four orders of magnitude, two of them with a gradient factor of 0.37: parameters and moments to 1e-6 relative (scale: max |value|),
 /// the update itself (p' - decay p, of size lr) to 1e-4 of lr. Only the elements `check` picks are compared.
-fn kernel_matches_f64(device: &Device, n: usize, check: impl Fn(usize) -> bool) {
+/// With `shared`, the test keeps a clone of the parameter and of each moment across the call, so the kernel
+/// must leave them as they were and write new tensors (`AdamwKernel`); without, it owns them and writes over them
+/// (`AdamwInPlaceKernel`, what the training step gets). Each call is checked to have launched the one it should.
+fn kernel_matches_f64(device: &Device, n: usize, shared: bool, check: impl Fn(usize) -> bool) {
     let (lr, wd) = (3e-3f64, 0.2f64);
     let round = |v: Vec<f64>| v.into_iter().map(|x| f64::from(x as f32)).collect::<Vec<_>>();
     let mut p = round(noise(n, 11));
@@ -46,8 +49,22 @@ fn kernel_matches_f64(device: &Device, n: usize, check: impl Fn(usize) -> bool) 
         };
         let (pt, gt) = (tensor(&p, device), tensor(&g, device));
         assert!(optim_gpu::supports(&pt, &gt), "a wgpu f32 tensor must take the kernel");
-        let (p2, m2, v2) = optim_gpu::adamw(step, pt, gt, tensor(&m, device), tensor(&v, device));
+        let (mt, vt) = (tensor(&m, device), tensor(&v, device));
+        let kept = shared.then(|| (pt.clone(), mt.clone(), vt.clone()));
+        let ((p2, m2, v2), count) = launches(|| optim_gpu::adamw(step, pt, gt, mt, vt));
+        // Under burn's fusion its queue holds handles of its own, so which of the two runs there is its business
+        // (unchecked); either way once.
+        let ran = if shared { "::AdamwKernel" } else { "::AdamwInPlaceKernel" };
+        let launched: Vec<_> = count.iter().filter(|(k, _)| k.contains("Adamw")).collect();
+        let right = |k: &str| k.ends_with(ran) || cfg!(feature = "fusion");
+        assert!(matches!(launched[..], [(k, 1)] if right(k)), "n {n}, step {t}: {count:?}");
         let (p2, m2, v2) = (to_f64(&p2), to_f64(&m2), to_f64(&v2));
+        if let Some((pk, mk, vk)) = kept {
+            let round_trip = |x: &[f64]| x.iter().map(|&v| f64::from(v as f32)).collect::<Vec<_>>();
+            for (what, kept, was) in [("parameter", pk, &p), ("moment 1", mk, &m), ("moment 2", vk, &v)] {
+                assert_eq!(to_f64(&kept), round_trip(was), "n {n}, step {t}: a {what} held elsewhere was written over");
+            }
+        }
         let idx: Vec<usize> = (0..n).filter(|&i| check(i)).collect();
         let want: Vec<(f64, f64, f64)> =
             idx.iter().map(|&i| adamw_f64(p[i], g[i] * grad_scale, m[i], v[i], lr, wd, t)).collect();
@@ -77,7 +94,9 @@ fn adamw_kernel_matches_f64() {
     let Some(device) = wgpu_device() else { return };
     // One element, less than a workgroup, several workgroups with a ragged last one.
     for n in [1, 200, 50_001] {
-        kernel_matches_f64(&device, n, |_| true);
+        for shared in [false, true] {
+            kernel_matches_f64(&device, n, shared, |_| true);
+        }
     }
 }
 
@@ -88,7 +107,7 @@ fn adamw_kernel_covers_a_two_dimensional_grid() {
     let _serial = serial();
     let Some(device) = wgpu_device() else { return };
     let n = 65_535 * 256 + 4_321;
-    kernel_matches_f64(&device, n, |i| i % 613 == 0 || i + 5_000 >= n);
+    kernel_matches_f64(&device, n, false, |i| i % 613 == 0 || i + 5_000 >= n);
 }
 
 /// The launch observer is process-wide and tests run on parallel threads: every test here holds this lock,
@@ -100,12 +119,17 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 
 /// `optim::adamw` on wgpu (the kernel) against burn's AdamW with the same settings and parameter groups
 /// (decay on the weight, none on the bias), over four steps of a small model: parameters to 1e-6 relative.
-/// Each step launches the kernel once per parameter (two here).
+/// Each step launches the kernel once per parameter (two here): from the second step on, the in-place one (the
+/// first step's parameters are also the initial model's, which the test keeps).
 #[test]
 fn optim_adamw_on_wgpu_matches_burn_adamw() {
     let _serial = serial();
     let Some(device) = wgpu_device() else { return };
-    let ([ours, reference], initial) = adamw_against_burn(&device.autodiff(), "AdamwKernel");
+    if !cfg!(feature = "fusion") {
+        let ([in_place, _], _) = adamw_against_burn(&device.clone().autodiff(), "AdamwInPlaceKernel");
+        assert_eq!(in_place.launches, vec![0, 2, 2, 2], "in place once the optimiser owns the parameters");
+    }
+    let ([ours, reference], initial) = adamw_against_burn(&device.autodiff(), "Adamw");
     assert_eq!(ours.launches, vec![2; 4], "one kernel per parameter and step");
     assert_eq!(reference.launches, vec![0; 4], "burn's AdamW does not use the kernel");
     for (what, a, b) in [("weight", &ours.weight, &reference.weight), ("bias", &ours.bias, &reference.bias)] {
