@@ -289,8 +289,9 @@ fn check_env() -> Result<(), String> {
 /// How cubecl's memory pool carves a wgpu device's buffers, `OV3_WGPU_MEMORY`: unset or `adaptive` (cubecl's
 /// default, `None`: tensors are slices of large pages, found and coalesced on every allocation) or `exclusive` (a
 /// buffer of its own per tensor, in exponentially spaced size buckets: less host work per allocation, more memory).
-/// On the no-op adapter `exclusive` takes 15-20% off a tiny step's host cost (docs/PERFORMANCE.md, "The host's
-/// share of a step"); a GPU call measures what it does there.
+/// On the no-op adapter `exclusive` took 1.38x off a tiny step's host cost before AdamW wrote in place, ~5-10%
+/// since, for ~50% more pool memory (docs/PERFORMANCE.md, "The host's share of a step"); a GPU call measures what
+/// it does there.
 pub fn memory_config() -> Result<Option<burn::tensor::wgpu::MemoryConfiguration>, String> {
     use burn::tensor::wgpu::MemoryConfiguration;
     match std::env::var("OV3_WGPU_MEMORY").as_deref().map(str::trim) {
