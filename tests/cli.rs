@@ -57,8 +57,8 @@ fn bench_step_prints_one_json_line() {
     assert_eq!((&v["compiler"], &v["fusion"]), (&"flex".into(), &cfg!(feature = "fusion").into()), "{stdout}");
 }
 
-/// `--kernels count` on wgpu: a second JSON line with the step's kernel launches, our AdamW kernel (in place)
-/// among them once per parameter tensor (239 in the tiny preset). Skipped without an adapter unless `OV3_TEST_WGPU=1` (CI).
+/// `--kernels count` on wgpu: a second JSON line with the step's kernel launches, our AdamW kernel (in place,
+/// several of the tiny preset's 239 parameter tensors a launch) among them. Skipped without an adapter unless `OV3_TEST_WGPU=1` (CI).
 #[test]
 fn bench_step_counts_kernel_launches_on_wgpu() {
     let args = ["bench", "step", "--backend", "wgpu", "--batch", "2", "--res", "32", "--steps", "1", "--warmup", "1"];
@@ -77,10 +77,17 @@ fn bench_step_counts_kernel_launches_on_wgpu() {
     let listed: u64 = top.iter().map(|t| t["launches"].as_u64().expect("launches")).sum();
     assert!(total > 1000 && listed <= total, "{total} launches, {listed} in the top rows");
     assert!(k["device_ms_per_step"].is_null(), "count does not time");
-    // The training step owns its parameters and moments: AdamW writes over them (no new buffers).
-    let adamw = top.iter().find(|t| t["kernel"].as_str().is_some_and(|n| n.contains("AdamwInPlaceKernel")));
-    let adamw = adamw.expect("AdamW's in-place kernel among the most launched")["launches"].as_u64().unwrap();
-    assert!((100..1000).contains(&adamw), "AdamW launched {adamw} times (once per parameter tensor)");
+    // The training step owns its parameters and moments: AdamW writes over them (no new buffers), several
+    // parameters a launch (lavapipe takes 7: the tiny model's 239 tensors in about 35 launches), one each under
+    // burn's fusion (which runs our kernels from its queue).
+    let (kernel, range) = match cfg!(feature = "fusion") {
+        false => ("AdamwInPlaceGatheredKernel", 20..60),
+        true => ("AdamwInPlaceKernel", 100..1000),
+    };
+    let adamw = top.iter().find(|t| t["kernel"].as_str().is_some_and(|n| n.ends_with(kernel)));
+    let adamw = adamw.unwrap_or_else(|| panic!("{kernel} among the most launched: {top:?}"))["launches"].as_u64();
+    let adamw = adamw.expect("launches");
+    assert!(range.contains(&adamw), "{kernel} launched {adamw} times, expected {range:?}");
     // The no-op adapter is dressed as this machine's first adapter, so cubecl and ov3 choose the same kernels:
     // the same launches, none of them run.
     let noop = ov3(&[&args[..], &["--kernels", "count", "--noop"]].concat());

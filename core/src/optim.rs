@@ -113,7 +113,16 @@ pub fn no_decay_ids<M: Module>(model: &M) -> Vec<ParamId> {
 /// 1 otherwise), and the factor that brings them to a norm of at most `max_norm` and undoes the loss scale.
 /// The gradients are not touched: [`step_with_decoder_lr`] hands the factor to AdamW, which applies it as
 /// it reads each gradient (one pass over each instead of two; on wgpu a launch per parameter fewer).
+/// [`grad_sum_squares`] read back and [`Clip::from_sum_squares`]; the training step reads the sum with its loss
+/// terms instead, in one transfer.
 pub fn clip_grad_norm<M: Module>(model: &M, grads: &GradientsParams, max_norm: f64, loss_scale: f64) -> Clip {
+    let sum_squares = grad_sum_squares(model, grads).map_or(0.0, |s| s.into_scalar::<f32>() as f64);
+    Clip::from_sum_squares(sum_squares, max_norm, loss_scale)
+}
+
+/// The sum of the squares of every gradient element, as a one-element f32 tensor left on the device (`None`
+/// without gradients): the square of [`clip_grad_norm`]'s norm times the loss scale.
+pub fn grad_sum_squares<M: Module>(model: &M, grads: &GradientsParams) -> Option<Tensor<1>> {
     /// The gradients our kernel takes (flattened), and burn's running total of the others' squares.
     struct SumSq<'a>(&'a GradientsParams, Vec<Tensor<1>>, Option<Tensor<1>>);
     impl ModuleVisitor for SumSq<'_> {
@@ -136,15 +145,18 @@ pub fn clip_grad_norm<M: Module>(model: &M, grads: &GradientsParams, max_norm: f
     model.visit(&mut sum);
     // On wgpu one kernel adds five gradients' squares to the running total (four burn ops each otherwise).
     // burn's total, if any, is the kernel's starting value (in f32, as the kernel keeps it).
-    let total = if sum.1.is_empty() {
-        sum.2
-    } else {
-        let start = sum.2.map(|acc| if acc.dtype() == DType::F32 { acc } else { acc.cast(DType::F32) });
-        Some(optim_gpu::sum_squares_add(&sum.1, start))
-    };
-    let norm = total.map(|s| (s.into_scalar::<f32>() as f64).sqrt()).unwrap_or(0.0) / loss_scale;
-    let clip = if norm > max_norm { max_norm / (norm + 1e-6) } else { 1.0 };
-    Clip { norm, factor: clip / loss_scale }
+    let start = sum.2.map(|acc| if acc.dtype() == DType::F32 { acc } else { acc.cast(DType::F32) });
+    if sum.1.is_empty() { start } else { Some(optim_gpu::sum_squares_add(&sum.1, start)) }
+}
+
+impl Clip {
+    /// The clip from the gradients' [`grad_sum_squares`] read back: the norm (loss scale divided out) and the
+    /// factor for AdamW.
+    pub fn from_sum_squares(sum_squares: f64, max_norm: f64, loss_scale: f64) -> Self {
+        let norm = sum_squares.sqrt() / loss_scale;
+        let clip = if norm > max_norm { max_norm / (norm + 1e-6) } else { 1.0 };
+        Clip { norm, factor: clip / loss_scale }
+    }
 }
 
 /// [`clip_grad_norm`]'s result.
@@ -200,7 +212,8 @@ pub fn step_with_decoder_lr(
 }
 
 /// `optim.step(lr, model, grads)` with every gradient multiplied by `grad_factor` as [`AdamW`] reads it
-/// (`optim` from [`adamw`]: another optimiser would not see the factor).
+/// (`optim` from [`adamw`]: another optimiser would not see the factor), and on wgpu several parameters stepped
+/// per launch.
 pub fn step_scaled<M: Module>(
     optim: &mut ModuleOptimizer,
     lr: f64,
@@ -215,5 +228,6 @@ pub fn step_scaled<M: Module>(
         }
     }
     let _reset = Reset(GRAD_SCALE.replace(grad_factor));
-    optim.step(lr, model, grads)
+    // On wgpu the parameters' updates share launches (`optim_gpu::gathered`), all launched before it returns.
+    optim_gpu::gathered(|| optim.step(lr, model, grads))
 }

@@ -14,9 +14,11 @@
 use burn::backend::tensor::FloatTensor;
 use burn::backend::wgpu::{CubeBackend, CubeDim, CubeTensor, KernelSource, SourceTemplate, into_contiguous};
 use burn::backend::{Backend, DType, Dispatch, TensorMetadata, backend_extension};
+use std::cell::RefCell;
+
 use burn::tensor::Tensor;
 use cubecl::CubeCount;
-use cubecl::prelude::KernelId;
+use cubecl::prelude::{KernelId, SequenceArg};
 
 pub use crate::cpu_ops::AdamWStep;
 
@@ -166,6 +168,40 @@ mod cube {
         moment_2[i] = next.moment_2;
     }
 
+    /// [`adamw_in_place_kernel`] on several parameters at once (one launch where a step of a small model would
+    /// make one per tensor, most of them a few hundred elements): unit `i` of the grid steps element `i` of the
+    /// parameters laid end to end, in order. The parameters share one step's scalars.
+    #[cube(launch)]
+    pub fn adamw_in_place_gathered_kernel(
+        param: &mut Sequence<OwnedTensor<f32>>,
+        grad: &Sequence<OwnedTensor<f32>>,
+        moment_1: &mut Sequence<OwnedTensor<f32>>,
+        moment_2: &mut Sequence<OwnedTensor<f32>>,
+        h: AdamWScalars,
+    ) {
+        let mut i = ABSOLUTE_POS;
+        let mut todo = true;
+        #[unroll]
+        for k in 0..param.len() {
+            let n = param.index(k).len();
+            if todo {
+                if i < n {
+                    let g = grad.index(k);
+                    let p = param.index_mut(k);
+                    let m = moment_1.index_mut(k);
+                    let v = moment_2.index_mut(k);
+                    let next = adamw_element(p[i], g[i], m[i], v[i], &h);
+                    p[i] = next.param;
+                    m[i] = next.moment_1;
+                    v[i] = next.moment_2;
+                    todo = false;
+                } else {
+                    i -= n;
+                }
+            }
+        }
+    }
+
     /// One element's step, the arithmetic both kernels share (see [`adamw_kernel`]).
     #[cube]
     fn adamw_element(param: f32, grad: f32, moment_1: f32, moment_2: f32, h: &AdamWScalars) -> Stepped {
@@ -234,34 +270,19 @@ impl OptimKernels for CubeBackend {
         );
         let [param, grad, moment_1, moment_2] = [param, grad, moment_1, moment_2].map(into_contiguous);
         let client = param.client.clone();
-        let h = cube::AdamWScalarsLaunch::new(
-            step.lr,
-            step.beta_1,
-            step.beta_2,
-            step.epsilon,
-            step.decay,
-            step.correction_1,
-            step.correction_2,
-            step.grad_scale,
-        );
-        let cube_dim = CubeDim::new_1d(WORKGROUP);
-        let grid = crate::wgsl::grid(n.div_ceil(WORKGROUP as usize));
         // In place where nothing else holds the parameter or its moments (contiguous now; each its own buffer and
         // the gradient another: burn's pool never hands one buffer to two live handles, and a view shares its
-        // tensor's handle, so a tensor with a live view is not `can_mut`).
+        // tensor's handle, so a tensor with a live view is not `can_mut`). Inside [`gathered`] the update waits
+        // to share a launch with the next parameters'.
         if param.can_mut() && moment_1.can_mut() && moment_2.can_mut() {
-            cube::adamw_in_place_kernel::launch(
-                &client,
-                grid,
-                cube_dim,
-                param.clone().into_tensor_arg(),
-                grad.into_tensor_arg(),
-                moment_1.clone().into_tensor_arg(),
-                moment_2.clone().into_tensor_arg(),
-                h,
-            );
+            let tensors = [param.clone(), grad, moment_1.clone(), moment_2.clone()];
+            if let Some(tensors) = gather(tensors, step) {
+                launch_in_place(vec![tensors], step);
+            }
             return (param, moment_1, moment_2);
         }
+        let cube_dim = CubeDim::new_1d(WORKGROUP);
+        let grid = crate::wgsl::grid(n.div_ceil(WORKGROUP as usize));
         let output = || {
             let handle = client.empty(n * 4);
             CubeTensor::new_contiguous(client.clone(), param.device.clone(), shape.clone(), handle, DType::F32)
@@ -278,7 +299,7 @@ impl OptimKernels for CubeBackend {
             p_out.clone().into_tensor_arg(),
             m_out.clone().into_tensor_arg(),
             v_out.clone().into_tensor_arg(),
-            h,
+            scalars(step),
         );
         (p_out, m_out, v_out)
     }
@@ -315,6 +336,140 @@ impl OptimKernels for CubeBackend {
         crate::wgsl::launch(SumSquaresSource, WORKGROUP, CubeCount::Static(1, 1, 1), &buffers);
         out
     }
+}
+
+/// [`super::AdamWStep`]'s numbers for a launch.
+fn scalars(step: AdamWStep) -> cube::AdamWScalarsLaunch {
+    cube::AdamWScalarsLaunch::new(
+        step.lr,
+        step.beta_1,
+        step.beta_2,
+        step.epsilon,
+        step.decay,
+        step.correction_1,
+        step.correction_2,
+        step.grad_scale,
+    )
+}
+
+/// Parameters per launch of [`cube::adamw_in_place_gathered_kernel`] at most: a compiled kernel per count up to it.
+pub const GATHER_MAX: usize = 16;
+
+/// How many parameters' in-place updates one launch on `device` can take: four tensors each within the adapter's
+/// storage buffers per shader stage, one of them left for cubecl's own (the scalars and the tensors' lengths);
+/// at most [`GATHER_MAX`]. 1 on WebGPU's minimum of 8 (the browser's), and off wgpu: a launch each there.
+pub fn params_per_launch(device: &burn::tensor::Device) -> usize {
+    let inner = device.clone().inner();
+    match inner.as_dispatch() {
+        burn::backend::DispatchDevice::Cube(cube) => per_launch(cube.client().properties().hardware.max_bindings),
+        _ => 1,
+    }
+}
+
+fn per_launch(max_bindings: u32) -> usize {
+    (max_bindings.saturating_sub(1) as usize / 4).clamp(1, GATHER_MAX)
+}
+
+/// In-place AdamW updates waiting for a launch ([`gathered`]): `[param, grad, moment_1, moment_2]` of each, by the
+/// step's scalars (weight decay differs between two groups of parameters, which a model's order interleaves) and
+/// device.
+type Gathering = Vec<(AdamWStep, Vec<[CubeTensor; 4]>)>;
+
+thread_local! {
+    /// Inside [`gathered`] on this thread, what waits for a launch; `None` outside it.
+    static GATHERING: RefCell<Option<Gathering>> = const { RefCell::new(None) };
+}
+
+/// Runs `f` (one optimiser step over a model's parameters) with AdamW's in-place updates gathered into launches of
+/// up to [`params_per_launch`] parameters that share the step's scalars, instead of one launch each. Every update has
+/// been launched when it returns, so whatever reads the parameters afterwards sees them stepped; nothing inside
+/// `f` may read a parameter after handing it to AdamW (an optimiser does not). Not under burn's fusion, which runs
+/// our kernels from its own queue: there each launches at once. Nested calls gather on their own.
+pub fn gathered<R>(f: impl FnOnce() -> R) -> R {
+    struct Flush(Option<Gathering>);
+    impl Drop for Flush {
+        fn drop(&mut self) {
+            let mine = GATHERING.replace(self.0.take());
+            if !std::thread::panicking() {
+                for (step, pending) in mine.into_iter().flatten() {
+                    launch_in_place(pending, step);
+                }
+            }
+        }
+    }
+    let start = (!cfg!(feature = "fusion")).then(Vec::new);
+    let _flush = Flush(GATHERING.replace(start));
+    f()
+}
+
+/// Queues an in-place update inside [`gathered`] with those of the same scalars and device, launching them when the
+/// launch is full. Gives the tensors back outside [`gathered`], or where a launch takes one parameter only.
+fn gather(tensors: [CubeTensor; 4], step: AdamWStep) -> Option<[CubeTensor; 4]> {
+    GATHERING.with_borrow_mut(|gathering| {
+        let Some(gathering) = gathering else { return Some(tensors) };
+        let capacity = per_launch(tensors[0].client.properties().hardware.max_bindings);
+        if capacity == 1 {
+            return Some(tensors);
+        }
+        let device = &tensors[0].device;
+        let joins =
+            |(s, p): &(AdamWStep, Vec<[CubeTensor; 4]>)| *s == step && p.first().is_none_or(|t| t[0].device == *device);
+        let at = match gathering.iter().position(joins) {
+            Some(at) => at,
+            None => {
+                gathering.push((step, Vec::new()));
+                gathering.len() - 1
+            }
+        };
+        let pending = &mut gathering[at].1;
+        pending.push(tensors);
+        if pending.len() >= capacity {
+            launch_in_place(std::mem::take(pending), step);
+        }
+        None
+    })
+}
+
+/// One launch stepping each `[param, grad, moment_1, moment_2]` of `tensors` in place (contiguous f32, one device).
+fn launch_in_place(tensors: Vec<[CubeTensor; 4]>, step: AdamWStep) {
+    if tensors.is_empty() {
+        return;
+    }
+    let client = tensors[0][0].client.clone();
+    let cube_dim = CubeDim::new_1d(WORKGROUP);
+    let elements: usize = tensors.iter().map(|t| t[0].shape().num_elements()).sum();
+    let grid = crate::wgsl::grid(elements.div_ceil(WORKGROUP as usize));
+    if let [[param, grad, moment_1, moment_2]] = &tensors[..] {
+        let arg = |t: &CubeTensor| t.clone().into_tensor_arg();
+        cube::adamw_in_place_kernel::launch(
+            &client,
+            grid,
+            cube_dim,
+            arg(param),
+            arg(grad),
+            arg(moment_1),
+            arg(moment_2),
+            scalars(step),
+        );
+        return;
+    }
+    let sequence = |which: usize| {
+        let mut seq = SequenceArg::new();
+        for t in &tensors {
+            seq.push(t[which].clone().into_tensor_arg());
+        }
+        seq
+    };
+    cube::adamw_in_place_gathered_kernel::launch(
+        &client,
+        grid,
+        cube_dim,
+        sequence(0),
+        sequence(1),
+        sequence(2),
+        sequence(3),
+        scalars(step),
+    );
 }
 
 /// Every kernel's WGSL as compiled: `(name, source)`, for `wgsl::every_kernel`.

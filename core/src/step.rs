@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::Precision;
 use crate::model::{Batch, Frozen, LossOutput, LossWeights, Noise, Ov3};
-use crate::optim::{clip_grad_norm, step_with_decoder_lr};
+use crate::optim::{Clip, clip_grad_norm, grad_sum_squares, step_with_decoder_lr};
 use crate::parallel::{Group, mean_gradients};
 use crate::train::log::StepRecord;
 
@@ -142,26 +142,40 @@ pub fn train_step<E>(
     let mut scale = spec.loss_scale;
     loop {
         let mut accumulator = GradientsAccumulator::<Ov3>::new();
-        let mut record = StepRecord::default();
+        let mut terms = Vec::with_capacity(spec.accumulate);
         for micro in 0..spec.accumulate {
             if batches.len() == micro {
                 batches.push(next_batch().map_err(StepError::Batch)?);
             }
             let noise = Noise { tau: spec.tau, seed: micro_batch_seed(spec.noise_seed, micro) };
             let out = model.losses(&batches[micro], &spec.weights, noise, spec.frozen, group);
-            add_terms(&mut record, &read_terms(&out), 1.0 / spec.accumulate as f64);
+            terms.push(DeviceTerms::of(&out));
             let loss = out.total.div_scalar(spec.accumulate as f64);
             let grads = if scale.dynamic { loss.mul_scalar(scale.scale) } else { loss }.backward();
             accumulator.accumulate(&model, GradientsParams::from_grads(grads, &model));
         }
         let mut grads = accumulator.grads();
-        if group.size() > 1 {
+        let logit_scale = model.logit_scale.val().detach();
+        // What the host needs of the step, read back in one transfer where it can be: a read waits for the device,
+        // which then idles while the host queues what follows. A group's all-reduce needs the terms first.
+        let (mut record, clip) = if group.size() > 1 {
+            let (mut record, logit) = read_back(&terms, vec![logit_scale]);
             group_mean(&model, &mut grads, &mut record, group);
-        }
+            record.logit_scale = logit[0];
+            (record, clip_grad_norm(&model, &grads, spec.clip, scale.scale))
+        } else {
+            let sum_squares = grad_sum_squares(&model, &grads);
+            let has_sum = sum_squares.is_some();
+            let (mut record, values) =
+                read_back(&terms, [Some(logit_scale), sum_squares].into_iter().flatten().collect());
+            record.logit_scale = values[0];
+            (record, Clip::from_sum_squares(if has_sum { values[1] } else { 0.0 }, spec.clip, scale.scale))
+        };
+        // As the contrastive loss used it (`losses::contrastive_loss`).
+        record.logit_scale = record.logit_scale.min(100f64.ln()).exp();
         if let Some((term, value)) = record.terms().into_iter().find(|(_, v)| !v.is_finite()) {
             return Err(StepError::NonFinite(format!("the {term} loss is {value}")));
         }
-        let clip = clip_grad_norm(&model, &grads, spec.clip, scale.scale);
         record.grad_norm = clip.norm;
         record.loss_scale = scale.dynamic.then_some(scale.scale);
         if !record.grad_norm.is_finite() {
@@ -199,23 +213,44 @@ fn term_slots(r: &StepRecord) -> [Option<f64>; 8] {
     [Some(r.total), r.rec, r.pixel_l1, r.latent_l1, r.lpips, r.und, r.caption, r.contrastive]
 }
 
-/// Every loss term as f64, read from the device in one transfer.
-fn read_terms(out: &LossOutput) -> StepRecord {
-    let slots = [
-        Some(&out.total),
-        Some(&out.rec),
-        out.rec_terms.pixel_l1.as_ref(),
-        out.rec_terms.latent_l1.as_ref(),
-        out.rec_terms.lpips.as_ref(),
-        Some(&out.und),
-        Some(&out.caption),
-        Some(&out.contrastive),
-    ];
-    let present: Vec<Tensor<1>> = slots.iter().flatten().map(|t| (*t).clone().detach()).collect();
-    let values = Tensor::cat(present, 0).into_data().convert::<f32>().try_to_vec::<f32>().expect("f32 data");
+/// One micro-batch's loss terms still on the device: which of [`term_slots`]' terms it has, and their values.
+struct DeviceTerms {
+    present: [bool; 8],
+    values: Vec<Tensor<1>>,
+}
+
+impl DeviceTerms {
+    fn of(out: &LossOutput) -> Self {
+        let slots = [
+            Some(&out.total),
+            Some(&out.rec),
+            out.rec_terms.pixel_l1.as_ref(),
+            out.rec_terms.latent_l1.as_ref(),
+            out.rec_terms.lpips.as_ref(),
+            Some(&out.und),
+            Some(&out.caption),
+            Some(&out.contrastive),
+        ];
+        Self {
+            present: slots.map(|s| s.is_some()),
+            values: slots.iter().flatten().map(|t| (*t).clone().detach()).collect(),
+        }
+    }
+}
+
+/// The micro-batches' loss terms (their mean) and the one-element tensors `extra`, as f64, read from the device
+/// in one transfer: `(record with the terms, extra's values)`.
+fn read_back(micros: &[DeviceTerms], extra: Vec<Tensor<1>>) -> (StepRecord, Vec<f64>) {
+    let all: Vec<Tensor<1>> = micros.iter().flat_map(|m| m.values.iter().cloned()).chain(extra).collect();
+    let values = Tensor::cat(all, 0).into_data().convert::<f32>().try_to_vec::<f32>().expect("f32 data");
     let mut values = values.into_iter().map(f64::from);
-    let mut take = |slot: Option<&Tensor<1>>| slot.and_then(|_| values.next());
-    with_terms(slots.map(&mut take), StepRecord::default())
+    let mut record = StepRecord::default();
+    for micro in micros {
+        let mut take = |present: bool| present.then(|| values.next().expect("a value per present term"));
+        let terms = with_terms(micro.present.map(&mut take), StepRecord::default());
+        add_terms(&mut record, &terms, 1.0 / micros.len() as f64);
+    }
+    (record, values.collect())
 }
 
 /// `record` with the loss terms of [`term_slots`]' order.

@@ -110,6 +110,90 @@ fn adamw_kernel_covers_a_two_dimensional_grid() {
     kernel_matches_f64(&device, n, false, |i| i % 613 == 0 || i + 5_000 >= n);
 }
 
+/// AdamW's updates gathered into shared launches (`optim_gpu::gathered`, the training step's optimiser): sixteen
+/// parameters of lengths from 1 to 50,001 (several workgroups for some), even ones with weight decay and odd ones
+/// without (two sets of scalars, interleaved as a model's weights and biases are), stepped inside it over three
+/// steps (the second with a gradient factor) against float64, as [`kernel_matches_f64`] (1e-6 relative): the
+/// kernel finds each element's parameter and each group its own scalars. Launches: per group, one per
+/// `params_per_launch` parameters, a lone last one taking the plain in-place kernel (8 a group: on lavapipe's 7 a
+/// launch, a full launch and a lone one); under burn's fusion each its own launch, unchecked.
+#[test]
+fn gathered_adamw_matches_f64() {
+    let _serial = serial();
+    let Some(device) = wgpu_device() else { return };
+    let per_launch = optim_gpu::params_per_launch(&device);
+    assert!(per_launch >= 2, "the adapter must take two parameters a launch for this test: {per_launch}");
+    let lengths = [1, 200, 257, 50_001, 3, 4_096, 12, 77, 5, 9, 1_000, 2, 31, 64, 700, 6];
+    let lr = 3e-3f64;
+    let decays = |k: usize| if k % 2 == 0 { 0.2f64 } else { 0.0 };
+    let round = |v: Vec<f64>| v.into_iter().map(|x| f64::from(x as f32)).collect::<Vec<_>>();
+    let mut state: Vec<(Vec<f64>, Vec<f64>, Vec<f64>)> = lengths
+        .iter()
+        .enumerate()
+        .map(|(k, &n)| (round(noise(n, 40 + k as u64)), vec![0.0; n], vec![0.0; n]))
+        .collect();
+    for t in 1..=3 {
+        let grad_scale = if t == 2 { 0.37f64 } else { 1.0 };
+        let grads: Vec<Vec<f64>> = lengths
+            .iter()
+            .enumerate()
+            .map(|(k, &n)| {
+                let g = noise(n, 1_000 * t as u64 + k as u64);
+                round(g.iter().enumerate().map(|(i, x)| x * 10f64.powi(i as i32 % 4 - 2)).collect())
+            })
+            .collect();
+        let step = |wd: f64| AdamWStep {
+            lr: lr as f32,
+            beta_1: 0.9,
+            beta_2: 0.95,
+            epsilon: 1e-8,
+            decay: (1.0 - lr * wd) as f32,
+            correction_1: 1.0 - 0.9f32.powi(t),
+            correction_2: 1.0 - 0.95f32.powi(t),
+            grad_scale: grad_scale as f32,
+        };
+        let (stepped, count) = launches(|| {
+            optim_gpu::gathered(|| {
+                state
+                    .iter()
+                    .zip(&grads)
+                    .enumerate()
+                    .map(|(k, ((p, m, v), g))| {
+                        let [p, g, m, v] = [p, g, m, v].map(|x| tensor(x, &device));
+                        optim_gpu::adamw(step(decays(k)), p, g, m, v)
+                    })
+                    .collect::<Vec<_>>()
+            })
+        });
+        for (k, ((p2, m2, v2), ((p, m, v), g))) in stepped.iter().zip(state.iter().zip(&grads)).enumerate() {
+            let want: Vec<(f64, f64, f64)> =
+                (0..p.len()).map(|i| adamw_f64(p[i], g[i] * grad_scale, m[i], v[i], lr, decays(k), t)).collect();
+            for (what, got, want) in [
+                ("parameter", to_f64(p2), want.iter().map(|w| w.0).collect::<Vec<_>>()),
+                ("moment 1", to_f64(m2), want.iter().map(|w| w.1).collect()),
+                ("moment 2", to_f64(v2), want.iter().map(|w| w.2).collect()),
+            ] {
+                let err = rel_err(&got, &want);
+                assert!(err < 1e-6, "step {t}, parameter {k} ({} elements), {what}: relative error {err:.2e}", p.len());
+            }
+        }
+        if !cfg!(feature = "fusion") {
+            let (mut gathered, mut alone) = (0, 0);
+            for group in [lengths.len().div_ceil(2), lengths.len() / 2] {
+                gathered += group / per_launch + usize::from(group % per_launch >= 2);
+                alone += usize::from(group % per_launch == 1);
+            }
+            let got = |k: &str| count.iter().filter(|(name, _)| name.ends_with(k)).map(|(_, c)| *c).sum::<usize>();
+            assert_eq!(
+                (got("::AdamwInPlaceGatheredKernel"), got("::AdamwInPlaceKernel"), got("::AdamwKernel")),
+                (gathered, alone, 0),
+                "step {t}, {per_launch} parameters a launch: {count:?}"
+            );
+        }
+        state = stepped.iter().map(|(p, m, v)| (to_f64(p), to_f64(m), to_f64(v))).collect();
+    }
+}
+
 /// The launch observer is process-wide and tests run on parallel threads: every test here holds this lock,
 /// so a count sees only its own test's launches.
 fn serial() -> std::sync::MutexGuard<'static, ()> {

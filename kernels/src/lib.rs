@@ -353,7 +353,7 @@ fn gelu_backward_chunk(x: &[f32], g: &[f32], dx: &mut [f32]) {
 }
 
 /// One AdamW step's constants (Loshchilov & Hutter; burn's `AdamW` with `amsgrad` off computes the same).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamWStep {
     pub lr: f32,
     pub beta_1: f32,

@@ -38,7 +38,8 @@ pub struct StepRecord {
     pub contrastive: Option<f64>,
     #[serde(with = "crate::json_float")]
     pub grad_norm: f64,
-    /// exp(logit_scale), the contrastive inverse temperature.
+    /// exp(logit_scale), the contrastive inverse temperature, as the step's loss used it (before its update;
+    /// clamped at 100 as `losses::contrastive_loss` clamps it).
     #[serde(with = "crate::json_float")]
     pub logit_scale: f64,
     #[serde(with = "crate::json_float")]

@@ -195,7 +195,6 @@ pub fn train(
                 stage: stage.name.clone(),
                 resolution: stage.resolution,
                 lr: spec.lr,
-                logit_scale: (model.logit_scale.val().into_scalar::<f32>() as f64).min(100f64.ln()).exp(),
                 images_per_s: stage.effective_batch() as f64 / seconds.max(1e-9),
                 ..terms
             };
