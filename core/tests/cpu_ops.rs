@@ -5,7 +5,7 @@
 mod common;
 
 use burn::tensor::{Device, Distribution, Tensor};
-use common::{adamw_f64, gelu_f64, layer_norm_f64, noise, numeric_grad, rel_err, softmax_f64, to_f64};
+use common::{adamw_f64, adamw_step, gelu_f64, layer_norm_f64, noise, numeric_grad, rel_err, softmax_f64, to_f64};
 use ov3_core::cpu_ops::{self, kernels};
 
 fn f32s(v: &[f64]) -> Vec<f32> {
@@ -249,16 +249,7 @@ fn adamw_kernel_matches_f64() {
             .enumerate()
             .map(|(i, x)| (x * 10f64.powi(i as i32 % 4 - 2)) as f32)
             .collect();
-        let step = kernels::AdamWStep {
-            lr: lr as f32,
-            beta_1: 0.9,
-            beta_2: 0.95,
-            epsilon: 1e-8,
-            decay: (1.0 - lr * wd) as f32,
-            correction_1: 1.0 - 0.9f32.powi(t),
-            correction_2: 1.0 - 0.95f32.powi(t),
-            grad_scale: grad_scale as f32,
-        };
+        let step = adamw_step(lr, wd, t, grad_scale);
         let (mut p2, mut m2, mut v2) = (p.clone(), m.clone(), v.clone());
         kernels::adamw(&step, &mut p2, &g, &mut m2, &mut v2);
         let want: Vec<(f64, f64, f64)> = (0..n)

@@ -12,9 +12,9 @@ mod common;
 use std::sync::Mutex;
 
 use burn::tensor::{Device, Distribution, Tensor, TensorData};
-use common::{adamw_against_burn, adamw_f64, launches, noise, rel_err, to_f64, wgpu_device};
+use common::{adamw_against_burn, adamw_f64, adamw_step, launches, noise, rel_err, to_f64, wgpu_device};
 use ov3_core::optim;
-use ov3_core::optim_gpu::{self, AdamWStep};
+use ov3_core::optim_gpu;
 
 fn tensor(values: &[f64], device: &Device) -> Tensor<1> {
     let data: Vec<f32> = values.iter().map(|&x| x as f32).collect();
@@ -37,16 +37,7 @@ fn kernel_matches_f64(device: &Device, n: usize, shared: bool, check: impl Fn(us
         let grad_scale = if t % 2 == 0 { 0.37f64 } else { 1.0 };
         let g: Vec<f64> =
             round(noise(n, 100 + t as u64).iter().enumerate().map(|(i, x)| x * 10f64.powi(i as i32 % 4 - 2)).collect());
-        let step = AdamWStep {
-            lr: lr as f32,
-            beta_1: 0.9,
-            beta_2: 0.95,
-            epsilon: 1e-8,
-            decay: (1.0 - lr * wd) as f32,
-            correction_1: 1.0 - 0.9f32.powi(t),
-            correction_2: 1.0 - 0.95f32.powi(t),
-            grad_scale: grad_scale as f32,
-        };
+        let step = adamw_step(lr, wd, t, grad_scale);
         let (pt, gt) = (tensor(&p, device), tensor(&g, device));
         assert!(optim_gpu::supports(&pt, &gt), "a wgpu f32 tensor must take the kernel");
         let (mt, vt) = (tensor(&m, device), tensor(&v, device));
@@ -142,16 +133,7 @@ fn gathered_adamw_matches_f64() {
                 round(g.iter().enumerate().map(|(i, x)| x * 10f64.powi(i as i32 % 4 - 2)).collect())
             })
             .collect();
-        let step = |wd: f64| AdamWStep {
-            lr: lr as f32,
-            beta_1: 0.9,
-            beta_2: 0.95,
-            epsilon: 1e-8,
-            decay: (1.0 - lr * wd) as f32,
-            correction_1: 1.0 - 0.9f32.powi(t),
-            correction_2: 1.0 - 0.95f32.powi(t),
-            grad_scale: grad_scale as f32,
-        };
+        let step = |wd: f64| adamw_step(lr, wd, t, grad_scale);
         let (stepped, count) = launches(|| {
             optim_gpu::gathered(|| {
                 state

@@ -112,6 +112,21 @@ pub fn adamw_f64(p: f64, g: f64, m: f64, v: f64, lr: f64, wd: f64, t: i32) -> (f
     (p * (1.0 - lr * wd) - lr * update, m, v)
 }
 
+/// The kernels' constants for the step [`adamw_f64`] takes (its betas and epsilon, decay `wd`, step `t` from 1), with
+/// the gradient multiplied by `grad_scale` as it is read.
+pub fn adamw_step(lr: f64, wd: f64, t: i32, grad_scale: f64) -> ov3_core::optim_gpu::AdamWStep {
+    ov3_core::optim_gpu::AdamWStep {
+        lr: lr as f32,
+        beta_1: 0.9,
+        beta_2: 0.95,
+        epsilon: 1e-8,
+        decay: (1.0 - lr * wd) as f32,
+        correction_1: 1.0 - 0.9f32.powi(t),
+        correction_2: 1.0 - 0.95f32.powi(t),
+        grad_scale: grad_scale as f32,
+    }
+}
+
 /// Kernel launches by name while `f` runs. cubecl's launch observer is process-wide: a test binary whose other
 /// tests launch kernels in parallel must serialise them around a count.
 pub fn launches<T>(f: impl FnOnce() -> T) -> (T, std::collections::HashMap<&'static str, usize>) {
