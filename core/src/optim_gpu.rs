@@ -357,16 +357,26 @@ pub const GATHER_MAX: usize = 16;
 
 /// How many parameters' in-place updates one launch on `device` can take: four tensors each within the adapter's
 /// storage buffers per shader stage, one of them left for cubecl's own (the scalars and the tensors' lengths);
-/// at most [`GATHER_MAX`]. 1 on WebGPU's minimum of 8 (the browser's), and off wgpu: a launch each there.
+/// at most [`GATHER_MAX`]. 1 on WebGPU's minimum of 8 (the browser's), under SPIR-V ([`per_launch`]) and off wgpu:
+/// a launch each there.
 pub fn params_per_launch(device: &burn::tensor::Device) -> usize {
     let inner = device.clone().inner();
     match inner.as_dispatch() {
-        burn::backend::DispatchDevice::Cube(cube) => per_launch(cube.client().properties().hardware.max_bindings),
+        burn::backend::DispatchDevice::Cube(cube) => {
+            let client = cube.client();
+            per_launch(&client.name(), client.properties().hardware.max_bindings)
+        }
         _ => 1,
     }
 }
 
-fn per_launch(max_bindings: u32) -> usize {
+/// [`params_per_launch`] on a client of runtime `name`. A `vulkan` build's SPIR-V (runtime `wgpu<spirv>`) gets one:
+/// the gathered kernel has not run under that compiler yet (lavapipe crashes that build's matmuls before a step),
+/// and the GPU call's SPIR-V rows should not be where it first does.
+fn per_launch(name: &str, max_bindings: u32) -> usize {
+    if cfg!(feature = "vulkan") && name != "wgpu<wgsl>" {
+        return 1;
+    }
     (max_bindings.saturating_sub(1) as usize / 4).clamp(1, GATHER_MAX)
 }
 
@@ -407,7 +417,8 @@ pub fn gathered<R>(f: impl FnOnce() -> R) -> R {
 fn gather(tensors: [CubeTensor; 4], step: AdamWStep) -> Option<[CubeTensor; 4]> {
     GATHERING.with_borrow_mut(|gathering| {
         let Some(gathering) = gathering else { return Some(tensors) };
-        let capacity = per_launch(tensors[0].client.properties().hardware.max_bindings);
+        let client = &tensors[0].client;
+        let capacity = per_launch(&client.name(), client.properties().hardware.max_bindings);
         if capacity == 1 {
             return Some(tensors);
         }
