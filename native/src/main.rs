@@ -101,9 +101,16 @@ impl Common {
 /// Prints `line` on stderr, prefixed with this process's rank in a data-parallel group.
 pub fn say_rank(group: &dyn Group, line: &str) {
     match group.size() {
-        1 => eprintln!("{line}"),
-        n => eprintln!("[rank {}/{n}] {line}", group.rank()),
+        1 => say(line),
+        n => say(&format!("[rank {}/{n}] {line}", group.rank())),
     }
+}
+
+/// Prints `line` on stderr in one write: `eprintln!` writes each formatted piece on its own (stderr is unbuffered),
+/// so the lines of a group's ranks sharing one terminal or pipe could interleave mid-line.
+pub fn say(line: &str) {
+    use std::io::Write;
+    let _ = std::io::stderr().lock().write_all(format!("{line}\n").as_bytes());
 }
 
 fn main() {

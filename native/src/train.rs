@@ -167,13 +167,12 @@ pub fn run(args: TrainArgs, group: &dyn Group) -> anyhow::Result<()> {
     let device = selected.device.autodiff();
     let stop = stop_on_signal()?;
     if group.is_writer() {
-        eprintln!("run folder: {}", out.display());
+        crate::say(&format!("run folder: {}", out.display()));
         if group.size() > 1 {
-            eprintln!(
-                "data parallel: {} processes, each with 1/{} of every global batch (images/s are global)",
-                group.size(),
-                group.size()
-            );
+            let n = group.size();
+            crate::say(&format!(
+                "data parallel: {n} processes, each with 1/{n} of every global batch (images/s are global)"
+            ));
         }
     }
     let outcome = train_with_progress(&out, &cfg, args.resume, &device, group, &stop)?;
