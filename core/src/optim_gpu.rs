@@ -11,11 +11,11 @@
 //! [`optim::clip_grad_norm`](crate::optim::clip_grad_norm) calls [`sum_squares_add`].
 //! `core/tests/optim_gpu.rs` checks both against float64 code, and AdamW against burn's AdamW.
 
+use std::cell::RefCell;
+
 use burn::backend::tensor::FloatTensor;
 use burn::backend::wgpu::{CubeBackend, CubeDim, CubeTensor, KernelSource, SourceTemplate, into_contiguous};
 use burn::backend::{Backend, DType, Dispatch, TensorMetadata, backend_extension};
-use std::cell::RefCell;
-
 use burn::tensor::Tensor;
 use cubecl::CubeCount;
 use cubecl::prelude::{KernelId, SequenceArg};
