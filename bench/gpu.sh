@@ -142,6 +142,12 @@ if [ $vulkan = 0 ]; then
         --res "$res" --steps "$step_steps" --warmup "$warm" --kernels count
     fi
   done
+  # AdamW one launch per parameter (OV3_ADAMW_GATHER=off) at the smallest shape, beside its default row (on a
+  # card, 7-16 parameters a launch): what the ~200 launches it saves are worth here (on lavapipe it costs, so
+  # CPU adapters do not gather; docs/PERFORMANCE.md, "AdamW's shared launches on a CPU adapter").
+  read -r preset batch res <<<"${shapes[0]}"
+  OV3_ADAMW_GATHER=off run 150 "$ov3" bench step --backend wgpu --preset "$preset" --batch "$batch" --res "$res" \
+    --steps "$step_steps" --warmup "$warm" --kernels count
 fi
 
 # The largest shape once more with cubecl's most thorough matmul autotuning (every candidate kernel timed per
@@ -195,6 +201,8 @@ if steps:
                 impl += ", burn's ops but our AdamW (CubeCL)"
             if tuned(r):
                 impl += f', matmuls autotuned {r["autotune"]}'
+            if r.get("adamw_per_launch") == 1 and r.get("wgpu_ops") == "ov3" and not build(r):
+                impl += ", AdamW a launch per parameter"
             if r.get("memory") == "exclusive":
                 impl += ", exclusive memory pages"
             if r.get("noop"):

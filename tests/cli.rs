@@ -78,17 +78,19 @@ fn bench_step_counts_kernel_launches_on_wgpu() {
     assert!(total > 1000 && listed <= total, "{total} launches, {listed} in the top rows");
     assert!(k["device_ms_per_step"].is_null(), "count does not time");
     // The training step owns its parameters and moments: AdamW writes over them (no new buffers), several
-    // parameters a launch (lavapipe takes 7: the tiny model's 239 tensors in about 35 launches), one each under
+    // parameters a launch on a card (`OV3_ADAMW_GATHER=auto`), one each on a CPU adapter such as lavapipe, under
     // burn's fusion (which runs our kernels from its queue) and SPIR-V (`optim_gpu::params_per_launch`).
-    let wgsl = lines[0]["compiler"] == "wgpu<wgsl>";
-    let (kernel, range) = match wgsl && !cfg!(feature = "fusion") {
-        true => ("AdamwInPlaceGatheredKernel", 20..60),
-        false => ("AdamwInPlaceKernel", 100..1000),
+    let per_launch = lines[0]["adamw_per_launch"].as_u64().expect("adamw_per_launch");
+    let adamw = |top: &[serde_json::Value], kernel: &str| {
+        let found = top.iter().find(|t| t["kernel"].as_str().is_some_and(|n| n.ends_with(kernel)));
+        found.unwrap_or_else(|| panic!("{kernel} among the most launched: {top:?}"))["launches"].as_u64().unwrap()
     };
-    let adamw = top.iter().find(|t| t["kernel"].as_str().is_some_and(|n| n.ends_with(kernel)));
-    let adamw = adamw.unwrap_or_else(|| panic!("{kernel} among the most launched: {top:?}"))["launches"].as_u64();
-    let adamw = adamw.expect("launches");
-    assert!(range.contains(&adamw), "{kernel} launched {adamw} times, expected {range:?}");
+    let (kernel, range) = match per_launch {
+        1 => ("AdamwInPlaceKernel", 100..1000),
+        _ => ("AdamwInPlaceGatheredKernel", 20..60),
+    };
+    let launched = adamw(top, kernel);
+    assert!(range.contains(&launched), "{kernel} launched {launched} times, expected {range:?}");
     // The no-op adapter is dressed as this machine's first adapter, so cubecl and ov3 choose the same kernels:
     // the same launches, none of them run.
     let noop = ov3(&[&args[..], &["--kernels", "count", "--noop"]].concat());
@@ -97,6 +99,26 @@ fn bench_step_counts_kernel_launches_on_wgpu() {
     let noop_lines: Vec<serde_json::Value> = noop_out.lines().map(|l| serde_json::from_str(l).expect("JSON")).collect();
     assert_eq!((&noop_lines[0]["noop"], &lines[0]["noop"]), (&true.into(), &false.into()), "{noop_out}");
     assert_eq!(noop_lines[1]["launches_per_step"], k["launches_per_step"], "{noop_out}\n{stdout}");
+    // `OV3_ADAMW_GATHER=on` gathers wherever the bindings allow (lavapipe: 7 a launch): the same step but AdamW's
+    // launches, each of the one-a-parameter launches replaced (the tiny model's 239 tensors in 20 to 60).
+    let on = Command::new(env!("CARGO_BIN_EXE_ov3"))
+        .args([&args[..], &["--kernels", "count", "--noop"]].concat())
+        .env("OV3_ADAMW_GATHER", "on")
+        .output()
+        .expect("ov3 binary runs");
+    let (on_out, on_err) = text(&on);
+    assert!(on.status.success(), "bench step --noop with OV3_ADAMW_GATHER=on failed: {on_err}");
+    let on_lines: Vec<serde_json::Value> = on_out.lines().map(|l| serde_json::from_str(l).expect("JSON")).collect();
+    let on_per_launch = on_lines[0]["adamw_per_launch"].as_u64().expect("adamw_per_launch");
+    let wgsl = lines[0]["compiler"] == "wgpu<wgsl>" && !cfg!(feature = "fusion");
+    assert_eq!(on_per_launch > 1, wgsl, "OV3_ADAMW_GATHER=on gathers under WGSL without fusion: {on_out}");
+    if per_launch == 1 && wgsl {
+        let top = on_lines[1]["top"].as_array().expect("top kernels");
+        let gathered = adamw(top, "AdamwInPlaceGatheredKernel");
+        assert!((20..60).contains(&gathered), "{gathered} gathered launches: {on_out}");
+        let total = |l: &serde_json::Value| l["launches_per_step"].as_u64().expect("launches_per_step");
+        assert_eq!(total(&on_lines[1]), total(k) - launched + gathered, "only AdamW's launches change: {on_out}");
+    }
 }
 
 /// `bench step --noop`: wgpu's no-op adapter, which needs no GPU or driver (dressed as the first adapter where
@@ -132,17 +154,23 @@ fn bench_step_on_the_noop_adapter_runs_anywhere() {
     }
 }
 
-/// `OV3_FLASH_SPLIT` takes 1, 2 or 4: anything else is refused with the variable named, whatever the backend.
+/// `OV3_FLASH_SPLIT` takes 1, 2 or 4, `OV3_ADAMW_GATHER` auto, on or off: anything else is refused with the
+/// variable named, whatever the backend.
 #[test]
-fn a_bad_flash_split_is_refused() {
-    let out = Command::new(env!("CARGO_BIN_EXE_ov3"))
-        .args(["bench", "step", "--backend", "cpu", "--batch", "2", "--res", "32", "--steps", "1", "--warmup", "0"])
-        .env("OV3_FLASH_SPLIT", "3")
-        .output()
-        .expect("ov3 binary runs");
-    let (_, stderr) = text(&out);
-    assert!(!out.status.success(), "OV3_FLASH_SPLIT=3 accepted");
-    assert!(stderr.contains("OV3_FLASH_SPLIT must be 1, 2 or 4"), "{stderr}");
+fn bad_kernel_settings_are_refused() {
+    for (var, value, says) in [
+        ("OV3_FLASH_SPLIT", "3", "OV3_FLASH_SPLIT must be 1, 2 or 4"),
+        ("OV3_ADAMW_GATHER", "yes", "OV3_ADAMW_GATHER must be auto, on or off"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_ov3"))
+            .args(["bench", "step", "--backend", "cpu", "--batch", "2", "--res", "32", "--steps", "1", "--warmup", "0"])
+            .env(var, value)
+            .output()
+            .expect("ov3 binary runs");
+        let (_, stderr) = text(&out);
+        assert!(!out.status.success(), "{var}={value} accepted");
+        assert!(stderr.contains(says), "{stderr}");
+    }
 }
 
 /// `ov3 bench attention --split 1,4` on wgpu: a fused row per split, each within 1e-4 of the unfused path (its

@@ -283,6 +283,9 @@ fn check_env() -> Result<(), String> {
     if let Ok(value) = std::env::var("OV3_FLASH_SPLIT") {
         crate::flash::parse_split(&value)?;
     }
+    if let Ok(value) = std::env::var("OV3_ADAMW_GATHER") {
+        crate::optim_gpu::parse_gather(&value)?;
+    }
     memory_config().map(|_| ())
 }
 

@@ -12,12 +12,14 @@
 //! `core/tests/optim_gpu.rs` checks both against float64 code, and AdamW against burn's AdamW.
 
 use std::cell::RefCell;
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use burn::backend::tensor::FloatTensor;
 use burn::backend::wgpu::{CubeBackend, CubeDim, CubeTensor, KernelSource, SourceTemplate, into_contiguous};
 use burn::backend::{Backend, DType, Dispatch, TensorMetadata, backend_extension};
 use burn::tensor::Tensor;
 use cubecl::CubeCount;
+use cubecl::client::Client;
 use cubecl::prelude::{KernelId, SequenceArg};
 
 pub use crate::cpu_ops::AdamWStep;
@@ -169,8 +171,10 @@ mod cube {
     }
 
     /// [`adamw_in_place_kernel`] on several parameters at once (one launch where a step of a small model would
-    /// make one per tensor, most of them a few hundred elements): unit `i` of the grid steps element `i` of the
-    /// parameters laid end to end, in order. The parameters share one step's scalars.
+    /// make one per tensor, most of them a few hundred elements). Each parameter has whole workgroups, in order:
+    /// workgroup `c` steps elements `c * CUBE_DIM ..` of the parameter its place falls in, so which parameter a unit
+    /// steps is the same for its whole workgroup (no divergence at parameter boundaries, and the loads' index is the
+    /// unit's position plus a workgroup-uniform offset). The parameters share one step's scalars.
     #[cube(launch)]
     pub fn adamw_in_place_gathered_kernel(
         param: &mut Sequence<OwnedTensor<f32>>,
@@ -179,24 +183,29 @@ mod cube {
         moment_2: &mut Sequence<OwnedTensor<f32>>,
         h: AdamWScalars,
     ) {
-        let mut i = ABSOLUTE_POS;
+        let units = CUBE_DIM as usize;
+        let mut cube = CUBE_POS;
         let mut todo = true;
         #[unroll]
         for k in 0..param.len() {
             let n = param.index(k).len();
+            let cubes = (n + units - 1) / units;
             if todo {
-                if i < n {
-                    let g = grad.index(k);
-                    let p = param.index_mut(k);
-                    let m = moment_1.index_mut(k);
-                    let v = moment_2.index_mut(k);
-                    let next = adamw_element(p[i], g[i], m[i], v[i], &h);
-                    p[i] = next.param;
-                    m[i] = next.moment_1;
-                    v[i] = next.moment_2;
+                if cube < cubes {
+                    let i = cube * units + UNIT_POS as usize;
+                    if i < n {
+                        let g = grad.index(k);
+                        let p = param.index_mut(k);
+                        let m = moment_1.index_mut(k);
+                        let v = moment_2.index_mut(k);
+                        let next = adamw_element(p[i], g[i], m[i], v[i], &h);
+                        p[i] = next.param;
+                        m[i] = next.moment_1;
+                        v[i] = next.moment_2;
+                    }
                     todo = false;
                 } else {
-                    i -= n;
+                    cube -= cubes;
                 }
             }
         }
@@ -355,29 +364,83 @@ fn scalars(step: AdamWStep) -> cube::AdamWScalarsLaunch {
 /// Parameters per launch of [`cube::adamw_in_place_gathered_kernel`] at most: a compiled kernel per count up to it.
 pub const GATHER_MAX: usize = 16;
 
-/// How many parameters' in-place updates one launch on `device` can take: four tensors each within the adapter's
-/// storage buffers per shader stage, one of them left for cubecl's own (the scalars and the tensors' lengths);
-/// at most [`GATHER_MAX`]. 1 on WebGPU's minimum of 8 (the browser's), under SPIR-V ([`per_launch`]) and off wgpu:
-/// a launch each there.
+/// Whether AdamW's in-place updates share launches ([`gathered`]): `OV3_ADAMW_GATHER`, or [`set_gather`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Gather {
+    /// On a card (a GPU: launches cost microseconds whatever they carry), not on a CPU adapter (lavapipe,
+    /// SwiftShader, WARP), the default. On lavapipe a launch is cheap and a shared launch is not: its SIMD lanes
+    /// run every parameter's branch of the kernel, masked, so a launch of 7 took 3.4x the device time of the 239
+    /// launches it replaced (the tiny step's AdamW: 244 against 71 ms, `ov3 bench step --kernels time`).
+    Auto,
+    /// Wherever the adapter's bindings allow two parameters a launch (the tests run the kernel on lavapipe so).
+    On,
+    /// One launch per parameter.
+    Off,
+}
+
+/// 0: not decided yet (`OV3_ADAMW_GATHER` decides at the first use), else 1 + the [`Gather`] in use.
+static GATHER: AtomicU8 = AtomicU8::new(0);
+
+/// Sets [`Gather`] for the process (over `OV3_ADAMW_GATHER`); returns the one it replaces.
+pub fn set_gather(mode: Gather) -> Gather {
+    let before = gather_mode();
+    GATHER.store(1 + mode as u8, Ordering::Relaxed);
+    before
+}
+
+/// `OV3_ADAMW_GATHER`'s value: `auto`, `on` or `off`, or an error that says what it accepts.
+pub fn parse_gather(value: &str) -> Result<Gather, String> {
+    match value.trim() {
+        "" | "auto" => Ok(Gather::Auto),
+        "on" => Ok(Gather::On),
+        "off" => Ok(Gather::Off),
+        other => Err(format!("OV3_ADAMW_GATHER must be auto, on or off, not {other:?}")),
+    }
+}
+
+/// The [`Gather`] in use; an unset or invalid `OV3_ADAMW_GATHER` is [`Gather::Auto`] (the `ov3` commands refuse an
+/// invalid one before they get here).
+pub fn gather_mode() -> Gather {
+    match GATHER.load(Ordering::Relaxed) {
+        0 => {
+            let env = std::env::var("OV3_ADAMW_GATHER").ok();
+            let mode = env.and_then(|v| parse_gather(&v).ok()).unwrap_or(Gather::Auto);
+            GATHER.store(1 + mode as u8, Ordering::Relaxed);
+            mode
+        }
+        2 => Gather::On,
+        3 => Gather::Off,
+        _ => Gather::Auto,
+    }
+}
+
+/// How many parameters' in-place updates one launch on `device` takes ([`gathered`]): four tensors each within the
+/// adapter's storage buffers per shader stage, one of them left for cubecl's own (the scalars and the tensors'
+/// lengths); at most [`GATHER_MAX`]. 1 where [`Gather`] says not to gather, on WebGPU's minimum of 8 (the
+/// browser's), under SPIR-V and burn's fusion ([`per_launch`]) and off wgpu: a launch each there.
 pub fn params_per_launch(device: &burn::tensor::Device) -> usize {
     let inner = device.clone().inner();
     match inner.as_dispatch() {
-        burn::backend::DispatchDevice::Cube(cube) => {
-            let client = cube.client();
-            per_launch(&client.name(), client.properties().hardware.max_bindings)
-        }
+        burn::backend::DispatchDevice::Cube(cube) => per_launch(&cube.client()),
         _ => 1,
     }
 }
 
-/// [`params_per_launch`] on a client of runtime `name`. A `vulkan` build's SPIR-V (runtime `wgpu<spirv>`) gets one:
+/// [`params_per_launch`] on `client`'s device. A `vulkan` build's SPIR-V (runtime `wgpu<spirv>`) gets one:
 /// the gathered kernel has not run under that compiler yet (lavapipe crashes that build's matmuls before a step),
-/// and the GPU call's SPIR-V rows should not be where it first does.
-fn per_launch(name: &str, max_bindings: u32) -> usize {
-    if cfg!(feature = "vulkan") && name != "wgpu<wgsl>" {
+/// and the GPU call's SPIR-V rows should not be where it first does. burn's fusion runs our kernels from its own
+/// queue, each as it comes.
+fn per_launch(client: &Client) -> usize {
+    let card = client.properties().identity.physical.is_some();
+    let gather = match gather_mode() {
+        Gather::Auto => card,
+        Gather::On => true,
+        Gather::Off => false,
+    };
+    if !gather || cfg!(feature = "fusion") || (cfg!(feature = "vulkan") && client.name() != "wgpu<wgsl>") {
         return 1;
     }
-    (max_bindings.saturating_sub(1) as usize / 4).clamp(1, GATHER_MAX)
+    (client.properties().hardware.max_bindings.saturating_sub(1) as usize / 4).clamp(1, GATHER_MAX)
 }
 
 /// In-place AdamW updates waiting for a launch ([`gathered`]): `[param, grad, moment_1, moment_2]` of each, by the
@@ -417,8 +480,7 @@ pub fn gathered<R>(f: impl FnOnce() -> R) -> R {
 fn gather(tensors: [CubeTensor; 4], step: AdamWStep) -> Option<[CubeTensor; 4]> {
     GATHERING.with_borrow_mut(|gathering| {
         let Some(gathering) = gathering else { return Some(tensors) };
-        let client = &tensors[0].client;
-        let capacity = per_launch(&client.name(), client.properties().hardware.max_bindings);
+        let capacity = per_launch(&tensors[0].client);
         if capacity == 1 {
             return Some(tensors);
         }
@@ -448,8 +510,8 @@ fn launch_in_place(tensors: Vec<[CubeTensor; 4]>, step: AdamWStep) {
     }
     let client = tensors[0][0].client.clone();
     let cube_dim = CubeDim::new_1d(WORKGROUP);
-    let elements: usize = tensors.iter().map(|t| t[0].shape().num_elements()).sum();
-    let grid = crate::wgsl::grid(elements.div_ceil(WORKGROUP as usize));
+    let workgroups: usize = tensors.iter().map(|t| t[0].shape().num_elements().div_ceil(WORKGROUP as usize)).sum();
+    let grid = crate::wgsl::grid(workgroups);
     if let [[param, grad, moment_1, moment_2]] = &tensors[..] {
         let arg = |t: &CubeTensor| t.clone().into_tensor_arg();
         cube::adamw_in_place_kernel::launch(

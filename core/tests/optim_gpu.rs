@@ -14,7 +14,7 @@ use std::sync::Mutex;
 use burn::tensor::{Device, Distribution, Tensor, TensorData};
 use common::{adamw_against_burn, adamw_f64, adamw_step, launches, noise, rel_err, to_f64, wgpu_device};
 use ov3_core::optim;
-use ov3_core::optim_gpu;
+use ov3_core::optim_gpu::{self, Gather};
 
 fn tensor(values: &[f64], device: &Device) -> Tensor<1> {
     let data: Vec<f32> = values.iter().map(|&x| x as f32).collect();
@@ -110,13 +110,25 @@ fn adamw_kernel_covers_a_two_dimensional_grid() {
 /// steps (the second with a gradient factor) against float64, as [`kernel_matches_f64`] (1e-6 relative): the
 /// kernel finds each element's parameter and each group its own scalars. Launches: per group, one per
 /// `params_per_launch` parameters, a lone last one taking the plain in-place kernel (8 a group: on lavapipe's 7 a
-/// launch, a full launch and a lone one); under burn's fusion each its own launch, unchecked.
+/// launch, a full launch and a lone one); under burn's fusion each its own launch, unchecked. Gathering is
+/// switched on for it (`Gather::On`: by default it is off on a CPU adapter such as lavapipe, which is checked too).
 #[test]
 fn gathered_adamw_matches_f64() {
     let _serial = serial();
     let Some(device) = wgpu_device() else { return };
+    // Off, one launch a parameter; by default, on a machine with only CPU adapters (lavapipe), too.
+    let before = optim_gpu::set_gather(Gather::Off);
+    assert_eq!(optim_gpu::params_per_launch(&device), 1, "OV3_ADAMW_GATHER=off");
+    optim_gpu::set_gather(Gather::Auto);
+    if ov3_core::device::adapters().iter().all(|a| a.software) {
+        assert_eq!(optim_gpu::params_per_launch(&device), 1, "gathered by default on a CPU adapter");
+    }
+    optim_gpu::set_gather(Gather::On);
     let per_launch = optim_gpu::params_per_launch(&device);
-    assert!(per_launch >= 2, "the adapter must take two parameters a launch for this test: {per_launch}");
+    assert!(
+        per_launch >= 2 || cfg!(feature = "fusion"),
+        "the adapter must take two a launch for this test: {per_launch}"
+    );
     let lengths = [1, 200, 257, 50_001, 3, 4_096, 12, 77, 5, 9, 1_000, 2, 31, 64, 700, 6];
     let lr = 3e-3f64;
     let decays = |k: usize| if k % 2 == 0 { 0.2f64 } else { 0.0 };
@@ -177,6 +189,7 @@ fn gathered_adamw_matches_f64() {
         }
         state = stepped.iter().map(|(p, m, v)| (to_f64(p), to_f64(m), to_f64(v))).collect();
     }
+    optim_gpu::set_gather(before);
 }
 
 /// The launch observer is process-wide and tests run on parallel threads: every test here holds this lock,

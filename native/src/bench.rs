@@ -265,13 +265,15 @@ fn step(args: StepArgs, group: &dyn Group) -> anyhow::Result<()> {
     let peak_mib = device_mem.map(|b| b as f64).unwrap_or_else(process_peak_bytes) / (1 << 20) as f64;
     let adapter = selected.adapter.as_ref().map(|a| a.to_string()).unwrap_or_else(|| "cpu (flex)".into());
     println!(
-        "{{\"bench\":\"step\",\"impl\":\"ov3\",\"backend\":\"{:?}\",\"adapter\":\"{}\",\"preset\":\"{}\",\"attention\":\"{}\",\"split\":{},\"wgpu_ops\":\"{}\",\"compiler\":\"{}\",\"fusion\":{},\"noop\":{},\"memory\":\"{}\",\"autotune\":\"{}\",\"precision\":\"{}\",\"batch\":{},\"res\":{},\"context\":{},\
+        "{{\"bench\":\"step\",\"impl\":\"ov3\",\"backend\":\"{:?}\",\"adapter\":\"{}\",\"preset\":\"{}\",\"attention\":\"{}\",\"split\":{},\"adamw_per_launch\":{},\"wgpu_ops\":\"{}\",\"compiler\":\"{}\",\"fusion\":{},\"noop\":{},\"memory\":\"{}\",\"autotune\":\"{}\",\"precision\":\"{}\",\"batch\":{},\"res\":{},\"context\":{},\
          \"ms_per_step\":{:.1},\"images_per_s\":{:.2},\"peak_mib\":{:.0},\"peak_kind\":\"{}\",\"threads\":{},\"ranks\":{}}}",
         selected.kind,
         adapter,
         args.common.preset.name(),
         args.attention,
         split,
+        // Parameters AdamW steps per launch (`OV3_ADAMW_GATHER`; 1 off wgpu).
+        ov3_core::optim_gpu::params_per_launch(&selected.device),
         wgpu_ops,
         compiler,
         cfg!(feature = "fusion"),
