@@ -368,9 +368,9 @@ pub const GATHER_MAX: usize = 16;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Gather {
     /// On a card (a GPU: launches cost microseconds whatever they carry), not on a CPU adapter (lavapipe,
-    /// SwiftShader, WARP), the default. On lavapipe a launch is cheap and a shared launch is not: its SIMD lanes
-    /// run every parameter's branch of the kernel, masked, so a launch of 7 took 3.4x the device time of the 239
-    /// launches it replaced (the tiny step's AdamW: 244 against 71 ms, `ov3 bench step --kernels time`).
+    /// SwiftShader, WARP), the default. On lavapipe a launch is cheap and a shared launch is not: launches of 7
+    /// took 3.4x the device time of the 239 launches they replaced (the tiny step's AdamW: 244 against 71 ms,
+    /// `ov3 bench step --kernels time`), as if its SIMD lanes ran every parameter's branch of the kernel, masked.
     Auto,
     /// Wherever the adapter's bindings allow two parameters a launch (the tests run the kernel on lavapipe so).
     On,
