@@ -417,7 +417,7 @@ pub fn gather_mode() -> Gather {
 /// How many parameters' in-place updates one launch on `device` takes ([`gathered`]): four tensors each within the
 /// adapter's storage buffers per shader stage, one of them left for cubecl's own (the scalars and the tensors'
 /// lengths); at most [`GATHER_MAX`]. 1 where [`Gather`] says not to gather, on WebGPU's minimum of 8 (the
-/// browser's), under SPIR-V and burn's fusion ([`per_launch`]) and off wgpu: a launch each there.
+/// browser's), under burn's fusion ([`per_launch`]) and off wgpu: a launch each there.
 pub fn params_per_launch(device: &burn::tensor::Device) -> usize {
     let inner = device.clone().inner();
     match inner.as_dispatch() {
@@ -426,10 +426,9 @@ pub fn params_per_launch(device: &burn::tensor::Device) -> usize {
     }
 }
 
-/// [`params_per_launch`] on `client`'s device. A `vulkan` build's SPIR-V (runtime `wgpu<spirv>`) gets one:
-/// the gathered kernel has not run under that compiler yet (lavapipe crashes that build's matmuls before a step),
-/// and the GPU call's SPIR-V rows should not be where it first does. burn's fusion runs our kernels from its own
-/// queue, each as it comes.
+/// [`params_per_launch`] on `client`'s device. burn's fusion runs our kernels from its own queue, each as it comes.
+/// The kernel is CubeCL, so a `vulkan` build's SPIR-V runs it too (`gathered_adamw_matches_f64` passes there on
+/// lavapipe, with `on`).
 fn per_launch(client: &Client) -> usize {
     let card = client.properties().identity.physical.is_some();
     let gather = match gather_mode() {
@@ -437,7 +436,7 @@ fn per_launch(client: &Client) -> usize {
         Gather::On => true,
         Gather::Off => false,
     };
-    if !gather || cfg!(feature = "fusion") || (cfg!(feature = "vulkan") && client.name() != "wgpu<wgsl>") {
+    if !gather || cfg!(feature = "fusion") {
         return 1;
     }
     (client.properties().hardware.max_bindings.saturating_sub(1) as usize / 4).clamp(1, GATHER_MAX)
