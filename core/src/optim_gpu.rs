@@ -455,8 +455,8 @@ thread_local! {
 /// Runs `f` (one optimiser step over a model's parameters) with AdamW's in-place updates gathered into launches of
 /// up to [`params_per_launch`] parameters that share the step's scalars, instead of one launch each. Every update has
 /// been launched when it returns, so whatever reads the parameters afterwards sees them stepped; nothing inside
-/// `f` may read a parameter after handing it to AdamW (an optimiser does not). Not under burn's fusion, which runs
-/// our kernels from its own queue: there each launches at once. Nested calls gather on their own.
+/// `f` may read a parameter after handing it to AdamW (an optimiser does not). Where [`per_launch`] is 1 (burn's
+/// fusion, a CPU adapter by default) each launches at once. Nested calls gather on their own.
 pub fn gathered<R>(f: impl FnOnce() -> R) -> R {
     struct Flush(Option<Gathering>);
     impl Drop for Flush {
@@ -469,8 +469,7 @@ pub fn gathered<R>(f: impl FnOnce() -> R) -> R {
             }
         }
     }
-    let start = (!cfg!(feature = "fusion")).then(Vec::new);
-    let _flush = Flush(GATHERING.replace(start));
+    let _flush = Flush(GATHERING.replace(Some(Vec::new())));
     f()
 }
 

@@ -165,11 +165,11 @@ pub fn train_step<E>(
             (record, clip_grad_norm(&model, &grads, spec.clip, scale.scale))
         } else {
             let sum_squares = grad_sum_squares(&model, &grads);
-            let has_sum = sum_squares.is_some();
             let (mut record, values) =
                 read_back(&terms, [Some(logit_scale), sum_squares].into_iter().flatten().collect());
             record.logit_scale = values[0];
-            (record, Clip::from_sum_squares(if has_sum { values[1] } else { 0.0 }, spec.clip, scale.scale))
+            // No gradients, no sum: a norm of 0.
+            (record, Clip::from_sum_squares(values.get(1).copied().unwrap_or(0.0), spec.clip, scale.scale))
         };
         // As the contrastive loss used it (`losses::contrastive_loss`).
         record.logit_scale = record.logit_scale.min(100f64.ln()).exp();
