@@ -1,12 +1,13 @@
-//! The optimiser's kernels on burn's wgpu backend (AdamW's, a CubeCL kernel below; `shaders/sum_squares.wgsl`):
-//! AdamW's update in one kernel per parameter (in place where the optimiser owns the parameter and its moments, as a
-//! training step does: no new buffers), and the squared norm for global grad-norm clipping in one per five.
+//! The optimiser's kernels on burn's cubecl backends (CubeCL kernels below, so cubecl compiles them to WGSL or, in a
+//! `vulkan` build, SPIR-V): AdamW's update in one kernel per parameter (in place where the optimiser owns the
+//! parameter and its moments, as a training step does: no new buffers; several parameters a launch on a card), and
+//! the squared norm for global grad-norm clipping, dozens of gradients a launch.
 //!
 //! burn's `AdamW` updates each parameter with about a dozen element-wise tensor ops, each its own GPU
 //! dispatch; with ~250 parameter tensors that was some 3,000 of a tiny training step's ~8,000 kernel
 //! launches (`ov3 bench step --kernels count`), and on a GPU a launch costs microseconds whatever it
 //! carries (docs/PERFORMANCE.md "Kernel launches per step"). Clipping's `g.square().sum()` plus the running add
-//! was four launches per parameter more; the kernel takes five gradients a launch. [`optim::AdamW`](crate::optim::AdamW) calls [`adamw`] for f32
+//! was four launches per parameter more. [`optim::AdamW`](crate::optim::AdamW) calls [`adamw`] for f32
 //! parameters on a wgpu device, as it calls `cpu_ops::adamw` on flex; its state is burn's either way;
 //! [`optim::clip_grad_norm`](crate::optim::clip_grad_norm) calls [`sum_squares_add`].
 //! `core/tests/optim_gpu.rs` checks both against float64 code, and AdamW against burn's AdamW.
@@ -15,16 +16,15 @@ use std::cell::RefCell;
 use std::sync::atomic::{AtomicU8, Ordering};
 
 use burn::backend::tensor::FloatTensor;
-use burn::backend::wgpu::{CubeBackend, CubeDim, CubeTensor, KernelSource, SourceTemplate, into_contiguous};
+use burn::backend::wgpu::{CubeBackend, CubeDim, CubeTensor, into_contiguous};
 use burn::backend::{Backend, DType, Dispatch, TensorMetadata, backend_extension};
 use burn::tensor::Tensor;
 use cubecl::CubeCount;
 use cubecl::client::Client;
-use cubecl::prelude::{KernelId, SequenceArg};
+use cubecl::prelude::SequenceArg;
 
 pub use crate::cpu_ops::AdamWStep;
 
-const SUM_SQUARES: &str = include_str!("../../shaders/sum_squares.wgsl");
 /// Invocations per workgroup (`WG` in the shader).
 const WORKGROUP: u32 = 256;
 
@@ -42,50 +42,91 @@ pub trait OptimKernels: Backend {
         step: AdamWStep,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
 
-    /// `acc + sum(x_i^2)` over the first `used` of `x0..x4` (f32; the unused ones are ignored): `acc` a
-    /// one-element f32 tensor.
+    /// `acc[0] + sum(x_i^2)` over every element of the first `used` of `x0..x15` (f32; the others are ignored), in
+    /// one launch that writes it over `acc[0]` (`acc`: the running total and the kernel's partial sums, 1 + 256 f32;
+    /// what else it holds is overwritten). Sixteen slots, not a `Vec`: burn's extension macro takes tensors one
+    /// argument each.
     #[allow(clippy::too_many_arguments)]
-    #[fusion(meta = |_x0, _x1, _x2, _x3, _x4, acc, _used| acc.clone())]
+    #[fusion(meta = |_x0, _x1, _x2, _x3, _x4, _x5, _x6, _x7, _x8, _x9, _x10, _x11, _x12, _x13, _x14, _x15, acc, _used| acc.clone())]
     fn sum_squares_add(
         x0: FloatTensor<Self>,
         x1: FloatTensor<Self>,
         x2: FloatTensor<Self>,
         x3: FloatTensor<Self>,
         x4: FloatTensor<Self>,
+        x5: FloatTensor<Self>,
+        x6: FloatTensor<Self>,
+        x7: FloatTensor<Self>,
+        x8: FloatTensor<Self>,
+        x9: FloatTensor<Self>,
+        x10: FloatTensor<Self>,
+        x11: FloatTensor<Self>,
+        x12: FloatTensor<Self>,
+        x13: FloatTensor<Self>,
+        x14: FloatTensor<Self>,
+        x15: FloatTensor<Self>,
         acc: FloatTensor<Self>,
         used: usize,
     ) -> FloatTensor<Self>;
 }
 
-/// Gradients per launch of the sum-of-squares kernel (shaders/sum_squares.wgsl: WebGPU's 8 storage buffers a
-/// stage, less the running total in and out and the counts).
-pub const SUM_SQUARES_INPUTS: usize = 5;
+/// Gradients per launch of the sum-of-squares kernel at most ([`OptimKernels::sum_squares_add`]'s slots): a compiled
+/// kernel per count up to it.
+pub const SUM_SQUARES_MAX: usize = 16;
 
-/// Whether [`sum_squares_add`] takes `x`: a non-empty f32 tensor on a wgpu device.
+/// Whether [`sum_squares_add`] takes `x`: a non-empty f32 tensor on a cubecl device. A CubeCL kernel: it runs under a
+/// `vulkan` build's SPIR-V too ([`crate::wgsl::cube_runs_here`]).
 pub fn supports_sum_squares<const D: usize>(x: &Tensor<D>) -> bool {
-    x.dtype() == DType::F32 && x.shape().num_elements() > 0 && crate::wgsl::runs_here(&x.device())
+    x.dtype() == DType::F32 && x.shape().num_elements() > 0 && crate::wgsl::cube_runs_here(&x.device())
 }
 
-/// `acc + sum(x^2)` over every element of every tensor of `xs`, a kernel launch per [`SUM_SQUARES_INPUTS`] of
-/// them (`acc`: `[1]`, f32; a zero when `None`). Call only where [`supports_sum_squares`] holds for each.
+/// How many gradients one launch of [`sum_squares_add`] takes on `device`: the adapter's storage buffers per shader
+/// stage less the running total's and cubecl's own (the tensors' lengths), at most [`SUM_SQUARES_MAX`]; WebGPU's
+/// minimum of 8 (the browser's) gives 5. 1 off cubecl.
+pub fn sum_squares_per_launch(device: &burn::tensor::Device) -> usize {
+    match device.clone().inner().as_dispatch() {
+        burn::backend::DispatchDevice::Cube(cube) => {
+            (cube.client().properties().hardware.max_bindings.saturating_sub(2) as usize).clamp(1, SUM_SQUARES_MAX)
+        }
+        _ => 1,
+    }
+}
+
+/// `acc + sum(x^2)` over every element of every tensor of `xs`, a kernel launch per [`sum_squares_per_launch`] of
+/// them (`acc`: `[1]`, f32, left as it is; none is a zero). Call only where [`supports_sum_squares`] holds for each.
 pub fn sum_squares_add(xs: &[Tensor<1>], acc: Option<Tensor<1>>) -> Tensor<1> {
     let first = xs.first().expect("sum_squares_add: no tensors");
-    let mut acc = acc.unwrap_or_else(|| Tensor::zeros([1], &first.device()));
-    for group in xs.chunks(SUM_SQUARES_INPUTS) {
-        // Unused slots repeat the group's first tensor (the kernel reads only the first `used`; its launch binds
-        // a stand-in for each).
+    // The running total and the kernel's partial sums: one fill, then every launch adds to element 0.
+    let mut running = Tensor::zeros([1 + WORKGROUP as usize], &first.device());
+    for group in xs.chunks(sum_squares_per_launch(&first.device())) {
+        // Unused slots repeat the group's first tensor (the kernel reads only the first `used`).
         let x = |i: usize| group.get(i).unwrap_or(&group[0]).clone().into_dispatch();
-        acc = Tensor::from_dispatch(<Dispatch as OptimKernels>::sum_squares_add(
+        running = Tensor::from_dispatch(<Dispatch as OptimKernels>::sum_squares_add(
             x(0),
             x(1),
             x(2),
             x(3),
             x(4),
-            acc.into_dispatch(),
+            x(5),
+            x(6),
+            x(7),
+            x(8),
+            x(9),
+            x(10),
+            x(11),
+            x(12),
+            x(13),
+            x(14),
+            x(15),
+            running.into_dispatch(),
             group.len(),
         ));
     }
-    acc
+    let total = running.slice([0..1]);
+    match acc {
+        Some(acc) => total + acc,
+        None => total,
+    }
 }
 
 /// Whether [`adamw`] can step `param` with `grad`: f32 tensors on a wgpu device (the optimiser's tensors
@@ -211,6 +252,46 @@ mod cube {
         }
     }
 
+    /// `acc[0] += sum(x^2)` over every element of every tensor of `xs`, in one workgroup of `workgroup` units
+    /// (global grad-norm clipping: `optim::clip_grad_norm` on a cubecl device, a launch per
+    /// [`super::sum_squares_per_launch`] gradients, each adding to the total the last one wrote). burn's full `sum`
+    /// is a fill and an atomic sum after the square, plus an add for the running total: four launches per gradient
+    /// instead of one per dozens. One workgroup suffices: a gradient is read once, and a step's launches run one
+    /// after another anyway (each reads the previous total). Every unit walks every tensor (no divergence) and
+    /// leaves its partial sum in `acc[1 + unit]`; after a storage barrier the first unit adds the `workgroup`
+    /// partials in order to `acc[0]`. Partials in the output buffer, not workgroup memory: cubecl's SPIR-V compiler
+    /// (0.11.3) emits invalid SPIR-V for workgroup memory on a driver without `VK_KHR_workgroup_memory_explicit_
+    /// layout` (lavapipe; docs/PERFORMANCE.md), and 256 serial adds cost nothing beside the walk.
+    #[cube(launch)]
+    pub fn sum_squares_add_kernel(
+        xs: &Sequence<OwnedTensor<f32>>,
+        acc: &mut Tensor<f32>,
+        #[comptime] workgroup: usize,
+    ) {
+        let lane = UNIT_POS as usize;
+        let mut s = 0.0f32;
+        #[unroll]
+        for k in 0..xs.len() {
+            let x = xs.index(k);
+            let n = x.len();
+            let mut i = lane;
+            while i < n {
+                let v = x[i];
+                s += v * v;
+                i += workgroup;
+            }
+        }
+        acc[1 + lane] = s;
+        sync_storage();
+        if lane == 0 {
+            let mut total = acc[0];
+            for j in 0..workgroup {
+                total += acc[1 + j];
+            }
+            acc[0] = total;
+        }
+    }
+
     /// One element's step, the arithmetic both kernels share (see [`adamw_kernel`]).
     #[cube]
     fn adamw_element(param: f32, grad: f32, moment_1: f32, moment_2: f32, h: &AdamWScalars) -> Stepped {
@@ -241,22 +322,6 @@ mod cube {
         pub correction_1: f32,
         pub correction_2: f32,
         pub grad_scale: f32,
-    }
-}
-
-struct SumSquaresSource;
-
-impl KernelSource for SumSquaresSource {
-    fn source(&self) -> SourceTemplate {
-        SourceTemplate::new(SUM_SQUARES)
-    }
-
-    fn id(&self) -> KernelId {
-        KernelId::new::<Self>()
-    }
-
-    fn lang(&self) -> &'static str {
-        "wgsl"
     }
 }
 
@@ -319,31 +384,46 @@ impl OptimKernels for CubeBackend {
         x2: CubeTensor,
         x3: CubeTensor,
         x4: CubeTensor,
+        x5: CubeTensor,
+        x6: CubeTensor,
+        x7: CubeTensor,
+        x8: CubeTensor,
+        x9: CubeTensor,
+        x10: CubeTensor,
+        x11: CubeTensor,
+        x12: CubeTensor,
+        x13: CubeTensor,
+        x14: CubeTensor,
+        x15: CubeTensor,
         acc: CubeTensor,
         used: usize,
     ) -> CubeTensor {
-        let xs = [x0, x1, x2, x3, x4];
-        assert!((1..=SUM_SQUARES_INPUTS).contains(&used), "sum_squares_add: {used} tensors used of 5");
+        assert!((1..=SUM_SQUARES_MAX).contains(&used), "sum_squares_add: {used} tensors used of {SUM_SQUARES_MAX}");
+        let mut xs = vec![x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15];
+        xs.truncate(used);
         assert!(xs.iter().all(|x| x.dtype == DType::F32) && acc.dtype == DType::F32, "sum_squares_add: f32 tensors");
-        assert!(acc.shape().num_elements() == 1, "sum_squares_add: acc must hold one value, not {:?}", acc.shape());
-        let count = |(i, x): (usize, &CubeTensor)| {
-            let n = if i < used { x.shape().num_elements() } else { 0 };
-            u32::try_from(n).expect("sum_squares_add: more than 2^32 elements")
-        };
-        let counts: Vec<u32> = xs.iter().enumerate().map(count).collect();
-        // Unused slots get one-word buffers of their own: a tensor bound twice would alias two writable
-        // bindings, which WebGPU refuses.
-        let xs = xs.map(into_contiguous);
-        let xs: Vec<CubeTensor> =
-            xs.into_iter().enumerate().map(|(i, x)| if i < used { x } else { crate::wgsl::words(&x, &[0]) }).collect();
+        let len = 1 + WORKGROUP as usize;
+        assert!(
+            acc.shape().num_elements() == len,
+            "sum_squares_add: acc must hold {len} values, not {:?}",
+            acc.shape()
+        );
+        // Written in place: the running total is [`sum_squares_add`]'s own (copied should anything else hold it).
         let acc = into_contiguous(acc);
-        let client = acc.client.clone();
-        let params = crate::wgsl::words(&acc, &counts);
-        let out =
-            CubeTensor::new_contiguous(client.clone(), acc.device.clone(), acc.shape(), client.empty(4), DType::F32);
-        let buffers: Vec<&CubeTensor> = xs.iter().chain([&acc, &params, &out]).collect();
-        crate::wgsl::launch(SumSquaresSource, WORKGROUP, CubeCount::Static(1, 1, 1), &buffers);
-        out
+        let acc = if acc.can_mut() { acc } else { acc.copy() };
+        let mut sequence = SequenceArg::new();
+        for x in xs {
+            sequence.push(into_contiguous(x).into_tensor_arg());
+        }
+        cube::sum_squares_add_kernel::launch(
+            &acc.client,
+            CubeCount::Static(1, 1, 1),
+            CubeDim::new_1d(WORKGROUP),
+            sequence,
+            acc.clone().into_tensor_arg(),
+            WORKGROUP as usize,
+        );
+        acc
     }
 }
 
@@ -541,9 +621,4 @@ fn launch_in_place(tensors: Vec<[CubeTensor; 4]>, step: AdamWStep) {
         sequence(3),
         scalars(step),
     );
-}
-
-/// Every kernel's WGSL as compiled: `(name, source)`, for `wgsl::every_kernel`.
-pub(crate) fn sources() -> Vec<(String, String)> {
-    vec![("optim sum of squares".to_string(), SumSquaresSource.source().complete())]
 }

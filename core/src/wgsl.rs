@@ -138,6 +138,5 @@ pub fn elem_header(dtype: DType) -> &'static str {
 pub fn every_kernel() -> Vec<(String, String)> {
     let mut all = crate::flash::kernels::sources();
     all.extend(crate::gpu_ops::kernels::sources());
-    all.extend(crate::optim_gpu::sources());
     all
 }

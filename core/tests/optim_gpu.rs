@@ -1,6 +1,6 @@
 //! The optimiser's kernels (`ov3_core::optim_gpu`): AdamW (CubeCL kernels, in place and not) against float64
 //! code step by step, and `optim::adamw` on wgpu against burn's AdamW (its tensor ops) over a few steps of a small model;
-//! the sum of squares for grad-norm clipping (shaders/sum_squares.wgsl, five tensors a launch) against float64 code, and
+//! the sum of squares for grad-norm clipping (a CubeCL kernel, up to 16 tensors a launch) against float64 code, and
 //! `optim::clip_grad_norm` on wgpu against the float64 norm of the same gradients. Launches are counted to
 //! show the kernels are what ran.
 //!
@@ -222,32 +222,43 @@ fn optim_adamw_on_wgpu_matches_burn_adamw() {
 }
 
 /// `acc + sum(x^2)` over lists of tensors against float64: lengths around the workgroup's 256 and far above
-/// it, values over four orders of magnitude, one tensor (four slots of the kernel unused), five (all used), six
-/// and eleven (a second and third launch, chained through the running total), with and without a starting
-/// total: relative error < 1e-5 (f32 sums of up to 4,000 squares per invocation). One launch per five tensors.
+/// it, values over four orders of magnitude (a period of 5 elements, so no unit's share of a tensor is all of one
+/// magnitude); one tensor, as many as a launch takes on this adapter (`sum_squares_per_launch`, at least WebGPU's
+/// 5), one more (a second launch, chained through the running total) and more than two launches' worth, with and
+/// without a starting total (left as it was): relative error < 1e-5 (f32 sums of up to 4,000 squares per
+/// invocation). The launches are counted: one per `sum_squares_per_launch` tensors.
 #[test]
 fn sum_squares_matches_f64() {
     let _serial = serial();
     let Some(device) = wgpu_device() else { return };
-    let lengths = [1, 255, 256, 257, 100_003, 1_000_000, 3, 77, 4_096, 12, 5];
+    let per = optim_gpu::sum_squares_per_launch(&device);
+    assert!((5..=optim_gpu::SUM_SQUARES_MAX).contains(&per), "{per} tensors a launch");
+    let big = [1, 255, 256, 257, 100_003, 1_000_000, 3, 77, 4_096, 12, 5];
+    let lengths: Vec<usize> = big.iter().copied().chain((0..2 * per).map(|i| 1 + (i * 37) % 700)).collect();
     let xs: Vec<Vec<f64>> = lengths
         .iter()
         .enumerate()
         .map(|(seed, &n)| {
             let v = noise(n, seed as u64 + 1);
-            v.iter().enumerate().map(|(i, v)| f64::from((v * 10f64.powi(i as i32 % 4 - 2)) as f32)).collect()
+            v.iter().enumerate().map(|(i, v)| f64::from((v * 10f64.powi(i as i32 % 5 - 2)) as f32)).collect()
         })
         .collect();
-    for (take, acc) in [(1, Some(0.375f64)), (5, None), (6, Some(2.5)), (11, None), (11, Some(0.125))] {
+    let all = lengths.len();
+    for (take, acc) in [(1, Some(0.375f64)), (per, None), (per + 1, Some(2.5)), (all, None), (all, Some(0.125))] {
         let want = acc.unwrap_or(0.0) + xs[..take].iter().flatten().map(|v| v * v).sum::<f64>();
         let ts: Vec<Tensor<1>> = xs[..take].iter().map(|x| tensor(x, &device)).collect();
         assert!(ts.iter().all(optim_gpu::supports_sum_squares));
-        let (got, count) = launches(|| to_f64(&optim_gpu::sum_squares_add(&ts, acc.map(|a| tensor(&[a], &device)))));
+        let start = acc.map(|a| tensor(&[a], &device));
+        let kept = start.clone();
+        let (got, count) = launches(|| to_f64(&optim_gpu::sum_squares_add(&ts, start)));
         assert_eq!(got.len(), 1);
         let err = (got[0] - want).abs() / want;
         assert!(err < 1e-5, "{take} tensors: {} against {want}, relative error {err:.2e}", got[0]);
-        let ours = count.iter().filter(|(k, _)| k.contains("SumSquaresSource")).map(|(_, c)| c).sum::<usize>();
-        assert_eq!(ours, take.div_ceil(5), "{take} tensors: a launch per five");
+        let ours = count.iter().filter(|(k, _)| k.contains("SumSquares")).map(|(_, c)| c).sum::<usize>();
+        assert_eq!(ours, take.div_ceil(per), "{take} tensors: a launch per {per}: {count:?}");
+        if let (Some(kept), Some(a)) = (kept, acc) {
+            assert_eq!(to_f64(&kept), [a], "a starting total held elsewhere was written over");
+        }
     }
 }
 
@@ -290,7 +301,7 @@ fn clip_grad_norm_on_wgpu_matches_f64() {
         assert!((clip.norm - want).abs() / want < 1e-5, "norm {} against {want}", clip.norm);
         let err = (clip.factor - want_factor).abs() / want_factor;
         assert!(err < 1e-5, "max norm {max_norm}: factor {} against {want_factor}", clip.factor);
-        let ours = count.iter().filter(|(k, _)| k.contains("SumSquaresSource")).map(|(_, c)| c).sum::<usize>();
+        let ours = count.iter().filter(|(k, _)| k.contains("SumSquares")).map(|(_, c)| c).sum::<usize>();
         assert_eq!(ours, 1, "one kernel for both parameters");
         // The zero's fill and our kernel; scaling the gradients here would add a launch per parameter.
         let total = count.values().sum::<usize>();
