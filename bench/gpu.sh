@@ -6,7 +6,7 @@
 #   OV3_GPU_SMOKE=1 bench/gpu.sh    tiny sizes, CPU torch, lavapipe: the local end-to-end test of this script
 #   OV3_GPU_BUILD=vulkan            the second call: the `--features vulkan` binary from .gpu-vk/ (cubecl's SPIR-V
 #                                   compiler, cooperative-matrix matmuls; burn's ops stand in for our WGSL kernels,
-#                                   AdamW's CubeCL kernel runs),
+#                                   AdamW's and clipping's CubeCL kernels run),
 #                                   fewer rows
 # PyTorch's rows are measured once per machine: a second call while it is still warm reuses the first's.
 set -uo pipefail
@@ -66,8 +66,8 @@ state=${OV3_GPU_STATE:-/tmp/ov3-gpu-state}
 mkdir -p "$state"
 baseline=$state/pytorch.jsonl
 if [ $vulkan = 1 ]; then
-  # SPIR-V: no fused attention or WGSL kernels of ours, only AdamW's CubeCL kernel (what a user of that build
-  # gets: the rows say "burn's ops, our AdamW"); bf16 where the driver gives the runtime bfloat16.
+  # SPIR-V: no fused attention or WGSL kernels of ours, only the CubeCL ones, AdamW's and clipping's (what a user
+  # of that build gets: the rows say "burn's ops but our AdamW and clipping"); bf16 where the driver has bfloat16.
   variants=("reference f32 ov3" "reference f16 ov3" "reference bf16 ov3")
   [ "${OV3_GPU_SMOKE:-0}" = 1 ] || shapes=("tiny 8 128" "base 32 256")
   kernel_shapes=("${kernel_shapes[-1]}")
@@ -198,7 +198,7 @@ if steps:
             if r.get("wgpu_ops") == "burn":
                 impl += ", burn's ops (none of our kernels)"
             elif r.get("wgpu_ops") == "cubecl":
-                impl += ", burn's ops but our AdamW (CubeCL)"
+                impl += ", burn's ops but our AdamW and clipping (CubeCL)"
             if tuned(r):
                 impl += f', matmuls autotuned {r["autotune"]}'
             if r.get("adamw_per_launch") == 1 and r.get("wgpu_ops") == "ov3" and not build(r):
