@@ -42,10 +42,10 @@ pub trait OptimKernels: Backend {
         step: AdamWStep,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
 
-    /// `acc[0] + sum(x_i^2)` over every element of the first `used` of `x0..x15` (f32; the others are ignored), in
-    /// one launch that writes it over `acc[0]` (`acc`: the running total and the kernel's partial sums, 1 + 256 f32;
-    /// what else it holds is overwritten). Sixteen slots, not a `Vec`: burn's extension macro takes tensors one
-    /// argument each.
+    /// Adds to `acc[1 + u]` the squares of elements `u, u + U, u + 2U, ..` of each of the first `used` of `x0..x15`
+    /// (f32; the others are ignored), `U = acc.len() - 1` units (whole workgroups), in one launch that writes over
+    /// `acc` ([`sum_squares_add`]'s partial sums; `acc[0]` untouched). Sixteen slots, not a `Vec`: burn's extension
+    /// macro takes tensors one argument each.
     #[allow(clippy::too_many_arguments)]
     #[fusion(meta = |_x0, _x1, _x2, _x3, _x4, _x5, _x6, _x7, _x8, _x9, _x10, _x11, _x12, _x13, _x14, _x15, acc, _used| acc.clone())]
     fn sum_squares_add(
@@ -68,6 +68,11 @@ pub trait OptimKernels: Backend {
         acc: FloatTensor<Self>,
         used: usize,
     ) -> FloatTensor<Self>;
+
+    /// `acc[0] = sum(acc[1..])` in one launch that writes over `acc` (the partial sums' total; `acc[1..]` is left
+    /// holding scratch).
+    #[fusion(meta = |acc| acc.clone())]
+    fn sum_squares_total(acc: FloatTensor<Self>) -> FloatTensor<Self>;
 }
 
 /// Gradients per launch of the sum-of-squares kernel at most ([`OptimKernels::sum_squares_add`]'s slots): a compiled
@@ -92,12 +97,21 @@ pub fn sum_squares_per_launch(device: &burn::tensor::Device) -> usize {
     }
 }
 
-/// `acc + sum(x^2)` over every element of every tensor of `xs`, a kernel launch per [`sum_squares_per_launch`] of
-/// them (`acc`: `[1]`, f32, left as it is; none is a zero). Call only where [`supports_sum_squares`] holds for each.
+/// Workgroups of the sum of squares at most: each of its units keeps a partial sum (`1 + 256 x this` f32 in all).
+pub const SUM_SQUARES_GROUPS: usize = 128;
+
+/// `acc + sum(x^2)` over every element of every tensor of `xs` (`acc`: `[1]`, f32, left as it is; none is a zero),
+/// in a kernel launch per [`sum_squares_per_launch`] of them and one more for the total. Each launch spreads its
+/// gradients over the same units, up to [`SUM_SQUARES_GROUPS`] workgroups' worth (about 64K elements a workgroup),
+/// each unit adding its elements' squares to a partial sum of its own across the launches; the last launch adds
+/// the partial sums up in a fixed order (the same bits every run). Call only where [`supports_sum_squares`] holds
+/// for each.
 pub fn sum_squares_add(xs: &[Tensor<1>], acc: Option<Tensor<1>>) -> Tensor<1> {
     let first = xs.first().expect("sum_squares_add: no tensors");
-    // The running total and the kernel's partial sums: one fill, then every launch adds to element 0.
-    let mut running = Tensor::zeros([1 + WORKGROUP as usize], &first.device());
+    let elements: usize = xs.iter().map(|x| x.shape().num_elements()).sum();
+    let groups = elements.div_ceil(WORKGROUP as usize * 256).clamp(1, SUM_SQUARES_GROUPS);
+    // The total and the units' partial sums: one fill, then every launch adds to the partials.
+    let mut running = Tensor::<1>::zeros([1 + groups * WORKGROUP as usize], &first.device());
     for group in xs.chunks(sum_squares_per_launch(&first.device())) {
         // Unused slots repeat the group's first tensor (the kernel reads only the first `used`).
         let x = |i: usize| group.get(i).unwrap_or(&group[0]).clone().into_dispatch();
@@ -122,6 +136,7 @@ pub fn sum_squares_add(xs: &[Tensor<1>], acc: Option<Tensor<1>>) -> Tensor<1> {
             group.len(),
         ));
     }
+    let running = Tensor::<1>::from_dispatch(<Dispatch as OptimKernels>::sum_squares_total(running.into_dispatch()));
     let total = running.slice([0..1]);
     match acc {
         Some(acc) => total + acc,
@@ -252,39 +267,50 @@ mod cube {
         }
     }
 
-    /// `acc[0] += sum(x^2)` over every element of every tensor of `xs`, in one workgroup of `workgroup` units
-    /// (global grad-norm clipping: `optim::clip_grad_norm` on a cubecl device, a launch per
-    /// [`super::sum_squares_per_launch`] gradients, each adding to the total the last one wrote). burn's full `sum`
-    /// is a fill and an atomic sum after the square, plus an add for the running total: four launches per gradient
-    /// instead of one per dozens. One workgroup suffices: a gradient is read once, and a step's launches run one
-    /// after another anyway (each reads the previous total). Every unit walks every tensor (no divergence) and
-    /// leaves its partial sum in `acc[1 + unit]`; after a storage barrier the first unit adds the `workgroup`
-    /// partials in order to `acc[0]`. Partials in the output buffer, not workgroup memory: cubecl's SPIR-V compiler
-    /// (0.11.3) emits invalid SPIR-V for workgroup memory on a driver without `VK_KHR_workgroup_memory_explicit_
-    /// layout` (lavapipe; docs/PERFORMANCE.md), and 256 serial adds cost nothing beside the walk.
+    /// Global grad-norm clipping's squared norm, first part (`optim::clip_grad_norm` on a cubecl device, through
+    /// [`super::sum_squares_add`]): unit `u` of the launch's `U` adds the squares of elements `u, u + U, ..` of every
+    /// tensor of `xs` to its partial sum `acc[1 + u]`. Every unit walks every tensor (no divergence); a launch per
+    /// [`super::sum_squares_per_launch`] gradients, each adding to the partial sums the last one left. burn's full
+    /// `sum` is a fill and an atomic sum after the square, plus an add for the running total: four launches per
+    /// gradient instead of one per dozens.
     #[cube(launch)]
-    pub fn sum_squares_add_kernel(
-        xs: &Sequence<OwnedTensor<f32>>,
-        acc: &mut Tensor<f32>,
-        #[comptime] workgroup: usize,
-    ) {
-        let lane = UNIT_POS as usize;
+    pub fn sum_squares_add_kernel(xs: &Sequence<OwnedTensor<f32>>, acc: &mut Tensor<f32>) {
+        let unit = ABSOLUTE_POS;
+        let units = acc.len() - 1;
         let mut s = 0.0f32;
         #[unroll]
         for k in 0..xs.len() {
             let x = xs.index(k);
             let n = x.len();
-            let mut i = lane;
+            let mut i = unit;
             while i < n {
                 let v = x[i];
                 s += v * v;
-                i += workgroup;
+                i += units;
             }
+        }
+        acc[1 + unit] = acc[1 + unit] + s;
+    }
+
+    /// Second part: `acc[0] = sum(acc[1..])`, in one workgroup of `workgroup` units: unit `l` adds the partial sums
+    /// `l, l + workgroup, ..` and leaves the sum in its own first slot, then, after a storage barrier, the first
+    /// unit adds those `workgroup` sums in order. In the output buffer, not workgroup memory: cubecl's SPIR-V
+    /// compiler (0.11.3) emits invalid SPIR-V for workgroup memory on a driver without `VK_KHR_workgroup_memory_
+    /// explicit_layout` (lavapipe; docs/GPU.md "A SPIR-V build").
+    #[cube(launch)]
+    pub fn sum_squares_total_kernel(acc: &mut Tensor<f32>, #[comptime] workgroup: usize) {
+        let lane = UNIT_POS as usize;
+        let n = acc.len() - 1;
+        let mut s = 0.0f32;
+        let mut i = lane;
+        while i < n {
+            s += acc[1 + i];
+            i += workgroup;
         }
         acc[1 + lane] = s;
         sync_storage();
         if lane == 0 {
-            let mut total = acc[0];
+            let mut total = 0.0f32;
             for j in 0..workgroup {
                 total += acc[1 + j];
             }
@@ -402,29 +428,46 @@ impl OptimKernels for CubeBackend {
         let mut xs = vec![x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15];
         xs.truncate(used);
         assert!(xs.iter().all(|x| x.dtype == DType::F32) && acc.dtype == DType::F32, "sum_squares_add: f32 tensors");
-        let len = 1 + WORKGROUP as usize;
+        let units = acc.shape().num_elements().saturating_sub(1);
         assert!(
-            acc.shape().num_elements() == len,
-            "sum_squares_add: acc must hold {len} values, not {:?}",
+            units > 0 && units.is_multiple_of(WORKGROUP as usize),
+            "sum_squares_add: acc must hold 1 + a multiple of {WORKGROUP} values, not {:?}",
             acc.shape()
         );
-        // Written in place: the running total is [`sum_squares_add`]'s own (copied should anything else hold it).
-        let acc = into_contiguous(acc);
-        let acc = if acc.can_mut() { acc } else { acc.copy() };
+        let acc = in_place(acc);
         let mut sequence = SequenceArg::new();
         for x in xs {
             sequence.push(into_contiguous(x).into_tensor_arg());
         }
         cube::sum_squares_add_kernel::launch(
             &acc.client,
-            CubeCount::Static(1, 1, 1),
+            crate::wgsl::grid(units / WORKGROUP as usize),
             CubeDim::new_1d(WORKGROUP),
             sequence,
+            acc.clone().into_tensor_arg(),
+        );
+        acc
+    }
+
+    fn sum_squares_total(acc: CubeTensor) -> CubeTensor {
+        let units = acc.shape().num_elements().saturating_sub(1);
+        assert!(units >= WORKGROUP as usize, "sum_squares_total: acc must hold 1 + {WORKGROUP} values or more");
+        let acc = in_place(acc);
+        cube::sum_squares_total_kernel::launch(
+            &acc.client,
+            CubeCount::Static(1, 1, 1),
+            CubeDim::new_1d(WORKGROUP),
             acc.clone().into_tensor_arg(),
             WORKGROUP as usize,
         );
         acc
     }
+}
+
+/// `t` (f32) contiguous and held by nothing else, for a kernel that writes over it: copied where it is shared.
+fn in_place(t: CubeTensor) -> CubeTensor {
+    let t = into_contiguous(t);
+    if t.can_mut() { t } else { t.copy() }
 }
 
 /// [`super::AdamWStep`]'s numbers for a launch.
